@@ -1,0 +1,1 @@
+"""The engine: config, manifest, packer, API client, poller, collector, supervisor, CLI."""

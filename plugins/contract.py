@@ -1,0 +1,139 @@
+"""
+The source and sink contracts every connector implements, built-in or not.
+
+They follow Kafka Connect's SourceTask/SinkTask: the framework owns positions
+and commits; a source only reads and acknowledges, a sink only writes and
+makes what it wrote durable.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from plugins.records import Record, ResultRow
+
+__all__ = ("PluginContext", "Sink", "SinkFactory", "Source", "SourceFactory")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginContext:
+    """What the engine tells a plugin about where it runs."""
+
+    pipeline: str
+    state_dir: Path
+    config_dir: Path
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """Relative paths in a config file are relative to that file."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.config_dir / path)
+
+
+class _Closeable(abc.ABC):
+    """An async context manager whose exit calls :meth:`aclose` (anyio's AsyncResource)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections and files; must be safe to call twice."""
+
+
+class Source(_Closeable):
+    """
+    Reads records for one pipeline.
+
+    Lifecycle:
+
+    1. The factory validates its options and raises :class:`ConfigError`
+       naming the key at fault. It does no I/O.
+    2. ``await start(resume)``: ``resume`` is the position of the last record
+       the engine has durably sealed into a chunk (``None``: from the start).
+       The source continues *after* it.
+    3. ``await poll()`` is called repeatedly. It returns a list of records in
+       source order, ``[]`` when nothing is ready yet, or ``None`` when the
+       source is drained for now (end of file, no more rows, zero lag). It
+       must return promptly (at most ~1 s) and be cancellable.
+    4. ``await commit(position)``: every record at or before ``position`` (in
+       the order ``poll`` returned them) is terminal — written to a sink or
+       dead-lettered. Sources with an external cursor (consumer offsets, a
+       status column) advance it here; the default does nothing because the
+       manifest already holds the position.
+    5. ``await aclose()``.
+
+    Raise :class:`RetriableError` for a dropped connection: the engine backs
+    off and calls again. Records are yielded at most ``max_records`` at a time
+    so memory stays flat however large the source is.
+    """
+
+    max_records: int = 1000
+
+    @abc.abstractmethod
+    async def start(self, resume: dict[str, Any] | None) -> None:
+        """Open the source and position it just after ``resume``."""
+
+    @abc.abstractmethod
+    async def poll(self) -> list[Record] | None:
+        """Next records, ``[]`` for none yet, ``None`` for drained."""
+
+    async def commit(self, position: dict[str, Any]) -> None:
+        """Acknowledge everything up to and including ``position``."""
+
+
+class Sink(_Closeable):
+    """
+    Writes terminal outcomes, idempotently, keyed by ``ResultRow.key``.
+
+    Lifecycle:
+
+    1. The factory validates its options (no I/O).
+    2. ``await open()``: connect, create tables or directories.
+    3. ``await put(group, rows)`` one or more times per group. A group is one
+       batch's worth of outcomes (its id is stable across replays, so a part
+       file or transaction can be named after it). ``put`` may buffer.
+    4. ``await flush(group)``: returns only when every row put for the group
+       is durable. Only then does the engine record the batch as committed.
+    5. ``await aclose()``.
+
+    A replay after a crash sends the same group again, possibly after a
+    partial first attempt: the result must be as if it was written once
+    (upsert by key, part file rewritten whole, idempotent producer).
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and prepare (create tables, directories)."""
+
+    @abc.abstractmethod
+    async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
+        """Accept rows for ``group``; may buffer."""
+
+    @abc.abstractmethod
+    async def flush(self, group: str) -> None:
+        """Make everything put for ``group`` durable."""
+
+
+class SourceFactory(Protocol):
+    """Builds a source from its config table (``type`` removed)."""
+
+    def __call__(self, options: dict[str, Any], context: PluginContext) -> Source: ...
+
+
+class SinkFactory(Protocol):
+    """Builds a sink from its config table (``type`` removed)."""
+
+    def __call__(self, options: dict[str, Any], context: PluginContext) -> Sink: ...

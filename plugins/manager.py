@@ -1,0 +1,110 @@
+"""
+Loads plugins once: installed entry points (group ``batchd``), then the
+``BATCHD_LOAD_PLUGINS`` allow-list, then the built-ins, which register
+through exactly the hooks a third-party package uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import pluggy
+
+from plugins import hookspecs
+from plugins.contract import SinkFactory, SourceFactory
+from plugins.errors import ConfigError
+
+__all__ = ("DEFAULT_PLUGINS", "get_plugins", "load_plugins", "pm", "sink_factory", "source_factory")
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "connectors.csv_source",
+    "connectors.jsonl_source",
+    "connectors.postgres_source",
+    "connectors.kafka_source",
+    "plugins.sinks.jsonl",
+    "plugins.sinks.sqlite",
+    "plugins.sinks.postgres",
+    "plugins.sinks.kafka",
+)
+
+pm = pluggy.PluginManager("batchd")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Register every plugin exactly once per process."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    allow = os.environ.get("BATCHD_LOAD_PLUGINS")
+    if allow is None:
+        pm.load_setuptools_entrypoints("batchd")
+    else:
+        for name in filter(None, (part.strip() for part in allow.split(","))):
+            pm.load_setuptools_entrypoints("batchd", name=name)
+    for module_path in DEFAULT_PLUGINS:
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_path:
+                continue  # built-in not written yet
+            raise
+        if not pm.is_registered(module):
+            pm.register(module, module_path)
+
+
+def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = {}
+    for impl in hook.get_hookimpls():
+        plugin_name = impl.plugin_name
+
+        def register(name: str, factory: Any, _plugin: str = plugin_name) -> None:
+            found[name] = (factory, _plugin)
+
+        impl.function(register)
+    return found
+
+
+def _factory(kind: str, hook: Any, type_name: str) -> Any:
+    load_plugins()
+    found = _collect(hook)
+    if type_name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise ConfigError(f"unknown {kind} type {type_name!r} (known: {known})")
+    return found[type_name][0]
+
+
+def source_factory(type_name: str) -> SourceFactory:
+    """The factory registered for a source ``type``, or a ConfigError listing the known ones."""
+    return _factory("source", pm.hook.register_sources, type_name)
+
+
+def sink_factory(type_name: str) -> SinkFactory:
+    """The factory registered for a sink ``type``, or a ConfigError listing the known ones."""
+    return _factory("sink", pm.hook.register_sinks, type_name)
+
+
+def get_plugins() -> list[dict[str, Any]]:
+    """Every registered plugin with its hooks, sources, sinks and package (``batchd plugins``)."""
+    load_plugins()
+    sources = _collect(pm.hook.register_sources)
+    sinks = _collect(pm.hook.register_sinks)
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        dist = dists.get(id(plugin))
+        out.append(
+            {
+                "name": name,
+                "package": f"{dist.project_name} {dist.version}" if dist else "batchd (built-in)",
+                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+                "sources": sorted(k for k, (_, p) in sources.items() if p == name),
+                "sinks": sorted(k for k, (_, p) in sinks.items() if p == name),
+            }
+        )
+    return out

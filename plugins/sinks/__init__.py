@@ -1,0 +1,1 @@
+"""Built-in sinks; each registers through ``register_sinks`` like any plugin."""

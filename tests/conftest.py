@@ -1,0 +1,19 @@
+"""
+Shared test set-up.
+
+Installed third-party plugins stay out of the tests (``BATCHD_LOAD_PLUGINS``
+set but empty loads none of them); the built-ins always load. Fixtures live
+in ``tests/fixtures/`` by area so each owner edits only their own module.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("BATCHD_LOAD_PLUGINS", "")
+
+pytest_plugins = (
+    "tests.fixtures.emulator",
+    "tests.fixtures.postgres",
+    "tests.fixtures.kafka",
+)

@@ -1,0 +1,28 @@
+"""The public modules export what they promise (anyio's test_all_attributes)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = ("batchd", "plugins")
+
+
+class TestAllAttributes:
+    @pytest.mark.parametrize("name", PUBLIC)
+    def test_all_is_a_complete_tuple(self, name: str) -> None:
+        """Every public module has an ``__all__`` tuple whose names all resolve."""
+        module = importlib.import_module(name)
+        assert isinstance(module.__all__, tuple)
+        for attr in module.__all__:
+            assert hasattr(module, attr), f"{name}.{attr} missing"
+
+    def test_batchd_reexports_plugin_contract(self) -> None:
+        """A plugin author's one import exposes the same objects the engine uses."""
+        import batchd
+        import plugins
+
+        assert batchd.hookimpl is plugins.hookimpl
+        assert batchd.Sink is plugins.Sink
+        assert set(batchd.__all__) == set(plugins.__all__)
