@@ -1,0 +1,180 @@
+"""
+The Message Batches calls batchd makes, on the official ``anthropic`` SDK.
+
+Two SDK defaults are wrong for a daemon that must never pay twice:
+
+* a retried create whose first response was lost makes a second, billed
+  batch (the SDK sends no idempotency key), so create runs with
+  ``max_retries=0`` and the caller resolves ambiguity itself;
+* ``results()`` parses every line into models (~29k lines/s), so results
+  are streamed as raw bytes and parsed with orjson by the collector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic.types.messages import MessageBatch
+
+from daemon.config import ApiConfig
+from daemon.spool import stream_body
+
+__all__ = (
+    "BatchesApi",
+    "CreateOutcome",
+    "StreamCut",
+    "classify_create_error",
+    "created_at_ts",
+    "resolve_api_key",
+)
+
+_DEFAULT_BASE_URL = "https://api.anthropic.com"
+
+
+def resolve_api_key() -> str | None:
+    """``ANTHROPIC_API_KEY``, else the systemd credential ``anthropic-api-key``."""
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    if key:
+        return key.strip()
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        path = Path(cred_dir) / "anthropic-api-key"
+        if path.exists():
+            return path.read_text().strip()
+    return None
+
+
+class StreamCut(Exception):
+    """The results stream broke off or sent a broken line: fetch again, skip what is done."""
+
+
+class CreateOutcome:
+    """How a failed create must be treated (see :func:`classify_create_error`)."""
+
+    AMBIGUOUS = "ambiguous"  # may have been created: adopt-or-resubmit
+    RATE_LIMITED = "rate_limited"  # not created; wait retry-after (queue may be full)
+    REJECTED = "rejected"  # not created; the batch itself is wrong (bug report)
+    PAUSE = "pause"  # not created; billing/auth: pause the pipeline
+
+
+def classify_create_error(exc: BaseException) -> tuple[str, float | None]:
+    """Map an exception from create to a :class:`CreateOutcome` and a retry-after."""
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        retry_after = _retry_after(exc.response)
+        if status == 429:
+            return CreateOutcome.RATE_LIMITED, retry_after
+        if status in (401, 402, 403):
+            return CreateOutcome.PAUSE, None
+        if 400 <= status < 500 and status not in (408, 409):
+            return CreateOutcome.REJECTED, None
+        return CreateOutcome.AMBIGUOUS, retry_after
+    return CreateOutcome.AMBIGUOUS, None
+
+
+def _retry_after(response: Any) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def created_at_ts(batch: MessageBatch) -> float:
+    value: Any = batch.created_at
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+class BatchesApi:
+    """A thin async client; one per daemon, shared by all pipelines."""
+
+    def __init__(self, config: ApiConfig, api_key: str | None) -> None:
+        base_url = config.base_url or os.environ.get("ANTHROPIC_BASE_URL") or _DEFAULT_BASE_URL
+        self.base_url = base_url
+        self.client = anthropic.AsyncAnthropic(
+            api_key=api_key or "no-key",
+            base_url=base_url,
+            max_retries=config.max_retries,
+            timeout=anthropic.Timeout(config.timeout, connect=10.0),
+        )
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def create(self, spool: Path, body_bytes: int) -> MessageBatch:
+        """POST the spool as the create body, streamed, with SDK retries off."""
+        self._count("create")
+        return await self.client.post(
+            "/v1/messages/batches",
+            cast_to=MessageBatch,
+            content=stream_body(spool),
+            options={
+                "headers": {"Content-Type": "application/json", "Content-Length": str(body_bytes)},
+                "max_retries": 0,
+            },
+        )
+
+    async def retrieve(self, batch_id: str) -> MessageBatch:
+        self._count("retrieve")
+        return await self.client.messages.batches.retrieve(batch_id)
+
+    async def recent(self, since: float, page_size: int = 100) -> AsyncIterator[MessageBatch]:
+        """Batches newest first, stopping at the first one created before ``since``."""
+        after: str | None = None
+        while True:
+            self._count("list")
+            if after is None:
+                page = await self.client.messages.batches.list(limit=page_size)
+            else:
+                page = await self.client.messages.batches.list(limit=page_size, after_id=after)
+            for batch in page.data:
+                if created_at_ts(batch) < since:
+                    return
+                yield batch
+            if not page.has_more or not page.data:
+                return
+            after = page.last_id or page.data[-1].id
+
+    async def cancel(self, batch_id: str) -> MessageBatch:
+        self._count("cancel")
+        return await self.client.messages.batches.cancel(batch_id)
+
+    async def result_lines(self, batch_id: str) -> AsyncIterator[bytes]:
+        """The results JSONL as raw lines (bytes), streamed."""
+        self._count("results")
+        results = self.client.messages.batches.with_streaming_response.results(batch_id)
+        try:
+            async with results as response:
+                tail = b""
+                async for block in response.iter_bytes():
+                    lines = (tail + block).split(b"\n")
+                    tail = lines.pop()
+                    for line in lines:
+                        if line.strip():
+                            yield line
+                if tail.strip():
+                    yield tail
+        except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
+            raise StreamCut(f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self.client.close()

@@ -1,0 +1,96 @@
+"""
+Turns a record into Messages ``params`` from the pipeline's request template.
+
+A record that cannot be shaped (a missing field) is that record's problem:
+:class:`ShapeError` carries the reason to the dead-letter sink and the run
+goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.config import PipelineConfig
+from daemon.template import MissingField
+from plugins.manager import load_plugins, pm
+from plugins.records import Record
+
+__all__ = ("ShapeError", "Shaper")
+
+
+class ShapeError(Exception):
+    """The record cannot become a request; the message says why."""
+
+
+class Shaper:
+    """Builds params for one pipeline; the constant parts are built once."""
+
+    def __init__(self, pipeline: PipelineConfig) -> None:
+        self.pipeline = pipeline
+        request = pipeline.request
+        base: dict[str, Any] = {"max_tokens": request.max_tokens}
+        if request.system:
+            if request.cache_system:
+                base["system"] = [
+                    {
+                        "type": "text",
+                        "text": request.system,
+                        "cache_control": {"type": "ephemeral"},
+                    }
+                ]
+            else:
+                base["system"] = request.system
+        if request.temperature is not None:
+            base["temperature"] = request.temperature
+        if request.stop_sequences:
+            base["stop_sequences"] = list(request.stop_sequences)
+        if request.tools:
+            base["tools"] = list(request.tools)
+        if request.tool_choice:
+            base["tool_choice"] = request.tool_choice
+        if request.output_format:
+            base["output_format"] = request.output_format
+        base.update(request.extra)
+        self._base = base
+        self._model = request.model
+        self._constant_model = request.model.source if request.model.is_constant else None
+        self._user = request.user
+        load_plugins()
+        self._hooked = bool(pm.hook.batchd_shape_request.get_hookimpls())
+
+    def values(self, record: Record) -> dict[str, Any]:
+        """The names a template may use: the record's fields plus ``key``."""
+        if "key" in record.fields:
+            return record.fields
+        return {**record.fields, "key": record.key}
+
+    def params(self, record: Record) -> dict[str, Any]:
+        values = self.values(record)
+        try:
+            model = self._constant_model or self._model.render(values)
+            user = self._user.render(values)
+        except MissingField as exc:
+            raise ShapeError(str(exc)) from None
+        params = dict(self._base)
+        params["model"] = model
+        params["messages"] = [{"role": "user", "content": user}]
+        if self._hooked:
+            replaced = pm.hook.batchd_shape_request(
+                pipeline=self.pipeline.name, record=record, params=params
+            )
+            if replaced is not None:
+                if not isinstance(replaced, dict):
+                    raise ShapeError(
+                        f"batchd_shape_request returned {type(replaced).__name__}, not a dict"
+                    )
+                params = replaced
+        return params
+
+    def preferred_custom_id(self, record: Record) -> str | None:
+        template = self.pipeline.custom_id
+        if template is None:
+            return None
+        try:
+            return template.render(self.values(record))
+        except MissingField:
+            return None

@@ -1,0 +1,68 @@
+"""
+``{field}`` templates for custom_ids, models and user messages.
+
+Only plain field names are allowed (no ``{a.b}`` or ``{a[0]}``): the config
+is compiled once, and a record missing a field is that record's error, never
+the pipeline's.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ("MissingField", "Template")
+
+
+class MissingField(KeyError):
+    """A record lacks a field its template needs (dead-lettered with the field's name)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"record has no field {self.field!r} (used by the request template)"
+
+
+class Template:
+    """A compiled template; ``render`` joins literals and field values."""
+
+    __slots__ = ("_parts", "fields", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        parts: list[tuple[str, str | None]] = []
+        fields: list[str] = []
+        for literal, name, spec, conversion in string.Formatter().parse(source):
+            if name is not None:
+                if not name.isidentifier():
+                    raise ValueError(f"template {source!r}: {{{name}}} must be a plain field name")
+                if spec or conversion:
+                    raise ValueError(f"template {source!r}: format specs are not supported")
+                fields.append(name)
+            parts.append((literal, name))
+        self._parts = tuple(parts)
+        self.fields = tuple(fields)
+
+    @property
+    def is_constant(self) -> bool:
+        return not self.fields
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        out: list[str] = []
+        for literal, name in self._parts:
+            out.append(literal)
+            if name is not None:
+                try:
+                    value = values[name]
+                except KeyError:
+                    raise MissingField(name) from None
+                if value is None:
+                    raise MissingField(name)
+                out.append(value if isinstance(value, str) else str(value))
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"Template({self.source!r})"
