@@ -1,0 +1,19 @@
+"""
+A local Message Batches API for the demo, the tests and the benchmarks.
+
+No machine here reaches Anthropic's API, so everything batchd does is driven
+through this emulator by the real ``anthropic`` SDK over real HTTP. It
+validates, times, answers and fails like the API (see docs/emulator.md).
+"""
+
+from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration
+from daemon.emulator.runner import Emulator, EmulatorThread, run_emulator
+
+__all__ = (
+    "Emulator",
+    "EmulatorConfig",
+    "EmulatorThread",
+    "FaultSettings",
+    "parse_duration",
+    "run_emulator",
+)

@@ -1,0 +1,241 @@
+"""
+The Message Batches endpoints over HTTP, answering as the real API does.
+
+One middleware gives every response its ``request-id`` and the API's error
+shape, counts requests per endpoint, and applies the HTTP-level faults, so no
+handler can forget any of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from daemon.emulator.admin import add_admin_routes
+from daemon.emulator.service import EmulatorService
+from daemon.emulator.wire import (
+    ApiError,
+    error_body,
+    json_response,
+    new_id,
+    retry_after_header,
+)
+
+__all__ = ("SERVICE_KEY", "build_app")
+
+SERVICE_KEY = web.AppKey("service", EmulatorService)
+_BATCHES = "/v1/messages/batches"
+_CHUNK = 1024 * 1024
+_HTTP_ERROR_TYPES = {404: "not_found_error", 405: "not_found_error", 413: "request_too_large"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Dropped(Exception):
+    """The connection was closed on purpose; there is no response to send."""
+
+
+def _endpoint(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return f"{request.method} {resource.canonical if resource is not None else '<unrouted>'}"
+
+
+@web.middleware
+async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    service = request.app[SERVICE_KEY]
+    request_id = new_id("req_")
+    request["request_id"] = request_id
+    service.http_requests[_endpoint(request)] += 1
+    try:
+        if request.path.startswith("/v1/"):
+            await _before_api_call(request, service)
+        response = await handler(request)
+    except ApiError as exc:
+        response = json_response(
+            error_body(exc.error_type, exc.message, request_id), exc.status, exc.headers
+        )
+    except web.HTTPException as exc:
+        error_type = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error")
+        message = f"{request.method} {request.path}: {exc.reason}"
+        response = json_response(error_body(error_type, message, request_id), exc.status)
+    except _Dropped:
+        raise asyncio.CancelledError from None
+    if not response.prepared:
+        response.headers["request-id"] = request_id
+    return response
+
+
+async def _before_api_call(request: web.Request, service: EmulatorService) -> None:
+    """Authentication presence, ``slow`` and the HTTP-level faults of a /v1 call."""
+    if "x-api-key" not in request.headers and "authorization" not in request.headers:
+        raise ApiError("authentication_error", "x-api-key header is required")
+    slow = service.faults.settings.slow
+    if slow > 0:
+        service.faults.count("slow")
+        await asyncio.sleep(slow)
+    fault = service.faults.http_fault()
+    if fault is not None:
+        status, error_type, message = fault
+        headers = {}
+        if status == 429:
+            headers["retry-after"] = retry_after_header(service.faults.settings.retry_after)
+        raise ApiError(error_type, message, headers=headers)
+
+
+async def _create(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE_KEY]
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and not _is_json(request.content_type):
+        raise ApiError(
+            "invalid_request_error",
+            f"Content-Type must be application/json, got {content_type!r}",
+        )
+    length, limit = request.content_length, service.config.max_body_bytes
+    if length is not None and length > limit:
+        raise ApiError(
+            "request_too_large", f"Request body of {length} bytes exceeds the {limit}-byte limit"
+        )
+    batch = await service.store.create(request.content)
+    if service.faults.drop_this_create():
+        if request.transport is not None:
+            request.transport.abort()
+        raise _Dropped()
+    return json_response(batch.to_api(_base_url(request)))
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def _base_url(request: web.Request) -> str:
+    return str(request.url.origin())
+
+
+async def _retrieve(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICE_KEY].store
+    batch = store.get(request.match_info["batch_id"])
+    if store.in_transient_404(batch):
+        raise ApiError("not_found_error", f"Message Batch {batch.id!r} not found")
+    return json_response(batch.to_api(_base_url(request)))
+
+
+async def _list(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICE_KEY].store
+    query = request.query
+    raw_limit = query.get("limit", "20")
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise ApiError(
+            "invalid_request_error", f"limit: must be an integer 1..1000, got {raw_limit!r}"
+        )
+    before_id, after_id = query.get("before_id"), query.get("after_id")
+    if before_id is not None and after_id is not None:
+        raise ApiError("invalid_request_error", "before_id and after_id cannot both be given")
+    page, has_more = store.list(limit, before_id, after_id)
+    base = _base_url(request)
+    return json_response(
+        {
+            "data": [batch.to_api(base) for batch in page],
+            "has_more": has_more,
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+        }
+    )
+
+
+async def _cancel(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICE_KEY].store
+    batch = store.cancel(request.match_info["batch_id"])
+    return json_response(batch.to_api(_base_url(request)))
+
+
+async def _delete(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICE_KEY].store
+    batch_id = request.match_info["batch_id"]
+    await store.delete(batch_id)
+    return json_response({"id": batch_id, "type": "message_batch_deleted"})
+
+
+async def _results(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICE_KEY].store
+    batch = store.get(request.match_info["batch_id"])
+    if store.in_transient_404(batch):
+        raise ApiError("not_found_error", f"Message Batch {batch.id!r} not found")
+    if batch.ended_at is None:
+        raise ApiError(
+            "invalid_request_error",
+            f"Message Batch {batch.id} has not finished processing "
+            f"(processing_status {batch.processing_status}); results exist once it has ended",
+        )
+    if batch.archived_at is not None:
+        raise ApiError(
+            "not_found_error", f"Results of Message Batch {batch.id} are archived and gone"
+        )
+    path = await store.results_file(batch)
+    cut = store.cut_after(batch)
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/x-jsonl", "request-id": request["request_id"]}
+    )
+    source = await asyncio.to_thread(path.open, "rb")
+    try:
+        if cut is None:
+            response.content_length = await asyncio.to_thread(_size, path)
+            await response.prepare(request)
+            await _send_all(source, response)
+        else:
+            await response.prepare(request)
+            await _send_lines(source, response, cut)
+            if request.transport is not None:
+                request.transport.abort()
+            raise _Dropped()
+    finally:
+        await asyncio.to_thread(source.close)
+    await response.write_eof()
+    return response
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def _send_all(source: IO[bytes], response: web.StreamResponse) -> None:
+    loop = asyncio.get_running_loop()
+    while chunk := await loop.run_in_executor(None, source.read, _CHUNK):
+        await response.write(chunk)
+
+
+async def _send_lines(source: IO[bytes], response: web.StreamResponse, lines: int) -> None:
+    """Send the first ``lines`` lines of the file (fewer if it is shorter)."""
+    loop = asyncio.get_running_loop()
+    left = lines
+    while left > 0 and (chunk := await loop.run_in_executor(None, source.read, _CHUNK)):
+        end = 0
+        while left > 0:
+            newline = chunk.find(b"\n", end)
+            if newline < 0:
+                end = len(chunk)
+                break
+            end = newline + 1
+            left -= 1
+        await response.write(chunk[:end])
+
+
+def build_app(service: EmulatorService) -> web.Application:
+    """The aiohttp application serving the Batches API and the admin endpoints."""
+    app = web.Application(middlewares=[_api_middleware], client_max_size=1024**2)
+    app[SERVICE_KEY] = service
+    app.router.add_post(_BATCHES, _create)
+    app.router.add_get(_BATCHES, _list)
+    app.router.add_get(_BATCHES + "/{batch_id}", _retrieve)
+    app.router.add_delete(_BATCHES + "/{batch_id}", _delete)
+    app.router.add_post(_BATCHES + "/{batch_id}/cancel", _cancel)
+    app.router.add_get(_BATCHES + "/{batch_id}/results", _results)
+    add_admin_routes(app, SERVICE_KEY)
+    return app

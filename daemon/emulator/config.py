@@ -1,0 +1,201 @@
+"""
+The emulator's options and the knobs tests turn at runtime.
+
+Start-up options (`EmulatorConfig`) and runtime fault settings (`FaultSettings`)
+are kept apart because the admin endpoint may replace the second while the
+server runs, and a reset must be able to go back to what the operator started
+with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = (
+    "PER_REQUEST_FAULTS",
+    "EmulatorConfig",
+    "FaultSettings",
+    "parse_duration",
+    "parse_fault_spec",
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+#: Per-request fault kinds, in the order their fractions are stacked.
+PER_REQUEST_FAULTS = ("api_error", "overloaded_error", "invalid_request", "expired")
+#: HTTP-level fault kinds, in the order their fractions are stacked.
+HTTP_FAULTS = ("http429", "http500", "http529")
+_DURATION_KEYS = frozenset({"retry_after", "slow", "transient_404_seconds"})
+
+
+def parse_duration(text: str | float | int) -> float:
+    """
+    Seconds from ``0``, ``500ms``, ``2s``, ``5m``, ``24h`` or ``29d`` (a bare number is seconds).
+
+    Raises:
+        ValueError: naming the text when it is not a duration.
+    """
+    if isinstance(text, int | float):
+        if text < 0 or not math.isfinite(text):
+            raise ValueError(f"duration must be a finite number >= 0, got {text!r}")
+        return float(text)
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 0, 500ms, 2s, 5m, 24h, 29d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """
+    What the emulator breaks on purpose; every field may be changed at runtime.
+
+    Fractions are probabilities in [0, 1]. Per-request faults are a pure
+    function of (seed, custom_id, attempt), HTTP faults come from a seeded
+    random stream, so a test run is reproducible.
+    """
+
+    api_error: float = 0.0
+    overloaded_error: float = 0.0
+    invalid_request: float = 0.0
+    expired: float = 0.0
+    http429: float = 0.0
+    http500: float = 0.0
+    http529: float = 0.0
+    retry_after: float = 1.0
+    slow: float = 0.0
+    cut_results_after: int | None = None
+    cut_results_times: int = 1
+    drop_after_create: float = 0.0
+    transient_404_seconds: float = 0.0
+    queue_limit: int | None = None
+    retention_days: float = 29.0
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], base: FaultSettings | None = None
+    ) -> FaultSettings:
+        """
+        Settings from ``values`` laid over ``base`` (defaults when None).
+
+        Raises:
+            ValueError: naming the key whose name or value is wrong.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in known:
+                raise ValueError(
+                    f"unknown fault setting {key!r} (known: {', '.join(sorted(known))})"
+                )
+            changes[key] = _coerce(key, raw)
+        settings = dataclasses.replace(base or cls(), **changes)
+        settings._check_sums()
+        return settings
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as the admin endpoint reports them."""
+        return dataclasses.asdict(self)
+
+    def _check_sums(self) -> None:
+        for group in (PER_REQUEST_FAULTS, HTTP_FAULTS):
+            total = sum(getattr(self, key) for key in group)
+            if total > 1.0 + 1e-9:
+                raise ValueError(f"fractions {', '.join(group)} add up to {total:g} > 1")
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    """One setting's value checked and converted; the error names the key."""
+    try:
+        if key in ("cut_results_after", "queue_limit"):
+            if raw is None or raw == "" or raw == "none":
+                return None
+            value = int(raw)
+            if value < 0:
+                raise ValueError("must be >= 0")
+            return value
+        if key == "cut_results_times":
+            value = int(raw)
+            if value < 0:
+                raise ValueError("must be >= 0")
+            return value
+        if key in _DURATION_KEYS:
+            return parse_duration(raw if isinstance(raw, str) else float(raw))
+        number = float(raw)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError("must be a finite number >= 0")
+        if key == "retention_days" or key == "drop_after_create":
+            if key == "drop_after_create" and number >= 1 and number != int(number):
+                raise ValueError("a count (>= 1) must be a whole number")
+            return number
+        if number > 1:
+            raise ValueError("a fraction must be within 0..1")
+        return number
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"fault setting {key}={raw!r}: {exc}") from None
+
+
+def parse_fault_spec(spec: str) -> dict[str, str]:
+    """``api_error=0.05,http429=0.1`` as a dict of raw strings (checked by `FaultSettings`)."""
+    values: dict[str, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"fault {part!r}: expected key=value")
+        values[key.strip()] = value.strip()
+    return values
+
+
+@dataclass
+class EmulatorConfig:
+    """
+    How an emulator starts.
+
+    Args:
+        host, port: where to listen; port 0 picks a free one.
+        latency: seconds from create to ``ended`` (0: ended at the first read).
+        ttl: seconds from create to ``expires_at``; a batch slower than this expires.
+        retention: seconds from create until results are archived (overrides
+            ``faults.retention_days`` when set).
+        rules: a rules file (TOML/JSON) or the rules themselves, see `responder`.
+        faults: initial `FaultSettings` values (strings are parsed).
+        queue_limit: requests in progress allowed across all batches.
+        seed: makes faults and result order reproducible.
+        state_dir: where request and result files go (a temp dir when None).
+        max_body_bytes, max_requests: the API's create limits.
+
+    .. versionadded:: 0.1
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency: float = 0.0
+    ttl: float = 24 * 3600.0
+    retention: float | None = None
+    rules: str | Path | Sequence[Mapping[str, str]] | Mapping[str, Any] | None = None
+    faults: Mapping[str, Any] = field(default_factory=dict)
+    queue_limit: int | None = None
+    seed: int = 0
+    state_dir: str | Path | None = None
+    max_body_bytes: int = 256_000_000
+    max_requests: int = 100_000
+
+    def initial_faults(self) -> FaultSettings:
+        """The fault settings a fresh (or reset) emulator starts with."""
+        settings = FaultSettings.from_mapping(self.faults)
+        extra: dict[str, Any] = {}
+        if self.queue_limit is not None:
+            extra["queue_limit"] = self.queue_limit
+        if self.retention is not None:
+            extra["retention_days"] = self.retention / 86400.0
+        return FaultSettings.from_mapping(extra, base=settings) if extra else settings

@@ -1,0 +1,291 @@
+"""
+Every batch the emulator knows, the virtual clock, and the receive counters.
+
+Handlers call into the store from the event loop only, so it needs no locks;
+the one slow job, writing a results file, runs in a worker thread on files
+that no handler touches until it is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from daemon.emulator.batch import Batch
+from daemon.emulator.config import EmulatorConfig
+from daemon.emulator.faults import FaultInjector
+from daemon.emulator.ingest import AsyncReadable, BodyTooLarge, IngestFailed, ingest_body
+from daemon.emulator.responder import Responder
+from daemon.emulator.results import write_results
+from daemon.emulator.wire import ApiError, new_id, retry_after_header
+
+__all__ = ("Store",)
+
+
+class Store:
+    """The emulator's state: batch metadata in memory, requests and results on disk."""
+
+    def __init__(
+        self, config: EmulatorConfig, state_dir: Path, responder: Responder, faults: FaultInjector
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.responder = responder
+        self.faults = faults
+        self.clock_offset = 0.0
+        self._batches: dict[str, Batch] = {}
+        self._seq_of: dict[str, int] = {}
+        self._next_seq = 0
+        self.received: Counter[str] = Counter()
+        self._pending: Counter[str] = Counter()
+        self.batches_created = 0
+        self.requests_received = 0
+        self._background: set[asyncio.Future[None]] = set()
+
+    def now(self) -> float:
+        """The virtual time: wall clock plus the offset tests advanced."""
+        return time.time() + self.clock_offset
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _retention_seconds(self) -> float:
+        return self.faults.settings.retention_days * 86400.0
+
+    def _refresh(self, batch: Batch) -> None:
+        """Bring one batch up to now; start its results file once it ends, drop it once archived."""
+        was_archived = batch.archived_at is not None
+        if batch.advance(self.now(), self._retention_seconds()):
+            batch.results_task = asyncio.ensure_future(self._generate(batch))
+        if batch.archived_at is not None and not was_archived:
+            task = asyncio.ensure_future(self._discard_files(batch, keep_dir=True))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _generate(self, batch: Batch) -> int:
+        assert batch.end_kind is not None
+        return await asyncio.to_thread(
+            write_results,
+            batch.requests_path,
+            batch.results_path,
+            batch_id=batch.id,
+            end_kind=batch.end_kind,
+            responder=self.responder,
+            seed=self.faults.seed,
+        )
+
+    async def _discard_files(self, batch: Batch, *, keep_dir: bool) -> None:
+        """Remove a batch's files once no results job is writing them."""
+        if batch.results_task is not None:
+            await asyncio.gather(batch.results_task, return_exceptions=True)
+        if keep_dir:
+            for path in (batch.results_path, batch.requests_path):
+                path.unlink(missing_ok=True)
+        else:
+            await asyncio.to_thread(shutil.rmtree, batch.directory, True)
+
+    def get(self, batch_id: str) -> Batch:
+        """The batch, brought up to now, or a 404 in the API's words."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise ApiError("not_found_error", f"Message Batch {batch_id!r} not found")
+        self._refresh(batch)
+        return batch
+
+    def in_transient_404(self, batch: Batch) -> bool:
+        """Whether the API's known transient 404 applies right now (just created or just ended)."""
+        window = self.faults.settings.transient_404_seconds
+        if window <= 0:
+            return False
+        now = self.now()
+        starts = [batch.created_at] + ([batch.ended_at] if batch.ended_at is not None else [])
+        if any(start <= now < start + window for start in starts):
+            self.faults.count("transient_404")
+            return True
+        return False
+
+    def in_progress_requests(self) -> int:
+        """Requests in batches that have not ended: what the API's queue limit counts."""
+        total = 0
+        for batch in self._batches.values():
+            self._refresh(batch)
+            if batch.ended_at is None:
+                total += batch.count
+        return total
+
+    # -- create --------------------------------------------------------------
+
+    def _attempt_of(self, custom_id: str) -> int:
+        """Reserve the how-many-th receipt of ``custom_id`` this is."""
+        self._pending[custom_id] += 1
+        return self.received[custom_id] + self._pending[custom_id]
+
+    def _release(self, custom_ids: dict[str, int], *, commit: bool) -> None:
+        for custom_id in custom_ids:
+            self._pending[custom_id] -= 1
+            if self._pending[custom_id] <= 0:
+                del self._pending[custom_id]
+            if commit:
+                self.received[custom_id] += 1
+
+    async def create(self, reader: AsyncReadable) -> Batch:
+        """
+        Receive a create body and make the batch.
+
+        Raises:
+            ApiError: 400 for a failed check, 413 over the size limit, 429 over
+                the queue limit; nothing of the body is kept then.
+        """
+        spill = self.state_dir / f"incoming-{uuid.uuid4().hex}.jsonl"
+        try:
+            summary = await ingest_body(
+                reader,
+                spill,
+                max_bytes=self.config.max_body_bytes,
+                max_requests=self.config.max_requests,
+                faults=self.faults,
+                attempt_of=self._attempt_of,
+            )
+        except IngestFailed as exc:
+            spill.unlink(missing_ok=True)
+            if exc.summary is not None:
+                self._release(exc.summary.custom_ids, commit=False)
+            if isinstance(exc, BodyTooLarge):
+                raise ApiError("request_too_large", str(exc)) from None
+            raise ApiError("invalid_request_error", str(exc)) from None
+        except BaseException:
+            spill.unlink(missing_ok=True)
+            raise
+        limit = self.faults.settings.queue_limit
+        if limit is not None and self.in_progress_requests() + summary.count > limit:
+            spill.unlink(missing_ok=True)
+            self._release(summary.custom_ids, commit=False)
+            self.faults.count("queue_limit")
+            raise ApiError(
+                "rate_limit_error",
+                f"Batch of {summary.count} requests would exceed the processing-queue limit "
+                f"of {limit} requests ({self.in_progress_requests()} in progress)",
+                headers={"retry-after": retry_after_header(self.faults.settings.retry_after)},
+            )
+        batch_id = new_id("msgbatch_")
+        directory = self.state_dir / batch_id
+        directory.mkdir()
+        spill.rename(directory / "requests.jsonl")
+        now = self.now()
+        batch = Batch(
+            id=batch_id,
+            seq=self._next_seq,
+            directory=directory,
+            created_at=now,
+            expires_at=now + self.config.ttl,
+            latency=self.config.latency,
+            count=summary.count,
+            outcomes=summary.outcomes,
+        )
+        self._next_seq += 1
+        self._batches[batch_id] = batch
+        self._seq_of[batch_id] = batch.seq
+        self._release(summary.custom_ids, commit=True)
+        self.faults.injected.update(summary.faults)
+        self.batches_created += 1
+        self.requests_received += summary.count
+        return batch
+
+    # -- list / cancel / delete / results -------------------------------------
+
+    def list(
+        self, limit: int, before_id: str | None, after_id: str | None
+    ) -> tuple[list[Batch], bool]:
+        """A page, newest first: ``after_id`` pages to older batches, ``before_id`` to newer."""
+        newest_first = sorted(self._batches.values(), key=lambda b: b.seq, reverse=True)
+        for batch in newest_first:
+            self._refresh(batch)
+        if after_id is not None:
+            cursor = self._cursor("after_id", after_id)
+            older = [b for b in newest_first if b.seq < cursor]
+            return older[:limit], len(older) > limit
+        if before_id is not None:
+            cursor = self._cursor("before_id", before_id)
+            newer = [b for b in newest_first if b.seq > cursor]
+            return newer[-limit:], len(newer) > limit
+        return newest_first[:limit], len(newest_first) > limit
+
+    def _cursor(self, name: str, batch_id: str) -> int:
+        seq = self._seq_of.get(batch_id)
+        if seq is None:
+            raise ApiError("invalid_request_error", f"{name}: unknown Message Batch {batch_id!r}")
+        return seq
+
+    def cancel(self, batch_id: str) -> Batch:
+        """Start cancelling; a batch already canceling or ended is returned as it is."""
+        batch = self.get(batch_id)
+        if batch.ended_at is None and batch.cancel_initiated_at is None:
+            now = self.now()
+            batch.cancel_initiated_at = now
+            batch.cancel_end_at = now + min(batch.latency, 1.0)
+        return batch
+
+    async def delete(self, batch_id: str) -> None:
+        """Forget an ended batch and its files; a running one is a 400 as in the API."""
+        batch = self.get(batch_id)
+        if batch.ended_at is None:
+            raise ApiError(
+                "invalid_request_error",
+                f"Message Batch {batch_id} is still {batch.processing_status}; "
+                "cancel it and wait for it to end before deleting it",
+            )
+        del self._batches[batch_id]
+        await self._discard_files(batch, keep_dir=False)
+
+    async def results_file(self, batch: Batch) -> Path:
+        """The finished results file of an ended, unarchived batch."""
+        if batch.results_task is None:
+            batch.results_task = asyncio.ensure_future(self._generate(batch))
+        await asyncio.shield(batch.results_task)
+        return batch.results_path
+
+    def cut_after(self, batch: Batch) -> int | None:
+        """Lines after which this results fetch is cut off, or None for a whole stream."""
+        settings = self.faults.settings
+        if settings.cut_results_after is None or batch.cut_fetches >= settings.cut_results_times:
+            return None
+        batch.cut_fetches += 1
+        self.faults.count("cut_results")
+        return settings.cut_results_after
+
+    # -- admin ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "batches_created": self.batches_created,
+            "requests_received": self.requests_received,
+            "received": dict(self.received),
+            "faults_injected": dict(self.faults.injected),
+            "in_progress_requests": self.in_progress_requests(),
+            "clock_offset": self.clock_offset,
+        }
+
+    async def close(self) -> None:
+        """Wait for results jobs so no thread writes into a directory being removed."""
+        tasks: list[asyncio.Future[Any]] = [
+            b.results_task for b in self._batches.values() if b.results_task is not None
+        ]
+        tasks.extend(self._background)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def reset(self) -> None:
+        """Forget every batch and counter (files included)."""
+        await self.close()
+        batches = list(self._batches.values())
+        self._batches.clear()
+        self._seq_of.clear()
+        self.received.clear()
+        self.batches_created = 0
+        self.requests_received = 0
+        self.clock_offset = 0.0
+        for batch in batches:
+            await self._discard_files(batch, keep_dir=False)
