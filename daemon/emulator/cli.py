@@ -1,0 +1,95 @@
+"""
+``batchd emulator``: serve the emulator until SIGTERM or SIGINT.
+
+The first line on stdout is ``listening on http://HOST:PORT`` (flushed, nothing
+before it), so a test or script that starts it with ``--port 0`` can read the
+port it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration, parse_fault_spec
+from daemon.emulator.responder import load_rules
+from daemon.emulator.runner import run_emulator
+
+__all__ = ("add_arguments", "run")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The emulator's flags (durations accept 0, 500ms, 2s, 5m, 24h, 29d)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    parser.add_argument("--latency", default="0", help="time from create to ended (default 0)")
+    parser.add_argument("--ttl", default="24h", help="time from create to expires_at")
+    parser.add_argument("--retention", default="29d", help="time from create to archived")
+    parser.add_argument("--rules", default=None, help="reply rules file (TOML or JSON)")
+    parser.add_argument(
+        "--faults",
+        default="",
+        help="fault settings, e.g. api_error=0.05,http429=0.05,retry_after=1,slow=200ms",
+    )
+    parser.add_argument("--queue-limit", type=int, default=None, help="requests in progress")
+    parser.add_argument("--seed", type=int, default=0, help="seed for faults and result order")
+    parser.add_argument("--state-dir", default=None, help="where request/result files go")
+
+
+def _duration_flag(args: argparse.Namespace, flag: str) -> float:
+    try:
+        return parse_duration(getattr(args, flag))
+    except ValueError as exc:
+        raise ValueError(f"--{flag}: {exc}") from None
+
+
+def _config(args: argparse.Namespace) -> EmulatorConfig:
+    """The config from parsed flags; a ValueError names the flag at fault."""
+    try:
+        faults = parse_fault_spec(args.faults or "")
+        FaultSettings.from_mapping(faults)
+    except ValueError as exc:
+        raise ValueError(f"--faults: {exc}") from None
+    if args.rules is not None:
+        load_rules(args.rules)
+    return EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        latency=_duration_flag(args, "latency"),
+        ttl=_duration_flag(args, "ttl"),
+        retention=_duration_flag(args, "retention"),
+        rules=args.rules,
+        faults=faults,
+        queue_limit=args.queue_limit,
+        seed=args.seed,
+        state_dir=args.state_dir,
+    )
+
+
+async def _serve(config: EmulatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with run_emulator(config) as emulator:
+        print(f"listening on {emulator.base_url}", flush=True)
+        await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until a signal; 0 on a clean stop, 2 for bad flags, 1 when it cannot listen."""
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"batchd emulator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config))
+    except OSError as exc:
+        print(
+            f"batchd emulator: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    return 0
