@@ -26,6 +26,7 @@ __all__ = ("CsvSource", "register_sources")
 _WHAT = "csv source"
 _DIALECTS = ("excel", "excel-tab", "unix", "sniff")
 _SNIFF_BYTES = 64 * 1024
+_SNIFF_DELIMITERS = ",;\t|"  # left to itself the sniffer may pick a letter
 _POLL_BYTES = 4 * 1024 * 1024  # input parsed per poll, so a poll returns promptly
 _HEADER_CAP = 64 * 1024 * 1024
 
@@ -204,7 +205,7 @@ class CsvSource(Source):
             sample = sample[: sample.rindex(b"\n") + 1]
         text = sample.decode(self._codecs[0], "replace")
         try:
-            return csv.Sniffer().sniff(text)
+            return csv.Sniffer().sniff(text, delimiters=_SNIFF_DELIMITERS)
         except csv.Error:
             raise FatalError(
                 f"{_WHAT}: could not detect the CSV dialect of {self._label} from its first "
