@@ -1,0 +1,516 @@
+"""
+The manifest's replayed state: where every chunk is in its lifecycle.
+
+It is pure (no I/O) so that the durable log (``daemon/manifest.py``), recovery
+and the property tests all drive the very same transitions with plain dicts,
+and so that "what replay yields" is a function of the records alone.
+
+Every transition is validated before anything is mutated: an illegal record
+raises :class:`ManifestCorrupt` and leaves the state untouched. The log relies
+on that to refuse a bad append *before* writing it, so a log this code wrote
+always replays.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from plugins.errors import FatalError
+
+__all__ = (
+    "ALARMS_KEPT",
+    "RECORD_FIELDS",
+    "RETIRED_KEPT",
+    "Alarm",
+    "ChunkState",
+    "ManifestCorrupt",
+    "ManifestState",
+    "PipelineState",
+    "Stage",
+    "validate_fields",
+)
+
+ALARMS_KEPT = 100
+# Retired chunk ids and their batch ids are remembered for this many chunks, so
+# an ambiguous create never adopts a recent batch owned by another chunk, while
+# a month of batches does not grow the state (and every snapshot) without bound.
+RETIRED_KEPT = 50_000
+
+
+class ManifestCorrupt(FatalError):
+    """The manifest holds something replay cannot accept; the message names where."""
+
+
+class Stage(enum.StrEnum):
+    """A chunk's lifecycle, in order; each stage is entered by one record kind."""
+
+    SEALED = "sealed"
+    INTENT = "intent"
+    SUBMITTED = "submitted"
+    ENDED = "ended"
+    COMMITTED = "committed"
+    SOURCE_COMMITTED = "source_committed"
+    RETIRED = "retired"
+
+
+_RANK = {stage: rank for rank, stage in enumerate(Stage)}
+
+_NONE = type(None)
+_STR: tuple[type, ...] = (str,)
+_OPT_STR: tuple[type, ...] = (str, _NONE)
+_INT: tuple[type, ...] = (int,)
+_OPT_INT: tuple[type, ...] = (int, _NONE)
+_NUM: tuple[type, ...] = (int, float)
+_DICT: tuple[type, ...] = (dict,)
+_OPT_DICT: tuple[type, ...] = (dict, _NONE)
+
+_SEALED: dict[str, tuple[type, ...]] = {
+    "pipeline": _STR,
+    "chunk": _STR,
+    "attempt": _INT,
+    "requests": _INT,
+    "bytes": _INT,
+    "rejects": _INT,
+    "first_seq": _OPT_INT,
+    "last_seq": _OPT_INT,
+    "position": _OPT_DICT,
+    "parent": _OPT_STR,
+}
+_FIGURES: dict[str, tuple[type, ...]] = {
+    "succeeded": _INT,
+    "truncated": _INT,
+    "dead": _INT,
+    "retried": _INT,
+    "cost_usd": _NUM,
+    "input_tokens": _INT,
+    "output_tokens": _INT,
+}
+
+# Required fields per kind and the JSON types each may hold. ``alarm_kind`` and
+# ``source_seq`` are stored under these names because ``kind`` and ``seq`` are
+# the record envelope; Manifest.append accepts the short names as aliases.
+RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "chunk_sealed": _SEALED,
+    "submit_intent": {"chunk": _STR, "at": _NUM, "requests": _INT},
+    "submitted": {"chunk": _STR, "batch_id": _STR, "created_at": _STR},
+    "ended": {"chunk": _STR, "batch_id": _STR, "counts": _DICT},
+    "results_committed": {
+        "chunk": _STR,
+        "batch_id": _OPT_STR,
+        **_FIGURES,
+        "retry_chunk": _OPT_DICT,
+    },
+    "source_committed": {"pipeline": _STR, "position": _OPT_DICT, "source_seq": _INT},
+    "chunk_retired": {"chunk": _STR},
+    "pipeline_paused": {"pipeline": _STR, "reason": _STR},
+    "pipeline_resumed": {"pipeline": _STR},
+    "alarm": {"pipeline": _OPT_STR, "chunk": _OPT_STR, "alarm_kind": _STR, "message": _STR},
+    "snapshot": {"state": _DICT},
+}
+
+
+def validate_fields(kind: str, record: Mapping[str, Any]) -> None:
+    """
+    Check that *record* has every field *kind* needs, each of the right JSON type.
+
+    Raises:
+        ValueError: naming the kind and the field at fault.
+    """
+    schema = RECORD_FIELDS.get(kind)
+    if schema is None:
+        raise ValueError(f"unknown manifest record kind {kind!r}")
+    missing = [name for name in schema if name not in record]
+    if missing:
+        raise ValueError(f"{kind} record is missing {', '.join(missing)}")
+    for name, types in schema.items():
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types)
+            raise ValueError(f"{kind}.{name} must be {wanted}, not {type(value).__name__}")
+
+
+@dataclass
+class ChunkState:
+    """One chunk: the fields it was sealed with, its stage and what each stage recorded."""
+
+    chunk: str
+    pipeline: str
+    attempt: int
+    requests: int
+    bytes: int
+    rejects: int
+    first_seq: int | None
+    last_seq: int | None
+    position: dict[str, Any] | None
+    parent: str | None
+    stage: Stage = Stage.SEALED
+    # The read sequence the chunk's records go up to; a retry chunk inherits its
+    # parent's, so a source commit past it marks the retry source-committed too.
+    covers_seq: int | None = None
+    # The first intent: a batch created any time after it may be this chunk's.
+    intent_at: float | None = None
+    last_intent_at: float | None = None
+    intent_count: int = 0
+    batch_id: str | None = None
+    created_at: str | None = None
+    counts: dict[str, Any] | None = None
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    retry_chunk: str | None = None
+
+    @property
+    def source_committed(self) -> bool:
+        """Whether a source commit covers this chunk's records."""
+        return self.stage is Stage.SOURCE_COMMITTED
+
+
+@dataclass
+class PipelineState:
+    """A pipeline's read/commit frontier, pause flag and totals that outlive its chunks."""
+
+    name: str
+    last_sealed_seq: int | None = None
+    last_sealed_position: dict[str, Any] | None = None
+    next_chunk_no: int = 0
+    committed_seq: int | None = None
+    committed_position: dict[str, Any] | None = None
+    paused: str | None = None
+    requests_submitted: int = 0
+    batches_submitted: int = 0
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass
+class Alarm:
+    """An operator-facing alarm as the manifest recorded it."""
+
+    seq: int
+    ts: float
+    pipeline: str | None
+    chunk: str | None
+    kind: str
+    message: str
+
+
+def _remember(bounded: dict[str, str], key: str, value: str) -> None:
+    """Insert into an insertion-ordered dict, forgetting the oldest entry past RETIRED_KEPT."""
+    bounded[key] = value
+    if len(bounded) > RETIRED_KEPT:
+        del bounded[next(iter(bounded))]
+
+
+@dataclass
+class ManifestState:
+    """
+    Everything replay knows: live chunks, pipelines, recent alarms, batch ownership.
+
+    Build it by :meth:`apply`-ing records in log order, or from a snapshot.
+    """
+
+    seq: int = 0
+    chunks: dict[str, ChunkState] = field(default_factory=dict)
+    pipelines: dict[str, PipelineState] = field(default_factory=dict)
+    alarms: deque[Alarm] = field(default_factory=lambda: deque(maxlen=ALARMS_KEPT))
+    # batch id -> chunk id, for live chunks and for the last RETIRED_KEPT retired ones.
+    live_batches: dict[str, str] = field(default_factory=dict)
+    retired_batches: dict[str, str] = field(default_factory=dict)
+    # chunk id -> pipeline, for the last RETIRED_KEPT retired chunks.
+    retired_chunks: dict[str, str] = field(default_factory=dict)
+
+    # -- queries ---------------------------------------------------------------
+
+    def batch_ids(self) -> set[str]:
+        """Every batch id recorded as submitted (live chunks and recently retired ones)."""
+        return set(self.live_batches) | set(self.retired_batches)
+
+    def batch_owner(self, batch_id: str) -> str | None:
+        """The chunk a batch id was recorded for, or None if it belongs to no known chunk."""
+        return self.live_batches.get(batch_id) or self.retired_batches.get(batch_id)
+
+    def chunks_at(self, *stages: Stage) -> list[ChunkState]:
+        """Live chunks at any of *stages*, in the order they were sealed."""
+        return [c for c in self.chunks.values() if c.stage in stages]
+
+    # -- snapshots -------------------------------------------------------------
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """A JSON-ready dict from which :meth:`from_snapshot` rebuilds an equal state."""
+        return {
+            "version": 1,
+            "seq": self.seq,
+            "chunks": [asdict(c) for c in self.chunks.values()],
+            "pipelines": [asdict(p) for p in self.pipelines.values()],
+            "alarms": [asdict(a) for a in self.alarms],
+            "retired_batches": list(self.retired_batches.items()),
+            "retired_chunks": list(self.retired_chunks.items()),
+        }
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> ManifestState:
+        """Rebuild the state :meth:`to_snapshot` described."""
+        try:
+            if snapshot["version"] != 1:
+                raise ValueError(f"unsupported snapshot version {snapshot['version']!r}")
+            state = cls(seq=snapshot["seq"])
+            for raw in snapshot["chunks"]:
+                chunk = ChunkState(**{**raw, "stage": Stage(raw["stage"])})
+                state.chunks[chunk.chunk] = chunk
+                if chunk.batch_id is not None:
+                    state.live_batches[chunk.batch_id] = chunk.chunk
+            for raw in snapshot["pipelines"]:
+                state.pipelines[raw["name"]] = PipelineState(**raw)
+            state.alarms.extend(Alarm(**raw) for raw in snapshot["alarms"])
+            state.retired_batches = {b: c for b, c in snapshot["retired_batches"]}
+            state.retired_chunks = {c: p for c, p in snapshot["retired_chunks"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestCorrupt(f"snapshot is malformed: {exc!r}") from None
+        return state
+
+    # -- transitions -----------------------------------------------------------
+
+    def apply(self, record: Mapping[str, Any]) -> None:
+        """
+        Apply one record; identical duplicates of earlier transitions are no-ops.
+
+        Raises:
+            ManifestCorrupt: the record is malformed or an illegal transition; the
+                state is left unchanged.
+        """
+        seq = record.get("seq")
+        kind = record.get("kind")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(kind, str):
+            raise ManifestCorrupt(f"record has no integer seq and string kind: {record!r:.200}")
+        try:
+            validate_fields(kind, record)
+        except ValueError as exc:
+            raise ManifestCorrupt(f"seq {seq}: {exc}") from None
+        getattr(self, f"_on_{kind}")(seq, record)
+        self.seq = max(self.seq, seq)
+
+    def _corrupt(self, seq: int, message: str) -> ManifestCorrupt:
+        return ManifestCorrupt(f"seq {seq}: {message}")
+
+    def _chunk(self, seq: int, record: Mapping[str, Any]) -> ChunkState:
+        chunk_id = record["chunk"]
+        chunk = self.chunks.get(chunk_id)
+        if chunk is None:
+            if chunk_id in self.retired_chunks:
+                raise self._corrupt(seq, f"{record['kind']} for retired chunk {chunk_id}")
+            raise self._corrupt(seq, f"{record['kind']} for unknown chunk {chunk_id}")
+        return chunk
+
+    def _pipeline(self, name: str) -> PipelineState:
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            pipeline = self.pipelines[name] = PipelineState(name)
+        return pipeline
+
+    def _on_snapshot(self, seq: int, record: Mapping[str, Any]) -> None:
+        if self.seq or self.chunks or self.pipelines or self.alarms:
+            raise self._corrupt(seq, "a snapshot may only be the first record")
+        loaded = self.from_snapshot(record["state"])
+        for f in fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+    def _new_chunk(self, seq: int, sealed: Mapping[str, Any]) -> ChunkState | None:
+        """Validate a seal; None means an identical chunk already exists."""
+        chunk_id = sealed["chunk"]
+        existing = self.chunks.get(chunk_id)
+        if existing is not None:
+            if all(getattr(existing, name) == sealed[name] for name in _SEALED):
+                return None
+            raise self._corrupt(seq, f"chunk {chunk_id} sealed again with different fields")
+        if chunk_id in self.retired_chunks:
+            raise self._corrupt(seq, f"chunk {chunk_id} sealed again after it was retired")
+        covers = sealed["last_seq"]
+        parent = self.chunks.get(sealed["parent"] or "")
+        if covers is None and parent is not None:
+            covers = parent.covers_seq
+        return ChunkState(**{name: sealed[name] for name in _SEALED}, covers_seq=covers)
+
+    def _seal(self, chunk: ChunkState) -> None:
+        self.chunks[chunk.chunk] = chunk
+        pipeline = self._pipeline(chunk.pipeline)
+        if chunk.parent is not None:
+            return
+        pipeline.next_chunk_no += 1
+        if chunk.last_seq is not None and (
+            pipeline.last_sealed_seq is None or chunk.last_seq > pipeline.last_sealed_seq
+        ):
+            pipeline.last_sealed_seq = chunk.last_seq
+            pipeline.last_sealed_position = chunk.position
+
+    def _on_chunk_sealed(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk = self._new_chunk(seq, record)
+        if chunk is not None:
+            self._seal(chunk)
+
+    def _on_submit_intent(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk = self._chunk(seq, record)
+        at = record["at"]
+        if record["requests"] != chunk.requests:
+            raise self._corrupt(
+                seq,
+                f"intent for {record['requests']} requests, chunk {chunk.chunk} has "
+                f"{chunk.requests}",
+            )
+        if at in (chunk.intent_at, chunk.last_intent_at):
+            return
+        if chunk.stage not in (Stage.SEALED, Stage.INTENT):
+            raise self._corrupt(seq, f"submit_intent for chunk {chunk.chunk} at {chunk.stage}")
+        chunk.stage = Stage.INTENT
+        if chunk.intent_at is None:
+            chunk.intent_at = at
+        chunk.last_intent_at = at
+        chunk.intent_count += 1
+
+    def _on_submitted(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk = self._chunk(seq, record)
+        batch_id, created_at = record["batch_id"], record["created_at"]
+        if _RANK[chunk.stage] > _RANK[Stage.INTENT]:
+            if (chunk.batch_id, chunk.created_at) == (batch_id, created_at):
+                return
+            raise self._corrupt(
+                seq, f"chunk {chunk.chunk} submitted as {batch_id}, already {chunk.batch_id}"
+            )
+        if chunk.stage is not Stage.INTENT:
+            raise self._corrupt(seq, f"chunk {chunk.chunk} submitted without submit_intent")
+        owner = self.batch_owner(batch_id)
+        if owner is not None:
+            raise self._corrupt(seq, f"batch {batch_id} already belongs to chunk {owner}")
+        chunk.stage = Stage.SUBMITTED
+        chunk.batch_id, chunk.created_at = batch_id, created_at
+        self.live_batches[batch_id] = chunk.chunk
+        pipeline = self._pipeline(chunk.pipeline)
+        pipeline.requests_submitted += chunk.requests
+        pipeline.batches_submitted += 1
+
+    def _on_ended(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk = self._chunk(seq, record)
+        batch_id, counts = record["batch_id"], record["counts"]
+        if _RANK[chunk.stage] < _RANK[Stage.SUBMITTED]:
+            raise self._corrupt(seq, f"chunk {chunk.chunk} ended before it was submitted")
+        if batch_id != chunk.batch_id:
+            raise self._corrupt(
+                seq, f"chunk {chunk.chunk} ended as {batch_id}, submitted as {chunk.batch_id}"
+            )
+        if chunk.stage is not Stage.SUBMITTED:
+            if counts == chunk.counts:
+                return
+            raise self._corrupt(seq, f"chunk {chunk.chunk} ended again with other counts")
+        chunk.stage = Stage.ENDED
+        chunk.counts = counts
+
+    def _on_results_committed(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk = self._chunk(seq, record)
+        batch_id, retry = record["batch_id"], record["retry_chunk"]
+        retry_id = None if retry is None else retry.get("chunk")
+        if _RANK[chunk.stage] >= _RANK[Stage.COMMITTED]:
+            same = all(getattr(chunk, name) == record[name] for name in _FIGURES)
+            if same and (chunk.batch_id, chunk.retry_chunk) == (batch_id, retry_id):
+                return
+            raise self._corrupt(seq, f"chunk {chunk.chunk} committed again with other figures")
+        if chunk.stage is Stage.SEALED and chunk.requests == 0:
+            if batch_id is not None:
+                raise self._corrupt(seq, f"chunk {chunk.chunk} has no batch, got {batch_id}")
+        elif chunk.stage is not Stage.ENDED:
+            raise self._corrupt(seq, f"results_committed for chunk {chunk.chunk} at {chunk.stage}")
+        elif batch_id != chunk.batch_id:
+            raise self._corrupt(seq, f"results of {batch_id} for chunk {chunk.chunk}")
+        new_retry = None
+        if retry is not None:
+            try:
+                validate_fields("chunk_sealed", retry)
+            except ValueError as exc:
+                raise self._corrupt(seq, f"retry_chunk: {exc}") from None
+            if retry["parent"] != chunk.chunk or retry["pipeline"] != chunk.pipeline:
+                raise self._corrupt(seq, f"retry_chunk {retry_id} is not a child of {chunk.chunk}")
+            new_retry = self._new_chunk(seq, retry)
+        pipeline = self._pipeline(chunk.pipeline)
+        for name in _FIGURES:
+            setattr(chunk, name, record[name])
+            setattr(pipeline, name, getattr(pipeline, name) + record[name])
+        chunk.retry_chunk = retry_id
+        chunk.stage = Stage.COMMITTED
+        if _covered(chunk, pipeline.committed_seq):
+            chunk.stage = Stage.SOURCE_COMMITTED
+        if new_retry is not None:
+            self._seal(new_retry)
+
+    def _on_source_committed(self, seq: int, record: Mapping[str, Any]) -> None:
+        source_seq, position = record["source_seq"], record["position"]
+        known = self.pipelines.get(record["pipeline"])
+        if known is not None and known.committed_seq is not None:
+            if source_seq == known.committed_seq and position == known.committed_position:
+                return
+            if source_seq <= known.committed_seq:
+                raise self._corrupt(
+                    seq,
+                    f"source commit of {record['pipeline']} went from "
+                    f"{known.committed_seq} back to {source_seq}",
+                )
+        pipeline = self._pipeline(record["pipeline"])
+        pipeline.committed_seq, pipeline.committed_position = source_seq, position
+        for chunk in self.chunks.values():
+            if (
+                chunk.pipeline == pipeline.name
+                and chunk.stage is Stage.COMMITTED
+                and _covered(chunk, source_seq)
+            ):
+                chunk.stage = Stage.SOURCE_COMMITTED
+
+    def _on_chunk_retired(self, seq: int, record: Mapping[str, Any]) -> None:
+        chunk_id = record["chunk"]
+        if chunk_id in self.retired_chunks:
+            return
+        chunk = self._chunk(seq, record)
+        if _RANK[chunk.stage] < _RANK[Stage.COMMITTED]:
+            raise self._corrupt(seq, f"chunk {chunk_id} retired at {chunk.stage}")
+        del self.chunks[chunk_id]
+        _remember(self.retired_chunks, chunk_id, chunk.pipeline)
+        if chunk.batch_id is not None:
+            self.live_batches.pop(chunk.batch_id, None)
+            _remember(self.retired_batches, chunk.batch_id, chunk_id)
+
+    def _on_pipeline_paused(self, seq: int, record: Mapping[str, Any]) -> None:
+        self._pipeline(record["pipeline"]).paused = record["reason"]
+
+    def _on_pipeline_resumed(self, seq: int, record: Mapping[str, Any]) -> None:
+        self._pipeline(record["pipeline"]).paused = None
+
+    def _on_alarm(self, seq: int, record: Mapping[str, Any]) -> None:
+        if any(alarm.seq == seq for alarm in self.alarms):
+            return
+        self.alarms.append(
+            Alarm(
+                seq=seq,
+                ts=record.get("ts", 0.0),
+                pipeline=record["pipeline"],
+                chunk=record["chunk"],
+                kind=record["alarm_kind"],
+                message=record["message"],
+            )
+        )
+
+
+def _covered(chunk: ChunkState, committed_seq: int | None) -> bool:
+    return (
+        chunk.covers_seq is not None
+        and committed_seq is not None
+        and chunk.covers_seq <= committed_seq
+    )
