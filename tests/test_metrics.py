@@ -1,0 +1,170 @@
+"""Metrics: the series the dashboard needs, scraped over real HTTP and parsed as Prometheus does."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.metrics import BATCH_STATES, OUTCOMES, TOKEN_DIRECTIONS, Metrics, start_http_server
+
+EXPECTED_FAMILIES = {
+    "batchd_batches": "gauge",
+    "batchd_requests": "counter",
+    "batchd_retries": "counter",
+    "batchd_dead_letters": "counter",
+    "batchd_results_rows": "counter",
+    "batchd_poll_calls": "counter",
+    "batchd_api_errors": "counter",
+    "batchd_tokens": "counter",
+    "batchd_cost_usd": "counter",
+    "batchd_budget_usd": "gauge",
+    "batchd_budget_exhausted": "gauge",
+    "batchd_manifest_bytes": "gauge",
+    "batchd_oldest_in_flight_seconds": "gauge",
+    "batchd_in_flight_requests": "gauge",
+    "batchd_alarms": "counter",
+}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        body: bytes = response.read()
+    return body.decode()
+
+
+class TestSeries:
+    """The series exist with the right types and move as the engine drives them."""
+
+    def test_every_documented_family_is_exported(self) -> None:
+        """All fifteen batchd families are present with the documented type."""
+        metrics = Metrics()
+        metrics.declare_pipeline("p", budget_usd=5)
+        metrics.manifest_bytes.set(1)
+        metrics.api_errors_total.labels(pipeline="p", type="overloaded_error").inc()
+        metrics.alarms_total.labels(pipeline="p", kind="source_lost").inc()
+        families = {
+            f.name: f.type
+            for f in text_string_to_metric_families(metrics.render())
+            if f.name.startswith("batchd_")
+        }
+        assert families == EXPECTED_FAMILIES
+
+    def test_declare_pipeline_creates_zeroed_series(self) -> None:
+        """Each outcome, direction and state exists at 0 before anything happens."""
+        metrics = Metrics(process_metrics=False)
+        metrics.declare_pipeline("orders", budget_usd=12.5)
+        samples = _samples(metrics.render())
+        for outcome in OUTCOMES:
+            key = ("batchd_requests_total", (("outcome", outcome), ("pipeline", "orders")))
+            assert samples[key] == 0
+        for direction in TOKEN_DIRECTIONS:
+            key = ("batchd_tokens_total", (("direction", direction), ("pipeline", "orders")))
+            assert samples[key] == 0
+        for state in BATCH_STATES:
+            assert samples[("batchd_batches", (("pipeline", "orders"), ("state", state)))] == 0
+        assert samples[("batchd_budget_usd", (("pipeline", "orders"),))] == 12.5
+
+    def test_observe_usage_counts_tokens_and_cost(self) -> None:
+        """An API usage block lands in the four token directions and the cost counter."""
+        metrics = Metrics(process_metrics=False)
+        usage = {
+            "input_tokens": 100,
+            "output_tokens": 40,
+            "cache_creation_input_tokens": 7,
+            "cache_read_input_tokens": 3,
+            "service_tier": "batch",
+        }
+        metrics.observe_usage("p", usage, cost_usd=0.25)
+        metrics.observe_usage("p", {"input_tokens": 1, "output_tokens": None}, cost_usd=0.5)
+        samples = _samples(metrics.render())
+
+        def tokens(direction: str) -> float:
+            return samples[("batchd_tokens_total", (("direction", direction), ("pipeline", "p")))]
+
+        assert [tokens(d) for d in TOKEN_DIRECTIONS] == [101, 40, 3, 7]
+        assert samples[("batchd_cost_usd_total", (("pipeline", "p"),))] == 0.75
+
+    def test_set_batch_states_zeroes_what_is_absent(self) -> None:
+        """A state missing from the new counts drops to 0 instead of keeping its old value."""
+        metrics = Metrics(process_metrics=False)
+        metrics.set_batch_states("p", {"submitted": 4, "ended": 1})
+        metrics.set_batch_states("p", {"ended": 5})
+        samples = _samples(metrics.render())
+        assert samples[("batchd_batches", (("pipeline", "p"), ("state", "submitted")))] == 0
+        assert samples[("batchd_batches", (("pipeline", "p"), ("state", "ended")))] == 5
+
+    def test_registries_are_independent(self) -> None:
+        """Two Metrics objects in one process neither clash nor share values."""
+        first, second = Metrics(), Metrics()
+        first.results_rows_total.labels(pipeline="p").inc(3)
+        second.results_rows_total.labels(pipeline="p").inc(1)
+        assert _samples(first.render())[("batchd_results_rows_total", (("pipeline", "p"),))] == 3
+        assert _samples(second.render())[("batchd_results_rows_total", (("pipeline", "p"),))] == 1
+
+    def test_no_created_series(self) -> None:
+        """Counters export no *_created timestamps that would double the scrape."""
+        metrics = Metrics(process_metrics=False)
+        metrics.declare_pipeline("p")
+        assert "_created" not in metrics.render()
+
+    def test_process_memory_is_exported(self) -> None:
+        """Resident memory is scraped so flat memory can be watched on the dashboard."""
+        samples = _samples(Metrics().render())
+        assert samples[("process_resident_memory_bytes", ())] > 1_000_000
+
+
+class TestHttpServer:
+    """The endpoint over a real socket."""
+
+    def test_scrape_matches_render(self) -> None:
+        """A scrape over HTTP parses to the same samples render() gives."""
+        metrics = Metrics(process_metrics=False)
+        metrics.declare_pipeline("p")
+        metrics.requests_total.labels(pipeline="p", outcome="succeeded").inc(42)
+        metrics.in_flight_requests.labels(pipeline="p").set(1000)
+        with start_http_server(metrics, port=0) as server:
+            assert server.port > 0
+            assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+            scraped = _samples(_scrape(server.url))
+        assert scraped == _samples(metrics.render())
+        assert scraped[
+            ("batchd_requests_total", (("outcome", "succeeded"), ("pipeline", "p")))
+        ] == 42
+
+    def test_binds_localhost_only_by_default(self) -> None:
+        """The default bind address is 127.0.0.1, not every interface."""
+        with start_http_server(Metrics(process_metrics=False)) as server:
+            assert server.host == "127.0.0.1"
+            assert server._server.server_address[0] == "127.0.0.1"
+
+    def test_close_releases_the_port(self) -> None:
+        """After close() nothing listens on the port and it can be bound again."""
+        server = start_http_server(Metrics(process_metrics=False), port=0)
+        port = server.port
+        _scrape(server.url)
+        server.close()
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+
+    def test_taken_port_is_an_error(self) -> None:
+        """Starting on a port already in use raises OSError instead of serving nothing."""
+        with start_http_server(Metrics(process_metrics=False), port=0) as server:
+            with pytest.raises(OSError):
+                start_http_server(Metrics(process_metrics=False), port=server.port)
