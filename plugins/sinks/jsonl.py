@@ -1,0 +1,99 @@
+"""
+The ``jsonl`` sink (and ``dead_letter``, the same class): one part file per group.
+
+Each group (one batch's outcomes) becomes ``<path>/<group>.jsonl``, published
+whole by rename only on ``flush``, so a crash mid-group leaves no half file
+and a replay replaces the part instead of appending to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import orjson
+
+from plugins.contract import PluginContext, Sink
+from plugins.errors import ConfigError
+from plugins.hookspecs import hookimpl
+from plugins.records import ResultRow
+from plugins.sinks._partfile import PartFiles, check_group
+
+__all__ = ("JsonlSink", "register_sinks")
+
+_OPTIONS = ("fields", "path")
+
+
+class JsonlSink(Sink):
+    """
+    Writes each row's ``to_dict()`` as one JSON line into its group's part file.
+
+    Rows of any status are written as given, which is why the same class is
+    also the ``dead_letter`` sink type. Within one open group a key already
+    written is skipped, so an in-process replay of a half-put group does not
+    duplicate rows either.
+    """
+
+    def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
+        what = "jsonl sink"
+        for name in options:
+            if name not in _OPTIONS:
+                raise ConfigError(f"{what}: unknown option {name!r} (valid: {', '.join(_OPTIONS)})")
+        path = options.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(
+                f"{what}: missing required option 'path', the output directory "
+                f"(valid: {', '.join(_OPTIONS)})"
+            )
+        fields = options.get("fields")
+        names_ok = isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields)
+        if fields is not None and not names_ok:
+            raise ConfigError(f"{what}: option 'fields' must be a non-empty list of names")
+        self._fields: list[str] | None = fields
+        self._parts = PartFiles(context.resolve_path(path), ".jsonl")
+        self._keys: dict[str, set[str]] = {}
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def open(self) -> None:
+        """Create the output directory."""
+        await anyio.to_thread.run_sync(self._parts.prepare, limiter=self._limiter)
+
+    async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
+        """Append rows to the group's hidden temp file (truncated on the group's first put)."""
+        check_group(group)
+        if not self._parts.is_open(group):
+            self._keys[group] = set()
+        seen = self._keys[group]
+        lines = []
+        for row in rows:
+            if row.key in seen:
+                continue
+            seen.add(row.key)
+            lines.append(orjson.dumps(self._shape(row)))
+        data = b"\n".join(lines) + b"\n" if lines else b""
+        await anyio.to_thread.run_sync(self._parts.write, group, data, limiter=self._limiter)
+
+    async def flush(self, group: str) -> None:
+        """fsync the group's rows and publish them as ``<group>.jsonl``."""
+        check_group(group)
+        await anyio.to_thread.run_sync(self._parts.publish, group, limiter=self._limiter)
+        self._keys.pop(group, None)
+
+    async def aclose(self) -> None:
+        """Drop unpublished temp files: their groups were never committed and will be replayed."""
+        await anyio.to_thread.run_sync(self._parts.discard_all, limiter=self._limiter)
+        self._keys.clear()
+
+    def _shape(self, row: ResultRow) -> dict[str, Any]:
+        out = row.to_dict()
+        if self._fields is None:
+            return out
+        return {name: out[name] for name in self._fields if name in out}
+
+
+@hookimpl
+def register_sinks(register: Any) -> None:
+    """The built-in ``jsonl`` sink, also registered as the ``dead_letter`` sink type."""
+    register("jsonl", JsonlSink)
+    register("dead_letter", JsonlSink)
