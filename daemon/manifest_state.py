@@ -256,8 +256,8 @@ class ManifestState:
             "chunks": [asdict(c) for c in self.chunks.values()],
             "pipelines": [asdict(p) for p in self.pipelines.values()],
             "alarms": [asdict(a) for a in self.alarms],
-            "retired_batches": list(self.retired_batches.items()),
-            "retired_chunks": list(self.retired_chunks.items()),
+            "retired_batches": [[b, c] for b, c in self.retired_batches.items()],
+            "retired_chunks": [[c, p] for c, p in self.retired_chunks.items()],
         }
 
     @classmethod
