@@ -32,6 +32,7 @@ __all__ = (
     "classify_create_error",
     "created_at_ts",
     "resolve_api_key",
+    "timestamp",
 )
 
 _DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -96,11 +97,15 @@ def _retry_after(response: Any) -> float | None:
     return None
 
 
-def created_at_ts(batch: MessageBatch) -> float:
-    value: Any = batch.created_at
+def timestamp(value: Any) -> float:
+    """Unix time of an SDK datetime or an RFC 3339 string (as the manifest stores it)."""
     if isinstance(value, datetime):
         return value.timestamp()
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def created_at_ts(batch: MessageBatch) -> float:
+    return timestamp(batch.created_at)
 
 
 class BatchesApi:

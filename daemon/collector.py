@@ -229,7 +229,7 @@ class Collector:
         for request, meta in iter_spool(spool):
             if request is None:
                 dead_rows.append(self._dead(meta, meta.get("error_type", "bad_record"),
-                                            meta.get("error", ""), None, batch_id))
+                                            meta.get("error", ""), None, None))
             else:
                 failure = failures.get(meta["custom_id"])
                 if failure is None:

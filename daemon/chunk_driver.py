@@ -1,0 +1,221 @@
+"""
+Drives one chunk from its last manifest record to the end of its life.
+
+Every step re-reads the chunk's stage from the manifest and performs the
+one action that stage calls for, so recovery after ``kill -9`` is not a
+special code path: a restarted daemon simply drives every live chunk again.
+
+    sealed ─submit─▶ intent ─create─▶ submitted ─poll─▶ ended ─collect─▶ committed
+                        └─ ambiguous create: adopt the batch if it exists, else submit again
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from daemon.api import CreateOutcome, classify_create_error, created_at_ts
+from daemon.collector import Collector
+from daemon.manifest import crash_point
+from daemon.manifest_state import ChunkState, Stage
+from plugins.errors import FatalError
+
+if TYPE_CHECKING:
+    from daemon.pipeline import PipelineRunner
+
+__all__ = ("ChunkDriver", "root_of")
+
+log = structlog.get_logger("batchd.chunk")
+
+# How far a server clock may trail ours when looking for a batch created after an intent.
+_CLOCK_SLACK = 600.0
+
+
+def root_of(pipeline: str, chunk: str) -> str:
+    """The fresh chunk a retry chunk descends from (``tickets-000003-r2`` → ``tickets-000003``)."""
+    return chunk[: len(pipeline) + 7]
+
+
+def _total(counts: Any) -> int:
+    return int(
+        counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+    )
+
+
+class ChunkDriver:
+    """The per-chunk state machine; all shared resources live on the runner."""
+
+    def __init__(self, runner: PipelineRunner, chunk_id: str) -> None:
+        self.runner = runner
+        self.chunk_id = chunk_id
+        self.name = runner.pipeline.name
+        self.log = log.bind(pipeline=self.name, chunk=chunk_id)
+
+    def _chunk(self) -> ChunkState | None:
+        return self.runner.manifest.state.chunks.get(self.chunk_id)
+
+    async def run(self) -> None:
+        delay = 1.0
+        while True:
+            chunk = self._chunk()
+            if chunk is None:
+                return
+            try:
+                if chunk.stage is Stage.SEALED:
+                    if chunk.requests == 0:
+                        await self.collect(chunk)
+                    else:
+                        await self.submit(chunk)
+                elif chunk.stage is Stage.INTENT:
+                    await self.resolve_intent(chunk)
+                elif chunk.stage is Stage.SUBMITTED:
+                    await self.runner.poller.wait_ended(chunk)
+                elif chunk.stage is Stage.ENDED:
+                    await self.collect(chunk)
+                else:
+                    await self.runner.advance()
+                    return
+                delay = 1.0
+            except FatalError:
+                raise
+            except Exception as exc:
+                self.runner.metrics_error(type(exc).__name__)
+                self.log.warning("step failed; will retry", stage=str(chunk.stage),
+                                 error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    # -- submitting ------------------------------------------------------------
+
+    async def submit(self, chunk: ChunkState) -> None:
+        runner = self.runner
+        await runner.wait_unpaused()
+        async with runner.create_lock:
+            await self._create(chunk)
+
+    async def _create(self, chunk: ChunkState) -> None:
+        runner = self.runner
+        await runner.manifest.append(
+            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+        )
+        crash_point("after_intent")
+        try:
+            batch = await runner.api.create(runner.spool_path(chunk.chunk), chunk.bytes)
+        except Exception as exc:
+            outcome, retry_after = classify_create_error(exc)
+            error = f"{type(exc).__name__}: {exc}"
+            runner.metrics_error(getattr(exc, "status_code", None) or type(exc).__name__)
+            if outcome == CreateOutcome.RATE_LIMITED:
+                runner.packer_shrink()
+                wait = retry_after if retry_after is not None else 5.0
+                self.log.warning("create rate limited (processing queue full?); waiting",
+                                 retry_after=wait, error=error)
+                await anyio.sleep(wait)
+                return
+            if outcome == CreateOutcome.REJECTED:
+                await runner.pause(f"the API rejected the create for chunk {chunk.chunk}: {error}",
+                                   alarm_kind="create_rejected", chunk=chunk.chunk)
+                return
+            if outcome == CreateOutcome.PAUSE:
+                await runner.pause(f"create refused ({error})", alarm_kind="billing_or_auth",
+                                   chunk=chunk.chunk)
+                return
+            self.log.warning("create outcome unknown; will look for the batch before resending",
+                             error=error)
+            await anyio.sleep(retry_after or 1.0)
+            return
+        crash_point("after_create")
+        await runner.manifest.append(
+            "submitted", chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at)
+        )
+        self.log.info("batch submitted", batch_id=batch.id, requests=chunk.requests,
+                      bytes=chunk.bytes)
+
+    async def resolve_intent(self, chunk: ChunkState) -> None:
+        """
+        The create may have succeeded before we heard of it: adopt that batch
+        if one exists, else send the chunk again. Under the create lock, so no
+        other create of ours is in flight while we look.
+        """
+        runner = self.runner
+        await runner.wait_unpaused()
+        async with runner.create_lock:
+            assert chunk.intent_at is not None
+            known = runner.manifest.state.batch_ids()
+            found = None
+            async for batch in runner.api.recent(since=chunk.intent_at - _CLOCK_SLACK):
+                if batch.id in known or _total(batch.request_counts) != chunk.requests:
+                    continue
+                if found is None or created_at_ts(batch) < created_at_ts(found):
+                    found = batch
+            if found is None:
+                self.log.info("no batch found for the earlier create; submitting again")
+                await self._create(chunk)
+                return
+            await runner.manifest.append(
+                "submitted", chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)
+            )
+            self.log.warning("adopted a batch created before a crash or lost response",
+                             batch_id=found.id, requests=chunk.requests)
+
+    # -- collecting ------------------------------------------------------------
+
+    async def collect(self, chunk: ChunkState) -> None:
+        runner = self.runner
+        batch_id = chunk.batch_id
+        api = runner.api
+        collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
+        summary = await collector.collect(
+            chunk=chunk.chunk,
+            root=root_of(self.name, chunk.chunk),
+            batch_id=batch_id,
+            spool=runner.spool_path(chunk.chunk),
+            lines=(lambda: api.result_lines(batch_id)) if batch_id else None,
+        )
+        crash_point("after_flush")
+        retry = None
+        if summary.retry_chunk is not None:
+            retry = {
+                "pipeline": self.name,
+                "chunk": summary.retry_chunk["chunk"],
+                "attempt": chunk.attempt + 1,
+                "requests": summary.retry_chunk["requests"],
+                "bytes": summary.retry_chunk["bytes"],
+                "rejects": 0,
+                "first_seq": None,
+                "last_seq": None,
+                "position": None,
+                "parent": chunk.chunk,
+            }
+        if summary.unknown or summary.missing:
+            await runner.alarm(
+                "reconciliation",
+                f"batch {batch_id}: {summary.missing} custom_ids missing from results "
+                f"(retried), {summary.unknown} unknown custom_ids",
+                chunk=chunk.chunk,
+            )
+        await runner.manifest.append(
+            "results_committed",
+            chunk=chunk.chunk,
+            batch_id=batch_id,
+            succeeded=summary.succeeded,
+            truncated=summary.truncated,
+            dead=summary.dead,
+            retried=summary.retried,
+            cost_usd=summary.cost_usd,
+            input_tokens=summary.input_tokens,
+            output_tokens=summary.output_tokens,
+            retry_chunk=retry,
+        )
+        runner.observe_commit(summary)
+        self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
+                      truncated=summary.truncated, dead_lettered=summary.dead,
+                      retried=summary.retried, cost_usd=round(summary.cost_usd, 6))
+        if summary.pause_reason:
+            await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
+                               chunk=chunk.chunk)
+        if retry is not None:
+            runner.start_chunk(retry["chunk"], active=True)

@@ -1,0 +1,164 @@
+"""
+The ``batchd`` command line.
+
+Errors an operator can fix (a config typo, a missing file, an unknown sink
+type) print one line naming the thing at fault and exit 2 — never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import orjson
+
+from daemon._logging import configure_logging
+from daemon.config import Config, load_config
+from plugins.errors import BatchdError, ConfigError, FatalError
+from plugins.manager import get_plugins, load_plugins, pm
+
+__all__ = ("main",)
+
+EXIT_CONFIG = 2
+EXIT_PAUSED = 3
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, state_dir=getattr(args, "state_dir", None))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.pipeline import PipelinePaused
+    from daemon.supervisor import run_daemon
+
+    config = _load(args)
+    configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
+    try:
+        return anyio.run(lambda: run_daemon(config, until_drained=args.until_drained))
+    except PipelinePaused as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return EXIT_PAUSED
+
+
+def _json_flag(value: str | None) -> bool | None:
+    return None if value in (None, "auto") else value == "json"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from daemon.status import collect_status, render_status
+
+    config = _load(args)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(collect_status(config), option=orjson.OPT_INDENT_2))
+        sys.stdout.write("\n")
+        return 0
+    console = Console()
+    if not args.watch:
+        render_status(collect_status(config), console)
+        return 0
+    import time
+
+    from rich.live import Live
+
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            from rich.console import Group
+
+            inner = Console(record=True, width=console.width)
+            with inner.capture():
+                render_status(collect_status(config), inner)
+            live.update(Group(inner.export_text()), refresh=True)
+            time.sleep(args.interval)
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from daemon.emulator.cli import run
+
+    return run(args)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = get_plugins()
+    if not args.all:
+        plugins = [p for p in plugins if p["package"] != "batchd (built-in)"] or plugins
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(plugins, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    for plugin in plugins:
+        print(f"{plugin['name']}  ({plugin['package']})")
+        if plugin["sources"]:
+            print(f"  sources: {', '.join(plugin['sources'])}")
+        if plugin["sinks"]:
+            print(f"  sinks:   {', '.join(plugin['sinks'])}")
+        print(f"  hooks:   {', '.join(plugin['hooks'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from daemon.emulator.cli import add_arguments as emulator_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="batchd",
+        description="Move large backlogs through Anthropic's Message Batches API, "
+        "losing and duplicating nothing.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the pipelines of CONFIG (foreground daemon)")
+    run.add_argument("config", help="path to the pipeline TOML file")
+    run.add_argument("--until-drained", action="store_true",
+                     help="exit 0 once every source row has exactly one terminal outcome")
+    run.add_argument("--state-dir", help="override the config's state_dir")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="progress, batches, counts and cost from the manifest")
+    status.add_argument("config")
+    status.add_argument("--state-dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=2.0)
+    status.set_defaults(func=cmd_status)
+
+    emulator = sub.add_parser("emulator", help="serve a local Message Batches API emulator")
+    emulator_arguments(emulator)
+    emulator.set_defaults(func=cmd_emulator)
+
+    plugins = sub.add_parser("plugins", help="list plugins, their sources, sinks and hooks")
+    plugins.add_argument("--all", action="store_true", help="include built-ins")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    load_plugins()
+    pm.hook.register_commands(cli=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(func(args) or 0)
+    except ConfigError as exc:
+        print(f"batchd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FatalError as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 1
+    except BatchdError as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""
+Reads a source, shapes records into requests and seals them into chunks.
+
+A chunk closes at the first of ``max_requests``, ``max_bytes``, ``linger``
+or a drained source. Sealing is the durable hand-off: the spool file is
+fsynced and renamed, *then* ``chunk_sealed`` is appended — only after that
+may the source position move past these records. Backpressure reaches the
+source: no new chunk is started while ``max_in_flight`` chunks are active
+or the pipeline is paused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+
+from daemon.config import MAX_BATCH_BYTES, PipelineConfig
+from daemon.custom_ids import CustomIdAllocator
+from daemon.ledger import KeyLedger
+from daemon.shaper import ShapeError, Shaper
+from daemon.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
+from plugins.contract import Source
+from plugins.errors import RetriableError
+from plugins.records import Record
+
+__all__ = ("ChunkBuilder", "Packer", "chunk_id")
+
+log = structlog.get_logger("batchd.packer")
+
+
+def chunk_id(pipeline: str, number: int) -> str:
+    return f"{pipeline}-{number:06d}"
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: Record
+    seq: int
+    request: bytes | None  # None: reject
+    error_type: str | None = None
+    error: str | None = None
+
+
+class ChunkBuilder:
+    """One chunk under construction; writes straight to its ``.tmp`` spool file."""
+
+    def __init__(self, pipeline: str, number: int, spool_dir: Path, max_bytes: int) -> None:
+        self.pipeline = pipeline
+        self.number = number
+        self.id = chunk_id(pipeline, number)
+        self.writer = SpoolWriter(spool_dir / f"{self.id}.jsonl")
+        self.max_bytes = max_bytes
+        self.ids = CustomIdAllocator()
+        self.keys: set[str] = set()
+        self.pending: list[_Pending] = []
+        self.pending_bytes = 0
+        self.pending_requests = 0
+        self.first_seq: int | None = None
+        self.last_seq: int | None = None
+        self.position: dict[str, Any] | None = None
+        self.started = time.monotonic()
+        self.est_input_bytes = 0
+
+    @property
+    def requests(self) -> int:
+        return self.writer.requests + self.pending_requests
+
+    @property
+    def body_bytes(self) -> int:
+        return self.writer.body_bytes + self.pending_bytes + self.pending_requests
+
+    def fits(self, size: int) -> bool:
+        return self.requests == 0 or self.body_bytes + size + 1 <= self.max_bytes
+
+
+class Packer:
+    """The intake loop of one pipeline."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        source: Source,
+        ledger: KeyLedger,
+        spool_dir: Path,
+        seal: Callable[[ChunkBuilder], Awaitable[None]],
+        room: Callable[[], Awaitable[None]],
+        resume: tuple[dict[str, Any] | None, int, int],
+    ) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.ledger = ledger
+        self.spool_dir = spool_dir
+        self.shaper = Shaper(pipeline)
+        self._seal = seal
+        self._room = room
+        self.resume_position, self.seq, self.next_chunk = resume
+        self.max_requests = pipeline.batching.max_requests
+        self.max_bytes = min(pipeline.batching.max_bytes, MAX_BATCH_BYTES)
+        self.builder: ChunkBuilder | None = None
+        self.drained = anyio.Event()
+        self.read = 0
+
+    def shrink(self) -> None:
+        """The API's processing queue is full: make the next chunks half the size."""
+        self.max_requests = max(1, self.max_requests // 2)
+
+    async def run(self, until_drained: bool, idle: float = 1.0) -> None:
+        await self._retrying(lambda: self.source.start(self.resume_position), "start")
+        while True:
+            if self.builder is None:
+                await self._room()
+            records = await self._retrying(self.source.poll, "poll")
+            if records is None:
+                if self.builder is not None:
+                    await self.seal_current()
+                self.drained.set()
+                if until_drained:
+                    return
+                await anyio.sleep(idle)
+                continue
+            if not records:
+                if self.builder is not None and self._lingered():
+                    await self.seal_current()
+                await anyio.sleep(min(0.2, idle))
+                continue
+            self.drained = anyio.Event() if self.drained.is_set() else self.drained
+            for record in records:
+                await self.add(record)
+            if self.builder is not None:
+                self._claim(self.builder)
+                if self._lingered():
+                    await self.seal_current()
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except RetriableError as exc:
+                log.warning("source unavailable; retrying", pipeline=self.pipeline.name,
+                            action=what, error=str(exc), retry_in=round(delay, 1))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _lingered(self) -> bool:
+        assert self.builder is not None
+        return time.monotonic() - self.builder.started >= self.pipeline.batching.linger
+
+    def _shape(self, record: Record, seq: int) -> _Pending:
+        if record.error is not None:
+            return _Pending(record, seq, None, "bad_record", record.error)
+        try:
+            params = self.shaper.params(record)
+        except ShapeError as exc:
+            return _Pending(record, seq, None, "shape_error", str(exc))
+        body = orjson.dumps(params)
+        limit = self.max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
+        if len(body) > limit:
+            return _Pending(
+                record, seq, None, "request_too_large",
+                f"request is {len(body) / 1e6:.1f} MB; a batch holds at most "
+                f"{self.max_bytes / 1e6:.0f} MB (max_bytes)",
+            )
+        return _Pending(record, seq, body)
+
+    async def add(self, record: Record) -> None:
+        self.seq += 1
+        self.read += 1
+        pending = self._shape(record, self.seq)
+        size = len(pending.request) + 100 if pending.request is not None else 0
+        if self.builder is not None and (
+            not self.builder.fits(size) or self.builder.requests >= self.max_requests
+        ):
+            await self.seal_current()
+            await self._room()
+        if self.builder is None:
+            self.builder = ChunkBuilder(
+                self.pipeline.name, self.next_chunk, self.spool_dir, self.max_bytes
+            )
+        builder = self.builder
+        if builder.first_seq is None:
+            builder.first_seq = pending.seq
+        builder.last_seq = pending.seq
+        builder.position = record.position
+        builder.pending.append(pending)
+        if pending.request is not None:
+            builder.pending_requests += 1
+            builder.pending_bytes += len(pending.request) + 100
+        if len(builder.pending) >= 1000:
+            self._claim(builder)
+
+    def _claim(self, builder: ChunkBuilder) -> None:
+        """Check pending keys against the ledger, then write them to the spool."""
+        pending, builder.pending = builder.pending, []
+        builder.pending_bytes = builder.pending_requests = 0
+        claim = self.ledger.claim(
+            self.pipeline.name,
+            builder.number,
+            builder.id,
+            [(p.record.key, p.record.position) for p in pending if p.request is not None],
+        )
+        for item in pending:
+            key = item.record.key
+            meta: dict[str, Any] = {"key": key, "position": item.record.position, "seq": item.seq}
+            if item.request is not None and key in claim.replays:
+                continue
+            if item.request is not None and (key in builder.keys or key in claim.duplicates):
+                owner = claim.duplicates.get(key, builder.id)
+                item.request, item.error_type = None, "duplicate_key"
+                item.error = f"duplicate key {key!r} (already read into chunk {owner})"
+            if item.request is None:
+                builder.writer.add_reject(
+                    {**meta, "error_type": item.error_type, "error": item.error}
+                )
+                continue
+            builder.keys.add(key)
+            custom_id = builder.ids.allocate(key, self.shaper.preferred_custom_id(item.record))
+            request = b'{"custom_id":"' + custom_id.encode() + b'","params":' + item.request + b"}"
+            builder.est_input_bytes += len(item.request)
+            builder.writer.add_request(request, {**meta, "custom_id": custom_id, "attempt": 1})
+
+    async def seal_current(self) -> None:
+        builder = self.builder
+        if builder is None:
+            return
+        self._claim(builder)
+        self.builder = None
+        if builder.writer.requests == 0 and builder.writer.rejects == 0:
+            builder.writer.discard()  # every record was a replay of a sealed chunk
+            return
+        await self._seal(builder)
+        self.next_chunk += 1

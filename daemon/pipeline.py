@@ -1,0 +1,265 @@
+"""
+One pipeline at run time: its packer, its poller and a driver per live chunk.
+
+The runner owns what the drivers share (in-flight accounting, pause state,
+the source-commit watermark) and nothing else; each step's logic lives in
+the packer, the chunk driver, the poller and the collector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from daemon.api import BatchesApi
+from daemon.chunk_driver import ChunkDriver, root_of
+from daemon.collector import CollectSummary, CostFn
+from daemon.config import ApiConfig, PipelineConfig
+from daemon.ledger import KeyLedger
+from daemon.manifest import Manifest, crash_point
+from daemon.manifest_state import ChunkState, Stage
+from daemon.packer import ChunkBuilder, Packer
+from daemon.poller import Poller
+from plugins.contract import Sink, Source
+from plugins.errors import FatalError, RetriableError
+
+__all__ = ("PipelinePaused", "PipelineRunner")
+
+log = structlog.get_logger("batchd.pipeline")
+_DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
+
+
+class PipelinePaused(FatalError):
+    """``--until-drained`` cannot finish: the pipeline is paused (billing, auth, budget)."""
+
+
+class _Signal:
+    """A re-armable broadcast: waiters wake on the next ``fire``."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        *,
+        manifest: Manifest,
+        api: BatchesApi,
+        api_config: ApiConfig,
+        ledger: KeyLedger,
+        spool_dir: Path,
+        create_lock: anyio.Lock,
+        source: Source,
+        sinks: Sequence[Sink],
+        dead_letter: Sink,
+        cost: CostFn,
+        metrics: Any = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.manifest = manifest
+        self.api = api
+        self.api_config = api_config
+        self.ledger = ledger
+        self.spool_dir = spool_dir
+        self.create_lock = create_lock
+        self.source = source
+        self.sinks = sinks
+        self.dead_letter = dead_letter
+        self.cost = cost
+        self.metrics = metrics
+        self.poller = Poller(self)
+        self.active = 0
+        self.changed = _Signal()
+        self._advance_lock = anyio.Lock()
+        self._tg: TaskGroup | None = None
+        self.packer: Packer | None = None
+        self.log = log.bind(pipeline=pipeline.name)
+
+    # -- shared helpers the drivers call -----------------------------------------
+
+    def spool_path(self, chunk: str) -> Path:
+        return self.spool_dir / f"{chunk}.jsonl"
+
+    @property
+    def paused(self) -> str | None:
+        state = self.manifest.state.pipelines.get(self.pipeline.name)
+        return state.paused if state else None
+
+    async def wait_unpaused(self) -> None:
+        while self.paused:
+            await self.changed.wait()
+
+    async def pause(self, reason: str, *, alarm_kind: str, chunk: str | None = None) -> None:
+        if self.paused != reason:
+            await self.manifest.append("pipeline_paused", pipeline=self.pipeline.name,
+                                       reason=reason)
+        await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
+        self.changed.fire()
+
+    async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
+        self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
+        await self.manifest.append("alarm", pipeline=self.pipeline.name, chunk=chunk,
+                                   alarm_kind=kind, message=message)
+        if self.metrics is not None:
+            self.metrics.alarms_total.labels(pipeline=self.pipeline.name, kind=kind).inc()
+
+    def metrics_error(self, kind: object) -> None:
+        if self.metrics is not None:
+            self.metrics.api_errors_total.labels(pipeline=self.pipeline.name, type=str(kind)).inc()
+
+    def observe_commit(self, summary: CollectSummary) -> None:
+        if self.metrics is None:
+            return
+        name = self.pipeline.name
+        m = self.metrics
+        for outcome, count in (("succeeded", summary.succeeded), ("truncated", summary.truncated),
+                               ("dead_letter", summary.dead), ("retried", summary.retried)):
+            if count:
+                m.requests_total.labels(pipeline=name, outcome=outcome).inc(count)
+        m.observe_usage(name, input_tokens=summary.input_tokens,
+                        output_tokens=summary.output_tokens, cost_usd=summary.cost_usd)
+
+    def packer_shrink(self) -> None:
+        if self.packer is not None:
+            self.packer.shrink()
+
+    def start_chunk(self, chunk_id: str, *, active: bool) -> None:
+        assert self._tg is not None
+        if active:
+            self.active += 1
+        self._tg.start_soon(self._drive, chunk_id, active)
+
+    async def _drive(self, chunk_id: str, active: bool) -> None:
+        try:
+            await ChunkDriver(self, chunk_id).run()
+        finally:
+            if active:
+                self.active -= 1
+                self.changed.fire()
+
+    async def room(self) -> None:
+        """Backpressure: wait until a chunk slot is free and the pipeline is not paused."""
+        while self.active >= self.pipeline.batching.max_in_flight or self.paused:
+            await self.changed.wait()
+
+    # -- sealing and the source watermark ------------------------------------------
+
+    async def seal(self, builder: ChunkBuilder) -> None:
+        builder.writer.seal()
+        await self.manifest.append(
+            "chunk_sealed",
+            pipeline=self.pipeline.name,
+            chunk=builder.id,
+            attempt=1,
+            requests=builder.writer.requests,
+            bytes=builder.writer.body_bytes,
+            rejects=builder.writer.rejects,
+            first_seq=builder.first_seq,
+            last_seq=builder.last_seq,
+            position=builder.position,
+            parent=None,
+        )
+        crash_point("after_seal")
+        self.log.info("chunk sealed", chunk=builder.id, requests=builder.writer.requests,
+                      rejects=builder.writer.rejects, bytes=builder.writer.body_bytes)
+        self.start_chunk(builder.id, active=True)
+
+    def _families(self) -> list[tuple[ChunkState, list[ChunkState]]]:
+        name = self.pipeline.name
+        chunks = [c for c in self.manifest.state.chunks.values() if c.pipeline == name]
+        families: dict[str, list[ChunkState]] = {}
+        for chunk in chunks:
+            families.setdefault(root_of(name, chunk.chunk), []).append(chunk)
+        roots = sorted(
+            (c for c in chunks if c.parent is None), key=lambda c: c.first_seq or 0
+        )
+        return [(root, families[root.chunk]) for root in roots]
+
+    async def advance(self) -> None:
+        """
+        Commit the source up to the last record whose whole chunk family
+        (the chunk and its retries) is terminal, then retire those chunks.
+        """
+        async with self._advance_lock:
+            done: list[tuple[ChunkState, list[ChunkState]]] = []
+            for root, family in self._families():
+                if not all(c.stage in _DONE for c in family):
+                    break
+                done.append((root, family))
+            if not done:
+                return
+            last = done[-1][0]
+            state = self.manifest.state.pipelines[self.pipeline.name]
+            if last.last_seq is not None and (state.committed_seq or 0) < last.last_seq:
+                if last.position is not None:
+                    await self._commit_source(last.position)
+                await self.manifest.append(
+                    "source_committed", pipeline=self.pipeline.name,
+                    position=last.position, source_seq=last.last_seq,
+                )
+                crash_point("after_source_commit")
+            for _, family in done:
+                for chunk in family:
+                    await self.manifest.append("chunk_retired", chunk=chunk.chunk)
+                    self.spool_path(chunk.chunk).unlink(missing_ok=True)
+            self.changed.fire()
+
+    async def _commit_source(self, position: dict[str, Any]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.source.commit(position)
+                return
+            except RetriableError as exc:
+                self.log.warning("source commit failed; retrying", error=str(exc))
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- running ----------------------------------------------------------------
+
+    def live_chunks(self) -> list[ChunkState]:
+        return [c for c in self.manifest.state.chunks.values() if c.pipeline == self.pipeline.name]
+
+    async def run(self, *, until_drained: bool) -> None:
+        name = self.pipeline.name
+        state = self.manifest.state.pipelines.get(name)
+        if state is not None and state.paused and not state.paused.startswith("budget"):
+            self.log.warning("resuming a pipeline paused before the restart", reason=state.paused)
+            await self.manifest.append("pipeline_resumed", pipeline=name)
+        resume = (
+            (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
+            if state is not None else (None, 0, 0)
+        )
+        self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
+                             seal=self.seal, room=self.room, resume=resume)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for chunk in self.live_chunks():
+                in_flight = chunk.stage not in _DONE
+                self.start_chunk(chunk.chunk, active=in_flight)
+            tg.start_soon(self.poller.run)
+            await self.packer.run(until_drained)
+            if until_drained:
+                await self._until_done()
+                tg.cancel_scope.cancel()
+
+    async def _until_done(self) -> None:
+        while self.live_chunks():
+            if self.paused:
+                raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            with anyio.move_on_after(1.0):
+                await self.changed.wait()
