@@ -51,14 +51,13 @@ TOKEN_DIRECTIONS = ("input", "output", "cache_read", "cache_write")
 # The alarm kinds docs/operations.md explains and the dashboard shows; the ``kind`` label
 # is free-form, so a new kind needs only a new section in the guide.
 ALARM_KINDS = (
-    "billing_paused",
-    "auth_paused",
+    "billing_or_auth",
+    "create_rejected",
+    "reconciliation",
+    "batch_not_found",
     "results_archived",
-    "reconcile_mismatch",
     "budget_exhausted",
     "source_lost",
-    "dead_letters",
-    "batch_not_found",
 )
 
 # usage field in an API result -> direction label

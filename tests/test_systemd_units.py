@@ -118,6 +118,13 @@ class TestUnitContents:
         ]
         assert service["EnvironmentFile"] == ["-/etc/batchd/batchd.env"]
 
+    @pytest.mark.parametrize("unit", UNITS)
+    def test_config_errors_are_not_restarted(self, unit: str) -> None:
+        """The CLI's config-error exit code stops systemd's restart loop."""
+        from daemon.cli import EXIT_CONFIG
+
+        assert _service_section(unit)["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
+
     def test_template_state_is_per_instance(self) -> None:
         """Each template instance keeps its own state directory."""
         assert _service_section("batchd@.service")["StateDirectory"] == ["batchd/%i"]
