@@ -9,6 +9,7 @@ handler can forget any of that.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,8 @@ from daemon.emulator.wire import (
 __all__ = ("SERVICE_KEY", "build_app")
 
 SERVICE_KEY = web.AppKey("service", EmulatorService)
+REQUEST_ID = web.RequestKey("request_id", str)
+_log = logging.getLogger(__name__)
 _BATCHES = "/v1/messages/batches"
 _CHUNK = 1024 * 1024
 _HTTP_ERROR_TYPES = {404: "not_found_error", 405: "not_found_error", 413: "request_too_large"}
@@ -48,7 +51,7 @@ def _endpoint(request: web.Request) -> str:
 async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     request_id = new_id("req_")
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     service.http_requests[_endpoint(request)] += 1
     try:
         if request.path.startswith("/v1/"):
@@ -64,6 +67,11 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response = json_response(error_body(error_type, message, request_id), exc.status)
     except _Dropped:
         raise asyncio.CancelledError from None
+    except Exception as exc:
+        # A bug in the emulator must still answer in the API's shape (and say so).
+        _log.exception("emulator bug while handling %s %s", request.method, request.path)
+        message = f"emulator internal error: {type(exc).__name__}: {exc}"
+        response = json_response(error_body("api_error", message, request_id), 500)
     if not response.prepared:
         response.headers["request-id"] = request_id
     return response
@@ -181,7 +189,7 @@ async def _results(request: web.Request) -> web.StreamResponse:
     path = await store.results_file(batch)
     cut = store.cut_after(batch)
     response = web.StreamResponse(
-        headers={"Content-Type": "application/x-jsonl", "request-id": request["request_id"]}
+        headers={"Content-Type": "application/x-jsonl", "request-id": request[REQUEST_ID]}
     )
     source = await asyncio.to_thread(path.open, "rb")
     try:

@@ -221,8 +221,15 @@ class Store:
         return seq
 
     def cancel(self, batch_id: str) -> Batch:
-        """Start cancelling; a batch already canceling or ended is returned as it is."""
-        batch = self.get(batch_id)
+        """
+        Start cancelling; a batch already canceling or ended is returned as it is.
+
+        A latency-0 batch ends at its first *read*, so a cancel sent before any
+        read still catches it in progress (tests of cancel need no latency).
+        """
+        batch = self._batches.get(batch_id)
+        if batch is None or batch.latency > 0 or batch.ended_at is not None:
+            batch = self.get(batch_id)
         if batch.ended_at is None and batch.cancel_initiated_at is None:
             now = self.now()
             batch.cancel_initiated_at = now
