@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import asyncpg
@@ -41,8 +41,8 @@ __all__ = (
 log = structlog.get_logger("batchd.postgres")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 #: Errors that mean "the connection is gone", as opposed to "the SQL is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -137,8 +137,22 @@ def resolve_dsn(options: Mapping[str, Any], *, owner: str) -> str:
             raise ConfigError(
                 f"{_where(owner, 'dsn')} names environment variable {var!r}, which is not set"
             )
-        return dsn.strip()
+        value = dsn.strip()
+    _register_secret(value)
     return value
+
+
+def _register_secret(dsn: str) -> None:
+    """Tell the log pipeline (when the daemon's is loaded) to mask this DSN's password."""
+    password = _password(dsn)
+    if not password:
+        return
+    try:
+        from daemon._logging import register_secret
+    except ImportError:  # used as a library without the daemon: messages are still redacted
+        return
+    register_secret(password)
+    register_secret(unquote(password))
 
 
 def _password(dsn: str) -> str | None:
@@ -162,7 +176,7 @@ def redact(text: str, dsn: str | None = None) -> str:
     if dsn:
         password = _password(dsn)
         if password:
-            text = text.replace(password, "***")
+            text = text.replace(password, "***").replace(unquote(password), "***")
     text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.I)
 
