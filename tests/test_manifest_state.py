@@ -6,10 +6,16 @@ and (with hypothesis) replay of any prefix of a log with a torn tail.
 from __future__ import annotations
 
 import itertools
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from daemon.manifest import encode_line, replay
 from daemon.manifest_state import (
     ALARMS_KEPT,
     ManifestCorrupt,
@@ -312,3 +318,242 @@ class TestSnapshot:
         """A snapshot missing a key is reported as corrupt, not a KeyError."""
         with pytest.raises(ManifestCorrupt, match="snapshot is malformed"):
             ManifestState.from_snapshot({"version": 1, "seq": 1})
+
+
+# -- property tests: any valid log, any prefix, any torn tail ------------------
+
+PIPELINES = ("p", "q")
+
+
+class LogModel:
+    """Generates only legal records, tracking just enough to stay legal and to check totals."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.stage: dict[str, str] = {}
+        self.sealed: dict[str, dict[str, Any]] = {}
+        self.last: dict[tuple[str, str], dict[str, Any]] = {}
+        self.next_no = dict.fromkeys(PIPELINES, 0)
+        self.read = dict.fromkeys(PIPELINES, 0)
+        self.committed: dict[str, int | None] = dict.fromkeys(PIPELINES)
+        self.totals = {p: {"succeeded": 0, "dead": 0, "batches": 0} for p in PIPELINES}
+        self.retired: set[str] = set()
+        self.batches: set[str] = set()
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        record = {"seq": len(self.records) + 1, "ts": 1.5, "kind": kind, **fields}
+        self.records.append(record)
+        if "chunk" in fields and kind != "alarm":
+            self.last[(fields["chunk"], kind)] = fields
+
+    def seal(self, fields: dict[str, Any], emit: bool = True) -> None:
+        self.sealed[fields["chunk"]] = fields
+        self.stage[fields["chunk"]] = "sealed"
+        if emit:
+            self.emit("chunk_sealed", **fields)
+
+    def step(self, data: st.DataObject) -> None:
+        live = sorted(c for c in self.stage if c not in self.retired)
+        action = data.draw(
+            st.sampled_from(["seal", "advance", "advance", "advance", "source", "dup", "misc"])
+        )
+        if action == "seal" or (action in ("advance", "dup") and not live):
+            pipeline = data.draw(st.sampled_from(PIPELINES))
+            requests = data.draw(st.integers(0, 4))
+            first = self.read[pipeline] + 1
+            self.read[pipeline] += max(requests, 1)
+            chunk = f"{pipeline}-{self.next_no[pipeline]}"
+            self.next_no[pipeline] += 1
+            self.seal(
+                sealed_fields(
+                    chunk,
+                    pipeline,
+                    requests=requests,
+                    rejects=int(not requests),
+                    first_seq=first,
+                    last_seq=self.read[pipeline],
+                    position={"n": self.read[pipeline]},
+                )
+            )
+        elif action == "advance":
+            self.advance(data, data.draw(st.sampled_from(live)))
+        elif action == "source":
+            pipeline = data.draw(st.sampled_from(PIPELINES))
+            seq = (self.committed[pipeline] or 0) + data.draw(st.integers(1, 6))
+            self.committed[pipeline] = seq
+            self.emit("source_committed", pipeline=pipeline, position={"n": seq}, source_seq=seq)
+        elif action == "dup":
+            chunk = data.draw(st.sampled_from(live))
+            done = [k for (c, k) in self.last if c == chunk]
+            if done:
+                kind = data.draw(st.sampled_from(sorted(done)))
+                self.emit(kind, **self.last[(chunk, kind)])
+        else:
+            pipeline = data.draw(st.sampled_from(PIPELINES))
+            kind = data.draw(st.sampled_from(["pipeline_paused", "pipeline_resumed", "alarm"]))
+            extra: dict[str, Any] = {
+                "pipeline_paused": {"reason": "billing_error"},
+                "pipeline_resumed": {},
+                "alarm": {"chunk": None, "alarm_kind": "k", "message": "m"},
+            }[kind]
+            self.emit(kind, pipeline=pipeline, **extra)
+
+    def advance(self, data: st.DataObject, chunk: str) -> None:
+        stage, sealed = self.stage[chunk], self.sealed[chunk]
+        pipeline, requests, batch = sealed["pipeline"], sealed["requests"], f"b-{chunk}"
+        if stage == "sealed" and requests == 0:
+            self.commit(data, chunk, None)
+        elif stage in ("sealed", "intent") and (stage == "sealed" or data.draw(st.booleans())):
+            at = float(len(self.records))
+            self.emit("submit_intent", chunk=chunk, at=at, requests=requests)
+            self.stage[chunk] = "intent"
+        elif stage == "intent":
+            self.emit("submitted", chunk=chunk, batch_id=batch, created_at="t")
+            self.totals[pipeline]["batches"] += 1
+            self.batches.add(batch)
+            self.stage[chunk] = "submitted"
+        elif stage == "submitted":
+            self.emit("ended", chunk=chunk, batch_id=batch, counts={"succeeded": requests})
+            self.stage[chunk] = "ended"
+        elif stage == "ended":
+            self.commit(data, chunk, batch)
+        else:
+            self.emit("chunk_retired", chunk=chunk)
+            self.retired.add(chunk)
+
+    def commit(self, data: st.DataObject, chunk: str, batch: str | None) -> None:
+        sealed = self.sealed[chunk]
+        retried = data.draw(st.integers(0, sealed["requests"]))
+        retry = None
+        if retried:
+            retry = sealed_fields(
+                f"{chunk}-r",
+                sealed["pipeline"],
+                attempt=sealed["attempt"] + 1,
+                requests=retried,
+                first_seq=None,
+                last_seq=None,
+                position=None,
+                parent=chunk,
+            )
+        succeeded = sealed["requests"] - retried
+        dead = sealed["rejects"]
+        self.emit(
+            "results_committed",
+            **committed_fields(
+                chunk, batch, succeeded=succeeded, dead=dead, retried=retried, retry_chunk=retry
+            ),
+        )
+        self.totals[sealed["pipeline"]]["succeeded"] += succeeded
+        self.totals[sealed["pipeline"]]["dead"] += dead
+        self.stage[chunk] = "committed"
+        if retry is not None:
+            self.seal(retry, emit=False)
+
+
+@st.composite
+def valid_logs(draw: st.DrawFn) -> LogModel:
+    model = LogModel()
+    data = draw(st.data())
+    for _ in range(draw(st.integers(0, 60))):
+        model.step(data)
+    return model
+
+
+def applied(records: list[dict[str, Any]], state: ManifestState | None = None) -> ManifestState:
+    state = state or ManifestState()
+    for record in records:
+        state.apply(record)
+    return state
+
+
+def json_round_trip(state: ManifestState) -> ManifestState:
+    return ManifestState.from_snapshot(orjson.loads(orjson.dumps(state.to_snapshot())))
+
+
+def torn_tails(next_line: bytes) -> st.SearchStrategy[bytes]:
+    """Whatever a crash can leave after the last durable line."""
+
+    def flip(at: int) -> bytes:
+        value = next_line[at] ^ 0x20
+        return next_line[:at] + bytes([value if value != 0x0A else 0x2A]) + next_line[at + 1 :]
+
+    return st.one_of(
+        st.just(b""),
+        st.binary(min_size=1, max_size=80).map(lambda b: b.replace(b"\n", b"")),
+        st.integers(1, len(next_line) - 1).map(lambda cut: next_line[:cut]),
+        st.integers(0, len(next_line) - 2).map(flip),
+        st.just(b"\0" * 4096),
+    )
+
+
+MODEST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class TestReplayProperties:
+    @MODEST
+    @given(model=valid_logs(), data=st.data())
+    def test_any_prefix_with_torn_tail_replays_to_prefix_state(
+        self, model: LogModel, data: st.DataObject
+    ) -> None:
+        """Replaying a prefix plus any torn tail yields exactly the prefix's state."""
+        records = model.records
+        k = data.draw(st.integers(0, len(records)), label="prefix")
+        expected = applied(records[:k])
+        body = b"".join(encode_line(r) for r in records[:k])
+        following = (
+            records[k]
+            if k < len(records)
+            else {"seq": k + 1, "ts": 2.0, "kind": "pipeline_resumed", "pipeline": "p"}
+        )
+        tail = data.draw(torn_tails(encode_line(following)), label="tail")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "manifest.jsonl"
+            path.write_bytes(body + tail)
+            state, size = replay(path)
+            assert state == expected
+            assert size == len(body) == path.stat().st_size
+        assert ManifestState.from_snapshot(expected.to_snapshot()) == expected
+        assert json_round_trip(expected) == expected
+
+    @MODEST
+    @given(model=valid_logs(), data=st.data())
+    def test_snapshot_then_rest_equals_whole_log(
+        self, model: LogModel, data: st.DataObject
+    ) -> None:
+        """Compacting at any point and applying the rest gives the state of the whole log."""
+        records = model.records
+        j = data.draw(st.integers(0, len(records)), label="compact at")
+        resumed = applied(records[j:], json_round_trip(applied(records[:j])))
+        assert resumed == applied(records)
+
+    @MODEST
+    @given(model=valid_logs())
+    def test_state_agrees_with_model(self, model: LogModel) -> None:
+        """Live chunks, their stages and the pipeline totals match an independent model."""
+        state = applied(model.records)
+        live = {c: s for c, s in model.stage.items() if c not in model.retired}
+        assert set(state.chunks) == set(live)
+        for chunk_id, stage in live.items():
+            chunk = state.chunks[chunk_id]
+            if stage == "committed":
+                committed = model.committed[chunk.pipeline]
+                covered = (
+                    chunk.covers_seq is not None
+                    and committed is not None
+                    and (chunk.covers_seq <= committed)
+                )
+                assert chunk.source_committed == covered
+            else:
+                assert chunk.stage == stage
+        for name, totals in model.totals.items():
+            pipeline = state.pipelines.get(name)
+            got = (
+                (0, 0, 0)
+                if pipeline is None
+                else (pipeline.succeeded, pipeline.dead, pipeline.batches_submitted)
+            )
+            assert got == (totals["succeeded"], totals["dead"], totals["batches"])
+            if pipeline is not None:
+                assert pipeline.next_chunk_no == model.next_no[name]
+        assert state.batch_ids() == model.batches
