@@ -391,12 +391,12 @@ class LogModel:
         else:
             pipeline = data.draw(st.sampled_from(PIPELINES))
             kind = data.draw(st.sampled_from(["pipeline_paused", "pipeline_resumed", "alarm"]))
-            extra: dict[str, Any] = {
+            extras: dict[str, dict[str, Any]] = {
                 "pipeline_paused": {"reason": "billing_error"},
                 "pipeline_resumed": {},
                 "alarm": {"chunk": None, "alarm_kind": "k", "message": "m"},
-            }[kind]
-            self.emit(kind, pipeline=pipeline, **extra)
+            }
+            self.emit(kind, pipeline=pipeline, **extras[kind])
 
     def advance(self, data: st.DataObject, chunk: str) -> None:
         stage, sealed = self.stage[chunk], self.sealed[chunk]
