@@ -1,0 +1,242 @@
+"""
+The ``kafka`` sink: one message per result row, keyed by the row's key, so a
+log-compacted topic (or any consumer that keeps the last value per key) sees
+each outcome once however often a group is replayed.
+
+``put`` only hands messages to the producer; ``flush`` is the point of
+durability: it returns once the broker has acknowledged every message of the
+group (``acks = "all"`` by default). Delivery results are tracked by counters
+and a done-callback per message rather than a list of futures, so memory
+stays flat however large a group is; the producer's own buffer gives
+backpressure.
+
+Idempotence: on by default (no duplicates from the producer's own retries).
+A broker that refuses ``InitProducerId`` (some Kafka-compatible brokers, such
+as tansu with memory storage) gets a logged warning and a plain producer:
+that costs nothing in correctness, because a replay already writes the same
+keys again and consumers must dedupe by key anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+
+from connectors._kafka import (
+    build_ssl,
+    check_known,
+    client_settings,
+    known_client_options,
+    option_bool,
+    option_int,
+    option_str,
+    option_str_list,
+    owner_name,
+    translate_error,
+)
+from plugins.contract import PluginContext, Sink
+from plugins.errors import ConfigError, FatalError, RetriableError
+from plugins.hookspecs import hookimpl
+from plugins.records import ResultRow
+
+__all__ = ("HEADER_CUSTOM_ID", "KafkaSink", "register_sinks")
+
+log = structlog.get_logger("batchd.kafka")
+
+#: Message header carrying the row's custom_id (the key is the message key).
+HEADER_CUSTOM_ID = "batchd-custom-id"
+
+_OPTIONS = (
+    *known_client_options(),
+    "topic",
+    "acks",
+    "idempotent",
+    "compression",
+    "fields",
+    "linger_ms",
+    "max_request_size",
+    "request_timeout_ms",
+)
+_COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
+#: Every key either shape of ``ResultRow.to_dict()`` can produce.
+_ROW_FIELDS = frozenset(
+    ResultRow(key="", custom_id="", status="succeeded", pipeline="", message={}).to_dict()
+) | frozenset(ResultRow(key="", custom_id="", status="dead_letter", pipeline="").to_dict())
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """Outstanding messages of one group and the first failure among them."""
+
+    pending: int = 0
+    failed: int = 0
+    first_error: BaseException | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class KafkaSink(Sink):
+    """
+    Result (or dead-letter) rows as JSON messages keyed by ``row.key``.
+
+    Args:
+        options: the ``[[pipeline.sink]]`` table without ``type``.
+        context: where the pipeline runs.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
+        owner = owner_name("sink", context)
+        check_known(options, _OPTIONS, owner)
+        self._owner = owner
+        self._settings = client_settings(options, owner, context)
+        topic = option_str(options, "topic", owner)
+        if topic is None:
+            raise ConfigError(f"{owner}: option 'topic' is required")
+        self._topic = topic
+        acks = options.get("acks", "all")
+        if acks not in ("all", -1, 0, 1):
+            raise ConfigError(f"{owner}: option 'acks' must be \"all\", 1 or 0, got {acks!r}")
+        self._acks: str | int = "all" if acks == -1 else acks
+        self._idempotent = option_bool(options, "idempotent", owner, default=True)
+        if self._idempotent and self._acks != "all":
+            raise ConfigError(
+                f'{owner}: idempotent = true needs acks = "all" '
+                f"(got acks = {acks!r}); set idempotent = false to use it"
+            )
+        compression = option_str(options, "compression", owner)
+        if compression is not None and compression not in _COMPRESSION:
+            raise ConfigError(
+                f"{owner}: option 'compression' must be one of "
+                f"{', '.join(_COMPRESSION)}, got {compression!r}"
+            )
+        self._compression = compression
+        fields = option_str_list(options, "fields", owner)
+        if fields is not None and (unknown := sorted(set(fields) - _ROW_FIELDS)):
+            raise ConfigError(
+                f"{owner}: option 'fields' names unknown row field(s) "
+                f"{', '.join(unknown)} (known: {', '.join(sorted(_ROW_FIELDS))})"
+            )
+        self._fields = fields
+        self._linger_ms = option_int(options, "linger_ms", owner, default=5)
+        self._max_request_size = option_int(
+            options, "max_request_size", owner, default=1_048_576, minimum=1024
+        )
+        self._request_timeout_ms = option_int(
+            options, "request_timeout_ms", owner, default=40_000, minimum=100
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._groups: dict[str, _Delivery] = {}
+
+    async def open(self) -> None:
+        """Connect; fall back to a plain producer if the broker refuses idempotence."""
+        try:
+            self._producer = await self._start(self._idempotent)
+        except KafkaError as exc:
+            if not self._idempotent or exc.retriable or isinstance(exc, KafkaConnectionError):
+                raise translate_error(exc, self._owner, "connecting") from exc
+            log.warning(
+                "kafka broker refused an idempotent producer; sending without "
+                "idempotence (replays and retries may duplicate messages by key)",
+                sink=self._owner,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            try:
+                self._producer = await self._start(False)
+            except KafkaError as again:
+                raise translate_error(again, self._owner, "connecting") from again
+
+    async def _start(self, idempotent: bool) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            acks=self._acks,
+            enable_idempotence=idempotent,
+            compression_type=self._compression,
+            linger_ms=self._linger_ms,
+            max_request_size=self._max_request_size,
+            request_timeout_ms=self._request_timeout_ms,
+            **build_ssl(self._settings),
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
+        """Hand one message per row to the producer (waits only when its buffer is full)."""
+        producer = self._require()
+        delivery = self._groups.setdefault(group, _Delivery())
+        for row in rows:
+            doc = row.to_dict()
+            if self._fields is not None:
+                doc = {name: doc[name] for name in self._fields if name in doc}
+            try:
+                future = await producer.send(
+                    self._topic,
+                    value=orjson.dumps(doc),
+                    key=row.key.encode("utf-8"),
+                    headers=[(HEADER_CUSTOM_ID, row.custom_id.encode("utf-8"))],
+                )
+            except KafkaError as exc:
+                if isinstance(exc, MessageSizeTooLargeError):
+                    raise FatalError(
+                        f"{self._owner}: the message for key {row.key!r} is "
+                        f"larger than max_request_size ({exc})"
+                    ) from exc
+                raise translate_error(exc, self._owner, f"sending key {row.key!r}") from exc
+            delivery.pending += 1
+            delivery.settled.clear()
+            future.add_done_callback(lambda f, d=delivery: self._delivered(d, f))
+
+    @staticmethod
+    def _delivered(delivery: _Delivery, future: asyncio.Future[Any]) -> None:
+        delivery.pending -= 1
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if error is not None:
+            delivery.failed += 1
+            delivery.first_error = delivery.first_error or error
+        if delivery.pending == 0:
+            delivery.settled.set()
+
+    async def flush(self, group: str) -> None:
+        """Return once the broker has acknowledged every message put for ``group``."""
+        producer = self._require()
+        delivery = self._groups.get(group)
+        if delivery is None:
+            return
+        await producer.flush()
+        if delivery.pending:
+            await delivery.settled.wait()
+        del self._groups[group]
+        if delivery.failed:
+            error = delivery.first_error
+            raise RetriableError(
+                f"{self._owner}: {delivery.failed} message(s) of group "
+                f"{group!r} were not acknowledged: {type(error).__name__}: "
+                f"{error}; the group will be sent again"
+            )
+
+    async def aclose(self) -> None:
+        """Send what is buffered and disconnect."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    def _require(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError(f"{self._owner}: open() was not called (or aclose() was)")
+        return self._producer
+
+
+@hookimpl
+def register_sinks(register: Any) -> None:
+    """The ``kafka`` sink type."""
+    register("kafka", KafkaSink)
