@@ -239,6 +239,19 @@ class TestUpdateMode:
             await sink.open()
         await sink.aclose()
 
+    @pytest.mark.parametrize("key_type", ["bigint OR TRUE", "nosuchtype"])
+    async def test_key_type_must_be_a_known_type(
+        self, key_type: str, pg_dsn: str, pg_schema: str, conn: asyncpg.Connection,
+        context: PluginContext,
+    ) -> None:
+        """A key_type the database cannot parse as a type fails open, touching no row."""
+        table = await make_user_table(conn, pg_schema, 5)
+        sink = PostgresSink(update_options(pg_dsn, table, key_type=key_type), context)
+        with pytest.raises(ConfigError, match="'key_type'"):
+            await sink.open()
+        await sink.aclose()
+        assert await conn.fetchval(f"SELECT count(category) FROM {table}") == 0
+
     @pytest.mark.parametrize(
         ("change", "option"),
         [

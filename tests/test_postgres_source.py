@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
+import structlog
 
 from connectors.postgres_source import PostgresSource
 from plugins.contract import PluginContext
@@ -302,6 +304,27 @@ class TestConfig:
     def test_registered_as_postgres(self) -> None:
         """The plugin manager resolves type ``postgres`` to this source."""
         assert source_factory("postgres") is PostgresSource
+
+    @pytest.mark.anyio
+    async def test_password_never_in_errors_or_logs(
+        self, context: PluginContext, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """An unreachable server's error names host and port but never the DSN's password."""
+        secret = "An0ther-s3cret"
+        monkeypatch.setenv("BATCHD_TEST_SECRET_DSN", f"postgresql://u:{secret}@127.0.0.1:1/t")
+        opts = {"dsn": "env:BATCHD_TEST_SECRET_DSN", "table": "t", "key": "id",
+                "connect_attempts": 2}
+        with structlog.testing.capture_logs() as logs:
+            src = PostgresSource(opts, context)
+            with pytest.raises(RetriableError) as caught:
+                await src.start(None)
+            await src.aclose()
+        text = "".join(traceback.format_exception(caught.value))
+        assert "127.0.0.1:1" in str(caught.value)
+        assert logs and secret not in text + repr(logs)
+        out = capsys.readouterr()
+        assert secret not in out.out + out.err
 
     @pytest.mark.anyio
     async def test_missing_table_is_a_config_error(

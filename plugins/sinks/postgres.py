@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -100,13 +100,12 @@ def _json(value: Any) -> str | None:
 
 @dataclass(slots=True)
 class _Group:
-    """One group's open transaction and how many rows it has staged."""
+    """One group's open transaction, rows staged so far, and why it broke (if it did)."""
 
     conn: asyncpg.Connection
     tx: Any
     seq: int = 0
     broken: str | None = None
-    missing_sample: list[str] = field(default_factory=list)
 
 
 class PostgresSink(Sink):
@@ -188,7 +187,6 @@ class PostgresSink(Sink):
         self._key_type: str | None = key_type
         fields = list(dict.fromkeys(self._set.values()))
         self._columns = (("key", "TEXT"), *((name, UPDATE_FIELDS[name]) for name in fields))
-        self._apply_sql = ""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -264,7 +262,16 @@ class PostgresSink(Sink):
         if absent:
             raise ConfigError(f"{OWNER}: option 'set'/'key': table {self._table} has no "
                               f"column(s) {', '.join(absent)}")
-        key_type = self._key_type or have[self._key_name]
+        key_type: str | None = have[self._key_name]
+        if self._key_type is not None:
+            try:
+                key_type = await conn.fetchval("SELECT format_type(to_regtype($1), NULL)",
+                                               self._key_type)
+            except asyncpg.PostgresError:
+                key_type = None
+            if key_type is None:
+                raise ConfigError(f"{OWNER}: option 'key_type': {self._key_type!r} is not a "
+                                  "type this database knows")
         sets = ", ".join(f'"{col}" = v.{src}::{have[col]}' for col, src in self._set.items())
         fields = ", ".join(dict.fromkeys(self._set.values()))
         self._apply_sql = (
