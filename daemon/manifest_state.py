@@ -14,6 +14,7 @@ always replays.
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -231,6 +232,12 @@ class ManifestState:
     retired_batches: dict[str, str] = field(default_factory=dict)
     # chunk id -> pipeline, for the last RETIRED_KEPT retired chunks.
     retired_chunks: dict[str, str] = field(default_factory=dict)
+    # pipeline -> heap of (covers_seq, chunk) for committed chunks a later source
+    # commit will cover, so a source commit pops just those instead of scanning every
+    # chunk. Derived (rebuilt from a snapshot) and lazily pruned, hence not compared.
+    awaiting_source: dict[str, list[tuple[int, str]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     # -- queries ---------------------------------------------------------------
 
@@ -272,6 +279,7 @@ class ManifestState:
                 state.chunks[chunk.chunk] = chunk
                 if chunk.batch_id is not None:
                     state.live_batches[chunk.batch_id] = chunk.chunk
+                state._await_source(chunk)
             for raw in snapshot["pipelines"]:
                 state.pipelines[raw["name"]] = PipelineState(**raw)
             state.alarms.extend(Alarm(**raw) for raw in snapshot["alarms"])
@@ -449,8 +457,15 @@ class ManifestState:
         chunk.stage = Stage.COMMITTED
         if _covered(chunk, pipeline.committed_seq):
             chunk.stage = Stage.SOURCE_COMMITTED
+        else:
+            self._await_source(chunk)
         if new_retry is not None:
             self._seal(new_retry)
+
+    def _await_source(self, chunk: ChunkState) -> None:
+        if chunk.stage is Stage.COMMITTED and chunk.covers_seq is not None:
+            heap = self.awaiting_source.setdefault(chunk.pipeline, [])
+            heapq.heappush(heap, (chunk.covers_seq, chunk.chunk))
 
     def _on_source_committed(self, seq: int, record: Mapping[str, Any]) -> None:
         source_seq, position = record["source_seq"], record["position"]
@@ -466,12 +481,10 @@ class ManifestState:
                 )
         pipeline = self._pipeline(record["pipeline"])
         pipeline.committed_seq, pipeline.committed_position = source_seq, position
-        for chunk in self.chunks.values():
-            if (
-                chunk.pipeline == pipeline.name
-                and chunk.stage is Stage.COMMITTED
-                and _covered(chunk, source_seq)
-            ):
+        awaiting = self.awaiting_source.get(pipeline.name, [])
+        while awaiting and awaiting[0][0] <= source_seq:
+            chunk = self.chunks.get(heapq.heappop(awaiting)[1])
+            if chunk is not None and chunk.stage is Stage.COMMITTED:
                 chunk.stage = Stage.SOURCE_COMMITTED
 
     def _on_chunk_retired(self, seq: int, record: Mapping[str, Any]) -> None:
