@@ -13,7 +13,7 @@ import orjson
 import pytest
 from anthropic.types import Message, TextBlock
 
-from daemon.emulator import EmulatorThread
+from daemon.emulator import EmulatorConfig, EmulatorThread, run_emulator
 from tests.fixtures.emulator import message_requests, sdk_client
 
 
@@ -313,3 +313,26 @@ class TestCancelAndDelete:
             client.messages.batches.delete(batch.id)
         assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
         assert client.messages.batches.retrieve(batch.id).processing_status == "in_progress"
+
+
+class TestInProcess:
+    @pytest.mark.anyio
+    async def test_run_emulator_in_the_callers_loop(self) -> None:
+        """run_emulator serves inside an anyio/asyncio program and exposes its handle."""
+        async with run_emulator(EmulatorConfig(seed=5)) as emulator:
+            client = anthropic.AsyncAnthropic(
+                base_url=emulator.base_url, api_key="test", _strict_response_validation=True
+            )
+            emulator.set_faults(expired=1.0)
+            batch = await client.messages.batches.create(requests=message_requests(3))
+            ended = await client.messages.batches.retrieve(batch.id)
+            assert ended.request_counts.expired == 3
+            stats = emulator.stats()
+            assert stats["received"] == {"r0": 1, "r1": 1, "r2": 1}
+            assert stats["http_requests"] == {
+                "POST /v1/messages/batches": 1,
+                "GET /v1/messages/batches/{batch_id}": 1,
+            }
+            await emulator.reset()
+            assert emulator.stats()["batches_created"] == 0
+            await client.close()

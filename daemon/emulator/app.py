@@ -52,9 +52,11 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     service = request.app[SERVICE_KEY]
     request_id = new_id("req_")
     request[REQUEST_ID] = request_id
-    service.http_requests[_endpoint(request)] += 1
+    is_api = request.path.startswith("/v1/")
+    if is_api:
+        service.http_requests[_endpoint(request)] += 1
     try:
-        if request.path.startswith("/v1/"):
+        if is_api:
             await _before_api_call(request, service)
         response = await handler(request)
     except ApiError as exc:
