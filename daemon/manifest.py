@@ -104,12 +104,14 @@ def _decode_line(line: bytes) -> tuple[dict[str, Any] | None, str]:
     return record, ""
 
 
-def replay(path: Path, *, truncate: bool = True) -> tuple[ManifestState, int]:
+def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
     """
     Rebuild the state from the log at *path*; returns it and the log's valid length.
 
-    A torn last line is dropped (and, if *truncate*, cut off the file so the next
-    append follows a valid line). Reads line by line, so memory stays flat.
+    A torn last line is dropped; with *truncate* (only for the lock holder, which
+    is about to append) it is also cut off the file. Without it, replay only reads,
+    so ``batchd status`` can use it on a live daemon's log, whose last line may be
+    mid-write. Reads line by line, so memory stays flat.
 
     Raises:
         ManifestCorrupt: naming the file and line of a bad line that is not the
@@ -260,7 +262,7 @@ class Manifest:
             if not path.exists():
                 path.touch()
                 _fsync_dir(state_dir)
-            state, size = replay(path)
+            state, size = replay(path, truncate=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except BaseException:
             os.close(lock_fd)
@@ -359,8 +361,12 @@ class Manifest:
             raise FatalError(f"manifest {self.path} write failed: {exc}") from exc
         self._size += len(data)
         self.fsync_count += 1
-        for _, line in batch:
-            self.state.apply(orjson.loads(line[9:]))
+        try:
+            for _, line in batch:
+                self.state.apply(orjson.loads(line[9:]))
+        except ManifestCorrupt as exc:  # the head accepted it: a bug, not bad input
+            self._failed = exc
+            raise FatalError(f"manifest {self.path} state diverged from its log: {exc}") from exc
         self._durable_seq = batch[-1][0]
 
     def _write_and_sync(self, data: bytes) -> None:

@@ -172,7 +172,7 @@ class TestTornTail:
                 assert m.state.to_snapshot() == expected, cut
                 assert m.size_bytes() == start == (state_dir / "manifest.jsonl").stat().st_size
                 await m.append("chunk_retired", chunk="p-000000")
-            state, size = replay(state_dir / "manifest.jsonl", truncate=False)
+            state, size = replay(state_dir / "manifest.jsonl")
             assert "p-000000" not in state.chunks
             assert size == (state_dir / "manifest.jsonl").stat().st_size
 

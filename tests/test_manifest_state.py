@@ -511,6 +511,9 @@ class TestReplayProperties:
             path = Path(tmp) / "manifest.jsonl"
             path.write_bytes(body + tail)
             state, size = replay(path)
+            assert (state, size) == (expected, len(body))
+            assert path.stat().st_size == len(body) + len(tail)
+            state, size = replay(path, truncate=True)
             assert state == expected
             assert size == len(body) == path.stat().st_size
         assert ManifestState.from_snapshot(expected.to_snapshot()) == expected
