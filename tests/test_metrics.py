@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +31,22 @@ EXPECTED_FAMILIES = {
     "batchd_in_flight_requests": "gauge",
     "batchd_alarms": "counter",
 }
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+METRIC_NAME = re.compile(r"\b((?:batchd|process)_[a-z_]+)\b")
+
+
+def _exported_sample_names() -> set[str]:
+    metrics = Metrics()
+    metrics.declare_pipeline("p", budget_usd=1)
+    metrics.api_errors_total.labels(pipeline="p", type="api_error").inc()
+    metrics.alarms_total.labels(pipeline="p", kind="reconciliation").inc()
+    return {
+        sample.name
+        for family in text_string_to_metric_families(metrics.render())
+        for sample in family.samples
+    }
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -168,3 +187,29 @@ class TestHttpServer:
         with start_http_server(Metrics(process_metrics=False), port=0) as server:
             with pytest.raises(OSError):
                 start_http_server(Metrics(process_metrics=False), port=server.port)
+
+
+class TestDocumentation:
+    """The dashboard and the operator guide name only series that exist."""
+
+    def test_dashboard_queries_use_exported_series(self) -> None:
+        """Every metric in a Grafana query or variable is one Metrics exports."""
+        dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+        queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+        queries += [v["definition"] for v in dashboard["templating"]["list"]]
+        used = {name for q in queries for name in METRIC_NAME.findall(q)}
+        assert len(used) >= 15
+        assert used <= _exported_sample_names(), used - _exported_sample_names()
+
+    def test_dashboard_panels_have_unique_ids_and_datasource_input(self) -> None:
+        """Grafana import needs unique panel ids and the DS_PROMETHEUS input."""
+        dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+        ids = [p["id"] for p in dashboard["panels"]]
+        assert len(ids) == len(set(ids))
+        assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+
+    def test_operations_guide_names_exported_series(self) -> None:
+        """Metric names in docs/operations.md (table and alert rules) all exist."""
+        named = set(METRIC_NAME.findall((DOCS / "operations.md").read_text()))
+        assert {"batchd_requests_total", "batchd_budget_exhausted"} <= named
+        assert named <= _exported_sample_names(), named - _exported_sample_names()
