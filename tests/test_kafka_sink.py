@@ -8,9 +8,10 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 
 from plugins.contract import PluginContext
-from plugins.errors import ConfigError, RetriableError
+from plugins.errors import ConfigError, FatalError, RetriableError
 from plugins.manager import sink_factory
 from plugins.records import ResultRow
 from plugins.sinks.kafka import HEADER_CUSTOM_ID, KafkaSink
@@ -92,6 +93,7 @@ class TestWriting:
             message = by_key[row.key]
             assert orjson.loads(message.value) == row.to_dict()
             assert (HEADER_CUSTOM_ID, row.custom_id.encode()) in list(message.headers)
+            assert message.partition == (murmur2(row.key.encode()) & 0x7FFFFFFF) % 3
 
     async def test_flush_waits_for_every_ack(self, kafka_bootstrap: str) -> None:
         """put returns with deliveries pending; after flush all are readable."""
@@ -158,6 +160,17 @@ class TestWriting:
             await sink.flush("g")
         (message,) = await read_topic(kafka_bootstrap, topic)
         assert orjson.loads(message.value) == {"key": "ticket-1", "output": "label 1"}
+
+    async def test_oversized_message_is_fatal(self, kafka_bootstrap: str) -> None:
+        """A row larger than max_request_size stops the sink with its key named."""
+        topic = unique_name("sink")
+        await create_topic(kafka_bootstrap, topic, 1)
+        big = result_row(5)
+        big.output = "x" * 4096
+        async with make_sink(kafka_bootstrap, topic, max_request_size=2048) as sink:
+            await sink.open()
+            with pytest.raises(FatalError, match=r"'ticket-5'.*max_request_size"):
+                await sink.put("g", [result_row(1), big])
 
     async def test_unacknowledged_messages_fail_flush(self, tmp_path: Path) -> None:
         """If the broker dies before acking, flush raises RetriableError, not success."""
