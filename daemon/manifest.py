@@ -17,6 +17,7 @@ synced together by the next one, so many concurrent appenders pay for few fsyncs
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -238,8 +239,8 @@ class Manifest:
             ManifestCorrupt: the log is damaged before its last line.
         """
         state_dir = Path(state_dir)
-        opened = await anyio.to_thread.run_sync(cls._open_sync, state_dir)
-        state, size, fd, lock_fd = opened
+        with anyio.CancelScope(shield=True):  # a cancelled open must not leak the lock
+            state, size, fd, lock_fd = await anyio.to_thread.run_sync(cls._open_sync, state_dir)
         head = ManifestState.from_snapshot(state.to_snapshot())
         return cls(
             state_dir,
@@ -429,7 +430,8 @@ class Manifest:
             crash_point("compaction")
             os.replace(tmp, self.path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
         try:
             _fsync_dir(self.state_dir)

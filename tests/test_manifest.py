@@ -313,6 +313,21 @@ class TestCompaction:
             assert m.state.pipelines["p"].next_chunk_no == 40
 
     @pytest.mark.anyio
+    async def test_failed_compaction_keeps_old_log(self, tmp_path: Path) -> None:
+        """A snapshot that cannot be written leaves the old log in use and intact."""
+        async with await Manifest.open(tmp_path) as m:
+            await lifecycle(m, 0)
+            (tmp_path / "manifest.jsonl.tmp").mkdir()
+            with pytest.raises(IsADirectoryError):
+                await m.compact()
+            await m.append("pipeline_paused", pipeline="p", reason="r")
+            expected = m.state.to_snapshot()
+        (tmp_path / "manifest.jsonl.tmp").rmdir()
+        async with await Manifest.open(tmp_path) as m:
+            assert m.state.to_snapshot() == expected
+            assert m.compactions == 0 and m.state.seq == 8
+
+    @pytest.mark.anyio
     async def test_sigkill_mid_compaction(self, tmp_path: Path) -> None:
         """SIGKILL between writing the snapshot and the rename leaves a valid, equal log."""
         script = textwrap.dedent(
