@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,6 +36,18 @@ def receiver() -> Iterator[tuple[socket.socket, str]]:
     finally:
         sock.close()
         shutil.rmtree(directory)
+
+
+class _TimedNotifier(Notifier):
+    """Records when each ping is sent; the datagrams still go to the real socket."""
+
+    def __init__(self, address: str, *, watchdog_usec: int) -> None:
+        super().__init__(address, watchdog_usec=watchdog_usec)
+        self.sent_at: list[float] = []
+
+    def watchdog(self) -> bool:
+        self.sent_at.append(time.monotonic())
+        return super().watchdog()
 
 
 def _lines(sock: socket.socket) -> list[str]:
@@ -197,17 +210,19 @@ class TestWatchdogLoop:
 
     @pytest.mark.anyio
     async def test_pings_at_half_the_interval(self, receiver: tuple[socket.socket, str]) -> None:
-        """With a 0.2 s watchdog, 1 s of loop sends about ten pings (five would mean no halving)."""
+        """With a 0.2 s watchdog the pings are 0.1 s apart (0.2 s would mean no halving)."""
         sock, path = receiver
-        notifier = Notifier(path, watchdog_usec=200_000)
+        notifier = _TimedNotifier(path, watchdog_usec=200_000)
         try:
             with anyio.move_on_after(1.0):
                 await watchdog_loop(notifier)
         finally:
             notifier.close()
         datagrams = _drain(sock)
-        assert all(d == ["WATCHDOG=1"] for d in datagrams)
-        assert 7 <= len(datagrams) <= 12
+        assert datagrams == [["WATCHDOG=1"]] * len(notifier.sent_at)
+        gaps = [b - a for a, b in zip(notifier.sent_at, notifier.sent_at[1:], strict=False)]
+        assert len(gaps) >= 4
+        assert 0.09 <= statistics.median(gaps) <= 0.15
 
     @pytest.mark.anyio
     async def test_unhealthy_daemon_stops_pinging(
