@@ -21,6 +21,7 @@ import structlog
 
 from daemon.api import StreamCut
 from daemon.config import PipelineConfig
+from daemon.manifest import crash_point
 from daemon.routing import Route, route
 from daemon.spool import SpoolWriter, iter_spool
 from plugins.contract import Sink
@@ -164,6 +165,8 @@ class Collector:
                                       chunk=chunk, batch_id=batch_id, custom_id=custom_id)
                             continue
                         seen.add(custom_id)
+                        if len(seen) % 100 == 0:
+                            crash_point("mid_results")
                         result = obj.get("result") or {}
                         where, error_type, message = route(result)
                         if where is not Route.SUCCEEDED:
