@@ -40,15 +40,17 @@ class Batch:
     end_kind: str | None = None
     archived_at: float | None = None
     cut_fetches: int = 0
-    results_task: asyncio.Future[int] | None = field(default=None, repr=False)
+    #: Results jobs by end kind; ``natural`` starts at create so a big batch's
+    #: file is usually ready by the time a client asks for it.
+    results_jobs: dict[str, asyncio.Future[int]] = field(default_factory=dict, repr=False)
 
     @property
     def requests_path(self) -> Path:
         return self.directory / "requests.jsonl"
 
-    @property
-    def results_path(self) -> Path:
-        return self.directory / "results.jsonl"
+    def results_path(self, kind: str) -> Path:
+        """The results file for the batch ending as ``kind``."""
+        return self.directory / f"results.{kind}.jsonl"
 
     def advance(self, now: float, retention_seconds: float) -> bool:
         """

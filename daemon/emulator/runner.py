@@ -69,7 +69,9 @@ async def run_emulator(config: EmulatorConfig | None = None) -> AsyncIterator[Em
     """
     config = config or EmulatorConfig()
     service = EmulatorService(config)
-    runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        build_app(service), access_log=None, handle_signals=False, shutdown_timeout=2.0
+    )
     try:
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port)

@@ -60,31 +60,39 @@ class Store:
         """Bring one batch up to now; start its results file once it ends, drop it once archived."""
         was_archived = batch.archived_at is not None
         if batch.advance(self.now(), self._retention_seconds()):
-            batch.results_task = asyncio.ensure_future(self._generate(batch))
+            self._start_results(batch)
         if batch.archived_at is not None and not was_archived:
             task = asyncio.ensure_future(self._discard_files(batch, keep_dir=True))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _generate(self, batch: Batch) -> int:
-        assert batch.end_kind is not None
-        return await asyncio.to_thread(
-            write_results,
-            batch.requests_path,
-            batch.results_path,
-            batch_id=batch.id,
-            end_kind=batch.end_kind,
-            responder=self.responder,
-            seed=self.faults.seed,
-        )
+    def _start_results(self, batch: Batch, kind: str | None = None) -> asyncio.Future[int]:
+        """The job writing the results file for ``kind`` (default: how the batch ended)."""
+        kind = kind or batch.end_kind
+        assert kind is not None
+        job = batch.results_jobs.get(kind)
+        if job is None:
+            job = asyncio.ensure_future(
+                asyncio.to_thread(
+                    write_results,
+                    batch.requests_path,
+                    batch.results_path(kind),
+                    batch_id=batch.id,
+                    end_kind=kind,
+                    responder=self.responder,
+                    seed=self.faults.seed,
+                )
+            )
+            batch.results_jobs[kind] = job
+        return job
 
     async def _discard_files(self, batch: Batch, *, keep_dir: bool) -> None:
         """Remove a batch's files once no results job is writing them."""
-        if batch.results_task is not None:
-            await asyncio.gather(batch.results_task, return_exceptions=True)
+        await asyncio.gather(*batch.results_jobs.values(), return_exceptions=True)
         if keep_dir:
-            for path in (batch.results_path, batch.requests_path):
-                path.unlink(missing_ok=True)
+            for kind in batch.results_jobs:
+                batch.results_path(kind).unlink(missing_ok=True)
+            batch.requests_path.unlink(missing_ok=True)
         else:
             await asyncio.to_thread(shutil.rmtree, batch.directory, True)
 
@@ -189,6 +197,7 @@ class Store:
         self._next_seq += 1
         self._batches[batch_id] = batch
         self._seq_of[batch_id] = batch.seq
+        self._start_results(batch, "natural")
         self._release(summary.custom_ids, commit=True)
         self.faults.injected.update(summary.faults)
         self.batches_created += 1
@@ -250,10 +259,10 @@ class Store:
 
     async def results_file(self, batch: Batch) -> Path:
         """The finished results file of an ended, unarchived batch."""
-        if batch.results_task is None:
-            batch.results_task = asyncio.ensure_future(self._generate(batch))
-        await asyncio.shield(batch.results_task)
-        return batch.results_path
+        job = self._start_results(batch)
+        await asyncio.shield(job)
+        assert batch.end_kind is not None
+        return batch.results_path(batch.end_kind)
 
     def cut_after(self, batch: Batch) -> int | None:
         """Lines after which this results fetch is cut off, or None for a whole stream."""
@@ -279,7 +288,7 @@ class Store:
     async def close(self) -> None:
         """Wait for results jobs so no thread writes into a directory being removed."""
         tasks: list[asyncio.Future[Any]] = [
-            b.results_task for b in self._batches.values() if b.results_task is not None
+            job for b in self._batches.values() for job in b.results_jobs.values()
         ]
         tasks.extend(self._background)
         await asyncio.gather(*tasks, return_exceptions=True)
