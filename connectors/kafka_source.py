@@ -116,7 +116,8 @@ class KafkaSource(Source):
         }
 
         self._consumer: AIOKafkaConsumer | None = None
-        #: Sealed floor from ``resume``: never read below it, whoever committed what.
+        #: Never read below this, whoever committed what: the sealed position from
+        #: ``resume``, raised on revoke to what this process already returned.
         self._floor: dict[TopicPartition, int] = {}
         #: Next offset to return, per partition we own now.
         self._next: dict[TopicPartition, int] = {}
@@ -293,8 +294,8 @@ class KafkaSource(Source):
         """Zero lag on every owned partition, continuously for ``drain_idle`` seconds."""
         consumer = self._require()
         at_end = self._joined and all(
-            (high := consumer.highwater(tp)) is not None and offset >= high
-            for tp, offset in self._next.items()
+            (high := consumer.highwater(tp)) is not None and self._next.get(tp, -1) >= high
+            for tp in consumer.assignment()
         )
         if not at_end:
             self._idle_since = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,20 +267,34 @@ class TestRebalance:
             snapshot = records[-1].position
             async with make_source(kafka_bootstrap, topic, group) as second:
                 await second.start(None)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    await first.poll()
-                    await second.poll()
-                    if first._next and second._next and first._joined and second._joined:
-                        break
-                else:
-                    raise AssertionError("the group did not rebalance")
+                again = await poll_until(lambda: bool(first._next and second._next), first, second)
                 kept = {f"{topic}:{tp.partition}" for tp in first._next}
                 assert 0 < len(kept) < 3
                 await first.commit(snapshot)
                 committed = await committed_offsets(kafka_bootstrap, group, topic, 3)
+            # The partitions come back; nothing this process already returned is re-read.
+            again += await poll_until(lambda: len(first._next) == 3, first)
+            again += await read_until_drained(first)
+        assert tp_offsets(again) == set()
         for p, offset in committed.items():
             if f"{topic}:{p}" in kept:
                 assert offset == snapshot["next"][f"{topic}:{p}"]
             else:
                 assert offset is None
+
+
+async def poll_until(condition: Callable[[], bool], *sources: KafkaSource) -> list[Record]:
+    """
+    Keep every member polling (so the group can rebalance) until ``condition``
+    holds; the records the first member returned meanwhile.
+    """
+    seen: list[Record] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for n, source in enumerate(sources):
+            batch = await source.poll()
+            if n == 0 and batch:
+                seen.extend(batch)
+        if condition() and all(source._joined for source in sources):
+            return seen
+    raise AssertionError("the group did not rebalance in time")
