@@ -169,6 +169,21 @@ class TestStreamAndCreateFaults:
         stats = emulator.stats()
         assert stats["batches_created"] == 2 and stats["faults_injected"]["drop_after_create"] == 1
 
+    def test_drop_after_create_fraction_is_seeded(self, emulator: EmulatorThread) -> None:
+        """A fraction drops some answers, reproducibly; every batch is still made."""
+        emulator.set_faults(drop_after_create=0.5)
+        client = sdk_client(emulator.base_url)
+        dropped = []
+        for index in range(12):
+            try:
+                client.messages.batches.create(requests=message_requests(1, prefix=f"d{index}x"))
+            except anthropic.APIConnectionError:
+                dropped.append(index)
+        assert 0 < len(dropped) < 12
+        stats = emulator.stats()
+        assert stats["batches_created"] == 12
+        assert stats["faults_injected"]["drop_after_create"] == len(dropped)
+
     def test_transient_404_after_create_and_after_end(
         self, emulator_factory: Callable[..., EmulatorThread]
     ) -> None:

@@ -249,3 +249,26 @@ class TestBadCalls:
             client.post("/_emulator/faults", cast_to=httpx2.Response, body={"http429": -1})
         assert "http429" in _error(caught.value)["message"]
         assert emulator.faults()["api_error"] == 0.0
+
+    def test_abandoned_upload_leaves_no_trace(self, emulator: EmulatorThread) -> None:
+        """A client dying mid-body makes no batch; its requests' next receipt is attempt 1."""
+
+        class Gone(Exception):
+            pass
+
+        def dying() -> Iterator[bytes]:
+            yield b'{"requests":['
+            yield b",".join(orjson.dumps(r) for r in message_requests(50))
+            raise Gone
+
+        with pytest.raises((Gone, anthropic.APIConnectionError)):
+            _post_raw(emulator, dying())
+        client = sdk_client(emulator.base_url)
+        assert client.messages.batches.list().data == []
+        assert emulator.stats()["received"] == {}
+        emulator.set_faults(api_error=1.0)
+        batch = client.messages.batches.create(requests=message_requests(1))
+        client.messages.batches.retrieve(batch.id)
+        (line,) = list(client.messages.batches.results(batch.id))
+        assert line.result.type == "errored"
+        assert "(attempt 1)" in line.result.error.error.message

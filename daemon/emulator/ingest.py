@@ -27,9 +27,7 @@ _READ_SIZE = 256 * 1024
 
 
 class IngestFailed(Exception):
-    """A body that makes no batch; ``summary`` holds what was reserved before it failed."""
-
-    summary: IngestSummary | None = None
+    """A body that makes no batch."""
 
 
 class BodyTooLarge(IngestFailed):
@@ -88,6 +86,7 @@ class _SpillWriter:
 async def ingest_body(
     reader: AsyncReadable,
     spill_path: Path,
+    summary: IngestSummary,
     *,
     max_bytes: int,
     max_requests: int,
@@ -95,7 +94,7 @@ async def ingest_body(
     attempt_of: Callable[[str], int],
 ) -> IngestSummary:
     """
-    Parse ``{"requests": [...]}`` from ``reader`` into ``spill_path``.
+    Parse ``{"requests": [...]}`` from ``reader`` into ``spill_path``, tallying into ``summary``.
 
     Each spill line is ``[custom_id, attempt, outcome, error_type, message, params]``
     where the outcome (``succeeded``/``errored``/``expired``) is decided now:
@@ -103,13 +102,14 @@ async def ingest_body(
     received and on the how-many-th receipt of the custom_id this is
     (``attempt_of`` reserves that number).
 
+    The caller owns ``summary`` so that, whatever ends the read (a failed
+    check, a dropped connection, a cancel), it can release the receipts
+    reserved so far: ``summary.custom_ids`` lists them.
+
     Raises:
         BodyTooLarge: over ``max_bytes``.
-        InvalidBody: malformed JSON or a failed create-time check; the summary
-            reached so far is on the exception's ``summary`` attribute so the
-            caller can release its reservations.
+        InvalidBody: malformed JSON or a failed create-time check.
     """
-    summary = IngestSummary()
     writer = _SpillWriter(spill_path)
     try:
         limited = _Limited(reader, max_bytes)
@@ -122,9 +122,6 @@ async def ingest_body(
             raise InvalidBody(f"request body is not valid JSON: {exc}") from None
         if summary.count == 0:
             raise InvalidBody("requests: expected a non-empty list of {custom_id, params} objects")
-    except IngestFailed as exc:
-        exc.summary = summary
-        raise
     finally:
         writer.close()
     return summary

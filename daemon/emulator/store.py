@@ -19,7 +19,13 @@ from typing import Any
 from daemon.emulator.batch import Batch
 from daemon.emulator.config import EmulatorConfig
 from daemon.emulator.faults import FaultInjector
-from daemon.emulator.ingest import AsyncReadable, BodyTooLarge, IngestFailed, ingest_body
+from daemon.emulator.ingest import (
+    AsyncReadable,
+    BodyTooLarge,
+    IngestFailed,
+    IngestSummary,
+    ingest_body,
+)
 from daemon.emulator.responder import Responder
 from daemon.emulator.results import write_results
 from daemon.emulator.wire import ApiError, new_id, retry_after_header
@@ -149,24 +155,24 @@ class Store:
                 the queue limit; nothing of the body is kept then.
         """
         spill = self.state_dir / f"incoming-{uuid.uuid4().hex}.jsonl"
+        summary = IngestSummary()
         try:
-            summary = await ingest_body(
+            await ingest_body(
                 reader,
                 spill,
+                summary,
                 max_bytes=self.config.max_body_bytes,
                 max_requests=self.config.max_requests,
                 faults=self.faults,
                 attempt_of=self._attempt_of,
             )
-        except IngestFailed as exc:
+        except BaseException as exc:
             spill.unlink(missing_ok=True)
-            if exc.summary is not None:
-                self._release(exc.summary.custom_ids, commit=False)
+            self._release(summary.custom_ids, commit=False)
             if isinstance(exc, BodyTooLarge):
                 raise ApiError("request_too_large", str(exc)) from None
-            raise ApiError("invalid_request_error", str(exc)) from None
-        except BaseException:
-            spill.unlink(missing_ok=True)
+            if isinstance(exc, IngestFailed):
+                raise ApiError("invalid_request_error", str(exc)) from None
             raise
         limit = self.faults.settings.queue_limit
         if limit is not None and self.in_progress_requests() + summary.count > limit:
