@@ -161,6 +161,19 @@ class TestWriting:
         (message,) = await read_topic(kafka_bootstrap, topic)
         assert orjson.loads(message.value) == {"key": "ticket-1", "output": "label 1"}
 
+    async def test_gzip_compression(self, kafka_bootstrap: str) -> None:
+        """compression = "gzip" round-trips through the broker."""
+        topic = unique_name("sink")
+        await create_topic(kafka_bootstrap, topic, 1)
+        async with make_sink(kafka_bootstrap, topic, compression="gzip") as sink:
+            await sink.open()
+            await sink.put("g", [result_row(i) for i in range(200)])
+            await sink.flush("g")
+        messages = await read_topic(kafka_bootstrap, topic)
+        assert [orjson.loads(m.value)["key"] for m in messages] == [
+            f"ticket-{i}" for i in range(200)
+        ]
+
     async def test_oversized_message_is_fatal(self, kafka_bootstrap: str) -> None:
         """A row larger than max_request_size stops the sink with its key named."""
         topic = unique_name("sink")

@@ -298,3 +298,20 @@ async def poll_until(condition: Callable[[], bool], *sources: KafkaSource) -> li
         if condition() and all(source._joined for source in sources):
             return seen
     raise AssertionError("the group did not rebalance in time")
+
+
+class TestExample:
+    def test_example_pipeline_builds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """examples/tickets-kafka/pipeline.toml loads and its Kafka tables validate."""
+        from daemon.config import load_config
+        from plugins.manager import sink_factory
+
+        monkeypatch.setenv("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+        path = Path(__file__).parent.parent / "examples" / "tickets-kafka" / "pipeline.toml"
+        pipeline = load_config(path).pipeline("tickets")
+        context = PluginContext(pipeline="tickets", state_dir=Path("/tmp"), config_dir=path.parent)
+        source = source_factory(pipeline.source.type)(dict(pipeline.source.options), context)
+        assert isinstance(source, KafkaSource) and source._key_field == "ticket_id"
+        for spec in (*pipeline.sinks, pipeline.dead_letter):
+            sink = sink_factory(spec.type)(dict(spec.options), context)
+            assert sink._settings["bootstrap_servers"] == ["127.0.0.1:9092"]  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -67,7 +67,13 @@ _OPTIONS = (
     "max_request_size",
     "request_timeout_ms",
 )
-_COMPRESSION = ("gzip", "snappy", "lz4", "zstd")
+_CODECS = {
+    "gzip": codec.has_gzip,
+    "snappy": codec.has_snappy,
+    "lz4": codec.has_lz4,
+    "zstd": codec.has_zstd,
+}
+_COMPRESSION = tuple(_CODECS)
 #: Every key either shape of ``ResultRow.to_dict()`` can produce.
 _ROW_FIELDS = frozenset(
     ResultRow(key="", custom_id="", status="succeeded", pipeline="", message={}).to_dict()
@@ -119,6 +125,11 @@ class KafkaSink(Sink):
             raise ConfigError(
                 f"{owner}: option 'compression' must be one of "
                 f"{', '.join(_COMPRESSION)}, got {compression!r}"
+            )
+        if compression is not None and not _CODECS[compression]():
+            raise ConfigError(
+                f"{owner}: compression {compression!r} needs the cramjam package "
+                "(pip install cramjam), which is not installed"
             )
         self._compression = compression
         fields = option_str_list(options, "fields", owner)
