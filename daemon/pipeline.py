@@ -17,6 +17,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from daemon.api import BatchesApi
+from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
 from daemon.collector import CollectSummary, CostFn
 from daemon.config import ApiConfig, PipelineConfig
@@ -25,10 +26,11 @@ from daemon.manifest import Manifest, crash_point
 from daemon.manifest_state import ChunkState, Stage
 from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
+from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
 from plugins.errors import FatalError, RetriableError
 
-__all__ = ("PipelinePaused", "PipelineRunner")
+__all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
 log = structlog.get_logger("batchd.pipeline")
 _DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
@@ -36,6 +38,10 @@ _DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
 
 class PipelinePaused(FatalError):
     """``--until-drained`` cannot finish: the pipeline is paused (billing, auth, budget)."""
+
+
+class BudgetExhausted(Exception):
+    """Raised into the packer: the next chunk would pass the budget, so intake stops."""
 
 
 class _Signal:
@@ -67,7 +73,8 @@ class PipelineRunner:
         sinks: Sequence[Sink],
         dead_letter: Sink,
         cost: CostFn,
-        metrics: Any = None,
+        budget: Budget,
+        telemetry: Telemetry,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -80,7 +87,8 @@ class PipelineRunner:
         self.sinks = sinks
         self.dead_letter = dead_letter
         self.cost = cost
-        self.metrics = metrics
+        self.budget = budget
+        self.telemetry = telemetry
         self.poller = Poller(self)
         self.active = 0
         self.changed = _Signal()
@@ -114,24 +122,13 @@ class PipelineRunner:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
         await self.manifest.append("alarm", pipeline=self.pipeline.name, chunk=chunk,
                                    alarm_kind=kind, message=message)
-        if self.metrics is not None:
-            self.metrics.alarms_total.labels(pipeline=self.pipeline.name, kind=kind).inc()
+        self.telemetry.alarm(kind)
 
     def metrics_error(self, kind: object) -> None:
-        if self.metrics is not None:
-            self.metrics.api_errors_total.labels(pipeline=self.pipeline.name, type=str(kind)).inc()
+        self.telemetry.api_error(kind)
 
     def observe_commit(self, summary: CollectSummary) -> None:
-        if self.metrics is None:
-            return
-        name = self.pipeline.name
-        m = self.metrics
-        for outcome, count in (("succeeded", summary.succeeded), ("truncated", summary.truncated),
-                               ("dead_letter", summary.dead), ("retried", summary.retried)):
-            if count:
-                m.requests_total.labels(pipeline=name, outcome=outcome).inc(count)
-        m.observe_usage(name, input_tokens=summary.input_tokens,
-                        output_tokens=summary.output_tokens, cost_usd=summary.cost_usd)
+        self.telemetry.committed(summary)
 
     def packer_shrink(self) -> None:
         if self.packer is not None:
@@ -159,6 +156,17 @@ class PipelineRunner:
     # -- sealing and the source watermark ------------------------------------------
 
     async def seal(self, builder: ChunkBuilder) -> None:
+        refusal = self.budget.refusal(
+            self.manifest.state.pipelines.get(self.pipeline.name),
+            self.live_chunks(),
+            builder.writer.requests,
+            builder.writer.body_bytes,
+        )
+        if refusal is not None:
+            builder.writer.discard()
+            self.telemetry.budget(True)
+            await self.pause(refusal, alarm_kind="budget_exhausted")
+            raise BudgetExhausted(refusal)
         builder.writer.seal()
         await self.manifest.append(
             "chunk_sealed",
@@ -237,9 +245,12 @@ class PipelineRunner:
     async def run(self, *, until_drained: bool) -> None:
         name = self.pipeline.name
         state = self.manifest.state.pipelines.get(name)
-        if state is not None and state.paused and not state.paused.startswith("budget"):
+        if state is not None and state.paused:
+            # A restart (or reload) is how an operator says "fixed": billing sorted, budget
+            # raised. If the cause remains, the next create or seal pauses it again.
             self.log.warning("resuming a pipeline paused before the restart", reason=state.paused)
             await self.manifest.append("pipeline_resumed", pipeline=name)
+        self.telemetry.budget(False)
         resume = (
             (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
             if state is not None else (None, 0, 0)
@@ -252,14 +263,23 @@ class PipelineRunner:
                 in_flight = chunk.stage not in _DONE
                 self.start_chunk(chunk.chunk, active=in_flight)
             tg.start_soon(self.poller.run)
-            await self.packer.run(until_drained)
+            try:
+                await self.packer.run(until_drained)
+            except BudgetExhausted:
+                # Intake stops; what is in flight still finishes and is collected.
+                if not until_drained:
+                    await anyio.sleep_forever()
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
 
     async def _until_done(self) -> None:
-        while self.live_chunks():
-            if self.paused:
+        """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""
+        while True:
+            live = self.live_chunks()
+            if self.paused and all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            if not live and not self.paused:
+                return
             with anyio.move_on_after(1.0):
                 await self.changed.wait()

@@ -6,7 +6,10 @@ runner then drives every live chunk from its last record. Only after that
 is systemd told ``READY=1``. SIGTERM cancels the runners at whatever await
 they are in — safe, because every step is announced in the manifest before
 it acts and every sink write is idempotent — and in-flight batches keep
-running remotely until the next start reattaches them.
+running remotely until the next start reattaches them. SIGHUP re-reads the
+config and starts a new generation of runners the same way, without ever
+letting go of the manifest: sealed chunks keep the requests they were
+sealed with, new chunks follow the new config.
 """
 
 from __future__ import annotations
@@ -23,13 +26,16 @@ import structlog
 
 from daemon._logging import register_secret
 from daemon.api import BatchesApi, resolve_api_key
-from daemon.config import Config, PluginSpec
+from daemon.budget import Budget
+from daemon.config import Config, PluginSpec, load_config
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest
 from daemon.pipeline import PipelineRunner
+from daemon.pricing import PriceTable
 from daemon.sd_notify import Notifier, watchdog_loop
+from daemon.telemetry import Telemetry
 from plugins.contract import PluginContext, Sink, Source
-from plugins.errors import ConfigError
+from plugins.errors import BatchdError, ConfigError
 from plugins.manager import sink_factory, source_factory
 
 __all__ = ("build_sink", "build_source", "run_daemon")
@@ -43,75 +49,53 @@ def _context(config: Config, pipeline: str) -> PluginContext:
     )
 
 
-def _build(spec: PluginSpec, factory: Callable[..., Any], context: PluginContext) -> Any:
+def _build(spec: PluginSpec, factory: Callable[[], Any], context: PluginContext) -> Any:
     try:
-        return factory(dict(spec.options), context)
+        return factory()(dict(spec.options), context)
     except ConfigError as exc:
         raise ConfigError(f"{spec.where}: {exc}") from None
 
 
 def build_source(config: Config, pipeline: str, spec: PluginSpec) -> Source:
-    try:
-        factory = source_factory(spec.type)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where}: {exc}") from None
-    source: Source = _build(spec, factory, _context(config, pipeline))
+    source: Source = _build(spec, lambda: source_factory(spec.type), _context(config, pipeline))
     return source
 
 
 def build_sink(config: Config, pipeline: str, spec: PluginSpec) -> Sink:
-    try:
-        factory = sink_factory(spec.type)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where}: {exc}") from None
-    sink: Sink = _build(spec, factory, _context(config, pipeline))
+    sink: Sink = _build(spec, lambda: sink_factory(spec.type), _context(config, pipeline))
     return sink
 
 
-def _cost_function(config: Config) -> Callable[[str, dict[str, Any]], float]:
-    from daemon.pricing import PriceTable
+class _Daemon:
+    """State shared by the generations of runners one process lives through."""
 
-    table = PriceTable(config.prices)
-    return table.batch_cost
+    def __init__(self, config: Config, until_drained: bool) -> None:
+        self.config = config
+        self.until_drained = until_drained
+        self.notifier = Notifier.from_env()
+        self.runners: list[PipelineRunner] = []
+        self.generation: anyio.CancelScope | None = None
+        self.reload_requested = False
+        self.stopping = False
+        self.metrics: Any = None
 
-
-def _status_line(runners: list[PipelineRunner]) -> str:
-    parts = []
-    for runner in runners:
-        chunks = runner.live_chunks()
-        state = runner.manifest.state.pipelines.get(runner.pipeline.name)
-        done = (state.succeeded + state.truncated + state.dead) if state else 0
-        cost = state.cost_usd if state else 0.0
-        in_flight = sum(1 for c in chunks if c.batch_id and c.stage.value in ("submitted",))
-        parts.append(f"{runner.pipeline.name}: {in_flight} batches in flight, "
-                     f"{done} rows done, ${cost:.2f}")
-    return "; ".join(parts)
-
-
-async def run_daemon(config: Config, *, until_drained: bool = False) -> int:
-    """Run every pipeline until drained (or until SIGTERM); returns the exit code."""
-    notifier = Notifier.from_env()
-    state_dir = config.state_dir
-    spool_dir = state_dir / "spool"
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in spool_dir.glob("*.tmp"):
-        leftover.unlink()
-    api_key = resolve_api_key()
-    if api_key:
-        register_secret(api_key)
-    compact = int(os.environ.get("BATCHD_COMPACT_BYTES", 64 * 1024 * 1024))
-
-    async with AsyncExitStack() as stack:
-        manifest = await Manifest.open(state_dir, compact_bytes=compact)
-        stack.push_async_callback(manifest.aclose)
-        ledger = KeyLedger(state_dir / "keys.sqlite")
-        stack.callback(ledger.close)
-        api = BatchesApi(config.api, api_key)
+    async def build_runners(
+        self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
+    ) -> list[PipelineRunner]:
+        config = self.config
+        api = BatchesApi(config.api, resolve_api_key())
         stack.push_async_callback(api.aclose)
-        cost = _cost_function(config)
-        metrics = _start_metrics(config, stack)
+        prices = PriceTable(config.prices, source=str(config.path))
+
+        def cost(model: str, usage: dict[str, Any]) -> float:
+            if prices.report_unknown(model):
+                log.warning("no price known for model; costing it at the highest known price",
+                            model=model)
+            return prices.batch_cost(model, usage)
+
         create_lock = anyio.Lock()
-        runners: list[PipelineRunner] = []
+        spool_dir = config.state_dir / "spool"
+        runners = []
         for pipeline in config.pipelines:
             source = build_source(config, pipeline.name, pipeline.source)
             stack.push_async_callback(source.aclose)
@@ -120,51 +104,138 @@ async def run_daemon(config: Config, *, until_drained: bool = False) -> int:
             for sink in (*sinks, dead_letter):
                 await sink.open()
                 stack.push_async_callback(sink.aclose)
-            if metrics is not None:
-                metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
+            if self.metrics is not None:
+                self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
             runners.append(PipelineRunner(
                 pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
-                dead_letter=dead_letter, cost=cost, metrics=metrics,
+                dead_letter=dead_letter, cost=cost, budget=Budget(pipeline, prices),
+                telemetry=Telemetry(self.metrics, pipeline.name),
             ))
-        log.info("batchd started", pipelines=[p.name for p in config.pipelines],
-                 state_dir=str(state_dir), api=api.base_url,
+        log.info("pipelines started", pipelines=[p.name for p in config.pipelines],
+                 state_dir=str(config.state_dir), api=api.base_url,
                  live_chunks=len(manifest.state.chunks))
+        return runners
 
-        stopped = False
+    def reload(self) -> None:
+        """Re-read the config; a broken one is logged and the running config kept."""
+        try:
+            new = load_config(self.config.path, state_dir=self.config.state_dir)
+        except BatchdError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            return
+        if new.state_dir != self.config.state_dir:
+            log.error("reload cannot move state_dir; keeping it", state_dir=str(new.state_dir))
+            return
+        try:  # factories validate options without I/O: catch a bad plugin table now
+            for pipeline in new.pipelines:
+                build_source(new, pipeline.name, pipeline.source)
+                for spec in (*pipeline.sinks, pipeline.dead_letter):
+                    build_sink(new, pipeline.name, spec)
+        except BatchdError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            return
+        self.config = new
+        log.info("config reloaded", pipelines=[p.name for p in new.pipelines])
+
+    async def on_signals(self, outer: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading config")
+                    self.notifier.reloading()
+                    self.reload_requested = True
+                    if self.generation is not None:
+                        self.generation.cancel()
+                    continue
+                if self.stopping:
+                    log.warning("second signal; exiting at once (the manifest keeps us safe)")
+                    os._exit(1)
+                self.stopping = True
+                log.info("stopping", signal=signal.Signals(signum).name)
+                self.notifier.stopping()
+                outer.cancel()
+
+    async def report(self, manifest: Manifest) -> None:
+        while True:
+            await anyio.sleep(5)
+            for runner in self.runners:
+                runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes())
+            if self.notifier.enabled:
+                self.notifier.status(_status_line(self.runners))
+
+
+def _status_line(runners: list[PipelineRunner]) -> str:
+    parts = []
+    for runner in runners:
+        state = runner.manifest.state.pipelines.get(runner.pipeline.name)
+        done = (state.succeeded + state.truncated + state.dead) if state else 0
+        cost = state.cost_usd if state else 0.0
+        waiting = sum(1 for c in runner.live_chunks() if c.stage.value == "submitted")
+        paused = f" PAUSED ({state.paused})" if state and state.paused else ""
+        parts.append(f"{runner.pipeline.name}: {waiting} batches in flight, {done} rows done, "
+                     f"${cost:.2f}{paused}")
+    return "; ".join(parts)
+
+
+async def run_daemon(config: Config, *, until_drained: bool = False) -> int:
+    """Run every pipeline until drained (or until SIGTERM); returns the exit code."""
+    try:
+        return await _run(config, until_drained)
+    except BaseExceptionGroup as group:
+        # Task groups wrap errors; the CLI reports the first one an operator can act on.
+        raise _first_error(group) from group
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if isinstance(exc, BatchdError):
+            return exc
+    return group
+
+
+async def _run(config: Config, until_drained: bool) -> int:
+    daemon = _Daemon(config, until_drained)
+    spool_dir = config.state_dir / "spool"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in spool_dir.glob("*.tmp"):
+        leftover.unlink()
+    api_key = resolve_api_key()
+    if api_key:
+        register_secret(api_key)
+    compact = int(os.environ.get("BATCHD_COMPACT_BYTES", 64 * 1024 * 1024))
+
+    async with AsyncExitStack() as process:
+        manifest = await Manifest.open(config.state_dir, compact_bytes=compact)
+        process.push_async_callback(manifest.aclose)
+        ledger = KeyLedger(config.state_dir / "keys.sqlite")
+        process.callback(ledger.close)
+        daemon.metrics = _start_metrics(config, process)
         async with anyio.create_task_group() as outer:
-
-            async def on_signals() -> None:
-                nonlocal stopped
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        if stopped:
-                            log.warning("second signal; exiting at once")
-                            os._exit(1)
-                        stopped = True
-                        log.info("stopping", signal=signal.Signals(signum).name)
-                        notifier.stopping()
-                        outer.cancel_scope.cancel()
-
-            outer.start_soon(on_signals)
-            if notifier.enabled:
-                outer.start_soon(watchdog_loop, notifier)
-            outer.start_soon(_report_status, notifier, runners)
-
-            async with anyio.create_task_group() as pipelines:
-                for runner in runners:
-                    pipelines.start_soon(partial(runner.run, until_drained=until_drained))
-                notifier.ready(status="recovered; running")
+            outer.start_soon(daemon.on_signals, outer.cancel_scope)
+            if daemon.notifier.enabled:
+                outer.start_soon(watchdog_loop, daemon.notifier)
+            outer.start_soon(daemon.report, manifest)
+            while True:
+                daemon.reload_requested = False
+                async with AsyncExitStack() as generation:
+                    daemon.runners = await daemon.build_runners(generation, manifest, ledger)
+                    with anyio.CancelScope() as scope:
+                        daemon.generation = scope
+                        async with anyio.create_task_group() as pipelines:
+                            for runner in daemon.runners:
+                                pipelines.start_soon(
+                                    partial(runner.run, until_drained=until_drained)
+                                )
+                            daemon.notifier.ready(status="recovered; running")
+                if not daemon.reload_requested:
+                    break
+                daemon.reload()
             outer.cancel_scope.cancel()
-        log.info("batchd stopped", graceful=stopped)
+        log.info("batchd stopped", graceful=daemon.stopping)
     return 0
-
-
-async def _report_status(notifier: Notifier, runners: list[PipelineRunner]) -> None:
-    while True:
-        await anyio.sleep(5)
-        if notifier.enabled:
-            notifier.status(_status_line(runners))
 
 
 def _start_metrics(config: Config, stack: AsyncExitStack) -> Any:
@@ -177,4 +248,3 @@ def _start_metrics(config: Config, stack: AsyncExitStack) -> Any:
     stack.callback(server.close)
     log.info("metrics listening", url=server.url)
     return metrics
-
