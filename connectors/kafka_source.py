@@ -121,6 +121,8 @@ class KafkaSource(Source):
         self._floor: dict[TopicPartition, int] = {}
         #: Next offset to return, per partition we own now.
         self._next: dict[TopicPartition, int] = {}
+        #: The same, keyed "topic:partition": copied into every record's position.
+        self._snapshot: dict[str, int] = {}
         #: Where the current ownership of each partition began; older snapshots are stale.
         self._owned_from: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -198,10 +200,11 @@ class KafkaSource(Source):
                 continue  # revoked while the fetch was in flight
             if tp not in self._next and messages:  # the assignment callback failed
                 self._adopt(tp, messages[0].offset)
+            name = _tp_name(tp)
             for message in messages:
                 if message.offset < self._next[tp]:
                     continue  # fetched before a seek past the sealed floor
-                self._next[tp] = message.offset + 1
+                self._next[tp] = self._snapshot[name] = message.offset + 1
                 records.append(self._record(message))
         if records:
             self._idle_since = None
@@ -247,7 +250,7 @@ class KafkaSource(Source):
             "topic": message.topic,
             "partition": message.partition,
             "offset": message.offset,
-            "next": {_tp_name(tp): offset for tp, offset in self._next.items()},
+            "next": self._snapshot.copy(),
         }
         try:
             key, fields = self._decode(message)
@@ -313,7 +316,7 @@ class KafkaSource(Source):
         log.info(
             "kafka partitions assigned",
             source=self._owner,
-            partitions={_tp_name(tp): o for tp, o in self._next.items()},
+            partitions=dict(self._snapshot),
         )
 
     def _adopt(self, tp: TopicPartition, offset: int) -> None:
@@ -322,7 +325,7 @@ class KafkaSource(Source):
         if floor is not None and floor > offset:
             self._require().seek(tp, floor)
             offset = floor
-        self._next[tp] = offset
+        self._next[tp] = self._snapshot[_tp_name(tp)] = offset
         self._owned_from[tp] = offset
         self._committed.pop(tp, None)
 
@@ -331,7 +334,8 @@ class KafkaSource(Source):
         self._idle_since = None
         names = []
         for tp in revoked:
-            names.append(_tp_name(tp))
+            names.append(name := _tp_name(tp))
+            self._snapshot.pop(name, None)
             returned = self._next.pop(tp, None)
             if returned is not None:  # this process already holds everything before it
                 self._floor[tp] = max(self._floor.get(tp, 0), returned)
