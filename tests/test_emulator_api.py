@@ -257,6 +257,16 @@ class TestList:
         assert "limit" in caught.value.body["error"]["message"]  # type: ignore[index]
 
 
+    def test_bad_cursors_are_400(self, emulator: EmulatorThread) -> None:
+        """An unknown cursor id, or both cursors at once, is a 400 naming the parameter."""
+        (only,) = self._create(emulator, 1)
+        batches = sdk_client(emulator.base_url).messages.batches
+        with pytest.raises(anthropic.BadRequestError, match="after_id"):
+            batches.list(after_id="msgbatch_01unknown")
+        with pytest.raises(anthropic.BadRequestError, match="before_id and after_id"):
+            batches.list(after_id=only, before_id=only)
+
+
 class TestCancelAndDelete:
     def test_cancel_before_latency_cancels_everything(
         self, emulator_factory: Callable[..., EmulatorThread]
