@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -246,6 +247,22 @@ class TestReading:
             await produce_json(kafka_bootstrap, topic, [(b"x", {"ticket_id": "late"})])
             records = await read_until_drained(source)
         assert [r.key for r in records] == ["late"]
+
+    async def test_poll_is_cancellable(self, kafka_bootstrap: str) -> None:
+        """A cancelled poll returns control at once and the source keeps working."""
+        topic, group = unique_name("src"), unique_name("g")
+        await create_topic(kafka_bootstrap, topic, 1)
+        async with make_source(kafka_bootstrap, topic, group, poll_timeout_ms=5000) as source:
+            await source.start(None)
+            began = time.monotonic()
+            with anyio.move_on_after(0.2) as scope:
+                await source.poll()
+            assert scope.cancelled_caught and time.monotonic() - began < 1.5
+            await produce_json(kafka_bootstrap, topic, [(b"x", {"ticket_id": "after"})])
+            records: list[Record] | None = []
+            while not records and time.monotonic() - began < 30:
+                records = await source.poll()
+        assert records is not None and [r.key for r in records] == ["after"]
 
     async def test_unreachable_broker_is_retriable(self) -> None:
         """A broker that refuses connections raises RetriableError from start()."""
