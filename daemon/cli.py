@@ -100,6 +100,62 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from daemon.estimate import estimate_pipeline
+
+    config = _load(args)
+    pipelines = [config.pipeline(args.pipeline)] if args.pipeline else list(config.pipelines)
+    results = [anyio.run(estimate_pipeline, config, p) for p in pipelines]
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps([r.as_dict() for r in results],
+                                             option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    table = Table("pipeline", "rows", "unusable", "input tokens (est.)", "max output tokens",
+                  "cost at batch prices", title="estimate (nothing was submitted)")
+    for r in results:
+        table.add_row(r.pipeline, f"{r.rows:,}", f"{r.unusable_rows:,}", f"{r.input_tokens:,}",
+                      f"{r.max_output_tokens:,}",
+                      f"${r.cost_low_usd:,.4f} – ${r.cost_high_usd:,.4f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from daemon.dead_letters import iter_dead_letters, request_retry
+
+    config = _load(args)
+    pipeline = config.pipeline(args.pipeline)
+    if args.action == "list":
+        count = 0
+        for row in iter_dead_letters(config, pipeline):
+            count += 1
+            if args.json:
+                sys.stdout.buffer.write(orjson.dumps(row) + b"\n")
+            else:
+                message = str(row.get("error_message") or "").replace("\n", " ")[:100]
+                print(f"{row.get('key')}\t{row.get('error_type')}\t"
+                      f"attempts={row.get('attempts')}\t{message}")
+        if not args.json:
+            print(f"{count} dead letters", file=sys.stderr)
+        return 0
+    if args.all:
+        keys = [str(row["key"]) for row in iter_dead_letters(config, pipeline)]
+    elif args.key:
+        keys = list(args.key)
+    else:
+        raise ConfigError("dead-letters retry needs --key KEY (repeatable) or --all")
+    if not keys:
+        print("no dead letters to retry", file=sys.stderr)
+        return 0
+    path = request_retry(config, pipeline, keys)
+    print(f"requested a retry of {len(set(keys))} keys ({path}); the daemon picks it up "
+          "between chunks — run `batchd run` if it is not running")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -126,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=2.0)
     status.set_defaults(func=cmd_status)
+
+    estimate = sub.add_parser("estimate", help="read the source and estimate tokens and cost")
+    estimate.add_argument("config")
+    estimate.add_argument("--pipeline", help="only this pipeline")
+    estimate.add_argument("--json", action="store_true")
+    estimate.set_defaults(func=cmd_estimate)
+
+    dead = sub.add_parser("dead-letters", help="list dead letters, or resubmit them")
+    dead.add_argument("action", choices=["list", "retry"])
+    dead.add_argument("config")
+    dead.add_argument("pipeline")
+    dead.add_argument("--key", action="append", help="a key to retry (repeatable)")
+    dead.add_argument("--all", action="store_true", help="retry every dead letter")
+    dead.add_argument("--json", action="store_true", help="list as JSON lines")
+    dead.add_argument("--state-dir")
+    dead.set_defaults(func=cmd_dead_letters)
 
     emulator = sub.add_parser("emulator", help="serve a local Message Batches API emulator")
     emulator_arguments(emulator)

@@ -92,6 +92,7 @@ class Packer:
         seal: Callable[[ChunkBuilder], Awaitable[None]],
         room: Callable[[], Awaitable[None]],
         resume: tuple[dict[str, Any] | None, int, int],
+        between_chunks: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -100,6 +101,7 @@ class Packer:
         self.shaper = Shaper(pipeline)
         self._seal = seal
         self._room = room
+        self._between_chunks = between_chunks
         self.resume_position, self.seq, self.next_chunk = resume
         self.max_requests = pipeline.batching.max_requests
         self.max_bytes = min(pipeline.batching.max_bytes, MAX_BATCH_BYTES)
@@ -116,6 +118,8 @@ class Packer:
         while True:
             if self.builder is None:
                 await self._room()
+                if self._between_chunks is not None:
+                    await self._between_chunks()
             records = await self._retrying(self.source.poll, "poll")
             if records is None:
                 if self.builder is not None:
@@ -170,8 +174,30 @@ class Packer:
             )
         return _Pending(record, seq, body)
 
-    async def add(self, record: Record) -> None:
-        self.seq += 1
+    async def replay(self, source: Source, keys: set[str]) -> int:
+        """
+        Re-read ``keys`` from a fresh ``source`` and seal them as new chunks.
+
+        This is an operator's retry of dead letters: the records are shaped
+        with the current config and go the normal way. Their chunks carry no
+        read sequence, so they never move the source's commit position.
+        """
+        assert self.builder is None
+        self.ledger.release(self.pipeline.name, sorted(keys))
+        found = 0
+        await self._retrying(lambda: source.start(None), "start")
+        while keys and (records := await self._retrying(source.poll, "poll")) is not None:
+            for record in records:
+                if record.key in keys and record.error is None:
+                    keys.discard(record.key)
+                    await self.add(record, replay=True)
+                    found += 1
+        await self.seal_current()
+        return found
+
+    async def add(self, record: Record, *, replay: bool = False) -> None:
+        if not replay:
+            self.seq += 1
         self.read += 1
         pending = self._shape(record, self.seq)
         size = len(pending.request) + 100 if pending.request is not None else 0
@@ -185,10 +211,11 @@ class Packer:
                 self.pipeline.name, self.next_chunk, self.spool_dir, self.max_bytes
             )
         builder = self.builder
-        if builder.first_seq is None:
-            builder.first_seq = pending.seq
-        builder.last_seq = pending.seq
-        builder.position = record.position
+        if not replay:
+            if builder.first_seq is None:
+                builder.first_seq = pending.seq
+            builder.last_seq = pending.seq
+            builder.position = record.position
         builder.pending.append(pending)
         if pending.request is not None:
             builder.pending_requests += 1

@@ -8,11 +8,12 @@ the packer, the chunk driver, the poller and the collector.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import structlog
 from anyio.abc import TaskGroup
 
@@ -21,6 +22,7 @@ from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
 from daemon.collector import CollectSummary, CostFn
 from daemon.config import ApiConfig, PipelineConfig
+from daemon.dead_letters import pending_retry_requests
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest, crash_point
 from daemon.manifest_state import ChunkState, Stage
@@ -75,6 +77,7 @@ class PipelineRunner:
         cost: CostFn,
         budget: Budget,
         telemetry: Telemetry,
+        make_source: Callable[[], Source] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -89,6 +92,7 @@ class PipelineRunner:
         self.cost = cost
         self.budget = budget
         self.telemetry = telemetry
+        self.make_source = make_source
         self.poller = Poller(self)
         self.active = 0
         self.changed = _Signal()
@@ -186,6 +190,18 @@ class PipelineRunner:
                       rejects=builder.writer.rejects, bytes=builder.writer.body_bytes)
         self.start_chunk(builder.id, active=True)
 
+    async def replay_requested(self) -> None:
+        """Resubmit dead letters an operator asked for (``batchd dead-letters retry``)."""
+        if self.make_source is None or self.packer is None:
+            return
+        for request in pending_retry_requests(self.spool_dir.parent, self.pipeline.name):
+            keys = set(orjson.loads(request.read_bytes()).get("keys") or ())
+            wanted = len(keys)
+            found = await self.packer.replay(self.make_source(), keys)
+            self.log.info("dead letters resubmitted", request=request.name, requested=wanted,
+                          found=found, not_in_source=sorted(keys)[:20])
+            request.rename(request.with_suffix(".done"))
+
     def _families(self) -> list[tuple[ChunkState, list[ChunkState]]]:
         name = self.pipeline.name
         chunks = [c for c in self.manifest.state.chunks.values() if c.pipeline == name]
@@ -256,7 +272,8 @@ class PipelineRunner:
             if state is not None else (None, 0, 0)
         )
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
-                             seal=self.seal, room=self.room, resume=resume)
+                             seal=self.seal, room=self.room, resume=resume,
+                             between_chunks=self.replay_requested)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for chunk in self.live_chunks():

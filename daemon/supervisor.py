@@ -111,6 +111,7 @@ class _Daemon:
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
                 dead_letter=dead_letter, cost=cost, budget=Budget(pipeline, prices),
                 telemetry=Telemetry(self.metrics, pipeline.name),
+                make_source=partial(build_source, config, pipeline.name, pipeline.source),
             ))
         log.info("pipelines started", pipelines=[p.name for p in config.pipelines],
                  state_dir=str(config.state_dir), api=api.base_url,

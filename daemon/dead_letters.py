@@ -1,0 +1,87 @@
+"""
+``batchd dead-letters``: the rows that could not be answered, for humans.
+
+Listing reads what the dead-letter sink wrote (JSONL part files, or a SQLite
+``dead_letter`` table). Retrying does not resend the stored request — the
+operator has usually just fixed the template or the data — but drops a
+request file in the state directory; the daemon (running, or at its next
+start) re-reads those keys from the source, shapes them with the current
+config and sends them through the normal path as new chunks: new attempt,
+same key, still idempotent in the sinks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon.config import Config, PipelineConfig
+from plugins.contract import PluginContext
+from plugins.errors import ConfigError
+
+__all__ = ("iter_dead_letters", "pending_retry_requests", "request_retry", "retry_dir")
+
+
+def retry_dir(config: Config) -> Path:
+    return config.state_dir / "retry-requests"
+
+
+def _context(config: Config, pipeline: PipelineConfig) -> PluginContext:
+    return PluginContext(pipeline.name, config.state_dir, config.path.resolve().parent)
+
+
+def iter_dead_letters(config: Config, pipeline: PipelineConfig) -> Iterator[dict[str, Any]]:
+    """Every dead-letter row the pipeline's dead-letter sink holds."""
+    spec = pipeline.dead_letter
+    context = _context(config, pipeline)
+    if spec.type in ("jsonl", "dead_letter"):
+        directory = context.resolve_path(spec.options.get("path", ""))
+        for part in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+            with part.open("rb") as lines:
+                for line in lines:
+                    if line.strip():
+                        yield orjson.loads(line)
+        return
+    if spec.type == "sqlite":
+        path = context.resolve_path(spec.options.get("path", ""))
+        table = str(spec.options.get("table", "dead_letter"))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", table):
+            raise ConfigError(f"{spec.where}: table {table!r} is not a plain identifier")
+        if not path.exists():
+            return
+        with sqlite3.connect(path) as db:
+            db.row_factory = sqlite3.Row
+            for row in db.execute(f'SELECT * FROM "{table}" ORDER BY key'):
+                yield dict(row)
+        return
+    raise ConfigError(
+        f"{spec.where}: listing dead letters is supported for jsonl and sqlite dead-letter "
+        f"sinks; read the {spec.type!r} sink's own storage instead"
+    )
+
+
+def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> Path:
+    """Write a retry request the daemon picks up; returns its path."""
+    directory = retry_dir(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pipeline.name}-{time.time_ns()}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps({"pipeline": pipeline.name, "keys": sorted(set(keys))}))
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def pending_retry_requests(state_dir: Path, pipeline: str) -> list[Path]:
+    directory = state_dir / "retry-requests"
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob(f"{pipeline}-*.json"))
