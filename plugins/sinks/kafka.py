@@ -28,7 +28,7 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2
 
 from connectors._kafka import (
     build_ssl,
@@ -51,7 +51,6 @@ __all__ = ("HEADER_CUSTOM_ID", "KafkaSink", "register_sinks")
 
 log = structlog.get_logger("batchd.kafka")
 
-_PARTITIONER = DefaultPartitioner()
 #: Message header carrying the row's custom_id (the key is the message key).
 HEADER_CUSTOM_ID = "batchd-custom-id"
 
@@ -204,20 +203,29 @@ class KafkaSink(Sink):
         except KafkaError as exc:
             raise translate_error(exc, self._owner, f"looking up topic {self._topic!r}") from exc
         builders: dict[int, Any] = {}
-        header = HEADER_CUSTOM_ID
+        header, dumps, fields, limit = (
+            HEADER_CUSTOM_ID,
+            orjson.dumps,
+            self._fields,
+            self._max_request_size,
+        )
+        count = len(partitions)
         for row in rows:
             doc = row.to_dict()
-            if self._fields is not None:
-                doc = {name: doc[name] for name in self._fields if name in doc}
+            if fields is not None:
+                doc = {name: doc[name] for name in fields if name in doc}
             key = row.key.encode("utf-8")
-            value = orjson.dumps(doc)
-            if len(key) + len(value) > self._max_request_size:
+            value = dumps(doc)
+            if (size := len(key) + len(value)) > limit:
                 raise FatalError(
-                    f"{self._owner}: the message for key {row.key!r} is {len(key) + len(value)} "
-                    f"bytes, larger than max_request_size ({self._max_request_size})"
+                    f"{self._owner}: the message for key {row.key!r} is {size} bytes, "
+                    f"larger than max_request_size ({limit})"
                 )
             headers = [(header, row.custom_id.encode("utf-8"))]
-            partition = _PARTITIONER(key, partitions, partitions)
+            # Kafka's default partitioner (Java client, aiokafka's send()): murmur2 of the key.
+            partition = (
+                partitions[(murmur2(key) & 0x7FFFFFFF) % count] if count > 1 else partitions[0]
+            )
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()
