@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -158,12 +159,31 @@ class _Daemon:
                 outer.cancel()
 
     async def report(self, manifest: Manifest) -> None:
+        """Refresh gauges and systemd's STATUS=; in a terminal, show progress as it goes."""
+        interactive = sys.stdout.isatty()
         while True:
-            await anyio.sleep(5)
+            await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
                 runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes())
+                if interactive:
+                    log.info("progress", pipeline=runner.pipeline.name, **_progress(runner))
             if self.notifier.enabled:
                 self.notifier.status(_status_line(self.runners))
+
+
+def _progress(runner: PipelineRunner) -> dict[str, Any]:
+    state = runner.manifest.state.pipelines.get(runner.pipeline.name)
+    done = (state.succeeded + state.truncated + state.dead) if state else 0
+    pending = sum(c.requests + c.rejects for c in runner.live_chunks()
+                  if c.stage.value in ("sealed", "intent", "submitted", "ended"))
+    total = max(done + pending, 1)
+    filled = round(24 * done / total)
+    return {
+        "bar": "[" + "#" * filled + "-" * (24 - filled) + f"] {100 * done / total:.0f}%",
+        "rows_done": done,
+        "rows_in_flight": pending,
+        "cost_usd": round(state.cost_usd, 4) if state else 0.0,
+    }
 
 
 def _status_line(runners: list[PipelineRunner]) -> str:
