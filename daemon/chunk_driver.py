@@ -12,8 +12,10 @@ special code path: a restarted daemon simply drives every live chunk again.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anthropic
 import anyio
 import structlog
 
@@ -37,6 +39,12 @@ _CLOCK_SLACK = 600.0
 def root_of(pipeline: str, chunk: str) -> str:
     """The fresh chunk a retry chunk descends from (``tickets-000003-r2`` → ``tickets-000003``)."""
     return chunk[: len(pipeline) + 7]
+
+
+async def _no_results() -> AsyncIterator[bytes]:
+    """An empty results stream: every request counts as missing and is retried."""
+    return
+    yield
 
 
 def _total(counts: Any) -> int:
@@ -163,18 +171,45 @@ class ChunkDriver:
 
     # -- collecting ------------------------------------------------------------
 
+    async def _archived(self, batch_id: str) -> bool:
+        """Whether a batch's results are gone for good (past the API's retention)."""
+        try:
+            batch = await self.runner.api.retrieve(batch_id)
+        except anthropic.NotFoundError:
+            return False
+        return batch.archived_at is not None
+
     async def collect(self, chunk: ChunkState) -> None:
         runner = self.runner
         batch_id = chunk.batch_id
         api = runner.api
         collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
-        summary = await collector.collect(
-            chunk=chunk.chunk,
-            root=root_of(self.name, chunk.chunk),
-            batch_id=batch_id,
-            spool=runner.spool_path(chunk.chunk),
-            lines=(lambda: api.result_lines(batch_id)) if batch_id else None,
-        )
+        lines = (lambda: api.result_lines(batch_id)) if batch_id else None
+        try:
+            summary = await collector.collect(
+                chunk=chunk.chunk,
+                root=root_of(self.name, chunk.chunk),
+                batch_id=batch_id,
+                spool=runner.spool_path(chunk.chunk),
+                lines=lines,
+            )
+        except anthropic.NotFoundError:
+            if not batch_id or not await self._archived(batch_id):
+                raise  # the known transient 404 just after end: retried with backoff
+            await runner.alarm(
+                "results_archived",
+                f"results of batch {batch_id} were archived before they were collected; "
+                f"its {chunk.requests} requests are sent again",
+                chunk=chunk.chunk,
+            )
+            collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
+            summary = await collector.collect(
+                chunk=chunk.chunk,
+                root=root_of(self.name, chunk.chunk),
+                batch_id=batch_id,
+                spool=runner.spool_path(chunk.chunk),
+                lines=_no_results,
+            )
         crash_point("after_flush")
         retry = None
         if summary.retry_chunk is not None:
