@@ -11,6 +11,7 @@ confusing broker error minutes later.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -184,18 +185,22 @@ def known_client_options() -> tuple[str, ...]:
     return ("bootstrap_servers", *SECURITY_OPTIONS, *_SSL_FILES)
 
 
-def build_ssl(settings: dict[str, Any]) -> dict[str, Any]:
+def build_ssl(settings: dict[str, Any], owner: str) -> dict[str, Any]:
     """Replace the ``ssl_*`` paths with the ``ssl_context`` aiokafka wants (reads files)."""
     out = {key: value for key, value in settings.items() if key not in _SSL_FILES}
     paths = {key: settings[key] for key in _SSL_FILES if key in settings}
     if paths:
         from aiokafka.helpers import create_ssl_context
 
-        out["ssl_context"] = create_ssl_context(
-            cafile=paths.get("ssl_cafile"),
-            certfile=paths.get("ssl_certfile"),
-            keyfile=paths.get("ssl_keyfile"),
-        )
+        try:
+            out["ssl_context"] = create_ssl_context(
+                cafile=paths.get("ssl_cafile"),
+                certfile=paths.get("ssl_certfile"),
+                keyfile=paths.get("ssl_keyfile"),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            named = ", ".join(f"{key} = {value!r}" for key, value in paths.items())
+            raise ConfigError(f"{owner}: cannot load the TLS files ({named}): {exc}") from exc
     return out
 
 

@@ -166,7 +166,7 @@ class KafkaSource(Source):
             auto_offset_reset="earliest",
             max_poll_records=self.max_records,
             **self._timings,
-            **build_ssl(self._settings),
+            **build_ssl(self._settings, self._owner),
         )
         consumer.subscribe(self._topics, listener=_Listener(self))
         self._consumer = consumer  # the listener may run before start() returns

@@ -204,3 +204,22 @@ class TestWriting:
                 assert time.monotonic() - began < 30
         finally:
             broker.stop()
+
+
+@pytest.mark.anyio
+class TestTls:
+    async def test_missing_tls_file_is_config_error(self, tmp_path: Path) -> None:
+        """A missing CA file is reported by option name at open, not as a raw OSError."""
+        context = PluginContext(pipeline="tickets", state_dir=tmp_path, config_dir=tmp_path)
+        sink = KafkaSink(
+            {
+                "bootstrap_servers": "127.0.0.1:1",
+                "topic": "t",
+                "security_protocol": "SSL",
+                "ssl_cafile": "certs/ca.pem",
+            },
+            context,
+        )
+        with pytest.raises(ConfigError, match=r"ssl_cafile = '.*/certs/ca.pem'"):
+            await sink.open()
+        await sink.aclose()

@@ -178,7 +178,7 @@ class KafkaSink(Sink):
             max_batch_size=self._max_batch_size,
             max_request_size=self._max_request_size,
             request_timeout_ms=self._request_timeout_ms,
-            **build_ssl(self._settings),
+            **build_ssl(self._settings, self._owner),
         )
         try:
             await producer.start()
