@@ -1,0 +1,275 @@
+"""
+The out-of-tree example plugin, installed the way a user installs it: listed
+by ``batchd plugins``, driven end to end by ``batchd run`` against the
+emulator, and absent when ``BATCHD_LOAD_PLUGINS`` leaves it out.
+
+The package is pip-installed (not editable) into a temp directory that the
+subprocesses put on ``PYTHONPATH``, so the shared venv never changes and a
+second run starts from scratch. Every batchd here is a subprocess with an
+explicit environment: conftest's ``BATCHD_LOAD_PLUGINS=""`` must not leak in.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from daemon.emulator import EmulatorThread
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "batchd-plugin-example"
+PROJECT = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+PACKAGE = f"{PROJECT['name']} {PROJECT['version']}"
+HOOKS = ["batchd_parse_result", "register_commands", "register_sinks", "register_sources"]
+
+# The emulator answers the way models decorate labels; the plugin's parse hook
+# strips the decoration, so every answer passes `allowed` only if the hook ran.
+RULES: dict[str, Any] = {
+    "default": "Other.",
+    "rules": [
+        {"pattern": "(?i)refund|invoice", "reply": "Billing."},
+        {"pattern": "(?i)crash|error", "reply": "`bug`"},
+    ],
+}
+NOTES = (
+    b"n1: please refund my invoice\n"
+    b"n2: the app crashes on start\n"
+    b"\n"
+    b"n3: do you have an office in Lisbon?\n"
+    b"no colon here\n"
+    b"n4: \xff\xfe\n"
+)
+CONFIG = """
+state_dir = "state"
+
+[api]
+poll_interval = "100ms"
+poll_jitter = 0
+
+[[pipeline]]
+name = "notes"
+
+[pipeline.source]
+type = "example-lines"
+path = "notes.txt"
+key = "prefix"
+
+[pipeline.request]
+model = "claude-haiku-4-5"
+max_tokens = 8
+system = "Label the note as billing, bug or other. Answer with the label only."
+user = "{text}"
+
+[pipeline.output]
+allowed = ["billing", "bug", "other"]
+lowercase = true
+
+[pipeline.batching]
+linger = "100ms"
+
+[[pipeline.sink]]
+type = "example-csv"
+path = "out/labels"
+columns = ["key", "status", "output"]
+
+[pipeline.dead_letter]
+type = "example-csv"
+path = "out/dead"
+columns = ["key", "status", "error_type", "error_message"]
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """Where the example's source was copied and where pip installed it."""
+
+    source: Path
+    site: Path
+
+    def env(self, load: str | None, **extra: str) -> dict[str, str]:
+        """A subprocess environment that sees the plugin; ``load=None`` unsets the allow-list."""
+        env = {k: v for k, v in os.environ.items() if k != "BATCHD_LOAD_PLUGINS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.site), env.get("PYTHONPATH")]))
+        if load is not None:
+            env["BATCHD_LOAD_PLUGINS"] = load
+        env.update(extra)
+        return env
+
+
+def _can_build_without_isolation() -> bool:
+    """Whether the venv's setuptools can build a wheel itself (needs wheel, or setuptools>=70.1)."""
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    try:
+        version = tuple(int(part) for part in metadata.version("setuptools").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (70, 1)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The example built from a copy (no build/ litter in the repo) and installed with --target."""
+    work = tmp_path_factory.mktemp("plugin-example")
+    source = work / "src"
+    junk = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".*")
+    shutil.copytree(EXAMPLE, source, ignore=junk)
+    site = work / "site"
+    command = [
+        sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input",
+        "--disable-pip-version-check", "--target", str(site), str(source),
+    ]  # fmt: skip
+    if _can_build_without_isolation():
+        command.insert(4, "--no-build-isolation")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"pip install failed:\n{done.stdout}\n{done.stderr}"
+    assert (site / "batchd_plugin_example" / "__init__.py").is_file()
+    return Installed(source, site)
+
+
+def _batchd(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _read_csvs(directory: Path) -> list[dict[str, str]]:
+    """Every row of every published part file, and proof that no temp file is left."""
+    assert not list(directory.glob(".*.tmp"))
+    rows: list[dict[str, str]] = []
+    for path in sorted(directory.glob("*.csv")):
+        with path.open(newline="") as file:
+            rows.extend(csv.DictReader(file))
+    return rows
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path: Path) -> Path:
+    """A config directory holding the pipeline and its notes file."""
+    (tmp_path / "pipeline.toml").write_text(CONFIG)
+    (tmp_path / "notes.txt").write_bytes(NOTES)
+    return tmp_path
+
+
+class TestDiscovery:
+    @pytest.mark.parametrize(
+        ("load", "flags"),
+        [(None, ["--all"]), ("example", [])],
+        ids=["all-installed", "allow-listed-without-builtins"],
+    )
+    def test_plugins_lists_the_example(
+        self, installed: Installed, tmp_path: Path, load: str | None, flags: list[str]
+    ) -> None:
+        """`batchd plugins --json` shows the entry point's source, sink, hooks and version."""
+        done = _batchd("plugins", "--json", *flags, env=installed.env(load), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        plugins = orjson.loads(done.stdout)
+        if not flags:  # without --all only third-party plugins are listed
+            assert [p["name"] for p in plugins] == ["example"]
+        assert [p for p in plugins if p["name"] == "example"] == [
+            {
+                "name": "example",
+                "package": PACKAGE,
+                "hooks": HOOKS,
+                "sources": ["example-lines"],
+                "sinks": ["example-csv"],
+            }
+        ]
+
+    def test_empty_allow_list_loads_nothing(self, installed: Installed, tmp_path: Path) -> None:
+        """BATCHD_LOAD_PLUGINS set but empty keeps the installed example out."""
+        done = _batchd("plugins", "--all", "--json", env=installed.env(""), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        names = {p["name"] for p in orjson.loads(done.stdout)}
+        assert "example" not in names
+        assert "plugins.sinks.jsonl" in names  # the built-ins still load
+
+    def test_register_commands_adds_a_subcommand(
+        self, installed: Installed, tmp_path: Path
+    ) -> None:
+        """`batchd example-hello` runs the plugin's command."""
+        done = _batchd("example-hello", "--name", "tests", env=installed.env(None), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        expected = f"hello, tests, from {PACKAGE} (source example-lines, sink example-csv)"
+        assert done.stdout.strip() == expected
+
+
+class TestPipeline:
+    def test_run_until_drained_writes_csv_then_resumes(
+        self,
+        installed: Installed,
+        pipeline_dir: Path,
+        emulator_factory: Callable[..., EmulatorThread],
+    ) -> None:
+        """
+        Labels land in the CSV sink and bad lines in the CSV dead-letter sink;
+        a second run reads only the lines appended since, and nothing is sent twice.
+        """
+        emulator = emulator_factory(rules=RULES)
+        env = installed.env("example", ANTHROPIC_BASE_URL=emulator.base_url, ANTHROPIC_API_KEY="t")
+        first = _batchd("run", "pipeline.toml", "--until-drained", env=env, cwd=pipeline_dir)
+        assert first.returncode == 0, first.stderr[-4000:]
+        labels = _read_csvs(pipeline_dir / "out" / "labels")
+        assert sorted((r["key"], r["status"], r["output"]) for r in labels) == [
+            ("n1", "succeeded", "billing"),
+            ("n2", "succeeded", "bug"),
+            ("n3", "succeeded", "other"),
+        ]
+        dead = _read_csvs(pipeline_dir / "out" / "dead")
+        assert sorted((r["key"], r["error_type"], r["error_message"]) for r in dead) == [
+            ("line-5", "bad_record",
+             "notes.txt line 5: expected 'KEY: TEXT' (no ':' or an empty key)"),
+            ("line-6", "bad_record", "notes.txt line 6: not valid UTF-8 (byte 5 of the line)"),
+        ]  # fmt: skip
+        assert sorted(emulator.stats()["received"].values()) == [1, 1, 1]  # bad lines: never sent
+
+        with (pipeline_dir / "notes.txt").open("ab") as notes:
+            notes.write(b"n5: where is my invoice?\n\nn6: error 500 on login\n")
+        second = _batchd("run", "pipeline.toml", "--until-drained", env=env, cwd=pipeline_dir)
+        assert second.returncode == 0, second.stderr[-4000:]
+        labels = _read_csvs(pipeline_dir / "out" / "labels")
+        assert sorted((r["key"], r["output"]) for r in labels) == [
+            ("n1", "billing"), ("n2", "bug"), ("n3", "other"), ("n5", "billing"), ("n6", "bug"),
+        ]  # fmt: skip
+        assert len(_read_csvs(pipeline_dir / "out" / "dead")) == 2
+        assert sorted(emulator.stats()["received"].values()) == [1, 1, 1, 1, 1]
+
+    def test_unknown_source_type_without_the_plugin(
+        self, installed: Installed, pipeline_dir: Path
+    ) -> None:
+        """With the plugin not loaded, the config fails naming the type, table and known types."""
+        env = installed.env("", ANTHROPIC_BASE_URL="http://127.0.0.1:9", ANTHROPIC_API_KEY="t")
+        done = _batchd("run", "pipeline.toml", "--until-drained", env=env, cwd=pipeline_dir)
+        assert done.returncode == 2
+        message = done.stderr.strip().splitlines()[-1]
+        assert message.startswith("batchd: config error: pipeline.toml: [pipeline.source] of ")
+        assert "unknown source type 'example-lines' (known: csv, jsonl," in message
+        assert "Traceback" not in done.stderr
+        assert not (pipeline_dir / "out").exists()
+
+
+class TestExampleTests:
+    def test_the_examples_own_tests_pass(self, installed: Installed) -> None:
+        """The tests the tutorial walks through run green against the installed package."""
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+            env=installed.env(None), cwd=installed.source,
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        assert " passed" in done.stdout.splitlines()[-1]
