@@ -102,10 +102,34 @@ class ChunkDriver:
         runner = self.runner
         await runner.wait_unpaused()
         async with runner.create_lock:
-            await self._create(chunk)
+            current = self._chunk()
+            if current is not None and current.stage is Stage.SEALED:
+                await self._create(current)
+
+    def _latest_intent(self) -> ChunkState | None:
+        """
+        The chunk whose intent was written last, if it is still waiting on it.
+
+        Creates are serialised by the create lock and each is announced by
+        its own intent, so only the chunk with the latest intent can own a
+        batch that nobody has recorded: every earlier create either
+        returned, failed for certain, or was resolved before the next intent.
+        """
+        latest: ChunkState | None = None
+        for other in self.runner.manifest.state.chunks.values():
+            if other.last_intent_at is not None and (
+                latest is None or other.last_intent_at > (latest.last_intent_at or 0.0)
+            ):
+                latest = other
+        return latest if latest is not None and latest.stage is Stage.INTENT else None
 
     async def _create(self, chunk: ChunkState) -> None:
         runner = self.runner
+        pending = self._latest_intent()
+        if pending is not None and pending.chunk != chunk.chunk:
+            # Settle the one create that may have an unrecorded batch before a new intent
+            # makes it impossible to tell whose that batch is.
+            await self._adopt(pending)
         await runner.manifest.append(
             "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
         )
@@ -151,23 +175,34 @@ class ChunkDriver:
         runner = self.runner
         await runner.wait_unpaused()
         async with runner.create_lock:
-            assert chunk.intent_at is not None
-            known = runner.manifest.state.batch_ids()
-            found = None
-            async for batch in runner.api.recent(since=chunk.intent_at - _CLOCK_SLACK):
-                if batch.id in known or _total(batch.request_counts) != chunk.requests:
-                    continue
-                if found is None or created_at_ts(batch) < created_at_ts(found):
-                    found = batch
-            if found is None:
-                self.log.info("no batch found for the earlier create; submitting again")
-                await self._create(chunk)
+            current = self._chunk()
+            if current is None or current.stage is not Stage.INTENT:
+                return  # another driver adopted our batch while we waited for the lock
+            latest = self._latest_intent()
+            if latest is not None and latest.chunk == current.chunk and await self._adopt(current):
                 return
-            await runner.manifest.append(
-                "submitted", chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)
-            )
-            self.log.warning("adopted a batch created before a crash or lost response",
-                             batch_id=found.id, requests=chunk.requests)
+            self.log.info("no batch found for the earlier create; submitting again")
+            await self._create(current)
+
+    async def _adopt(self, chunk: ChunkState) -> bool:
+        """Record the oldest unknown batch of the chunk's size created since its first intent."""
+        assert chunk.intent_at is not None
+        runner = self.runner
+        known = runner.manifest.state.batch_ids()
+        found = None
+        async for batch in runner.api.recent(since=chunk.intent_at - _CLOCK_SLACK):
+            if batch.id in known or _total(batch.request_counts) != chunk.requests:
+                continue
+            if found is None or created_at_ts(batch) < created_at_ts(found):
+                found = batch
+        if found is None:
+            return False
+        await runner.manifest.append(
+            "submitted", chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)
+        )
+        self.log.warning("adopted a batch created before a crash or lost response",
+                         adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
+        return True
 
     # -- collecting ------------------------------------------------------------
 
