@@ -11,9 +11,11 @@ explicit environment: conftest's ``BATCHD_LOAD_PLUGINS=""`` must not leak in.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,9 +29,12 @@ from typing import Any
 import orjson
 import pytest
 
+import batchd
 from daemon.emulator import EmulatorThread
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "batchd-plugin-example"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "batchd-plugin-example"
+HOOKS_DOC = ROOT / "docs" / "plugins" / "hooks.md"
 PROJECT = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
 PACKAGE = f"{PROJECT['name']} {PROJECT['version']}"
 HOOKS = ["batchd_parse_result", "register_commands", "register_sinks", "register_sources"]
@@ -273,3 +278,108 @@ class TestExampleTests:
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         assert " passed" in done.stdout.splitlines()[-1]
+
+
+def _doc_sections() -> dict[str, str]:
+    """The Python code of each ``## hook(args)`` section of docs/plugins/hooks.md."""
+    sections: dict[str, str] = {}
+    for part in re.split(r"^## ", HOOKS_DOC.read_text(), flags=re.M)[1:]:
+        name = part.split("(", 1)[0].strip()
+        sections[name] = "\n".join(re.findall(r"^```python\n(.*?)^```", part, flags=re.M | re.S))
+    return sections
+
+
+def _doc_hook(name: str) -> Any:
+    """Run the section's code as a module and return its hook implementation."""
+    namespace: dict[str, Any] = {"__name__": f"hooks_md_{name}"}
+    exec(compile(_doc_sections()[name], f"{HOOKS_DOC}#{name}", "exec"), namespace)
+    hook = namespace[name]
+    assert hasattr(hook, "batchd_impl"), f"{name} in hooks.md is not decorated @batchd.hookimpl"
+    return hook
+
+
+def _ctx(tmp_path: Path) -> batchd.PluginContext:
+    return batchd.PluginContext(pipeline="p", state_dir=tmp_path, config_dir=tmp_path)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests here run on asyncio, like batchd."""
+    return "asyncio"
+
+
+class TestHooksDoc:
+    def test_every_hookspec_has_a_section(self) -> None:
+        """hooks.md documents exactly the hooks batchd defines, each with Python code."""
+        from plugins import hookspecs
+
+        specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "batchd_spec")}
+        sections = _doc_sections()
+        assert set(sections) == specs
+        assert all(sections.values())
+
+    @pytest.mark.anyio
+    async def test_register_sources(self, tmp_path: Path) -> None:
+        """The count source reads 1..count in batches and resumes after a position."""
+        found: dict[str, Any] = {}
+        _doc_hook("register_sources")(register=found.__setitem__)
+        source = found["count"]({"count": 5}, _ctx(tmp_path))
+        source.max_records = 2
+        keys: list[str] = []
+        async with source:
+            await source.start({"n": 1})
+            while (records := await source.poll()) is not None:
+                keys += [r.key for r in records]
+        assert keys == ["n-2", "n-3", "n-4", "n-5"]
+        with pytest.raises(batchd.ConfigError, match="unknown option 'cuont'"):
+            found["count"]({"cuont": 5}, _ctx(tmp_path))
+
+    @pytest.mark.anyio
+    async def test_register_sinks(self, tmp_path: Path) -> None:
+        """The tsv sink publishes one file per group on flush, once per key."""
+        found: dict[str, Any] = {}
+        _doc_hook("register_sinks")(register=found.__setitem__)
+        rows = [
+            batchd.ResultRow(key=k, custom_id=k, status="succeeded", pipeline="p", output=o)
+            for k, o in (("a", "bug"), ("b", "other"), ("a", "bug"))
+        ]
+        async with found["tsv"]({"path": "out"}, _ctx(tmp_path)) as sink:
+            await sink.open()
+            await sink.put("p-000001-a1", rows)
+            await sink.put("p-000001-a1", rows)  # a replayed put
+            await sink.flush("p-000001-a1")
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["p-000001-a1.tsv"]
+        assert (tmp_path / "out" / "p-000001-a1.tsv").read_text() == "a\tbug\nb\tother\n"
+
+    def test_register_commands(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """count-lines is added to the parser and prints the non-empty line count."""
+        parser = argparse.ArgumentParser(prog="batchd")
+        _doc_hook("register_commands")(cli=parser.add_subparsers())
+        (tmp_path / "notes.txt").write_text("one\n\n two\nthree\n")
+        args = parser.parse_args(["count-lines", str(tmp_path / "notes.txt")])
+        assert args.func(args) == 0
+        assert capsys.readouterr().out == "3\n"
+        missing = parser.parse_args(["count-lines", str(tmp_path / "nope.txt")])
+        with pytest.raises(batchd.ConfigError, match=r"cannot read .*nope"):
+            missing.func(missing)
+
+    def test_batchd_shape_request(self) -> None:
+        """Long tickets get the larger model; other records and pipelines keep the template's."""
+        hook = _doc_hook("batchd_shape_request")
+        params = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": []}
+        long = batchd.Record("t1", {"body": "x" * 2500}, {"line": 1})
+        short = batchd.Record("t2", {"body": "short"}, {"line": 2})
+        shaped = hook(pipeline="tickets", record=long, params=params)
+        assert shaped == {**params, "model": "claude-sonnet-4-5", "max_tokens": 64}
+        assert hook(pipeline="tickets", record=short, params=params) is None
+        assert hook(pipeline="other", record=long, params=params) is None
+
+    def test_batchd_parse_result(self) -> None:
+        """Scores are normalised, bad answers raise InvalidOutput, other pipelines pass."""
+        hook = _doc_hook("batchd_parse_result")
+        assert hook(pipeline="sentiment", key="k", output="0.5", message={}) == "0.50"
+        assert hook(pipeline="labels", key="k", output="great", message={}) is None
+        with pytest.raises(batchd.InvalidOutput, match="expected a number"):
+            hook(pipeline="sentiment", key="k", output="great", message={})
+        with pytest.raises(batchd.InvalidOutput, match=r"outside -1\.\.1"):
+            hook(pipeline="sentiment", key="k", output="7", message={})
