@@ -102,8 +102,12 @@ class _Daemon:
             stack.push_async_callback(source.aclose)
             sinks = [build_sink(config, pipeline.name, spec) for spec in pipeline.sinks]
             dead_letter = build_sink(config, pipeline.name, pipeline.dead_letter)
-            for sink in (*sinks, dead_letter):
-                await sink.open()
+            specs = (*pipeline.sinks, pipeline.dead_letter)
+            for sink, spec in zip((*sinks, dead_letter), specs, strict=True):
+                try:
+                    await sink.open()
+                except ConfigError as exc:
+                    raise ConfigError(f"{spec.where}: {exc}") from None
                 stack.push_async_callback(sink.aclose)
             if self.metrics is not None:
                 self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)

@@ -56,6 +56,10 @@ def load_plugins() -> None:
             raise
         if not pm.is_registered(module):
             pm.register(module, module_path)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
 
 
 def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
@@ -64,6 +68,11 @@ def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
         plugin_name = impl.plugin_name
 
         def register(name: str, factory: Any, _plugin: str = plugin_name) -> None:
+            if name in found and found[name][1] != _plugin:
+                raise ConfigError(
+                    f"type {name!r} is registered by two plugins, {found[name][1]!r} and "
+                    f"{_plugin!r}; uninstall one or set BATCHD_LOAD_PLUGINS"
+                )
             found[name] = (factory, _plugin)
 
         impl.function(register)
