@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -97,9 +98,10 @@ def run_batchd(work: Path, csv_path: Path, rows: int, args: argparse.Namespace) 
         env = {**os.environ, "ANTHROPIC_BASE_URL": emulator.base_url,
                "ANTHROPIC_API_KEY": "bench", "PYTHONUNBUFFERED": "1"}
         emulator_cpu = cpu_seconds(emulator.pid)
+        command = shlex.split(args.batchd) if args.batchd else batchd_command()
         run = run_measured(
-            batchd_command("run", str(config), "--until-drained", "--log-level", "warning",
-                           "--log-format", "json"),
+            [*command, "run", str(config), "--until-drained", "--log-level", "warning",
+             "--log-format", "json"],
             env=env, cwd=work, timeout=args.timeout,
         )
         emulator_cpu = cpu_seconds(emulator.pid) - emulator_cpu
@@ -165,6 +167,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured run")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the tutorial way (default: only up to 200,000 rows)")
+    parser.add_argument("--batchd", help="command that stands for `batchd` (another build, "
+                        "a profiler wrapper); default: the installed console script")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
     args = parser.parse_args()
     baseline = args.baseline if args.baseline is not None else args.rows <= 200_000
