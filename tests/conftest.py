@@ -16,4 +16,7 @@ pytest_plugins = (
     "tests.fixtures.emulator",
     "tests.fixtures.postgres",
     "tests.fixtures.kafka",
+    "tests.fixtures.engine",
+    "tests.fixtures.pg_e2e",
+    "tests.fixtures.service",
 )
