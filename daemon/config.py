@@ -124,12 +124,18 @@ class Config:
 class _Table:
     """One TOML table being read: tracks which keys were used to flag typos."""
 
-    def __init__(self, data: Any, where: str, path: Path) -> None:
+    def __init__(
+        self, data: Any, where: str, path: Path, section: str = "", owner: str = ""
+    ) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: {where} must be a table, got {type(data).__name__}")
         self.data: dict[str, Any] = data
         self.where = where
         self.path = path
+        # The TOML name of this table ("pipeline.batching") and whose it is (" of 'tickets'"),
+        # so nested tables are named the way the file writes them.
+        self.section = section
+        self.owner = owner
         self.used: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
@@ -163,11 +169,12 @@ class _Table:
 
     def table(self, key: str, *, required: bool = False) -> _Table:
         self.used.add(key)
-        if key not in self.data:
-            if required:
-                raise self.error(key, "is required")
-            return _Table({}, f"{self.where}.{key}", self.path)
-        return _Table(self.data[key], f"[{self.where.strip('[]')}.{key}]", self.path)
+        if key not in self.data and required:
+            raise self.error(key, "is required")
+        section = f"{self.section}.{key}" if self.section else key
+        return _Table(
+            self.data.get(key, {}), f"[{section}]{self.owner}", self.path, section, self.owner
+        )
 
     def finish(self, allow_extra: bool = False) -> dict[str, Any]:
         extra = {k: v for k, v in self.data.items() if k not in self.used}
@@ -263,6 +270,7 @@ def _pipeline(data: Any, index: int, path: Path) -> PipelineConfig:
     if not _NAME.match(name):
         raise table.error("name", f"{name!r} must match [A-Za-z0-9_-]{{1,40}} (it names files)")
     table.where = f"[[pipeline]] {name!r}"
+    table.section, table.owner = "pipeline", f" of {name!r}"
     source_data = table.table("source", required=True).data
     source = _plugin(source_data, f"[pipeline.source] of {name!r}", path)
     table.used.add("source")
@@ -335,7 +343,8 @@ def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Con
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     top = _Table(data, "top level", path)
     base = path.resolve().parent
-    state = state_dir if state_dir is not None else top.get("state_dir", str, "state")
+    in_file = top.get("state_dir", str, "state")  # read even when overridden: it is no typo
+    state = state_dir if state_dir is not None else in_file
     state_path = Path(state).expanduser()
     if not state_path.is_absolute():
         state_path = base / state_path
