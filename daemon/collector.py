@@ -135,10 +135,10 @@ class Collector:
         the retry chunk's spool is sealed before this returns.
         """
         summary = CollectSummary()
-        index: dict[str, str] = {}
+        index: dict[str, tuple[str, int]] = {}
         for request, meta in iter_spool(spool):
             if request is not None:
-                index[meta["custom_id"]] = meta["key"]
+                index[meta["custom_id"]] = (meta["key"], int(meta.get("attempt", 1)))
         failures: dict[str, _Failure] = {}
         seen: set[str] = set()
         rows: list[ResultRow] = []
@@ -158,12 +158,13 @@ class Collector:
                         custom_id = obj.get("custom_id")
                         if custom_id in seen:
                             continue
-                        key = index.get(custom_id)
-                        if key is None:
+                        entry = index.get(custom_id)
+                        if entry is None:
                             summary.unknown += 1
                             log.error("unknown custom_id in results", pipeline=name,
                                       chunk=chunk, batch_id=batch_id, custom_id=custom_id)
                             continue
+                        key, attempt = entry
                         seen.add(custom_id)
                         if len(seen) % 100 == 0:
                             crash_point("mid_results")
@@ -197,6 +198,7 @@ class Collector:
                                 cache_read_input_tokens=usage.get("cache_read_input_tokens") or 0,
                                 cost_usd=cost,
                                 batch_id=batch_id,
+                                attempt=attempt,
                                 message=msg if keep_message else None,
                             )
                         )
