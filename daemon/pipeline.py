@@ -111,8 +111,15 @@ class PipelineRunner:
         state = self.manifest.state.pipelines.get(self.pipeline.name)
         return state.paused if state else None
 
+    @property
+    def submissions_blocked(self) -> bool:
+        """Billing/auth pauses stop every create; a budget pause only stops new chunks,
+        since every chunk already sealed was admitted within the budget."""
+        reason = self.paused
+        return reason is not None and not reason.startswith("budget")
+
     async def wait_unpaused(self) -> None:
-        while self.paused:
+        while self.submissions_blocked:
             await self.changed.wait()
 
     async def pause(self, reason: str, *, alarm_kind: str, chunk: str | None = None) -> None:
@@ -294,7 +301,8 @@ class PipelineRunner:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""
         while True:
             live = self.live_chunks()
-            if self.paused and all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live):
+            stuck = all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live)
+            if (self.submissions_blocked and stuck) or (self.paused and not live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
             if not live and not self.paused:
                 return

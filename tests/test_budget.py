@@ -186,14 +186,6 @@ def budget_run() -> Iterator[BudgetRun]:
         emulator.stop()
 
 
-_SEALED_BUT_NEVER_SUBMITTED = (
-    "daemon/chunk_driver.py submit/resolve_intent wait on runner.wait_unpaused(), and the "
-    "budget refusal in PipelineRunner.seal pauses the whole pipeline, so chunks the budget "
-    "already admitted are never submitted; PipelineRunner._until_done then sees a pause "
-    "with only sealed/intent chunks and exits 3 with their rows uncollected"
-)
-
-
 class TestBudgetEndToEnd:
     def test_until_drained_exits_3_naming_the_budget(self, budget_run: BudgetRun) -> None:
         """The run stops with exit 3 and says on stderr that the budget is exhausted."""
@@ -218,7 +210,6 @@ class TestBudgetEndToEnd:
         assert "chunk sealed" not in names[pause:]
         assert budget_run.stats_after_pause["batches_created"] <= 2
 
-    @pytest.mark.xfail(strict=True, reason=_SEALED_BUT_NEVER_SUBMITTED)
     def test_admitted_chunks_are_collected_before_exit(self, budget_run: BudgetRun) -> None:
         """Every row of the chunks sealed before the pause is in the sink when run exits."""
         sealed = sum(e["requests"] for e in budget_run.paused_events
