@@ -15,11 +15,13 @@ import re
 
 __all__ = ("CustomIdAllocator", "hashed_custom_id", "is_valid_custom_id")
 
-_VALID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# Matched whole with fullmatch: a "$" anchor would also accept a trailing "\n",
+# which the API's pattern does not (the whole batch would be rejected).
+_VALID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def is_valid_custom_id(value: str) -> bool:
-    return _VALID.match(value) is not None
+    return _VALID.fullmatch(value) is not None
 
 
 def hashed_custom_id(key: str, salt: int = 0) -> str:
