@@ -41,7 +41,7 @@ def _sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {cid: n - before.get(cid, 0) for cid, n in after.items() if n != before.get(cid, 0)}
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def retry_run() -> Iterator[RetryRun]:
     """
     40 tickets with 15 % of requests rejected as invalid; then, faults off: retry one

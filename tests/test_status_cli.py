@@ -41,7 +41,7 @@ class StatusRun:
     exit_code: int
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def status_run() -> Iterator[StatusRun]:
     """
     Status read while three batches are in flight (they take ten virtual minutes), then
