@@ -108,13 +108,20 @@ class Packer:
         self.builder: ChunkBuilder | None = None
         self.drained = anyio.Event()
         self.read = 0
+        self.started = False
 
     def shrink(self) -> None:
         """The API's processing queue is full: make the next chunks half the size."""
         self.max_requests = max(1, self.max_requests // 2)
 
+    async def start(self) -> None:
+        """Open the source just after the last sealed record; retried while it is unreachable."""
+        if not self.started:
+            await self._retrying(lambda: self.source.start(self.resume_position), "start")
+            self.started = True
+
     async def run(self, until_drained: bool, idle: float = 1.0) -> None:
-        await self._retrying(lambda: self.source.start(self.resume_position), "start")
+        await self.start()
         while True:
             if self.builder is None:
                 await self._room()

@@ -98,6 +98,8 @@ class PipelineRunner:
         self.changed = _Signal()
         self._advance_lock = anyio.Lock()
         self._tg: TaskGroup | None = None
+        # Set once every batch that was mid-create at start-up is adopted or resent.
+        self.recovered = anyio.Event()
         self.packer: Packer | None = None
         self.log = log.bind(pipeline=pipeline.name)
 
@@ -265,7 +267,14 @@ class PipelineRunner:
     def live_chunks(self) -> list[ChunkState]:
         return [c for c in self.manifest.state.chunks.values() if c.pipeline == self.pipeline.name]
 
-    async def run(self, *, until_drained: bool) -> None:
+    async def prepare(self) -> None:
+        """
+        Resume a paused pipeline and open its source, before any sink writes.
+
+        A source that cannot start for a reason retrying cannot fix (a missing
+        file, a bad query) fails here, while nothing has been written yet.
+        A source that is merely unreachable is retried by the packer.
+        """
         name = self.pipeline.name
         state = self.manifest.state.pipelines.get(name)
         if state is not None and state.paused:
@@ -281,11 +290,35 @@ class PipelineRunner:
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
                              between_chunks=self.replay_requested)
+        try:
+            await self.source.start(resume[0])
+            self.packer.started = True
+        except RetriableError as exc:
+            self.log.warning("source unavailable at start; will keep trying", error=str(exc))
+
+    async def _watch_recovery(self, pending: set[str]) -> None:
+        """Set :attr:`recovered` once no chunk that was mid-create at start is left unresolved."""
+        while True:
+            chunks = self.manifest.state.chunks
+            if self.submissions_blocked or not any(
+                cid in chunks and chunks[cid].stage in (Stage.SEALED, Stage.INTENT)
+                for cid in pending
+            ):
+                self.recovered.set()
+                return
+            await anyio.sleep(0.05)
+
+    async def run(self, *, until_drained: bool) -> None:
+        if self.packer is None:
+            await self.prepare()
+        assert self.packer is not None
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for chunk in self.live_chunks():
                 in_flight = chunk.stage not in _DONE
                 self.start_chunk(chunk.chunk, active=in_flight)
+            intents = {c.chunk for c in self.live_chunks() if c.stage is Stage.INTENT}
+            tg.start_soon(self._watch_recovery, intents)
             tg.start_soon(self.poller.run)
             try:
                 await self.packer.run(until_drained)

@@ -14,12 +14,14 @@ sealed with, new chunks follow the new config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -36,7 +38,7 @@ from daemon.pricing import PriceTable
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.telemetry import Telemetry
 from plugins.contract import PluginContext, Sink, Source
-from plugins.errors import BatchdError, ConfigError
+from plugins.errors import BatchdError, ConfigError, FatalError
 from plugins.manager import sink_factory, source_factory
 
 __all__ = ("build_sink", "build_source", "run_daemon")
@@ -97,31 +99,60 @@ class _Daemon:
         create_lock = anyio.Lock()
         spool_dir = config.state_dir / "spool"
         runners = []
+        opened: list[tuple[PipelineRunner, list[tuple[Sink, PluginSpec]]]] = []
         for pipeline in config.pipelines:
             source = build_source(config, pipeline.name, pipeline.source)
             stack.push_async_callback(source.aclose)
-            sinks = [build_sink(config, pipeline.name, spec) for spec in pipeline.sinks]
-            dead_letter = build_sink(config, pipeline.name, pipeline.dead_letter)
-            specs = (*pipeline.sinks, pipeline.dead_letter)
-            for sink, spec in zip((*sinks, dead_letter), specs, strict=True):
+            specs = [*pipeline.sinks, pipeline.dead_letter]
+            sinks = [build_sink(config, pipeline.name, spec) for spec in specs]
+            if self.metrics is not None:
+                self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
+            runner = PipelineRunner(
+                pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
+                spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
+                dead_letter=sinks[-1], cost=cost, budget=Budget(pipeline, prices),
+                telemetry=Telemetry(self.metrics, pipeline.name),
+                make_source=partial(build_source, config, pipeline.name, pipeline.source),
+            )
+            opened.append((runner, list(zip(sinks, specs, strict=True))))
+        # Sources first: one that cannot start (a missing file) fails before any sink
+        # has created a table or a directory.
+        for runner, _ in opened:
+            try:
+                await runner.prepare()
+            except (ConfigError, FatalError) as exc:
+                raise ConfigError(f"{runner.pipeline.source.where}: {exc}") from None
+        for _, sinks_and_specs in opened:
+            for sink, spec in sinks_and_specs:
                 try:
                     await sink.open()
                 except ConfigError as exc:
                     raise ConfigError(f"{spec.where}: {exc}") from None
                 stack.push_async_callback(sink.aclose)
-            if self.metrics is not None:
-                self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
-            runners.append(PipelineRunner(
-                pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
-                spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
-                dead_letter=dead_letter, cost=cost, budget=Budget(pipeline, prices),
-                telemetry=Telemetry(self.metrics, pipeline.name),
-                make_source=partial(build_source, config, pipeline.name, pipeline.source),
-            ))
+        runners = [runner for runner, _ in opened]
         log.info("pipelines started", pipelines=[p.name for p in config.pipelines],
                  state_dir=str(config.state_dir), api=api.base_url,
                  live_chunks=len(manifest.state.chunks))
         return runners
+
+    async def announce_ready(self) -> None:
+        """
+        READY=1 once every pipeline has reattached its batches: each chunk that was
+        mid-create at start-up is adopted or sent again. While that takes, the start
+        timeout is extended; past a minute (the API unreachable, say) READY is sent
+        anyway, so systemd does not kill a daemon that is only waiting.
+        """
+        with anyio.move_on_after(60):
+            for runner in self.runners:
+                while not runner.recovered.is_set():
+                    self.notifier.extend_timeout(30)
+                    with anyio.move_on_after(10):
+                        await runner.recovered.wait()
+        unresolved = [r.pipeline.name for r in self.runners if not r.recovered.is_set()]
+        status = "recovered; running" if not unresolved else (
+            f"running; still resolving creates of {', '.join(unresolved)}")
+        self.notifier.ready(status=status)
+        log.info("ready", unresolved=unresolved)
 
     def reload(self) -> None:
         """Re-read the config; a broken one is logged and the running config kept."""
@@ -222,6 +253,27 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
 
 
 async def _run(config: Config, until_drained: bool) -> int:
+    fresh = not (config.state_dir / "manifest.jsonl").exists()
+    try:
+        return await _serve(config, until_drained)
+    except BaseException as exc:
+        error = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if fresh and isinstance(error, ConfigError):
+            _remove_fresh_state(config.state_dir)
+        raise
+
+
+def _remove_fresh_state(state_dir: Path) -> None:
+    """A run that failed on its config before doing anything leaves nothing behind."""
+    for name in ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
+                 "keys.sqlite-shm"):
+        (state_dir / name).unlink(missing_ok=True)
+    for directory in (state_dir / "spool", state_dir):
+        with contextlib.suppress(OSError):
+            directory.rmdir()  # only if empty
+
+
+async def _serve(config: Config, until_drained: bool) -> int:
     daemon = _Daemon(config, until_drained)
     spool_dir = config.state_dir / "spool"
     spool_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +306,7 @@ async def _run(config: Config, until_drained: bool) -> int:
                                 pipelines.start_soon(
                                     partial(runner.run, until_drained=until_drained)
                                 )
-                            daemon.notifier.ready(status="recovered; running")
+                            pipelines.start_soon(daemon.announce_ready)
                 if not daemon.reload_requested:
                     break
                 daemon.reload()
