@@ -143,6 +143,8 @@ def _print_run(label: str, rows: int, result: dict[str, Any]) -> bool:
     print(f"  records/s          {rows / run.wall_s:,.0f}  (end to end)")
     print(f"  peak RSS           {mb(run.peak_rss)}  (VmHWM polled: {mb(run.polled_hwm)})")
     print(f"  CPU                {run.cpu_s:.2f} s own, {result['emulator_cpu']:.2f} s emulator")
+    print(f"  CPU per record     {run.cpu_s / rows * 1e6:.0f} us own  (ceiling on a free core: "
+          f"{rows / run.cpu_s:,.0f} records/s)")
     print(f"  API calls          {sum(calls.values())}")
     for endpoint, count in sorted(calls.items()):
         print(f"    {endpoint:<44} {count}")
