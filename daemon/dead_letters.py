@@ -37,17 +37,57 @@ def _context(config: Config, pipeline: PipelineConfig) -> PluginContext:
     return PluginContext(pipeline.name, config.state_dir, config.path.resolve().parent)
 
 
-def iter_dead_letters(config: Config, pipeline: PipelineConfig) -> Iterator[dict[str, Any]]:
-    """Every dead-letter row the pipeline's dead-letter sink holds."""
+class _Owners:
+    """Which chunk last claimed each key (the key ledger), read-only beside a running daemon."""
+
+    def __init__(self, state_dir: Path, pipeline: str) -> None:
+        self.pipeline = pipeline
+        path = state_dir / "keys.sqlite"
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.exists() else None
+
+    def _number(self, chunk: str) -> int:
+        digits = chunk[len(self.pipeline) + 1 : len(self.pipeline) + 7]
+        return int(digits) if digits.isdigit() else -1
+
+    def superseded(self, row: dict[str, Any], group: str) -> bool:
+        """Whether the key was sent again, in a later chunk, after this dead letter."""
+        if self._db is None or row.get("error_type") == "duplicate_key":
+            return False
+        found = self._db.execute(
+            "SELECT chunk FROM keys WHERE pipeline = ? AND key = ?", (self.pipeline, row["key"])
+        ).fetchone()
+        return found is not None and self._number(found[0]) > self._number(group)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def iter_dead_letters(
+    config: Config, pipeline: PipelineConfig, *, include_superseded: bool = False
+) -> Iterator[dict[str, Any]]:
+    """
+    The dead letters whose key has no later outcome.
+
+    A key an operator resubmitted (``retry``) is no longer listed from its
+    old part file; if it failed again, its new dead letter is listed instead.
+    """
     spec = pipeline.dead_letter
     context = _context(config, pipeline)
     if spec.type in ("jsonl", "dead_letter"):
         directory = context.resolve_path(spec.options.get("path", ""))
-        for part in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
-            with part.open("rb") as lines:
-                for line in lines:
-                    if line.strip():
-                        yield orjson.loads(line)
+        owners = _Owners(config.state_dir, pipeline.name)
+        try:
+            for part in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+                with part.open("rb") as lines:
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        row = orjson.loads(line)
+                        if include_superseded or not owners.superseded(row, part.stem):
+                            yield row
+        finally:
+            owners.close()
         return
     if spec.type == "sqlite":
         path = context.resolve_path(spec.options.get("path", ""))

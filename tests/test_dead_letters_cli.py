@@ -82,11 +82,6 @@ def _lines(run: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
 
 
-_RETRIED_KEYS_STAY_DEAD = (
-    "daemon/dead_letters.py iter_dead_letters lists every line the dead-letter sink ever "
-    "wrote, including keys a later retry answered, so `retry --all` after `retry --key K` "
-    "resubmits K and its result is written a second time"
-)
 
 
 class TestList:
@@ -122,13 +117,11 @@ class TestRetry:
         assert all(retry_run.sink_after_all[key] == 1 for key in rest)
         assert {f"t-{key}" for key in rest} <= set(retry_run.sent_for_all)
 
-    @pytest.mark.xfail(strict=True, reason=_RETRIED_KEYS_STAY_DEAD)
     def test_retry_all_skips_keys_already_answered(self, retry_run: RetryRun) -> None:
         """A key answered by an earlier retry is not sent again, nor written twice."""
         assert f"t-{retry_run.chosen}" not in retry_run.sent_for_all
         assert retry_run.sink_after_all[retry_run.chosen] == 1
 
-    @pytest.mark.xfail(strict=True, reason=_RETRIED_KEYS_STAY_DEAD)
     def test_list_forgets_answered_keys(self, retry_run: RetryRun) -> None:
         """Once every dead letter was retried successfully, ``list`` shows none."""
         assert _lines(retry_run.listed_at_end) == []
