@@ -126,6 +126,7 @@ class NotifyRun:
     datagrams: list[Datagram]
     exit_code: int
     sigterm_at: float
+    sigterm_wall: float
     exited_at: float
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -155,14 +156,14 @@ def notify_run(
         wait_until(lambda: listener.having("STATUS") and any(
             "tickets" in d.fields["STATUS"] for d in listener.having("STATUS")
         ), 20, "a STATUS= line naming the pipeline")
-        sigterm_at = time.monotonic()
+        sigterm_at, sigterm_wall = time.monotonic(), time.time()
         daemon.signal(signal.SIGTERM)
         code = daemon.wait(15)
         exited_at = time.monotonic()
         time.sleep(0.2)  # a datagram sent just before exit is already queued; let it land
     finally:
         listener.close()
-    yield NotifyRun(ws, daemon, listener.datagrams, code, sigterm_at, exited_at,
+    yield NotifyRun(ws, daemon, listener.datagrams, code, sigterm_at, sigterm_wall, exited_at,
                     emulator.stats())
 
 
@@ -198,7 +199,9 @@ class TestSystemdNotify:
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         half = WATCHDOG_USEC / 1e6 / 2
         assert half * 0.75 <= statistics.median(gaps) <= half * 1.75, gaps
-        assert max(gaps) < WATCHDOG_USEC / 1e6 * 2, f"a gap of {max(gaps):.2f}s"
+        # Lenient bounds: a busy test machine may delay a tick; a stopped loop is the bug.
+        assert max(gaps) < 2.0, f"a gap of {max(gaps):.2f}s"
+        assert pings[-1] > notify_run.sigterm_wall - 2.0, "the pings stopped before SIGTERM"
 
     def test_status_line_names_the_pipeline(self, notify_run: NotifyRun) -> None:
         """A STATUS= line reports the pipeline's progress."""
@@ -307,7 +310,8 @@ def reload_run(
     A daemon with one pipeline; SIGHUP after adding a second; SIGHUP after breaking the
     config with a typo; SIGHUP after restoring it with ``state_dir`` spelt out; SIGTERM.
 
-    The first configs leave ``state_dir`` to its default: see ``_RELOAD_STATE_DIR``.
+    The first configs leave ``state_dir`` to its default and the last spells it out, so
+    both forms are reloaded (the daemon passes its state_dir as an override).
     """
     emulator = emulators()
     ws = make_workspace(emulator.base_url, "reload")
