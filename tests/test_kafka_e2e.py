@@ -273,6 +273,7 @@ def assert_one_outcome_per_key(
     assert labels == {k: rule_label(b) for k, b in tickets.items() if k not in expected_dead}
     for key, row in rows.items():
         assert (row["key"], row["custom_id"], row["status"]) == (key, f"t-{key}", "succeeded")
+        assert row["attempt"] == len(fate[key]), row
     for key, copies in dead.values.items():
         assert len(set(copies)) == 1, f"{key}: differing dead letters {copies}"
     dead_values = dead.decoded()
@@ -338,8 +339,9 @@ class TestKillNine:
 
         Duplicates of a key in the results topic are allowed only as identical
         re-writes (a replayed group publishes the same rows again); downstream
-        dedupes by key. Nothing is sent to the API more than its fate needs,
-        no chunk is created twice, and the offsets end committed at the end.
+        dedupes by key. Each row names the attempt that succeeded, nothing is
+        sent to the API more than its fate needs, no chunk is created twice,
+        and the offsets end committed at the end.
         """
         emulator = start_emulator(emulator_factory, WITH_RETRIES)
         ws = kafka_ws(emulator.base_url)
@@ -347,7 +349,7 @@ class TestKillNine:
         ws.produce(ticket_messages(tickets))
         ws.write_kafka_config()
         fate = fates(tickets, WITH_RETRIES)
-        assert any(len(f) > 1 and f[-1] is None for f in fate.values()), "no retried key"
+        assert {len(f) for f in fate.values() if f[-1] is None} == {1, 2, 3}, "retries needed"
 
         for point in CRASHES:
             ws.crash(point)  # asserts death by SIGKILL (returncode -9)
@@ -399,78 +401,48 @@ class TestBadMessages:
         assert "results committed" in proc.stdout
 
 
-class KnownEngineBug(AssertionError):
-    """Raised only by the check a strict xfail pins; any other failure stays a failure."""
+#: Why offsets could stay behind: KafkaSource.commit() skips every partition it is
+#: not assigned (yet), the pipeline records the commit as done, and nothing commits
+#: again, so chunks that end while the consumer is still joining leave their offsets
+#: uncommitted for good. Reachable at start-up while the source starts after the
+#: chunks recover, and on any rebalance.
+COMMIT_BEFORE_ASSIGNMENT = (
+    "engine bug: connectors/kafka_source.py KafkaSource.commit() drops a position that "
+    "arrives before the partitions are assigned (`start is None`); nothing commits it later"
+)
 
 
 class TestCommitBeforeAssignment:
-    @pytest.mark.xfail(
-        strict=True,
-        raises=KnownEngineBug,
-        reason="engine bug: KafkaSource.commit() skips partitions it is not assigned yet "
-        "(connectors/kafka_source.py commit(), `start is None`), the pipeline records the "
-        "commit as done, and nothing commits again: chunks finished while the restarted "
-        "consumer is still joining leave their offsets uncommitted for good",
-    )
-    def test_chunks_finished_while_joining_still_get_committed(
+    def test_chunks_recovered_on_restart_get_committed(
         self, emulator_factory: EmulatorFactory, kafka_ws: Callable[[str], KafkaWorkspace]
     ) -> None:
-        """Killed with every chunk sealed, a restart that ends them before its join commits them."""
-        # A batch takes 1 s, so all three chunks are sealed before the first ends. The
-        # restart's join takes seconds (the broker's initial rebalance delay, and the
-        # killed member's session must expire), its recovered chunks end in under one.
+        """Killed with every chunk sealed, the restart that ends them commits their offsets."""
+        # A batch takes 1 s, so all three chunks are sealed before the first ends; the
+        # restart only recovers them. Whether they end before its consumer has joined
+        # depends on the start-up order (and the killed member's 6 s session).
         emulator = start_emulator(emulator_factory, INVALID_ONLY, latency=1.0)
         ws = kafka_ws(emulator.base_url)
         tickets = make_tickets(3 * MAX_REQUESTS, seed=10)
         ws.produce(ticket_messages(tickets))
         ws.write_kafka_config(max_in_flight=4, session_timeout_ms=6000)
         ws.crash("after_source_commit:1")
+        before = max(r["seq"] for r in ws.manifest_records())
         restart = ws.run_ok()
 
         assert "chunk sealed" not in restart.stdout, "every chunk should be sealed before the kill"
-        assigned = next(orjson.loads(line) for line in restart.stdout.splitlines()
-                        if "kafka partitions assigned" in line)
-        last_commit = max(
-            (r for r in ws.manifest_records() if r["kind"] == "source_committed"),
-            key=lambda r: r["seq"],
-        )
-        assert last_commit["source_seq"] == len(tickets)
-        joined = datetime.fromisoformat(assigned["timestamp"].replace("Z", "+00:00"))
-        assert last_commit["ts"] < joined.timestamp(), "the scenario did not arise"
         assert_one_outcome_per_key(ws, tickets, fates(tickets, INVALID_ONLY))
         end = read_topic(ws.bootstrap, ws.input).end
         committed = ws.committed()
-        if committed != end:
-            raise KnownEngineBug(f"committed {committed} != end offsets {end}")
+        if committed != end and commits_before_assignment(ws, restart.stdout, before):
+            pytest.xfail(f"{COMMIT_BEFORE_ASSIGNMENT}: committed {committed}, end {end}")
+        assert committed == end
 
 
-class TestRetriedAttempt:
-    @pytest.mark.xfail(
-        strict=True,
-        raises=KnownEngineBug,
-        reason="engine bug: daemon/collector.py builds succeeded ResultRows without "
-        "attempt=..., so a key that succeeded on a retry is published with attempt 1 "
-        "(docs/sinks.md: '1 unless the record was retried')",
-    )
-    def test_result_names_the_attempt_that_succeeded(
-        self, emulator_factory: EmulatorFactory, kafka_ws: Callable[[str], KafkaWorkspace]
-    ) -> None:
-        """A key that succeeded on its n-th attempt is published with ``attempt`` n."""
-        faults = {"invalid_request": 0.05, "api_error": 0.3}
-        emulator = start_emulator(emulator_factory, faults)
-        ws = kafka_ws(emulator.base_url)
-        tickets = make_tickets(300, seed=11)
-        ws.produce(ticket_messages(tickets))
-        ws.write_kafka_config()
-        ws.run_ok()
-
-        fate = fates(tickets, faults)
-        rows, _ = assert_one_outcome_per_key(ws, tickets, fate)
-        assert_sent_once(ws, emulator, fate)
-        attempts = {k: row["attempt"] for k, row in rows.items()}
-        assert set(map(len, fate.values())) == {1, 2, 3}, "the faults should need two retries"
-        wanted = {k: len(fate[k]) for k in attempts}
-        if attempts != wanted:
-            wrong = {k: (attempts[k], n) for k, n in wanted.items() if attempts[k] != n}
-            sample = list(wrong.items())[:5]
-            raise KnownEngineBug(f"{len(wrong)} keys as (published, actual): {sample}")
+def commits_before_assignment(ws: KafkaWorkspace, output: str, after_seq: int) -> bool:
+    """Whether the run in ``output`` (manifest records past ``after_seq``) recorded a
+    source commit before its partitions were assigned."""
+    assigned = next(orjson.loads(line) for line in output.splitlines()
+                    if "kafka partitions assigned" in line)
+    joined = datetime.fromisoformat(assigned["timestamp"].replace("Z", "+00:00")).timestamp()
+    return any(r["kind"] == "source_committed" and r["seq"] > after_seq and r["ts"] < joined
+               for r in ws.manifest_records())
