@@ -167,8 +167,6 @@ def notify_run(
                     emulator.stats())
 
 
-
-
 class TestSystemdNotify:
     def test_ready_sent_once(self, notify_run: NotifyRun) -> None:
         """READY=1 is sent exactly once, after the manifest was replayed, before STOPPING=1."""
