@@ -12,7 +12,8 @@ against the SDK's own ``results()`` decoding. Only time inside ``collect`` count
 passes, every sink put and the committing flush); each collect variant runs ``--repeat`` times
 into fresh sinks and the best run counts. Wall time and this process's CPU time (all threads)
 are both printed: on a shared machine the CPU figure is the steadier one. Target: >= 100,000
-rows/s with the SQLite sink. ``--profile`` prints where the collector's event-loop thread spends its time.
+rows/s with the SQLite sink. ``--profile`` prints where the collector's event-loop thread
+spends its time.
 """
 
 from __future__ import annotations

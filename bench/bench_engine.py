@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -87,9 +88,20 @@ def _dead_letters(directory: Path) -> int:
     return sum(sum(1 for _ in part.open("rb")) for part in directory.glob("*.jsonl"))
 
 
+def _fresh(*paths: Path) -> None:
+    """Remove what an earlier run in a kept directory left (else batchd would resume it)."""
+    for path in paths:
+        for leftover in (path, *path.parent.glob(path.name + "-*")):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def run_batchd(work: Path, csv_path: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]:
     config = work / "pipeline.toml"
     db, dead = work / "batchd.sqlite", work / "dead-letters"
+    _fresh(db, dead, work / "state", work / "emulator-batchd")
     config.write_text(PIPELINE.format(
         state=work / "state", poll=args.poll_interval, csv=csv_path, db=db, dead=dead,
         max_requests=args.max_requests, max_in_flight=args.max_in_flight,
@@ -113,6 +125,7 @@ def run_batchd(work: Path, csv_path: Path, rows: int, args: argparse.Namespace) 
 
 def run_baseline(work: Path, csv_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     db = work / "baseline.sqlite"
+    _fresh(db, work / "emulator-baseline")
     with EmulatorProcess(work / "emulator-baseline") as emulator:
         env = {**os.environ, "ANTHROPIC_BASE_URL": emulator.base_url,
                "ANTHROPIC_API_KEY": "bench"}
