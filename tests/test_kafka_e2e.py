@@ -403,9 +403,9 @@ class TestBadMessages:
 
 #: Why offsets could stay behind: KafkaSource.commit() skips every partition it is
 #: not assigned (yet), the pipeline records the commit as done, and nothing commits
-#: again, so chunks that end while the consumer is still joining leave their offsets
-#: uncommitted for good. Reachable at start-up while the source starts after the
-#: chunks recover, and on any rebalance.
+#: again, so chunks that end while the consumer is (re)joining leave their offsets
+#: uncommitted for good. Since the source opens (and joins) before chunks recover,
+#: a restart no longer hits it; a rebalance mid-run still can.
 COMMIT_BEFORE_ASSIGNMENT = (
     "engine bug: connectors/kafka_source.py KafkaSource.commit() drops a position that "
     "arrives before the partitions are assigned (`start is None`); nothing commits it later"
