@@ -40,7 +40,7 @@ from connectors._kafka import (
     translate_error,
 )
 from plugins.contract import PluginContext, Source
-from plugins.errors import ConfigError, RetriableError
+from plugins.errors import ConfigError
 from plugins.hookspecs import hookimpl
 from plugins.records import Record
 
@@ -127,9 +127,9 @@ class KafkaSource(Source):
         self._owned_from: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._joined = False
-        # False until the group first assigns us partitions: a commit before that is
-        # retried, not dropped (right after a restart, chunks may finish before the join).
-        self._assigned_once = False
+        # A commit that arrives while we hold no assignment (joining, or mid-rebalance)
+        # waits here and is sent on the next assignment instead of being dropped.
+        self._pending_commit: dict[str, Any] | None = None
         self._idle_since: float | None = None
 
     @staticmethod
@@ -217,8 +217,9 @@ class KafkaSource(Source):
     async def commit(self, position: dict[str, Any]) -> None:
         """Commit ``position["next"]`` for partitions we still own, never backwards."""
         consumer = self._require()
-        if not self._assigned_once and position.get("next"):
-            raise RetriableError(f"{self._owner}: waiting for the group to assign partitions")
+        if not self._joined:
+            self._pending_commit = position  # later positions cover earlier ones
+            return
         offsets: dict[TopicPartition, int] = {}
         for name, offset in position.get("next", {}).items():
             tp = _parse_tp(name)
@@ -318,12 +319,14 @@ class KafkaSource(Source):
         for tp in assigned:
             self._adopt(tp, await consumer.position(tp))
         self._joined = True
-        self._assigned_once = True
         log.info(
             "kafka partitions assigned",
             source=self._owner,
             partitions=dict(self._snapshot),
         )
+        pending, self._pending_commit = self._pending_commit, None
+        if pending is not None:
+            await self.commit(pending)
 
     def _adopt(self, tp: TopicPartition, offset: int) -> None:
         """Start owning ``tp`` at ``offset``, or at the sealed floor if that is further."""
