@@ -83,6 +83,7 @@ class Poller:
 
     async def _retrieve(self, chunk: ChunkState) -> Any | None:
         assert chunk.batch_id is not None
+        self.runner.telemetry.poll_call()
         try:
             return await self.runner.api.retrieve(chunk.batch_id)
         except anthropic.NotFoundError:
@@ -94,6 +95,7 @@ class Poller:
         found: dict[str, Any] = {}
         if len(by_batch) > 2:
             since = min(_ts(c) for c in watched) - 60
+            self.runner.telemetry.poll_call()
             async for batch in api.recent(since=since):
                 if batch.id in by_batch:
                     found[batch.id] = batch

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -67,6 +68,21 @@ def build_source(config: Config, pipeline: str, spec: PluginSpec) -> Source:
 def build_sink(config: Config, pipeline: str, spec: PluginSpec) -> Sink:
     sink: Sink = _build(spec, lambda: sink_factory(spec.type), _context(config, pipeline))
     return sink
+
+
+# Seconds a graceful stop may take before the process exits regardless (the manifest
+# makes that safe); well under the unit's TimeoutStopSec.
+STOP_BOUND = float(os.environ.get("BATCHD_STOP_TIMEOUT", "30"))
+
+
+def _exit_after(seconds: float) -> None:
+    def force() -> None:
+        log.warning("graceful stop took too long; exiting now", bound_seconds=seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 class _Daemon:
@@ -191,6 +207,7 @@ class _Daemon:
                 self.stopping = True
                 log.info("stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
+                _exit_after(STOP_BOUND)
                 outer.cancel()
 
     async def report(self, manifest: Manifest) -> None:
