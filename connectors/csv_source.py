@@ -13,10 +13,9 @@ import csv
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
-import anyio
-
+from connectors._file_source import FileSource
 from connectors._lines import LineReader, check_options, option_int, option_str_list, text_codec
-from plugins.contract import PluginContext, Source
+from plugins.contract import PluginContext
 from plugins.errors import ConfigError, FatalError
 from plugins.hookspecs import hookimpl
 from plugins.records import Record
@@ -103,7 +102,9 @@ class _Parsed(NamedTuple):
     problem: _Problem | None
 
 
-class CsvSource(Source):
+class CsvSource(FileSource):
+    _what = _WHAT
+
     """
     Reads a CSV file with a header row; each data row becomes one record.
 
@@ -123,8 +124,7 @@ class CsvSource(Source):
         path, key = options["path"], options["key"]
         if not isinstance(path, str) or not isinstance(key, str):
             raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        self._label = path
-        self._path = context.resolve_path(path)
+        super().__init__(path, context.resolve_path(path))
         self._key = key
         self._fields = option_str_list(_WHAT, options, "fields")
         self._dialect_name = options.get("dialect", "excel")
@@ -143,46 +143,9 @@ class CsvSource(Source):
         self._codecs = text_codec(_WHAT, options.get("encoding", "utf-8-sig"))
         self._max_field = option_int(_WHAT, options, "max_field_bytes", 16 * 1024 * 1024)
         self.max_records = option_int(_WHAT, options, "batch", 1000)
-        self._limiter = anyio.CapacityLimiter(1)
-        self._file: BinaryIO | None = None
-        self._pending: list[Record] | None = None
-
-    async def start(self, resume: dict[str, Any] | None) -> None:
-        """Read the header from the file start, then seek just past ``resume``."""
-        await anyio.to_thread.run_sync(self._open, resume, limiter=self._limiter)
-
-    async def poll(self) -> list[Record] | None:
-        """Parse up to ``batch`` rows in a worker thread; ``None`` at end of file."""
-        if self._file is None:
-            raise FatalError(f"{_WHAT} {self._label}: poll() before start()")
-        if self._pending is None:
-            # The worker leaves its batch in _pending, so a poll cancelled while the
-            # thread finishes loses nothing: the next poll returns it.
-            await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
-        out, self._pending = self._pending, None
-        return out or None
-
-    async def aclose(self) -> None:
-        """Close the file; safe to call twice."""
-        file, self._file = self._file, None
-        if file is not None:
-            file.close()
 
     # -- worker-thread side -------------------------------------------------
 
-    def _open(self, resume: dict[str, Any] | None) -> None:
-        try:
-            file = open(self._path, "rb")  # kept open until aclose
-        except FileNotFoundError:
-            raise FatalError(f"{_WHAT}: file not found: {self._path}") from None
-        except OSError as exc:
-            raise FatalError(f"{_WHAT}: cannot open {self._path}: {exc.strerror}") from None
-        try:
-            self._prepare(file, resume)
-        except BaseException:
-            file.close()
-            raise
-        self._file = file
 
     def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:
         dialect = self._pick_dialect(file)

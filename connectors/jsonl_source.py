@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO
 
-import anyio
 import orjson
 
+from connectors._file_source import FileSource
 from connectors._lines import LineReader, check_options, option_int, option_str_list
-from plugins.contract import PluginContext, Source
+from plugins.contract import PluginContext
 from plugins.errors import ConfigError, FatalError
 from plugins.hookspecs import hookimpl
 from plugins.records import Record
@@ -26,7 +26,9 @@ _POLL_BYTES = 4 * 1024 * 1024  # input parsed per poll, so a poll returns prompt
 _BOM = b"\xef\xbb\xbf"
 
 
-class JsonlSource(Source):
+class JsonlSource(FileSource):
+    _what = _WHAT
+
     """
     Reads a file of JSON objects, one per line; blank lines are skipped.
 
@@ -42,53 +44,18 @@ class JsonlSource(Source):
         path, key = options["path"], options["key"]
         if not isinstance(path, str) or not isinstance(key, str):
             raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        self._label = path
-        self._path = context.resolve_path(path)
+        super().__init__(path, context.resolve_path(path))
         self._key = key
         self._fields = option_str_list(_WHAT, options, "fields")
         self.max_records = option_int(_WHAT, options, "batch", 1000)
         self._max_line = option_int(_WHAT, options, "max_line_bytes", 64 * 1024 * 1024)
-        self._limiter = anyio.CapacityLimiter(1)
-        self._file: BinaryIO | None = None
-        self._pending: list[Record] | None = None
-
-    async def start(self, resume: dict[str, Any] | None) -> None:
-        """Open the file and seek just past ``resume``."""
-        await anyio.to_thread.run_sync(self._open, resume, limiter=self._limiter)
-
-    async def poll(self) -> list[Record] | None:
-        """Parse up to ``batch`` lines in a worker thread; ``None`` at end of file."""
-        if self._file is None:
-            raise FatalError(f"{_WHAT} {self._label}: poll() before start()")
-        if self._pending is None:
-            # A cancelled poll leaves its batch in _pending for the next one.
-            await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
-        out, self._pending = self._pending, None
-        return out or None
-
-    async def aclose(self) -> None:
-        """Close the file; safe to call twice."""
-        file, self._file = self._file, None
-        if file is not None:
-            file.close()
 
     # -- worker-thread side -------------------------------------------------
 
-    def _open(self, resume: dict[str, Any] | None) -> None:
-        try:
-            file = open(self._path, "rb")  # kept open until aclose
-        except FileNotFoundError:
-            raise FatalError(f"{_WHAT}: file not found: {self._path}") from None
-        except OSError as exc:
-            raise FatalError(f"{_WHAT}: cannot open {self._path}: {exc.strerror}") from None
-        try:
-            self._lines = LineReader(file)
-            if resume is not None:
-                self._seek(file, resume)
-        except BaseException:
-            file.close()
-            raise
-        self._file = file
+    def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:
+        self._lines = LineReader(file)
+        if resume is not None:
+            self._seek(file, resume)
 
     def _seek(self, file: BinaryIO, resume: dict[str, Any]) -> None:
         try:
