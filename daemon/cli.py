@@ -33,11 +33,13 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
+    # is set, which would add a handler that bypasses secret redaction.
+    configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
     from daemon.pipeline import PipelinePaused
     from daemon.supervisor import run_daemon
 
-    config = _load(args)
-    configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
     try:
         return anyio.run(lambda: run_daemon(config, until_drained=args.until_drained))
     except PipelinePaused as exc:

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from daemon.config import Config, PipelineConfig
+from daemon.factories import build_source
 from daemon.pricing import PriceTable, estimate_request_tokens
 from daemon.shaper import ShapeError, Shaper
-from daemon.supervisor import build_source
 
 __all__ = ("Estimate", "estimate_pipeline")
 

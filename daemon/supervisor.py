@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -32,42 +31,19 @@ from daemon._logging import register_secret
 from daemon.api import BatchesApi, resolve_api_key
 from daemon.budget import Budget
 from daemon.config import Config, PluginSpec, load_config
+from daemon.factories import build_sink, build_source
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest
 from daemon.pipeline import PipelineRunner
 from daemon.pricing import PriceTable
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.telemetry import Telemetry
-from plugins.contract import PluginContext, Sink, Source
+from plugins.contract import Sink
 from plugins.errors import BatchdError, ConfigError, FatalError
-from plugins.manager import sink_factory, source_factory
 
-__all__ = ("build_sink", "build_source", "run_daemon")
+__all__ = ("run_daemon",)
 
 log = structlog.get_logger("batchd")
-
-
-def _context(config: Config, pipeline: str) -> PluginContext:
-    return PluginContext(
-        pipeline=pipeline, state_dir=config.state_dir, config_dir=config.path.resolve().parent
-    )
-
-
-def _build(spec: PluginSpec, factory: Callable[[], Any], context: PluginContext) -> Any:
-    try:
-        return factory()(dict(spec.options), context)
-    except ConfigError as exc:
-        raise ConfigError(f"{spec.where}: {exc}") from None
-
-
-def build_source(config: Config, pipeline: str, spec: PluginSpec) -> Source:
-    source: Source = _build(spec, lambda: source_factory(spec.type), _context(config, pipeline))
-    return source
-
-
-def build_sink(config: Config, pipeline: str, spec: PluginSpec) -> Sink:
-    sink: Sink = _build(spec, lambda: sink_factory(spec.type), _context(config, pipeline))
-    return sink
 
 
 # Seconds a graceful stop may take before the process exits regardless (the manifest

@@ -1,0 +1,41 @@
+"""
+Sources and sinks built from their config tables.
+
+Kept apart from the supervisor so commands that only read a source
+(``batchd estimate``) do not pay for importing the API client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from daemon.config import Config, PluginSpec
+from plugins.contract import PluginContext, Sink, Source
+from plugins.errors import ConfigError
+from plugins.manager import sink_factory, source_factory
+
+__all__ = ("build_sink", "build_source")
+
+
+def _context(config: Config, pipeline: str) -> PluginContext:
+    return PluginContext(
+        pipeline=pipeline, state_dir=config.state_dir, config_dir=config.path.resolve().parent
+    )
+
+
+def _build(spec: PluginSpec, factory: Callable[[], Any], context: PluginContext) -> Any:
+    try:
+        return factory()(dict(spec.options), context)
+    except ConfigError as exc:
+        raise ConfigError(f"{spec.where}: {exc}") from None
+
+
+def build_source(config: Config, pipeline: str, spec: PluginSpec) -> Source:
+    source: Source = _build(spec, lambda: source_factory(spec.type), _context(config, pipeline))
+    return source
+
+
+def build_sink(config: Config, pipeline: str, spec: PluginSpec) -> Sink:
+    sink: Sink = _build(spec, lambda: sink_factory(spec.type), _context(config, pipeline))
+    return sink
