@@ -189,7 +189,7 @@ def main() -> int:
     baseline = args.baseline if args.baseline is not None else args.rows <= 200_000
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        work = args.keep or Path(tmp)
+        work = (args.keep or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         csv_path = write_csv(work / "tickets.csv", args.rows)
         print(f"rows {args.rows}, CSV {mb(csv_path.stat().st_size)}, max_requests "
