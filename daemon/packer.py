@@ -33,6 +33,9 @@ from plugins.records import Record
 __all__ = ("ChunkBuilder", "Packer", "chunk_id")
 
 log = structlog.get_logger("batchd.packer")
+# One shrink per this many seconds of 429s; grow back after this long without one.
+_SHRINK_EPISODE = 30.0
+_REGROW_AFTER = 300.0
 
 
 def chunk_id(pipeline: str, number: int) -> str:
@@ -104,6 +107,7 @@ class Packer:
         self._between_chunks = between_chunks
         self.resume_position, self.seq, self.next_chunk = resume
         self.max_requests = pipeline.batching.max_requests
+        self._shrunk_at = -_REGROW_AFTER
         self.max_bytes = min(pipeline.batching.max_bytes, MAX_BATCH_BYTES)
         self.builder: ChunkBuilder | None = None
         self.drained = anyio.Event()
@@ -111,8 +115,25 @@ class Packer:
         self.started = False
 
     def shrink(self) -> None:
-        """The API's processing queue is full: make the next chunks half the size."""
+        """
+        A create was refused with 429 (the processing queue is full, or a rate
+        limit): make the next chunks half the size — once per episode, not once
+        per refusal — so smaller batches fit while in-flight ones drain.
+        """
+        now = time.monotonic()
+        if now - self._shrunk_at < _SHRINK_EPISODE:
+            return
+        self._shrunk_at = now
         self.max_requests = max(1, self.max_requests // 2)
+        log.warning("chunks made smaller after a 429 at create", pipeline=self.pipeline.name,
+                    max_requests=self.max_requests)
+
+    def _regrow(self) -> None:
+        """After a quiet period without 429s, chunks grow back towards the configured size."""
+        configured = self.pipeline.batching.max_requests
+        if self.max_requests < configured and time.monotonic() - self._shrunk_at > _REGROW_AFTER:
+            self.max_requests = min(configured, self.max_requests * 2)
+            self._shrunk_at = time.monotonic() - _REGROW_AFTER + _SHRINK_EPISODE
 
     async def start(self) -> None:
         """Open the source just after the last sealed record; retried while it is unreachable."""
@@ -214,6 +235,7 @@ class Packer:
             await self.seal_current()
             await self._room()
         if self.builder is None:
+            self._regrow()
             self.builder = ChunkBuilder(
                 self.pipeline.name, self.next_chunk, self.spool_dir, self.max_bytes
             )

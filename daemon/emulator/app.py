@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
+import aiohttp
 from aiohttp import web
 
 from daemon.emulator.admin import add_admin_routes
@@ -68,6 +69,9 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
         message = f"{request.method} {request.path}: {exc.reason}"
         response = json_response(error_body(error_type, message, request_id), exc.status)
     except _Dropped:
+        raise asyncio.CancelledError from None
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        # The client went away mid-request (killed mid-upload, say): nobody to answer.
         raise asyncio.CancelledError from None
     except Exception as exc:
         # A bug in the emulator must still answer in the API's shape (and say so).

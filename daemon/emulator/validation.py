@@ -31,7 +31,7 @@ def check_request(index: int, item: Any) -> str:
     custom_id = item.get("custom_id")
     if custom_id is None:
         raise ValueError(f"{where}.custom_id: Field required")
-    if not isinstance(custom_id, str) or not CUSTOM_ID_PATTERN.match(custom_id):
+    if not isinstance(custom_id, str) or not CUSTOM_ID_PATTERN.fullmatch(custom_id):
         raise ValueError(
             f"{where}.custom_id: {custom_id!r} does not match pattern ^[a-zA-Z0-9_-]{{1,64}}$"
         )
