@@ -240,8 +240,8 @@ class TestKillNine:
 KNOWN_ASYNCPG_STATE_BUG = (
     "engine bug: connectors/_pg.py is_connection_error() does not count "
     "asyncpg.InternalClientError ('cannot switch to state N; another operation (2) is in "
-    "progress', asyncpg issue #1069) as a lost connection, so a backend terminated while its "
-    "connection sits idle can stop the source or the sink with a fatal error"
+    "progress', asyncpg issue #1069) as a lost connection, so a backend terminated between two "
+    "statements (idle, or idle in a sink group's transaction) stops the daemon with exit 1"
 )
 
 
@@ -323,7 +323,6 @@ class TestConnectionLoss:
         assert run.code == 0, run.output[-4000:]
         assert run.source_kills >= 1, "the source's connection was never cut"
         assert run.sink_kills >= 1, "no sink group was cut mid-transaction"
-        assert "postgres sink: lost connection" in run.output, run.output[-4000:]
         assert_written_back(run.ws, run.table, run.expected, run.oracle)
         assert_sent_once(run.emulator, run.oracle)
 
