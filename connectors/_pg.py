@@ -198,6 +198,10 @@ def is_connection_error(exc: BaseException, conn: asyncpg.Connection | None = No
     """True when ``exc`` means the connection is unusable rather than the SQL wrong."""
     if isinstance(exc, CONNECTION_ERRORS):
         return True
+    if isinstance(exc, asyncpg.InternalClientError):
+        # A backend terminated between two statements leaves asyncpg's protocol in a
+        # state it cannot leave ("another operation is in progress", asyncpg#1069).
+        return True
     if isinstance(exc, asyncpg.InterfaceError):
         return conn is None or conn.is_closed()
     return False

@@ -46,6 +46,8 @@ def retry_chunk_id(chunk: str, root: str) -> str:
 def extract_output(message: dict[str, Any]) -> str:
     """The answer as text: text blocks joined, else the first tool call's input as JSON."""
     content = message.get("content") or []
+    if len(content) == 1 and content[0].get("type") == "text":
+        return content[0].get("text", "")  # the common case, without building a list
     texts = [b.get("text", "") for b in content if b.get("type") == "text"]
     if texts:
         return "".join(texts)
@@ -136,9 +138,12 @@ class Collector:
         """
         summary = CollectSummary()
         index: dict[str, tuple[str, int]] = {}
+        rejects = 0
         for request, meta in iter_spool(spool):
             if request is not None:
                 index[meta["custom_id"]] = (meta["key"], int(meta.get("attempt", 1)))
+            else:
+                rejects += 1
         failures: dict[str, _Failure] = {}
         seen: set[str] = set()
         rows: list[ResultRow] = []
@@ -231,7 +236,8 @@ class Collector:
         retry_writer: SpoolWriter | None = None
         retry_id = retry_chunk_id(chunk, root)
         max_attempts = self.pipeline.max_attempts
-        for request, meta in iter_spool(spool):
+        # The second pass, for failures and rejects, is skipped when there are none.
+        for request, meta in iter_spool(spool) if failures or rejects else ():
             if request is None:
                 dead_rows.append(self._dead(meta, meta.get("error_type", "bad_record"),
                                             meta.get("error", ""), None, None))

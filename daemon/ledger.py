@@ -55,7 +55,6 @@ class KeyLedger:
             " pipeline TEXT NOT NULL, key TEXT NOT NULL, chunk_no INTEGER NOT NULL,"
             " chunk TEXT NOT NULL, position BLOB, PRIMARY KEY (pipeline, key)) WITHOUT ROWID"
         )
-        self._db.execute("CREATE TEMP TABLE incoming (key TEXT PRIMARY KEY, position BLOB)")
 
     def claim(
         self,
@@ -74,29 +73,32 @@ class KeyLedger:
         if not entries:
             return claim
         db = self._db
+        rows = [(pipeline, key, chunk_no, chunk, position_identity(pos)) for key, pos in entries]
         db.execute("BEGIN")
         try:
-            db.execute("DELETE FROM incoming")
-            db.executemany(
-                "INSERT OR IGNORE INTO incoming VALUES (?, ?)",
-                [(key, position_identity(pos)) for key, pos in entries],
-            )
-            for key, owner, same_position in db.execute(
-                "SELECT k.key, k.chunk, k.position = i.position FROM incoming i JOIN keys k"
-                " ON k.pipeline = ? AND k.key = i.key WHERE k.chunk_no < ?",
-                (pipeline, chunk_no),
-            ):
-                if same_position:
-                    claim.replays.add(key)
+            # Probe the few keys already known (one indexed IN query per batch, not a join),
+            # then write the claims in one executemany.
+            keys = [row[1] for row in rows]
+            known: dict[str, tuple[int, str, bytes]] = {}
+            for start in range(0, len(keys), 900):
+                part = keys[start : start + 900]
+                marks = ",".join("?" * len(part))
+                for key, owner_no, owner, position in db.execute(
+                    f"SELECT key, chunk_no, chunk, position FROM keys"
+                    f" WHERE pipeline = ? AND key IN ({marks})",
+                    (pipeline, *part),
+                ):
+                    known[key] = (owner_no, owner, position)
+            fresh = []
+            for row in rows:
+                found = known.get(row[1])
+                if found is None or found[0] >= chunk_no:  # new, or a never-sealed leftover
+                    fresh.append(row)
+                elif found[2] == row[4]:
+                    claim.replays.add(row[1])
                 else:
-                    claim.duplicates[key] = owner
-            db.execute(
-                "INSERT INTO keys SELECT ?, key, ?, ?, position FROM incoming WHERE true"
-                " ON CONFLICT (pipeline, key) DO UPDATE SET chunk_no = excluded.chunk_no,"
-                " chunk = excluded.chunk, position = excluded.position"
-                " WHERE keys.chunk_no >= ?",
-                (pipeline, chunk_no, chunk, chunk_no),
-            )
+                    claim.duplicates[row[1]] = found[1]
+            db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)", fresh)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

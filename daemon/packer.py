@@ -262,25 +262,31 @@ class Packer:
             builder.id,
             [(p.record.key, p.record.position) for p in pending if p.request is not None],
         )
+        keys, replays, duplicates = builder.keys, claim.replays, claim.duplicates
+        preferred = self.shaper.preferred_custom_id
         for item in pending:
             key = item.record.key
-            meta: dict[str, Any] = {"key": key, "position": item.record.position, "seq": item.seq}
-            if item.request is not None and key in claim.replays:
-                continue
-            if item.request is not None and (key in builder.keys or key in claim.duplicates):
-                owner = claim.duplicates.get(key, builder.id)
-                item.request, item.error_type = None, "duplicate_key"
-                item.error = f"duplicate key {key!r} (already read into chunk {owner})"
+            if item.request is not None:
+                if key in replays:
+                    continue
+                if key in keys or key in duplicates:
+                    owner = duplicates.get(key, builder.id)
+                    item.request, item.error_type = None, "duplicate_key"
+                    item.error = f"duplicate key {key!r} (already read into chunk {owner})"
             if item.request is None:
-                builder.writer.add_reject(
-                    {**meta, "error_type": item.error_type, "error": item.error}
-                )
+                builder.writer.add_reject({
+                    "key": key, "position": item.record.position, "seq": item.seq,
+                    "error_type": item.error_type, "error": item.error,
+                })
                 continue
-            builder.keys.add(key)
-            custom_id = builder.ids.allocate(key, self.shaper.preferred_custom_id(item.record))
+            keys.add(key)
+            custom_id = builder.ids.allocate(key, preferred(item.record))
             request = b'{"custom_id":"' + custom_id.encode() + b'","params":' + item.request + b"}"
             builder.est_input_bytes += len(item.request)
-            builder.writer.add_request(request, {**meta, "custom_id": custom_id, "attempt": 1})
+            builder.writer.add_request(request, {
+                "key": key, "position": item.record.position, "seq": item.seq,
+                "custom_id": custom_id, "attempt": 1,
+            })
 
     async def seal_current(self) -> None:
         builder = self.builder

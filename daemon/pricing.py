@@ -111,12 +111,20 @@ class PriceTable:
         self, overrides: Mapping[str, Mapping[str, Any]] | None = None, *, source: str = "config"
     ) -> None:
         self._prices = dict(LIST_PRICES)
+        self._resolved: dict[str, ModelPrice | None] = {}
         for model, fields in (overrides or {}).items():
-            self._prices[model] = _override(model, fields, self._resolve(model), source)
+            self._prices[model] = _override(model, fields, self._lookup(model), source)
         self._fallback = max(self._prices.values(), key=lambda p: (p.output, p.input))
         self._reported: set[str] = set()
 
     def _resolve(self, model: str) -> ModelPrice | None:
+        # Called for every result row: remember each model id's answer.
+        if model in self._resolved:
+            return self._resolved[model]
+        found = self._resolved[model] = self._lookup(model)
+        return found
+
+    def _lookup(self, model: str) -> ModelPrice | None:
         model = _ALIASES.get(model, model)
         best: str | None = None
         for name in self._prices:

@@ -58,17 +58,12 @@ class Shaper:
         load_plugins()
         self._hooked = bool(pm.hook.batchd_shape_request.get_hookimpls())
 
-    def values(self, record: Record) -> dict[str, Any]:
-        """The names a template may use: the record's fields plus ``key``."""
-        if "key" in record.fields:
-            return record.fields
-        return {**record.fields, "key": record.key}
-
     def params(self, record: Record) -> dict[str, Any]:
-        values = self.values(record)
+        # Templates may use the record's fields and ``{key}``.
+        values, key = record.fields, record.key
         try:
-            model = self._constant_model or self._model.render(values)
-            user = self._user.render(values)
+            model = self._constant_model or self._model.render(values, key)
+            user = self._user.render(values, key)
         except MissingField as exc:
             raise ShapeError(str(exc)) from None
         params = dict(self._base)
@@ -91,6 +86,6 @@ class Shaper:
         if template is None:
             return None
         try:
-            return template.render(self.values(record))
+            return template.render(record.fields, record.key)
         except MissingField:
             return None

@@ -39,7 +39,7 @@ from daemon.pricing import PriceTable
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink
-from plugins.errors import BatchdError, ConfigError, FatalError
+from plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
 
 __all__ = ("run_daemon",)
 
@@ -116,10 +116,7 @@ class _Daemon:
                 raise ConfigError(f"{runner.pipeline.source.where}: {exc}") from None
         for _, sinks_and_specs in opened:
             for sink, spec in sinks_and_specs:
-                try:
-                    await sink.open()
-                except ConfigError as exc:
-                    raise ConfigError(f"{spec.where}: {exc}") from None
+                await _open_sink(sink, spec)
                 stack.push_async_callback(sink.aclose)
         runners = [runner for runner, _ in opened]
         log.info("pipelines started", pipelines=[p.name for p in config.pipelines],
@@ -212,6 +209,22 @@ def _progress(runner: PipelineRunner) -> dict[str, Any]:
         "rows_in_flight": pending,
         "cost_usd": round(state.cost_usd, 4) if state else 0.0,
     }
+
+
+async def _open_sink(sink: Sink, spec: PluginSpec) -> None:
+    """Open a sink, waiting out an unreachable database or broker with backoff."""
+    delay = 0.5
+    while True:
+        try:
+            await sink.open()
+            return
+        except ConfigError as exc:
+            raise ConfigError(f"{spec.where}: {exc}") from None
+        except RetriableError as exc:
+            log.warning("sink unavailable at start; retrying", sink=spec.type,
+                        error=str(exc), retry_in=delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def _status_line(runners: list[PipelineRunner]) -> str:

@@ -50,7 +50,8 @@ class Template:
     def is_constant(self) -> bool:
         return not self.fields
 
-    def render(self, values: Mapping[str, Any]) -> str:
+    def render(self, values: Mapping[str, Any], key: str | None = None) -> str:
+        """Fill in ``values``; ``{key}`` falls back to ``key`` when the values lack one."""
         out: list[str] = []
         for literal, name in self._parts:
             out.append(literal)
@@ -58,7 +59,9 @@ class Template:
                 try:
                     value = values[name]
                 except KeyError:
-                    raise MissingField(name) from None
+                    if name != "key" or key is None:
+                        raise MissingField(name) from None
+                    value = key
                 if value is None:
                     raise MissingField(name)
                 out.append(value if isinstance(value, str) else str(value))

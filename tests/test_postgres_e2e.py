@@ -237,26 +237,6 @@ class TestKillNine:
         assert_sent_once(emulator, oracle)
 
 
-KNOWN_ASYNCPG_STATE_BUG = (
-    "engine bug: connectors/_pg.py is_connection_error() does not count "
-    "asyncpg.InternalClientError ('cannot switch to state N; another operation (2) is in "
-    "progress', asyncpg issue #1069) as a lost connection, so a backend terminated between two "
-    "statements (idle, or idle in a sink group's transaction) stops the daemon with exit 1"
-)
-
-
-def xfail_on_known_asyncpg_state_bug(code: int | None, output: str) -> None:
-    """
-    Turn exactly the known engine bug into an xfail; every other failure still fails.
-
-    The bug is a race (the server's FATAL must arrive just before the next
-    statement), so a strict xfail would flip between pass and XPASS; matching
-    its signature keeps the test strict about everything else.
-    """
-    if code != 0 and "InternalClientError" in output and "another operation (2)" in output:
-        pytest.xfail(KNOWN_ASYNCPG_STATE_BUG)
-
-
 @dataclass
 class LossyRun:
     """A run whose connections were cut from outside, with secrets in its environment."""
@@ -319,7 +299,6 @@ class TestConnectionLoss:
     def test_terminated_backends_do_not_change_the_result(self, lossy_run: LossyRun) -> None:
         """Source and sink backends killed mid-run: exit 0, exact table, nothing sent twice."""
         run = lossy_run
-        xfail_on_known_asyncpg_state_bug(run.code, run.output)
         assert run.code == 0, run.output[-4000:]
         assert run.source_kills >= 1, "the source's connection was never cut"
         assert run.sink_kills >= 1, "no sink group was cut mid-transaction"
@@ -327,18 +306,8 @@ class TestConnectionLoss:
         assert_sent_once(run.emulator, run.oracle)
 
 
-SINK_OPEN_NOT_RETRIED = (
-    "engine bug: daemon/supervisor.py opens each sink once (`await sink.open()` in the "
-    "start-up loop) and lets a RetriableError end the run with exit 1, though "
-    "docs/postgres.md promises that an unreachable server is retried with backoff"
-)
-
-
 class TestLateDatabase:
-    @pytest.mark.parametrize("side", [
-        "source",
-        pytest.param("sink", marks=pytest.mark.xfail(strict=True, reason=SINK_OPEN_NOT_RETRIED)),
-    ])
+    @pytest.mark.parametrize("side", ["source", "sink"])
     def test_database_that_comes_up_after_the_daemon(
         self,
         side: str,
