@@ -249,6 +249,8 @@ def _override(
 
 def _count(usage: Mapping[str, Any], key: str) -> int:
     value = usage.get(key)
+    if type(value) is int and value >= 0:  # the common case, checked cheaply per row
+        return value
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:

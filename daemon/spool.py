@@ -40,7 +40,8 @@ _BLOCK = 1 << 20
 
 def body_size(requests: int, request_bytes: int) -> int:
     """Bytes of the create body for ``requests`` requests totalling ``request_bytes``."""
-    return len(BODY_OPEN) + request_bytes + max(requests - 1, 0) + len(BODY_CLOSE)
+    commas = requests - 1 if requests > 1 else 0
+    return len(BODY_OPEN) + request_bytes + commas + len(BODY_CLOSE)
 
 
 def fsync_dir(path: Path) -> None:
