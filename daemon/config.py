@@ -43,8 +43,9 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     base_url: str | None = None
-    poll_interval: float = 30.0
-    poll_jitter: float = 0.25
+    # 45 s ± a third: every 30–60 s, calm enough for month-long runs.
+    poll_interval: float = 45.0
+    poll_jitter: float = 1 / 3
     max_retries: int = 4
     timeout: float = 600.0
     not_found_window: float = 120.0
@@ -312,8 +313,8 @@ def _api(table: _Table) -> ApiConfig:
 
     result = ApiConfig(
         base_url=table.get("base_url", str),
-        poll_interval=duration("poll_interval", 30.0),
-        poll_jitter=float(table.get("poll_jitter", (int, float), 0.25)),
+        poll_interval=duration("poll_interval", 45.0),
+        poll_jitter=float(table.get("poll_jitter", (int, float), 1 / 3)),
         max_retries=table.get("max_retries", int, 4),
         timeout=duration("timeout", 600.0),
         not_found_window=duration("not_found_window", 120.0),

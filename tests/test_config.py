@@ -81,6 +81,13 @@ class TestLoad:
         assert config.api.poll_interval == 30.0
         assert [s.type for s in pipeline.sinks] == ["sqlite", "jsonl"]
 
+    def test_default_polling_is_calm(self, tmp_path: Path) -> None:
+        """Without [api], polls land every 30-60 s (45 s with a third of jitter)."""
+        api = load_config(write(tmp_path)).api
+        low = api.poll_interval * (1 - api.poll_jitter)
+        high = api.poll_interval * (1 + api.poll_jitter)
+        assert (round(low), round(high)) == (30, 60)
+
     def test_units_in_the_file(self, tmp_path: Path) -> None:
         """Durations and sizes written by hand become seconds and bytes."""
         path = write(tmp_path, api={"poll_interval": "250ms", "not_found_window": "2m"},
