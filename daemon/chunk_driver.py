@@ -90,7 +90,7 @@ class ChunkDriver:
             except FatalError:
                 raise
             except Exception as exc:
-                self.runner.metrics_error(type(exc).__name__)
+                self.runner.telemetry.api_error(type(exc).__name__)
                 self.log.warning("step failed; will retry", stage=str(chunk.stage),
                                  error=f"{type(exc).__name__}: {exc}", retry_in=delay)
                 await anyio.sleep(delay)
@@ -139,7 +139,7 @@ class ChunkDriver:
         except Exception as exc:
             outcome, retry_after = classify_create_error(exc)
             error = f"{type(exc).__name__}: {exc}"
-            runner.metrics_error(getattr(exc, "status_code", None) or type(exc).__name__)
+            runner.telemetry.api_error(getattr(exc, "status_code", None) or type(exc).__name__)
             if outcome == CreateOutcome.RATE_LIMITED:
                 runner.packer_shrink()
                 wait = retry_after if retry_after is not None else 5.0
@@ -280,7 +280,7 @@ class ChunkDriver:
             output_tokens=summary.output_tokens,
             retry_chunk=retry,
         )
-        runner.observe_commit(summary)
+        runner.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,
                       retried=summary.retried, cost_usd=round(summary.cost_usd, 6))

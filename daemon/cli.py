@@ -19,7 +19,7 @@ import orjson
 
 from daemon._logging import configure_logging
 from daemon.config import Config, load_config
-from plugins.errors import BatchdError, ConfigError, FatalError
+from plugins.errors import BatchdError, ConfigError
 from plugins.manager import get_plugins, load_plugins, pm
 
 __all__ = ("main",)
@@ -225,9 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except FatalError as exc:
-        print(f"batchd: {exc}", file=sys.stderr)
-        return 1
     except BatchdError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
         return 1

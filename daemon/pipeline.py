@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from daemon.api import BatchesApi
 from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
-from daemon.collector import CollectSummary, CostFn
+from daemon.collector import CostFn
 from daemon.config import ApiConfig, PipelineConfig
 from daemon.dead_letters import pending_retry_requests
 from daemon.ledger import KeyLedger
@@ -136,12 +136,6 @@ class PipelineRunner:
         await self.manifest.append("alarm", pipeline=self.pipeline.name, chunk=chunk,
                                    alarm_kind=kind, message=message)
         self.telemetry.alarm(kind)
-
-    def metrics_error(self, kind: object) -> None:
-        self.telemetry.api_error(kind)
-
-    def observe_commit(self, summary: CollectSummary) -> None:
-        self.telemetry.committed(summary)
 
     def packer_shrink(self) -> None:
         if self.packer is not None:

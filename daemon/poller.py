@@ -74,7 +74,8 @@ class Poller:
                 try:
                     await self.poll_once(watched)
                 except anthropic.APIError as exc:
-                    self.runner.metrics_error(getattr(exc, "status_code", None) or "connection")
+                    kind = getattr(exc, "status_code", None) or "connection"
+                    self.runner.telemetry.api_error(kind)
                     log.warning("poll failed; will poll again", pipeline=self.name,
                                 error=f"{type(exc).__name__}: {exc}")
             with anyio.move_on_after(self._interval()):
