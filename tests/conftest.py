@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("BATCHD_LOAD_PLUGINS", "")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio: asyncpg, aiokafka and aiohttp need it."""
+    return "asyncio"
 
 pytest_plugins = (
     "tests.fixtures.emulator",

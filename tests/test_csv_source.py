@@ -20,11 +20,6 @@ from plugins.errors import ConfigError, FatalError
 from plugins.records import Record
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _context(directory: Path) -> PluginContext:
     return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
 

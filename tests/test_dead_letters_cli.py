@@ -82,8 +82,6 @@ def _lines(run: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
 
 
-
-
 class TestList:
     def test_lists_exactly_the_dead_keys(self, retry_run: RetryRun) -> None:
         """``list --json`` prints one line per dead letter: exactly the keys the sink holds."""

@@ -17,11 +17,6 @@ from daemon.emulator import EmulatorConfig, EmulatorThread, run_emulator
 from tests.fixtures.emulator import message_requests, sdk_client
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _text(message: Message) -> str:
     """The text of a reply's single text block."""
     block = message.content[0]

@@ -15,11 +15,6 @@ from plugins.records import ResultRow
 from plugins.sinks.jsonl import JsonlSink
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _context(directory: Path) -> PluginContext:
     return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
 

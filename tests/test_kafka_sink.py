@@ -17,12 +17,6 @@ from plugins.records import ResultRow
 from plugins.sinks.kafka import HEADER_CUSTOM_ID, KafkaSink
 from tests.fixtures.kafka import TansuBroker, consume_all, create_topic, unique_name
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 CONTEXT = PluginContext(pipeline="tickets", state_dir=Path("/tmp"), config_dir=Path("/tmp"))
 
 

@@ -18,12 +18,6 @@ from plugins.manager import source_factory
 from plugins.records import Record
 from tests.fixtures.kafka import create_topic, produce_json, unique_name
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 CONTEXT = PluginContext(pipeline="tickets", state_dir=Path("/tmp"), config_dir=Path("/tmp"))
 
 

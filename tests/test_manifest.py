@@ -26,11 +26,6 @@ from plugins.errors import FatalError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def sealed(chunk: str, first: int, last: int, pipeline: str = "p") -> dict[str, Any]:
     """Fields of a fresh chunk covering read sequences first..last."""
     return {

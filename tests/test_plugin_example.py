@@ -302,12 +302,6 @@ def _ctx(tmp_path: Path) -> batchd.PluginContext:
     return batchd.PluginContext(pipeline="p", state_dir=tmp_path, config_dir=tmp_path)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Async tests here run on asyncio, like batchd."""
-    return "asyncio"
-
-
 class TestHooksDoc:
     def test_every_hookspec_has_a_section(self) -> None:
         """hooks.md documents exactly the hooks batchd defines, each with Python code."""

@@ -22,12 +22,6 @@ from tests.fixtures.postgres import terminate_backends
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    """Run async tests on asyncio (asyncpg's loop)."""
-    return "asyncio"
-
-
-@pytest.fixture
 def context(tmp_path: Path) -> PluginContext:
     """A context with a pipeline name unique to the test (it names the connections)."""
     return PluginContext(pipeline=f"p{uuid.uuid4().hex[:10]}", state_dir=tmp_path,

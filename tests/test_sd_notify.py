@@ -19,11 +19,6 @@ from daemon.sd_notify import Notifier, watchdog_loop
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def receiver() -> Iterator[tuple[socket.socket, str]]:
     """A bound datagram socket at a short path (sun_path is limited to 108 bytes)."""
     directory = tempfile.mkdtemp(prefix="sdn-", dir="/tmp")

@@ -297,8 +297,6 @@ class ReloadRun:
     alive_after_bad_reload: bool
 
 
-
-
 @pytest.fixture(scope="class")
 def reload_run(
     make_workspace: Callable[..., ServiceWorkspace],
@@ -504,8 +502,6 @@ class TestMetrics:
     def test_daemon_stops_cleanly(self, operator_run: OperatorRun) -> None:
         """After the scrapes, SIGTERM still ends the daemon with exit 0."""
         assert operator_run.exit_code == 0, operator_run.daemon.tail()
-
-
 
 
 class TestSecrets:

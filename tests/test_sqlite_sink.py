@@ -19,11 +19,6 @@ from plugins.sinks.sqlite import SqliteSink
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sinks.md"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _context(directory: Path) -> PluginContext:
     return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
 
