@@ -17,10 +17,8 @@ from typing import Any
 import pytest
 
 from daemon.emulator import EmulatorConfig, EmulatorThread
-from daemon.emulator.config import FaultSettings
-from daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
 from tests.fixtures.emulator import SEED
-from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, expected_labels
+from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, expected_labels, predict_fates
 
 MAX_ATTEMPTS = 3
 TICKETS = 240
@@ -47,21 +45,7 @@ ALL_FAULTS: dict[str, Any] = {
 
 def predicted_fates(keys: list[str]) -> dict[str, list[str | None]]:
     """key → the inner error type of each attempt the emulator will give it (None: success)."""
-    injector = FaultInjector(FaultSettings.from_mapping(PER_REQUEST), SEED)
-    fates: dict[str, list[str | None]] = {}
-    for key in keys:
-        attempts: list[str | None] = []
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            fault = injector.request_fault(f"t-{key}", attempt)
-            if fault is None:
-                attempts.append(None)
-                break
-            kind, inner = REQUEST_FAULT_ERRORS[fault]
-            attempts.append(inner or kind)
-            if inner == "invalid_request_error":
-                break
-        fates[key] = attempts
-    return fates
+    return predict_fates(keys, PER_REQUEST, seed=SEED, max_attempts=MAX_ATTEMPTS)
 
 
 @pytest.fixture(scope="class")

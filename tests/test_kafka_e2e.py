@@ -34,13 +34,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from daemon.emulator import EmulatorThread
-from daemon.emulator.config import FaultSettings
-from daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
 from daemon.manifest import MANIFEST_NAME
-from daemon.routing import PERMANENT
 from examples.tickets.generate import DETAILS, SUBJECTS
 from tests.fixtures.emulator import SEED
-from tests.fixtures.engine import LABELS, RULES_PATH, Workspace, dump_toml
+from tests.fixtures.engine import LABELS, RULES_PATH, Workspace, dump_toml, predict_fates
 from tests.fixtures.kafka import consume_all, create_topic, produce_json, unique_name
 
 TICKETS = 10_000
@@ -75,21 +72,7 @@ def rule_label(body: str) -> str:
 
 def fates(keys: Iterable[str], faults: Mapping[str, float]) -> dict[str, list[str | None]]:
     """key → the inner error of each attempt the emulator will give it (None: success)."""
-    injector = FaultInjector(FaultSettings.from_mapping(faults), SEED)
-    out: dict[str, list[str | None]] = {}
-    for key in keys:
-        fate: list[str | None] = []
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            fault = injector.request_fault(f"t-{key}", attempt)
-            if fault is None:
-                fate.append(None)
-                break
-            kind, inner = REQUEST_FAULT_ERRORS[fault]
-            fate.append(inner or kind)
-            if (inner or kind) in PERMANENT:
-                break
-        out[key] = fate
-    return out
+    return predict_fates(keys, faults, seed=SEED, max_attempts=MAX_ATTEMPTS)
 
 
 # -- reading the broker -------------------------------------------------------------

@@ -23,11 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from daemon.emulator import EmulatorConfig, EmulatorThread
-from daemon.emulator.config import FaultSettings
-from daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
-from daemon.routing import PERMANENT
 from tests.fixtures.emulator import SEED
-from tests.fixtures.engine import RULES_PATH, describe
+from tests.fixtures.engine import RULES_PATH, describe, predict_fates
 from tests.fixtures.pg_e2e import (
     BackendKiller,
     LateProxy,
@@ -75,20 +72,7 @@ def predict(keys: list[str], faults: Mapping[str, float], chunk_size: int = MAX_
     order and ``linger`` is too long to close a chunk early); a chunk whose
     requests fail retriably gets one retry chunk per further attempt.
     """
-    injector = FaultInjector(FaultSettings.from_mapping(faults), SEED)
-    fates: dict[str, list[str | None]] = {}
-    for key in keys:
-        fate: list[str | None] = []
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            fault = injector.request_fault(f"t-{key}", attempt)
-            if fault is None:
-                fate.append(None)
-                break
-            kind, inner = REQUEST_FAULT_ERRORS[fault]
-            fate.append(inner or kind)
-            if (inner or kind) in PERMANENT:
-                break
-        fates[key] = fate
+    fates = predict_fates(keys, faults, seed=SEED, max_attempts=MAX_ATTEMPTS)
     ordered = sorted(keys, key=int)
     batches = 0
     for start in range(0, len(ordered), chunk_size):
