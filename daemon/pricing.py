@@ -9,14 +9,14 @@ models appear, so a pipeline can override or add models in its config
 
 An unknown model is priced as the most expensive known one, never as free: a budget
 that under-counts lets spend run past it, one that over-counts only stops early. The
-engine asks :meth:`PriceTable.report_unknown` and warns once per model.
+engine warns once per model (:meth:`PriceTable.cost_function`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ CACHE_WRITE_1H_FACTOR = 2.0
 CACHE_READ_FACTOR = 0.1
 CHARS_PER_TOKEN = 4
 _MTOK = 1_000_000
+_MEMO_SIZE = 4096  # distinct usages remembered by a cost function
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,8 @@ class PriceTable:
         cache_write = _count(usage, "cache_creation_input_tokens")
         cache_read = _count(usage, "cache_read_input_tokens")
         breakdown = usage.get("cache_creation")
+        if breakdown is not None and not isinstance(breakdown, Mapping):
+            raise ValueError(f"usage.cache_creation must be an object, got {breakdown!r}")
         write_1h = _count(breakdown, "ephemeral_1h_input_tokens") if breakdown else 0
         write_1h = min(write_1h, cache_write)
         list_usd = (
@@ -181,6 +184,41 @@ class PriceTable:
             + cache_read * price.cache_read
         ) / _MTOK
         return list_usd * BATCH_DISCOUNT
+
+    def cost_function(
+        self, on_unknown: Callable[[str], None]
+    ) -> Callable[[str, Mapping[str, Any]], float]:
+        """
+        :meth:`batch_cost` for the collector's hot path, called once per result row.
+
+        A results file repeats a few hundred distinct usages a hundred thousand times,
+        so each distinct (model, usage) is priced once and remembered (at most
+        ``_MEMO_SIZE`` at a time). ``on_unknown(model)`` runs the first time a model
+        without a price is seen, for the caller's warning.
+        """
+        costs: dict[tuple[Any, ...], float] = {}
+
+        def cost(model: str, usage: Mapping[str, Any]) -> float:
+            get = usage.get
+            breakdown = get("cache_creation")
+            if breakdown is not None and type(breakdown) is not dict:
+                return self.batch_cost(model, usage)  # odd shape: let batch_cost judge it
+            key = (
+                model, get("input_tokens"), get("output_tokens"),
+                get("cache_creation_input_tokens"), get("cache_read_input_tokens"),
+                breakdown and breakdown.get("ephemeral_1h_input_tokens"),
+            )  # fmt: skip
+            found = costs.get(key)
+            if found is None:
+                if self.report_unknown(model):
+                    on_unknown(model)
+                found = self.batch_cost(model, usage)
+                if len(costs) >= _MEMO_SIZE:
+                    costs.clear()
+                costs[key] = found
+            return found
+
+        return cost
 
     def projected_cost(
         self, model: str, input_tokens: int, max_tokens: int

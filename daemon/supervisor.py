@@ -82,11 +82,11 @@ class _Daemon:
         stack.push_async_callback(api.aclose)
         prices = PriceTable(config.prices, source=str(config.path))
 
-        def cost(model: str, usage: dict[str, Any]) -> float:
-            if prices.report_unknown(model):
-                log.warning("no price known for model; costing it at the highest known price",
-                            model=model)
-            return prices.batch_cost(model, usage)
+        def unknown_price(model: str) -> None:
+            log.warning("no price known for model; costing it at the highest known price",
+                        model=model)
+
+        cost = prices.cost_function(unknown_price)
 
         create_lock = anyio.Lock()
         spool_dir = config.state_dir / "spool"

@@ -142,6 +142,47 @@ class TestBatchCost:
             batch_cost("claude-haiku-4-5", {"input_tokens": 1, "output_tokens": bad})
 
 
+class TestCostFunction:
+    """The collector's per-row cost: batch_cost remembered per distinct usage."""
+
+    USAGES = (
+        {"input_tokens": 31, "output_tokens": 2},
+        {"input_tokens": 31, "output_tokens": 3},
+        {"input_tokens": 31, "output_tokens": 2, "cache_read_input_tokens": 9000},
+        {"input_tokens": 5, "output_tokens": 1, "cache_creation_input_tokens": 800,
+         "cache_creation": {"ephemeral_5m_input_tokens": 300, "ephemeral_1h_input_tokens": 500}},
+        {"input_tokens": 5, "output_tokens": 1, "cache_creation_input_tokens": 800,
+         "cache_creation": {"ephemeral_5m_input_tokens": 800, "ephemeral_1h_input_tokens": 0}},
+    )  # fmt: skip
+
+    def test_same_as_batch_cost_on_every_call(self) -> None:
+        """Repeated and interleaved usages and models cost exactly what batch_cost says."""
+        table = PriceTable()
+        cost = table.cost_function(lambda model: None)
+        for _ in range(3):
+            for model in ("claude-haiku-4-5", "claude-sonnet-4-5-20250929"):
+                for usage in self.USAGES:
+                    assert cost(model, usage) == table.batch_cost(model, usage), (model, usage)
+
+    def test_unknown_model_reported_once(self) -> None:
+        """on_unknown runs once per unknown model, never for a known one."""
+        seen: list[str] = []
+        cost = PriceTable().cost_function(seen.append)
+        for usage in self.USAGES * 2:
+            cost("claude-9", usage)
+            cost("claude-haiku-4-5", usage)
+        assert seen == ["claude-9"]
+
+    def test_bad_counts_still_rejected(self) -> None:
+        """The memo never turns a bad usage into a price: each is judged like batch_cost."""
+        cost = PriceTable().cost_function(lambda model: None)
+        cost("claude-haiku-4-5", {"input_tokens": 1, "output_tokens": 1})
+        for bad in ({"input_tokens": -1}, {"input_tokens": "many"},
+                    {"input_tokens": 1, "cache_creation": [1]}):
+            with pytest.raises(ValueError, match="usage"):
+                cost("claude-haiku-4-5", bad)
+
+
 class TestOverrides:
     """Prices from the config's [prices."model"] tables."""
 
