@@ -1,13 +1,12 @@
 """
 Sink writes that overlap the parsing of the next group.
 
-The collector parses results on the event loop while a sink's ``put`` runs
-in a worker thread (SQLite steps, file writes and fsyncs release the GIL).
-Awaiting each put in turn leaves one of the two idle; handing full groups
-to a background task keeps both busy, which is most of the collector's
-throughput into SQLite. Puts still happen one at a time and in order, and
-``collect`` flushes only after the last one returned, so the contract with
-the sinks (put*, then flush) is unchanged.
+The collector parses results on the event loop; a sink's ``put`` waits on a
+worker thread (SQLite, files) or on the network (PostgreSQL, Kafka).
+Awaiting each put in turn leaves the parser idle for the whole round trip;
+handing full groups to a background task lets it go on. Puts still happen
+one at a time and in order, and ``collect`` flushes only after the last one
+returned, so the contract with the sinks (put*, then flush) is unchanged.
 """
 
 from __future__ import annotations
