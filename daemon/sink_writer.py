@@ -30,12 +30,12 @@ async def background_puts(
     """
     A stream to send row lists into; each is put to every sink, in order.
 
-    At most one list waits while another is being written, so memory stays
-    at a few groups. Leaving the block waits for the last put; a put's
-    error leaves it as that error (not an exception group), cancelling the
-    sender.
+    Nothing is queued: a send waits until the previous list is written, so
+    memory holds two groups at most (one being written, one being built).
+    Leaving the block waits for the last put; a put's error leaves it as
+    that error (not an exception group), cancelling the sender.
     """
-    send, receive = anyio.create_memory_object_stream[list[ResultRow]](1)
+    send, receive = anyio.create_memory_object_stream[list[ResultRow]](0)
 
     async def drain() -> None:
         # The receiving end stays open until the task group is done: closing it when a put
