@@ -125,7 +125,7 @@ class Collector:
             output_tokens=join.output_tokens,
         )  # fmt: skip
         failures = join.failures
-        for custom_id in index.keys() - join.seen:
+        for custom_id in join.missing():
             summary.missing += 1
             failures[custom_id] = Failure(
                 Route.RETRY, "missing_result", "custom_id absent from the batch results"
@@ -165,7 +165,7 @@ class Collector:
                         raise
                     log.warning("results stream interrupted; resuming",
                                 pipeline=self.pipeline.name, chunk=join.chunk,
-                                batch_id=join.batch_id, lines_done=len(join.seen),
+                                batch_id=join.batch_id, lines_done=join.done,
                                 error=f"{type(exc).__name__}: {exc}")
             if join.rows:
                 await puts.send(join.rows)

@@ -29,6 +29,7 @@ from plugins.records import ResultRow
 __all__ = ("CostFn", "Failure", "ResultJoin", "extract_output")
 
 log = structlog.get_logger("batchd.collector")
+_DONE = ("", 0)  # the index entry of a custom_id already handled (compared by identity)
 CostFn = Callable[[str, dict[str, Any]], float]
 
 
@@ -57,8 +58,9 @@ class ResultJoin:
     """
     The first pass over one chunk's results; survives a cut stream.
 
-    ``seen`` holds every custom_id handled, so a resumed stream skips lines
-    already routed and the collector can name the ones that never came.
+    A custom_id handled is marked done in the index itself rather than in a
+    second set as large as the chunk, so a resumed stream skips lines already
+    routed and :meth:`missing` names the ones that never came.
     """
 
     def __init__(
@@ -75,13 +77,17 @@ class ResultJoin:
         self.cost = cost
         self.chunk = chunk
         self.batch_id = batch_id
-        self.seen: set[str] = set()
+        self.done = 0  # custom_ids handled
         self.failures: dict[str, Failure] = {}
         self.rows: list[ResultRow] = []  # successes not yet handed to the sinks
         self.succeeded = self.truncated = self.unknown = 0
         self.input_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
         self._parse_hooked = bool(pm.hook.batchd_parse_result.get_hookimpls())
+
+    def missing(self) -> list[str]:
+        """The custom_ids sent but not (yet) in the results."""
+        return [custom_id for custom_id, entry in self.index.items() if entry is not _DONE]
 
     def output(self, key: str, text: str, message: dict[str, Any]) -> str:
         """The answer after the pipeline's ``[output]`` rules and the parse hook."""
@@ -109,7 +115,7 @@ class ResultJoin:
         """
         name, batch_id = self.pipeline.name, self.batch_id
         keep_message = self.pipeline.keep_message
-        index, seen, failures, rows = self.index, self.seen, self.failures, self.rows
+        index, failures, rows = self.index, self.failures, self.rows
         cost_of, output_of, loads = self.cost, self.output, orjson.loads
         succeeded = truncated = input_tokens = output_tokens = 0
         cost_usd = 0.0
@@ -124,17 +130,18 @@ class ResultJoin:
                 if type(obj) is not dict:
                     raise StreamCut(f"results line is not an object: {line[:120]!r}")
                 custom_id = obj.get("custom_id", "")
-                if custom_id in seen:
-                    continue
                 entry = index.get(custom_id)
+                if entry is _DONE:
+                    continue
                 if entry is None:
                     self.unknown += 1
                     log.error("unknown custom_id in results", pipeline=name, chunk=self.chunk,
                               batch_id=batch_id, custom_id=custom_id)
                     continue
                 key, attempt = entry
-                seen.add(custom_id)
-                if len(seen) % 100 == 0:
+                index[custom_id] = _DONE
+                self.done += 1
+                if self.done % 100 == 0:
                     crash_point("mid_results")
                 result = obj.get("result") or {}
                 if result.get("type") != "succeeded":
