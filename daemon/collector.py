@@ -150,13 +150,13 @@ class Collector:
     ) -> None:
         """Every results line routed; successes put to the sinks while the next are parsed."""
         stream_attempt = 0
-        async with background_puts(self.sinks, join.chunk) as puts:
+        async with background_puts(self.sinks, join.chunk) as hand_over:
             while True:
                 try:
                     async for block in blocks():
                         join.take(block)
                         if len(join.rows) >= _GROUP_ROWS:
-                            await puts.send(join.rows)
+                            await hand_over(join.rows)
                             join.rows = []
                     break
                 except StreamCut as exc:  # resume, skipping lines already handled
@@ -168,7 +168,7 @@ class Collector:
                                 batch_id=join.batch_id, lines_done=join.done,
                                 error=f"{type(exc).__name__}: {exc}")
             if join.rows:
-                await puts.send(join.rows)
+                await hand_over(join.rows)
                 join.rows = []
 
     async def _second_pass(

@@ -11,31 +11,36 @@ returned, so the contract with the sinks (put*, then flush) is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
 from plugins.contract import Sink
 from plugins.records import ResultRow
 
-__all__ = ("background_puts",)
+__all__ = ("HandOver", "background_puts")
+
+HandOver = Callable[[list[ResultRow]], Awaitable[None]]
 
 
 @asynccontextmanager
-async def background_puts(
-    sinks: Sequence[Sink], group: str
-) -> AsyncIterator[MemoryObjectSendStream[list[ResultRow]]]:
+async def background_puts(sinks: Sequence[Sink], group: str) -> AsyncIterator[HandOver]:
     """
-    A stream to send row lists into; each is put to every sink, in order.
+    A function to hand row lists over with; each is put to every sink, in order.
 
-    Nothing is queued: a send waits until the previous list is written, so
-    memory holds two groups at most (one being written, one being built).
+    Nothing is queued: handing over waits until the previous list is written,
+    so memory holds two groups at most (one being written, one being built).
     Leaving the block waits for the last put; a put's error leaves it as
     that error (not an exception group), cancelling the sender.
     """
     send, receive = anyio.create_memory_object_stream[list[ResultRow]](0)
+
+    async def hand_over(rows: list[ResultRow]) -> None:
+        await send.send(rows)
+        # Let the writer start this put now: the parser may not yield again for a while,
+        # and a put that starts late is a put that does not overlap anything.
+        await anyio.lowlevel.checkpoint()
 
     async def drain() -> None:
         # The receiving end stays open until the task group is done: closing it when a put
@@ -48,7 +53,7 @@ async def background_puts(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(drain)
             async with send:
-                yield send
+                yield hand_over
     except BaseExceptionGroup as group_error:
         raise _single(group_error) from None
     finally:

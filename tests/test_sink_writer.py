@@ -46,9 +46,9 @@ class RecordingSink(Sink):
 
 async def test_every_group_reaches_every_sink_in_order() -> None:
     first, second = RecordingSink(), RecordingSink()
-    async with background_puts([first, second], "chunk-1") as puts:
+    async with background_puts([first, second], "chunk-1") as hand_over:
         for n in range(5):
-            await puts.send(rows(f"a{n}", f"b{n}"))
+            await hand_over(rows(f"a{n}", f"b{n}"))
     expected = [("chunk-1", [f"a{n}", f"b{n}"]) for n in range(5)]
     assert first.puts == expected and second.puts == expected  # all done on leaving
 
@@ -57,18 +57,18 @@ async def test_put_error_comes_out_as_itself() -> None:
     """Not an exception group: the engine's retry logic matches on the sink's error type."""
     sink = RecordingSink(fail_on="bad")
     with pytest.raises(RetriableError, match="disk full while writing bad"):
-        async with background_puts([sink], "g") as puts:
-            await puts.send(rows("ok"))
-            await puts.send(rows("bad"))
+        async with background_puts([sink], "g") as hand_over:
+            await hand_over(rows("ok"))
+            await hand_over(rows("bad"))
             for n in range(100):
-                await puts.send(rows(f"later{n}"))  # the failed put cancels the sender
+                await hand_over(rows(f"later{n}"))  # the failed put cancels the sender
     assert sink.puts == [("g", ["ok"])]
 
 
 async def test_body_error_comes_out_as_itself() -> None:
     with pytest.raises(KeyError, match="parse"):
-        async with background_puts([RecordingSink()], "g") as puts:
-            await puts.send(rows("ok"))
+        async with background_puts([RecordingSink()], "g") as hand_over:
+            await hand_over(rows("ok"))
             raise KeyError("parse")
 
 
@@ -76,10 +76,20 @@ async def test_nothing_queues_behind_a_slow_put() -> None:
     """Memory stays at two groups: a stuck sink stops the parser instead of queueing."""
     sink = RecordingSink()
     sink.gate = anyio.Event()
-    async with background_puts([sink], "g") as puts:
-        await puts.send(rows("1"))  # taken by the writer, now stuck in put
-        with pytest.raises(anyio.WouldBlock):
-            puts.send_nowait(rows("2"))
+    async with background_puts([sink], "g") as hand_over:
+        await hand_over(rows("1"))  # taken by the writer, now stuck in put
+        with anyio.move_on_after(0.2) as waited:
+            await hand_over(rows("2"))
+        assert waited.cancelled_caught  # the parser waited instead of queueing "2"
         sink.gate.set()
-        await puts.send(rows("2"))
-    assert [keys for _, keys in sink.puts] == [["1"], ["2"]]
+        await hand_over(rows("3"))
+    assert [keys for _, keys in sink.puts] == [["1"], ["3"]]
+
+
+async def test_put_starts_before_the_parser_resumes() -> None:
+    """A handed-over group is being written by the time the parser runs again."""
+    sink = RecordingSink()
+    async with background_puts([sink], "g") as hand_over:
+        for n in range(1, 4):
+            await hand_over(rows(str(n)))
+            assert sink.puts[-1] == ("g", [str(n)])  # this put never awaits: already done
