@@ -27,7 +27,7 @@ from daemon.config import PipelineConfig
 from daemon.result_join import CostFn, Failure, ResultJoin
 from daemon.routing import Route
 from daemon.sink_writer import background_puts
-from daemon.spool import SpoolWriter, iter_spool
+from daemon.spool import SPOOL_BLOCK, SpoolWriter, iter_spool
 from plugins.contract import Sink
 from plugins.records import ResultRow
 
@@ -49,7 +49,7 @@ def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
     index: dict[str, tuple[str, int]] = {}
     rejects = 0
     loads = orjson.loads
-    with open(spool, "rb", buffering=1 << 20) as lines:
+    with open(spool, "rb", buffering=SPOOL_BLOCK) as lines:
         for line in lines:
             tab = line.find(b"\t")
             if tab == 0:

@@ -26,6 +26,7 @@ import orjson
 __all__ = (
     "BODY_CLOSE",
     "BODY_OPEN",
+    "SPOOL_BLOCK",
     "SpoolWriter",
     "body_size",
     "fsync_dir",
@@ -35,7 +36,10 @@ __all__ = (
 
 BODY_OPEN = b'{"requests":['
 BODY_CLOSE = b"]}"
-_BLOCK = 1 << 20
+# 256 KiB: large enough for streaming, small enough that the buffers a chunk being
+# written, one being sent and one being collected hold at once stay small (with 1 MiB
+# they were 6–10 MB of the daemon's peak RSS; docs/benchmarks.md §7).
+SPOOL_BLOCK = 1 << 18
 
 
 def body_size(requests: int, request_bytes: int) -> int:
@@ -64,7 +68,7 @@ class SpoolWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(final_path.name + ".tmp")
-        self._file: IO[bytes] = open(self.tmp_path, "wb", buffering=_BLOCK)
+        self._file: IO[bytes] = open(self.tmp_path, "wb", buffering=SPOOL_BLOCK)
         self.requests = 0
         self.rejects = 0
         self.request_bytes = 0
@@ -96,7 +100,7 @@ class SpoolWriter:
 
 def iter_spool(path: Path) -> Iterator[tuple[bytes | None, dict[str, Any]]]:
     """Yield ``(request bytes or None for a reject, meta)`` for every line."""
-    with open(path, "rb", buffering=_BLOCK) as spool:
+    with open(path, "rb", buffering=SPOOL_BLOCK) as spool:
         for line in spool:
             request, _, meta = line.rstrip(b"\n").partition(b"\t")
             yield (request or None), orjson.loads(meta)
@@ -109,7 +113,7 @@ async def stream_body(path: Path) -> AsyncIterator[bytes]:
     tail = b""
     async with aiofiles.open(path, "rb") as spool:
         while True:
-            block = await spool.read(_BLOCK)
+            block = await spool.read(SPOOL_BLOCK)
             if not block:
                 break
             lines = (tail + block).split(b"\n")
