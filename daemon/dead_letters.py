@@ -17,12 +17,14 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from daemon.config import Config, PipelineConfig
+from daemon.manifest import MANIFEST_NAME, replay
 from plugins.contract import PluginContext
 from plugins.errors import ConfigError
 
@@ -63,6 +65,15 @@ class _Owners:
             self._db.close()
 
 
+def _batch_chunks(state_dir: Path) -> dict[str, str]:
+    """batch id → chunk id for the batches the manifest still knows (live and recent)."""
+    path = state_dir / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    state, _ = replay(path, truncate=False)
+    return {**state.retired_batches, **state.live_batches}
+
+
 def iter_dead_letters(
     config: Config, pipeline: PipelineConfig, *, include_superseded: bool = False
 ) -> Iterator[dict[str, Any]]:
@@ -70,7 +81,8 @@ def iter_dead_letters(
     The dead letters whose key has no later outcome.
 
     A key an operator resubmitted (``retry``) is no longer listed from its
-    old part file; if it failed again, its new dead letter is listed instead.
+    old part file or table row; if it failed again, its new dead letter is
+    listed instead.
     """
     spec = pipeline.dead_letter
     context = _context(config, pipeline)
@@ -96,10 +108,21 @@ def iter_dead_letters(
             raise ConfigError(f"{spec.where}: table {table!r} is not a plain identifier")
         if not path.exists():
             return
-        with sqlite3.connect(path) as db:
-            db.row_factory = sqlite3.Row
-            for row in db.execute(f'SELECT * FROM "{table}" ORDER BY key'):
-                yield dict(row)
+        batch_chunks = _batch_chunks(config.state_dir)
+        owners = _Owners(config.state_dir, pipeline.name)
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.row_factory = sqlite3.Row
+                for found in db.execute(f'SELECT * FROM "{table}" ORDER BY key'):
+                    row = dict(found)
+                    # A table row has no part file to name its chunk: its batch does. A row
+                    # whose chunk is unknown (a bad source row, a batch long forgotten) is
+                    # always listed: hiding a real dead letter is worse than showing a stale one.
+                    group = batch_chunks.get(row.get("batch_id") or "")
+                    if include_superseded or group is None or not owners.superseded(row, group):
+                        yield row
+        finally:
+            owners.close()
         return
     raise ConfigError(
         f"{spec.where}: listing dead letters is supported for jsonl and sqlite dead-letter "

@@ -7,9 +7,11 @@ real ``batchd run --until-drained`` against the emulator with the fault switched
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,21 +43,34 @@ def _sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {cid: n - before.get(cid, 0) for cid, n in after.items() if n != before.get(cid, 0)}
 
 
-@pytest.fixture(scope="module")
-def retry_run() -> Iterator[RetryRun]:
+def _dead_keys(ws: ServiceWorkspace, kind: str) -> Counter[str]:
+    if kind == "jsonl":
+        return ws.dead_keys()
+    with closing(sqlite3.connect(ws.root / "out" / "dead.sqlite")) as db:
+        return Counter(str(key) for (key,) in db.execute("SELECT key FROM dead_letter"))
+
+
+@pytest.fixture(scope="module", params=["jsonl", "sqlite"])
+def retry_run(request: pytest.FixtureRequest) -> Iterator[RetryRun]:
     """
     40 tickets with 15 % of requests rejected as invalid; then, faults off: retry one
-    key and run; retry --all and run; a retry with neither flag; a final list.
+    key and run; retry --all and run; a retry with neither flag; a final list. Once with
+    the dead letters in JSONL part files, once in a SQLite table.
     """
+    kind = request.param
     faults = {"invalid_request": 0.15}
     emulator = EmulatorThread(EmulatorConfig(seed=1234, rules=RULES_PATH, faults=faults)).start()
     try:
         with workspaces() as make:
             ws: ServiceWorkspace = make(emulator.base_url, "dead")
             ws.write_tickets("tickets", ROWS)
-            ws.write_config(ws.pipeline())
+            pipeline = ws.pipeline()
+            if kind == "sqlite":
+                pipeline["dead_letter"] = {"type": "sqlite", "kind": "dead_letter",
+                                           "path": "out/dead.sqlite"}
+            ws.write_config(pipeline)
             ws.run_drained()
-            dead = ws.dead_keys()
+            dead = _dead_keys(ws, kind)
             assert len(dead) >= 2, f"the fault should kill a few rows, got {dead}"
             listed = ws.run("dead-letters", "list", "@config", "tickets", "--json")
             emulator.set_faults(invalid_request=0)
