@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import traceback
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -19,23 +17,6 @@ from plugins.manager import sink_factory
 from plugins.records import ResultRow
 from plugins.sinks.postgres import PostgresSink
 from tests.fixtures.postgres import terminate_backends
-
-
-@pytest.fixture
-def context(tmp_path: Path) -> PluginContext:
-    """A context with a pipeline name unique to the test (it names the connections)."""
-    return PluginContext(pipeline=f"p{uuid.uuid4().hex[:10]}", state_dir=tmp_path,
-                         config_dir=tmp_path)
-
-
-@pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """An admin connection for checking tables."""
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def rows(start: int, stop: int, output: str = "label", **extra: Any) -> list[ResultRow]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import traceback
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,23 +16,6 @@ from plugins.errors import ConfigError, RetriableError
 from plugins.manager import source_factory
 from plugins.records import Record
 from tests.fixtures.postgres import terminate_backends
-
-
-@pytest.fixture
-def context(tmp_path: Path) -> PluginContext:
-    """A context with a pipeline name unique to the test (it names the connection)."""
-    return PluginContext(pipeline=f"p{uuid.uuid4().hex[:10]}", state_dir=tmp_path,
-                         config_dir=tmp_path)
-
-
-@pytest.fixture
-async def conn(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """An admin connection for setting up tables."""
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def make_tickets(conn: asyncpg.Connection, schema: str, count: int) -> str:
