@@ -13,8 +13,10 @@ Two SDK defaults are wrong for a daemon that must never pay twice:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,20 @@ class BatchesApi:
     async def retrieve(self, batch_id: str) -> MessageBatch:
         self._count("retrieve")
         return await self.client.messages.batches.retrieve(batch_id)
+
+    async def clock_skew(self) -> float | None:
+        """
+        The API's clock minus ours, in seconds (from a response's ``Date`` header, so to
+        about a second), or None if the response carried no usable date.
+        """
+        self._count("list")
+        raw = await self.client.messages.batches.with_raw_response.list(limit=1)
+        received = time.time()
+        try:
+            server = parsedate_to_datetime(raw.headers.get("date", ""))
+        except (TypeError, ValueError):
+            return None
+        return server.timestamp() - received
 
     async def recent(self, since: float, page_size: int = 100) -> AsyncIterator[MessageBatch]:
         """Batches newest first, stopping at the first one created before ``since``."""

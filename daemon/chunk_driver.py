@@ -34,6 +34,7 @@ log = structlog.get_logger("batchd.chunk")
 
 # How far a server clock may trail ours when looking for a batch created after an intent.
 _CLOCK_SLACK = 600.0
+_SKEW_MARGIN = 3.0  # Date has whole seconds; plus the time a response takes
 
 
 def root_of(pipeline: str, chunk: str) -> str:
@@ -185,12 +186,22 @@ class ChunkDriver:
             await self._create(current)
 
     async def _adopt(self, chunk: ChunkState) -> bool:
-        """Record the oldest unknown batch of the chunk's size created since its first intent."""
+        """
+        Record the oldest unknown batch of the chunk's size created since its first intent.
+
+        "Since" is read on the API's clock: the skew is measured from a response's Date
+        header, so a batch that was already there when we announced the intent (another
+        daemon's, or a run before the state directory was wiped) is never taken for ours.
+        Only when the API sends no date does the window open ``_CLOCK_SLACK`` wider.
+        """
         assert chunk.intent_at is not None
         runner = self.runner
         known = runner.manifest.state.batch_ids()
+        skew = await runner.api.clock_skew()
+        since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
+                 else chunk.intent_at - _CLOCK_SLACK)
         found = None
-        async for batch in runner.api.recent(since=chunk.intent_at - _CLOCK_SLACK):
+        async for batch in runner.api.recent(since=since):
             if batch.id in known or _total(batch.request_counts) != chunk.requests:
                 continue
             if found is None or created_at_ts(batch) < created_at_ts(found):

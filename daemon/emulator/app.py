@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from pathlib import Path
 from typing import IO
 
@@ -80,6 +81,9 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response = json_response(error_body("api_error", message, request_id), 500)
     if not response.prepared:
         response.headers["request-id"] = request_id
+        # The API's clock is the emulator's virtual one (created_at, expires_at): say so in
+        # Date too, as clients measure their clock skew from it.
+        response.headers["Date"] = formatdate(service.store.now(), usegmt=True)
     return response
 
 
