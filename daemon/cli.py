@@ -26,6 +26,13 @@ __all__ = ("main",)
 
 EXIT_CONFIG = 2
 EXIT_PAUSED = 3
+# A retry re-reads a key from the source: useless for a row that had no usable key or
+# record, or for the second occurrence of a key whose first one was answered.
+_NOT_RETRIABLE = frozenset({"bad_record", "duplicate_key"})
+_NOT_RETRIABLE_WHY = (
+    "the source row itself is at fault (no usable key or record, or a key read twice); "
+    "correct it and feed it again as a new record, e.g. in a new input file"
+)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -148,12 +155,29 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{count} dead letters", file=sys.stderr)
         return 0
-    if args.all:
-        keys = [str(row["key"]) for row in iter_dead_letters(config, pipeline)]
-    elif args.key:
-        keys = list(args.key)
-    else:
+    if not (args.all or args.key):
         raise ConfigError("dead-letters retry needs --key KEY (repeatable) or --all")
+    dead: dict[str, str] = {}
+    for row in iter_dead_letters(config, pipeline):
+        key, kind = str(row["key"]), str(row.get("error_type"))
+        if key not in dead or dead[key] in _NOT_RETRIABLE:  # a retriable outcome wins
+            dead[key] = kind
+    unfit = {key: kind for key, kind in dead.items() if kind in _NOT_RETRIABLE}
+    if args.all:
+        keys = [key for key in dead if key not in unfit]
+        if unfit:
+            print(f"skipped {len(unfit)} dead letters that a retry cannot fix "
+                  f"({', '.join(sorted(set(unfit.values())))}): {_NOT_RETRIABLE_WHY}",
+                  file=sys.stderr)
+    else:
+        keys = list(args.key)
+        for key in keys:
+            if key not in dead:
+                raise ConfigError(f"{key!r} is not a dead letter of pipeline {pipeline.name!r} "
+                                  "(see `batchd dead-letters list`)")
+            if key in unfit:
+                raise ConfigError(f"{key!r} was dead-lettered as {unfit[key]}: "
+                                  f"{_NOT_RETRIABLE_WHY}")
     if not keys:
         print("no dead letters to retry", file=sys.stderr)
         return 0

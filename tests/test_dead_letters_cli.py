@@ -145,3 +145,34 @@ class TestRetry:
         assert run.returncode == 2, describe(run)
         assert "--key" in run.stderr and "--all" in run.stderr
         assert "Traceback" not in run.stderr
+
+    def test_retry_of_a_key_that_is_not_dead_is_refused(self, retry_run: RetryRun) -> None:
+        """A key with no dead letter (here: answered by the first retry) exits 2, naming it."""
+        run = retry_run.workspace.run("dead-letters", "retry", "@config", "tickets",
+                                      "--key", retry_run.chosen)
+        assert run.returncode == 2, describe(run)
+        assert f"'{retry_run.chosen}' is not a dead letter" in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_bad_source_rows_are_not_retried() -> None:
+    """A malformed row has nothing to re-read: --all skips it and says so, --key refuses it."""
+    emulator = EmulatorThread(EmulatorConfig(seed=7, rules=RULES_PATH)).start()
+    try:
+        with workspaces() as make:
+            ws: ServiceWorkspace = make(emulator.base_url, "bad")
+            ws.write_tickets("tickets", 12, bad_rows=True)
+            ws.write_config(ws.pipeline())
+            ws.run_drained()
+            bad = sorted(ws.dead_keys())
+            assert len(bad) == 2, bad
+            every = ws.run("dead-letters", "retry", "@config", "tickets", "--all")
+            assert every.returncode == 0, describe(every)
+            assert "skipped 2 dead letters that a retry cannot fix (bad_record)" in every.stderr
+            assert "no dead letters to retry" in every.stderr
+            one = ws.run("dead-letters", "retry", "@config", "tickets", "--key", bad[0])
+            assert one.returncode == 2, describe(one)
+            assert f"'{bad[0]}' was dead-lettered as bad_record" in one.stderr
+            assert not (ws.root / "state" / "retry-requests").exists()
+    finally:
+        emulator.stop()
