@@ -109,6 +109,19 @@ class PipelineState:
     cost_usd: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    # Rows an operator sent again from the dead letters: each already counted once in
+    # ``dead``, so they are taken off it (their new outcome counts instead).
+    resubmitted: int = 0
+
+    @property
+    def rows_done(self) -> int:
+        """Rows with a terminal outcome, each counted once however often it was retried."""
+        return self.succeeded + self.truncated + self.dead_letters
+
+    @property
+    def dead_letters(self) -> int:
+        """Rows whose latest outcome is a dead letter."""
+        return self.dead - self.resubmitted
 
 
 @dataclass
@@ -272,6 +285,8 @@ class ManifestState:
         if chunk.parent is not None:
             return
         pipeline.next_chunk_no += 1
+        if chunk.first_seq is None:  # an operator's retry: its rows were dead letters
+            pipeline.resubmitted += chunk.requests + chunk.rejects
         if chunk.last_seq is not None and (
             pipeline.last_sealed_seq is None or chunk.last_seq > pipeline.last_sealed_seq
         ):

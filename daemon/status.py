@@ -45,7 +45,7 @@ def collect_status(config: Config) -> dict[str, Any]:
             }
             for c in chunks
         ]
-        done = (ps.succeeded + ps.truncated + ps.dead) if ps else 0
+        done = ps.rows_done if ps else 0
         pending = sum(c.requests + c.rejects for c in chunks if c.stage.value in (
             "sealed", "intent", "submitted", "ended"))
         pipelines.append({
@@ -58,7 +58,7 @@ def collect_status(config: Config) -> dict[str, Any]:
             "rows_pending": pending,
             "succeeded": ps.succeeded if ps else 0,
             "truncated": ps.truncated if ps else 0,
-            "dead_lettered": ps.dead if ps else 0,
+            "dead_lettered": ps.dead_letters if ps else 0,
             "retried": ps.retried if ps else 0,
             "requests_submitted": ps.requests_submitted if ps else 0,
             "batches_submitted": ps.batches_submitted if ps else 0,

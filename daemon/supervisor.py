@@ -198,7 +198,7 @@ class _Daemon:
 
 def _progress(runner: PipelineRunner) -> dict[str, Any]:
     state = runner.manifest.state.pipelines.get(runner.pipeline.name)
-    done = (state.succeeded + state.truncated + state.dead) if state else 0
+    done = state.rows_done if state else 0
     pending = sum(c.requests + c.rejects for c in runner.live_chunks()
                   if c.stage.value in ("sealed", "intent", "submitted", "ended"))
     total = max(done + pending, 1)
@@ -231,7 +231,7 @@ def _status_line(runners: list[PipelineRunner]) -> str:
     parts = []
     for runner in runners:
         state = runner.manifest.state.pipelines.get(runner.pipeline.name)
-        done = (state.succeeded + state.truncated + state.dead) if state else 0
+        done = state.rows_done if state else 0
         cost = state.cost_usd if state else 0.0
         waiting = sum(1 for c in runner.live_chunks() if c.stage.value == "submitted")
         paused = f" PAUSED ({state.paused})" if state and state.paused else ""

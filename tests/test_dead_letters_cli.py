@@ -37,6 +37,7 @@ class RetryRun:
     sent_for_all: dict[str, int]
     retry_neither: subprocess.CompletedProcess[str]
     listed_at_end: subprocess.CompletedProcess[str]
+    status_at_end: subprocess.CompletedProcess[str]
 
 
 def _sent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -85,9 +86,10 @@ def retry_run(request: pytest.FixtureRequest) -> Iterator[RetryRun]:
             after = emulator.stats()["received"]
             retry_neither = ws.run("dead-letters", "retry", "@config", "tickets")
             listed_at_end = ws.run("dead-letters", "list", "@config", "tickets", "--json")
+            status_at_end = ws.run("status", "@config", "--json")
             yield RetryRun(ws, dead, listed, chosen, retry_one, sink_after_one,
                            _sent(before, middle), retry_all, ws.sink_keys(),
-                           _sent(middle, after), retry_neither, listed_at_end)
+                           _sent(middle, after), retry_neither, listed_at_end, status_at_end)
     finally:
         emulator.stop()
 
@@ -138,6 +140,14 @@ class TestRetry:
     def test_list_forgets_answered_keys(self, retry_run: RetryRun) -> None:
         """Once every dead letter was retried successfully, ``list`` shows none."""
         assert _lines(retry_run.listed_at_end) == []
+
+    def test_status_counts_each_row_once(self, retry_run: RetryRun) -> None:
+        """After the retries, every row is done once: answered, and no longer dead."""
+        run = retry_run.status_at_end
+        assert run.returncode == 0, describe(run)
+        (pipeline,) = json.loads(run.stdout)["pipelines"]
+        assert (pipeline["rows_read"], pipeline["rows_done"]) == (ROWS, ROWS)
+        assert (pipeline["succeeded"], pipeline["dead_lettered"]) == (ROWS, 0)
 
     def test_retry_without_key_or_all_is_an_error(self, retry_run: RetryRun) -> None:
         """A retry naming neither --key nor --all exits 2 and says what is missing."""
