@@ -147,6 +147,11 @@ class CsvSource(FileSource):
     # -- worker-thread side -------------------------------------------------
 
 
+    def field_names(self) -> list[str] | None:
+        """The header's columns (or the ``fields`` chosen from them), known after ``start``."""
+        field_index = getattr(self, "_field_index", None)
+        return None if field_index is None else [name for name, _ in field_index]
+
     def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:
         dialect = self._pick_dialect(file)
         file.seek(0)

@@ -30,7 +30,7 @@ from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
-from plugins.errors import FatalError, RetriableError
+from plugins.errors import ConfigError, FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -289,6 +289,28 @@ class PipelineRunner:
             self.packer.started = True
         except RetriableError as exc:
             self.log.warning("source unavailable at start; will keep trying", error=str(exc))
+        else:
+            self._check_template_fields(self.source.field_names())
+
+    def _check_template_fields(self, names: Sequence[str] | None) -> None:
+        """A template naming a field no record has would dead-letter every record: refuse it."""
+        if names is None:
+            return
+        pipeline = self.pipeline
+        templates = [("[pipeline.request] user", pipeline.request.user),
+                     ("[pipeline.request] model", pipeline.request.model)]
+        if pipeline.custom_id is not None:
+            templates.append(("custom_id", pipeline.custom_id))
+        for where, template in templates:
+            for name in template.fields:
+                if name not in names and name != "key":
+                    found = ", ".join(repr(n) for n in names)
+                    file = pipeline.source.where.split(": ", 1)[0]
+                    raise ConfigError(
+                        f"{file}: pipeline {pipeline.name!r}: {where} names {{{name}}}, which the "
+                        f"{pipeline.source.type} source's records do not have "
+                        f"(fields: {found})"
+                    )
 
     async def _watch_recovery(self, pending: set[str]) -> None:
         """Set :attr:`recovered` once no chunk that was mid-create at start is left unresolved."""

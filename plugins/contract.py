@@ -93,6 +93,16 @@ class Source(_Closeable):
     async def commit(self, position: dict[str, Any]) -> None:
         """Acknowledge everything up to and including ``position``."""
 
+    def field_names(self) -> Sequence[str] | None:
+        """
+        The fields every record will carry, once ``start`` has returned; None if unknown.
+
+        A source with a schema (a CSV header, a table's columns) returns it, and the
+        engine then refuses at start a template naming a field no record can have —
+        instead of dead-lettering every record for it. The default knows nothing.
+        """
+        return None
+
 
 class Sink(_Closeable):
     """

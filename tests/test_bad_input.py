@@ -154,6 +154,27 @@ class TestSourceFileErrors:
         assert written(config_ws) == [], "a bad source left state or sink files behind"
 
 
+    @pytest.mark.parametrize(
+        ("change", "where"),
+        [
+            ({"user": "Classify: {bdy}"}, "[pipeline.request] user names {bdy}"),
+            ({"custom_id": "c-{ticket}"}, "custom_id names {ticket}"),
+        ],
+    )
+    def test_template_field_missing_from_the_header(
+        self, change: dict[str, str], where: str, config_ws: Workspace
+    ) -> None:
+        """A template naming a column the CSV lacks exits 2 before any row is read or sent."""
+        config_ws.write_config(**change)
+        proc = config_ws.run()
+        assert proc.returncode == EXIT_CONFIG, describe(proc)
+        error = proc.stderr.strip()
+        assert "\n" not in error and "Traceback" not in error
+        assert "pipeline.toml" in error and where in error
+        assert "fields: 'ticket_id', 'body'" in error
+        assert written(config_ws) == [], "a bad template left state or sink files behind"
+
+
 # -- bad records: dead-lettered one by one, the rest goes through ------------------------
 
 LOOKALIKE = hashed_custom_id("with space")  # a valid key that equals another key's hash
