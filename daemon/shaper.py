@@ -66,6 +66,10 @@ class Shaper:
             user = self._user.render(values, key)
         except MissingField as exc:
             raise ShapeError(str(exc)) from None
+        if not self._hooked and not user.strip():
+            # The API answers an empty message with invalid_request_error: say so before
+            # a batch round trip, naming the template.
+            raise ShapeError(f"the user message is empty (template {self._user.source!r})")
         params = dict(self._base)
         params["model"] = model
         params["messages"] = [{"role": "user", "content": user}]

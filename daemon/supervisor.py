@@ -78,7 +78,11 @@ class _Daemon:
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
     ) -> list[PipelineRunner]:
         config = self.config
-        api = BatchesApi(config.api, resolve_api_key())
+        api_key = resolve_api_key()
+        if api_key is None:
+            log.warning("no API key: ANTHROPIC_API_KEY is not set, nor the systemd credential "
+                        "anthropic-api-key; requests carry a placeholder only an emulator accepts")
+        api = BatchesApi(config.api, api_key)
         stack.push_async_callback(api.aclose)
         prices = PriceTable(config.prices, source=str(config.path))
 

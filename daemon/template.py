@@ -12,18 +12,32 @@ import string
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 __all__ = ("MissingField", "Template")
 
 
 class MissingField(KeyError):
     """A record lacks a field its template needs (dead-lettered with the field's name)."""
 
-    def __init__(self, field: str) -> None:
+    def __init__(self, field: str, *, null: bool = False) -> None:
         super().__init__(field)
         self.field = field
+        self.null = null
 
     def __str__(self) -> str:
+        if self.null:
+            return f"field {self.field!r} is null (used by the request template)"
         return f"record has no field {self.field!r} (used by the request template)"
+
+
+def _text(value: Any) -> str:
+    """A field value as template text: objects, arrays and booleans as JSON, not Python."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | bool):
+        return orjson.dumps(value).decode()
+    return str(value)
 
 
 class Template:
@@ -63,8 +77,8 @@ class Template:
                         raise MissingField(name) from None
                     value = key
                 if value is None:
-                    raise MissingField(name)
-                out.append(value if isinstance(value, str) else str(value))
+                    raise MissingField(name, null=True)
+                out.append(value if isinstance(value, str) else _text(value))
         return "".join(out)
 
     def __repr__(self) -> str:

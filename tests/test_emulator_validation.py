@@ -170,6 +170,10 @@ class TestPerRequestErrors:
                 "invalid_request_error",
                 "user",
             ),
+            ({**_GOOD, "messages": [{"role": "user", "content": ""}]},
+             "invalid_request_error", "non-empty content"),
+            ({**_GOOD, "messages": [{"role": "user", "content": " \n"}]},
+             "invalid_request_error", "non-empty content"),
             (_without("model"), "invalid_request_error", "model"),
             ({**_GOOD, "model": "gpt-4o"}, "not_found_error", "gpt-4o"),
         ],
@@ -191,6 +195,13 @@ class TestPerRequestErrors:
         assert result["error"]["request_id"].startswith("req_")
         assert result["error"]["error"]["type"] == error_type
         assert needle in result["error"]["error"]["message"]
+
+    def test_empty_final_assistant_message_is_allowed(self, emulator: EmulatorThread) -> None:
+        """Only a final assistant turn (a prefill) may be empty, as with the real API."""
+        client = sdk_client(emulator.base_url)
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+        batch = client.messages.batches.create(requests=_one({**_GOOD, "messages": messages}))
+        assert client.messages.batches.retrieve(batch.id).request_counts.succeeded == 1
 
     @pytest.mark.parametrize(
         "model",

@@ -97,6 +97,11 @@ def _check_messages(messages: Any) -> str | None:
             isinstance(block, dict) and isinstance(block.get("type"), str) for block in content
         ):
             return f"messages.{position}.content: every block needs a type"
+        last_assistant = position == len(messages) - 1 and message.get("role") == "assistant"
+        empty = content == [] or (isinstance(content, str) and not content.strip())
+        if empty and not last_assistant:
+            return ("messages: all messages must have non-empty content except for the "
+                    "optional final assistant message")
     if messages[0].get("role") != "user":
         return 'messages: first message must use the "user" role'
     return None
