@@ -321,7 +321,7 @@ async def _serve(config: Config, until_drained: bool) -> int:
                     break
                 daemon.reload()
             outer.cancel_scope.cancel()
-        log.info("batchd stopped", graceful=daemon.stopping)
+        log.info("batchd stopped", reason="signal" if daemon.stopping else "drained")
     return 0
 
 

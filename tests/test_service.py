@@ -212,7 +212,7 @@ class TestSystemdNotify:
         stopping = [d for d in notify_run.datagrams if d.fields.get("STOPPING") == "1"]
         assert len(stopping) == 1
         assert notify_run.exited_at - notify_run.sigterm_at < 5.0
-        assert notify_run.daemon.find("batchd stopped", graceful=True)
+        assert notify_run.daemon.find("batchd stopped", reason="signal")
 
     def test_recovery_sends_nothing_twice(self, notify_run: NotifyRun) -> None:
         """Every row lands once and the emulator saw each request once, in two batches."""
@@ -268,7 +268,7 @@ class TestGracefulStop:
         assert stop_run.exit_code == 0, stop_run.daemon.tail()
         assert stop_run.stop_seconds < 5.0
         assert not stop_run.daemon.find("batch ended")
-        assert stop_run.daemon.find("batchd stopped", graceful=True)
+        assert stop_run.daemon.find("batchd stopped", reason="signal")
 
     def test_restart_reattaches_instead_of_resubmitting(self, stop_run: StopRun) -> None:
         """The restart polls the three batches it had; it creates none of its own."""
