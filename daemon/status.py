@@ -77,12 +77,12 @@ def collect_status(config: Config) -> dict[str, Any]:
 
 def render_status(status: dict[str, Any], console: Console) -> None:
     for p in status["pipelines"]:
-        total = max(p["rows_read"], p["rows_done"] + p["rows_pending"], 1)
+        total = max(p["rows_read"], p["rows_done"] + p["rows_pending"])
         title = f"[bold]{p['name']}[/bold]"
         if p["paused"]:
             title += f"  [red]PAUSED: {p['paused']}[/red]"
         console.print(title)
-        bar = ProgressBar(total=total, completed=p["rows_done"], width=40)
+        bar = ProgressBar(total=max(total, 1), completed=p["rows_done"], width=40)
         console.print(bar, f" {p['rows_done']:,}/{total:,} rows terminal")
         summary = Table(show_header=True, header_style="bold")
         for col in ("succeeded", "truncated", "dead-lettered", "retried", "batches", "cost"):
