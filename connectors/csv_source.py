@@ -193,6 +193,9 @@ class CsvSource(FileSource):
         hint = ""
         if header and header[0].startswith("\ufeff"):
             hint = " (the file starts with a byte-order mark: use encoding = \"utf-8-sig\")"
+        elif len(header) == 1 and (sep := next((c for c in ";\t|," if c in header[0]), None)):
+            hint = (f" (the header looks {sep!r}-separated: set delimiter = {sep!r} "
+                    "or dialect = \"sniff\")")
         wanted = [self._key, *(self._fields or [])]
         for name in wanted:
             if name not in header:

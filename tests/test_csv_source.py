@@ -291,6 +291,12 @@ class TestErrors:
         with pytest.raises(FatalError, match="no key column 'id'; columns found: 'ticket', 'body'"):
             await _read(tmp_path)
 
+    async def test_other_separator_is_suggested(self, tmp_path: Path) -> None:
+        """A semicolon file read as commas has one column; the error says what to set."""
+        _write(tmp_path, "id;body\n1;x\n")
+        with pytest.raises(FatalError, match="looks ';'-separated: set delimiter = ';'"):
+            await _read(tmp_path)
+
     async def test_missing_field_column(self, tmp_path: Path) -> None:
         """A ``fields`` entry absent from the header is named."""
         _write(tmp_path, "id,body\n1,x\n")
