@@ -44,7 +44,7 @@ class JsonlSource(FileSource):
         path, key = options["path"], options["key"]
         if not isinstance(path, str) or not isinstance(key, str):
             raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        super().__init__(path, context.resolve_path(path))
+        super().__init__(path, context.resolve_path(path), until_drained=context.until_drained)
         self._key = key
         self._fields = option_str_list(_WHAT, options, "fields")
         self.max_records = option_int(_WHAT, options, "batch", 1000)

@@ -249,7 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        return int(func(args) or 0)
+        try:
+            return int(func(args) or 0)
+        except OSError as exc:  # a file-system error nothing named yet: still one line
+            if isinstance(exc, BrokenPipeError):
+                raise
+            from daemon.storage_errors import storage_error
+
+            raise storage_error(exc, None, "file") from None
     except ConfigError as exc:
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

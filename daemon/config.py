@@ -102,6 +102,9 @@ class PipelineConfig:
     budget_usd: float | None = None
     output: OutputConfig = OutputConfig()
     keep_message: bool = False
+    # Seconds a claimed key is remembered by the duplicate-key ledger; None: the source's
+    # default (forever for files), 0: forever.
+    ledger_retention: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +268,13 @@ def _output(table: _Table) -> OutputConfig:
     return out
 
 
-def _pipeline(data: Any, index: int, path: Path) -> PipelineConfig:
+def _retention(value: Any) -> float:
+    if value in ("off", "forever"):
+        return 0.0
+    return parse_duration(value, what="duration")
+
+
+def _pipeline(data: Any, index: int, path: Path, state_dir: Path) -> PipelineConfig:
     table = _Table(data, f"[[pipeline]] #{index + 1}", path)
     name = table.require("name", str)
     if not _NAME.match(name):
@@ -282,7 +291,10 @@ def _pipeline(data: Any, index: int, path: Path) -> PipelineConfig:
         _plugin(s, f"[[pipeline.sink]] #{i + 1} of {name!r}", path)
         for i, s in enumerate(sinks_data)
     )
-    dead_data = table.get("dead_letter", dict, {"type": "jsonl", "path": f"dead-letters/{name}"})
+    # By default dead letters live in the state dir, the one place the service may write
+    # (the config's directory is read-only under ProtectSystem=strict).
+    default_dead = {"type": "jsonl", "path": str(state_dir / "dead-letters" / name)}
+    dead_data = table.get("dead_letter", dict, default_dead)
     dead_letter = _plugin(dead_data, f"[pipeline.dead_letter] of {name!r}", path)
     custom_id = table.get("custom_id", str)
     max_attempts = table.get("max_attempts", int, 3)
@@ -302,6 +314,7 @@ def _pipeline(data: Any, index: int, path: Path) -> PipelineConfig:
         budget_usd=float(budget) if budget is not None else None,
         output=_output(table.table("output")),
         keep_message=table.get("keep_message", bool, False),
+        ledger_retention=table.convert("ledger_retention", _retention, None),
     )
     table.finish()
     return result
@@ -329,6 +342,22 @@ def _api(table: _Table) -> ApiConfig:
     return result
 
 
+def _refuse_nul(value: Any, path: Path, where: str) -> None:
+    """
+    No string in the config may hold a NUL: every path and URL would fail deep inside
+    the OS or HTTP stack with a traceback, and no prompt needs one.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"{path}: {where or 'value'}: {value!r} contains a NUL character")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _refuse_nul(inner, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            _refuse_nul(inner, path, f"{where}[{index + 1}]")
+
+
 def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Config:
     """Read and validate ``path``; ``state_dir`` overrides the file's (systemd's StateDirectory)."""
     path = Path(path)
@@ -342,6 +371,9 @@ def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Con
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _refuse_nul(data, path, "")
+    if state_dir is not None and "\x00" in str(state_dir):
+        raise ConfigError(f"--state-dir {str(state_dir)!r}: contains a NUL character")
     top = _Table(data, "top level", path)
     base = path.resolve().parent
     in_file = top.get("state_dir", str, "state")  # read even when overridden: it is no typo
@@ -352,7 +384,7 @@ def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Con
     pipelines_data = top.get("pipeline", list, [])
     if not pipelines_data:
         raise top.error("pipeline", "at least one [[pipeline]] table is required")
-    pipelines = tuple(_pipeline(p, i, path) for i, p in enumerate(pipelines_data))
+    pipelines = tuple(_pipeline(p, i, path, state_path) for i, p in enumerate(pipelines_data))
     names = [p.name for p in pipelines]
     for name in names:
         if names.count(name) > 1:

@@ -39,7 +39,7 @@ async def estimate_pipeline(config: Config, pipeline: PipelineConfig) -> Estimat
     prices = PriceTable(config.prices, source=str(config.path))
     shaper = Shaper(pipeline)
     result = Estimate(pipeline.name)
-    source = build_source(config, pipeline.name, pipeline.source)
+    source = build_source(config, pipeline.name, pipeline.source, until_drained=True)
     try:
         await source.start(None)
         while (records := await source.poll()) is not None:

@@ -33,10 +33,13 @@ from daemon.budget import Budget
 from daemon.config import Config, PluginSpec, load_config
 from daemon.factories import build_sink, build_source
 from daemon.ledger import KeyLedger
+from daemon.ledger_binding import open_bound_ledger
 from daemon.manifest import Manifest
 from daemon.pipeline import PipelineRunner
 from daemon.pricing import PriceTable
+from daemon.private_state import make_private
 from daemon.sd_notify import Notifier, watchdog_loop
+from daemon.storage_errors import storage_error
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink
 from plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
@@ -96,8 +99,9 @@ class _Daemon:
         spool_dir = config.state_dir / "spool"
         runners = []
         opened: list[tuple[PipelineRunner, list[tuple[Sink, PluginSpec]]]] = []
+        drained = self.until_drained
         for pipeline in config.pipelines:
-            source = build_source(config, pipeline.name, pipeline.source)
+            source = build_source(config, pipeline.name, pipeline.source, until_drained=drained)
             stack.push_async_callback(source.aclose)
             specs = [*pipeline.sinks, pipeline.dead_letter]
             sinks = [build_sink(config, pipeline.name, spec) for spec in specs]
@@ -108,7 +112,8 @@ class _Daemon:
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
                 dead_letter=sinks[-1], cost=cost, budget=Budget(pipeline, prices),
                 telemetry=Telemetry(self.metrics, pipeline.name),
-                make_source=partial(build_source, config, pipeline.name, pipeline.source),
+                make_source=partial(build_source, config, pipeline.name, pipeline.source,
+                                    until_drained=drained),
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
         # Sources first: one that cannot start (a missing file) fails before any sink
@@ -254,41 +259,60 @@ async def run_daemon(config: Config, *, until_drained: bool = False) -> int:
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error an operator can act on: a BatchdError, else a file-system error."""
+    found: BaseException | None = None
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _first_error(exc)
         if isinstance(exc, BatchdError):
             return exc
-    return group
+        if found is None and isinstance(exc, OSError) and exc.filename is not None:
+            found = storage_error(exc, None, "file")
+    return found if found is not None else group
+
+
+_FRESH_FILES = ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
+                "keys.sqlite-shm")
 
 
 async def _run(config: Config, until_drained: bool) -> int:
-    fresh = not (config.state_dir / "manifest.jsonl").exists()
+    try:
+        fresh = not (config.state_dir / "manifest.jsonl").exists()
+        existing = {name for name in _FRESH_FILES if (config.state_dir / name).exists()}
+        had_dir = config.state_dir.exists()
+    except OSError as exc:
+        raise storage_error(exc, config.state_dir, "state dir") from None
     try:
         return await _serve(config, until_drained)
     except BaseException as exc:
         error = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if fresh and isinstance(error, ConfigError):
-            _remove_fresh_state(config.state_dir)
+            _remove_fresh_state(config.state_dir, existing, had_dir)
         raise
 
 
-def _remove_fresh_state(state_dir: Path) -> None:
-    """A run that failed on its config before doing anything leaves nothing behind."""
-    for name in ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
-                 "keys.sqlite-shm"):
-        (state_dir / name).unlink(missing_ok=True)
-    for directory in (state_dir / "spool", state_dir):
+def _remove_fresh_state(state_dir: Path, existing: set[str], had_dir: bool) -> None:
+    """A run that failed on its config before doing anything leaves nothing behind
+    (and never removes what was there before it: a ledger it refused, say)."""
+    for name in _FRESH_FILES:
+        if name not in existing:
+            with contextlib.suppress(OSError):
+                (state_dir / name).unlink(missing_ok=True)
+    for directory in (state_dir / "spool", *(() if had_dir else (state_dir,))):
         with contextlib.suppress(OSError):
             directory.rmdir()  # only if empty
 
 
 async def _serve(config: Config, until_drained: bool) -> int:
     daemon = _Daemon(config, until_drained)
+    make_private(config.state_dir)
     spool_dir = config.state_dir / "spool"
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in spool_dir.glob("*.tmp"):
-        leftover.unlink()
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in spool_dir.glob("*.tmp"):
+            leftover.unlink()
+    except OSError as exc:
+        raise storage_error(exc, spool_dir, "spool dir") from None
     api_key = resolve_api_key()
     if api_key:
         register_secret(api_key)
@@ -297,7 +321,7 @@ async def _serve(config: Config, until_drained: bool) -> int:
     async with AsyncExitStack() as process:
         manifest = await Manifest.open(config.state_dir, compact_bytes=compact)
         process.push_async_callback(manifest.aclose)
-        ledger = KeyLedger(config.state_dir / "keys.sqlite")
+        ledger = await open_bound_ledger(config.state_dir, manifest)
         process.callback(ledger.close)
         daemon.metrics = _start_metrics(config, process)
         async with anyio.create_task_group() as outer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,19 @@ from plugins.records import Record
 
 
 def _context(directory: Path) -> PluginContext:
-    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
+    # Read to the end as ``--until-drained`` does: a last line without a newline counts.
+    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory,
+                         until_drained=True)
 
 
 async def _read(
     directory: Path, resume: dict[str, Any] | None = None, **options: Any
 ) -> list[Record]:
     options = {"path": "items.jsonl", "key": "id", **options}
+    path = directory / options["path"]
+    if path.exists():  # it has stopped growing: a last line without newline is whole
+        old = time.time() - 60
+        os.utime(path, (old, old))
     out: list[Record] = []
     async with JsonlSource(options, _context(directory)) as source:
         await source.start(resume)
