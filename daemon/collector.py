@@ -26,6 +26,7 @@ from daemon.api import StreamCut
 from daemon.config import PipelineConfig
 from daemon.result_join import CostFn, Failure, ResultJoin
 from daemon.routing import Route
+from daemon.sink_failures import sink_call
 from daemon.sink_writer import background_puts
 from daemon.spool import SPOOL_BLOCK, SpoolWriter, iter_spool
 from plugins.contract import Sink
@@ -94,7 +95,7 @@ class Collector:
     async def _put(self, sinks: Sequence[Sink], group: str, rows: list[ResultRow]) -> None:
         if rows:
             for sink in sinks:
-                await sink.put(group, rows)
+                await sink_call(sink, sink.put(group, rows))
             rows.clear()
 
     async def collect(
@@ -138,8 +139,8 @@ class Collector:
             await self._second_pass(summary, failures, chunk, root, batch_id, spool)
 
         for sink in self.sinks:
-            await sink.flush(chunk)
-        await self.dead_letter.flush(chunk)
+            await sink_call(sink, sink.flush(chunk))
+        await sink_call(self.dead_letter, self.dead_letter.flush(chunk))
         return summary
 
     async def _first_pass(

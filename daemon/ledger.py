@@ -30,7 +30,9 @@ import orjson
 
 from plugins.errors import FatalError
 
-__all__ = ("LEDGER_NAME", "Claim", "KeyLedger", "ledger_files", "position_identity")
+__all__ = (
+    "LEDGER_NAME", "Claim", "KeyLedger", "ledger_files", "ledger_summary", "position_identity",
+)
 
 LEDGER_NAME = "keys.sqlite"
 T = TypeVar("T")
@@ -261,3 +263,24 @@ class KeyLedger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def ledger_summary(path: Path, pipelines: Sequence[str]) -> dict[str, Any]:
+    """
+    The ledger's size on disk and its keys per pipeline, read-only (beside a running
+    daemon) for ``batchd status``; zeros when there is no ledger yet.
+    """
+    size = 0
+    for file in ledger_files(path):
+        with contextlib.suppress(OSError):
+            size += file.stat().st_size
+    keys = dict.fromkeys(pipelines, 0)
+    if path.exists():
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                for name in pipelines:
+                    row = db.execute("SELECT COUNT(*) FROM keys WHERE pipeline = ?", (name,))
+                    keys[name] = int(row.fetchone()[0])
+        except sqlite3.Error as exc:
+            raise FatalError(f"key ledger {path}: cannot read it: {exc}") from None
+    return {"path": str(path), "bytes": size, "keys": keys}

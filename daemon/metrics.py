@@ -58,6 +58,9 @@ ALARM_KINDS = (
     "results_archived",
     "budget_exhausted",
     "source_lost",
+    "sink_failed",
+    "spool_lost",
+    "unknown_batches",
 )
 
 # usage field in an API result -> direction label
@@ -133,6 +136,10 @@ class Metrics:
         )
         self.manifest_bytes = Gauge(
             "manifest_bytes", "Size of the write-ahead manifest on disk.",
+            namespace=ns, registry=r,
+        )
+        self.ledger_bytes = Gauge(
+            "ledger_bytes", "Size of the duplicate-key ledger (keys.sqlite) on disk.",
             namespace=ns, registry=r,
         )
         self.oldest_in_flight_seconds = Gauge(

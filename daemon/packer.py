@@ -30,7 +30,9 @@ from plugins.contract import Source
 from plugins.errors import RetriableError
 from plugins.records import Record
 
-__all__ = ("ChunkBuilder", "Packer", "chunk_id")
+__all__ = (
+    "ChunkBuilder", "Packer", "add_reject", "chunk_id", "request_line", "shape_record",
+)
 
 log = structlog.get_logger("batchd.packer")
 # One shrink per this many seconds of 429s; grow back after this long without one.
@@ -49,6 +51,46 @@ class _Pending:
     request: bytes | None  # None: reject
     error_type: str | None = None
     error: str | None = None
+
+
+def shape_record(shaper: Shaper, max_bytes: int, record: Record, seq: int) -> _Pending:
+    """A record as a request body, or as a reject saying why it cannot be one."""
+    if record.error is not None:
+        return _Pending(record, seq, None, "bad_record", record.error)
+    try:
+        params = shaper.params(record)
+        body = orjson.dumps(params)
+    except ShapeError as exc:
+        return _Pending(record, seq, None, "shape_error", str(exc))
+    except Exception as exc:  # any record-level failure is that record's
+        # A field too deep to serialise, a value orjson refuses, a hook that raised:
+        # that record is a dead letter, never the daemon's exit (and a restart loop).
+        return _Pending(record, seq, None, "shape_error",
+                        f"cannot build the request: {type(exc).__name__}: {exc}")
+    limit = max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
+    if len(body) > limit:
+        return _Pending(
+            record, seq, None, "request_too_large",
+            f"request is {len(body) / 1e6:.1f} MB; a batch holds at most "
+            f"{max_bytes / 1e6:.0f} MB (max_bytes)",
+        )
+    return _Pending(record, seq, body)
+
+
+def request_line(custom_id: str, body: bytes) -> bytes:
+    """The spool's request half: ``{"custom_id":…,"params":…}``."""
+    return b'{"custom_id":"' + custom_id.encode() + b'","params":' + body + b"}"
+
+
+def add_reject(writer: SpoolWriter, meta: dict[str, Any]) -> None:
+    """Spool a reject; a key or position JSON cannot hold (a lone surrogate) is written
+    escaped rather than failing the chunk."""
+    try:
+        writer.add_reject(meta)
+    except (TypeError, orjson.JSONEncodeError):
+        safe = {name: ascii(value) if isinstance(value, str) else value
+                for name, value in meta.items() if name != "position"}
+        writer.add_reject({**safe, "position": None})
 
 
 class ChunkBuilder:
@@ -186,21 +228,7 @@ class Packer:
         return time.monotonic() - self.builder.started >= self.pipeline.batching.linger
 
     def _shape(self, record: Record, seq: int) -> _Pending:
-        if record.error is not None:
-            return _Pending(record, seq, None, "bad_record", record.error)
-        try:
-            params = self.shaper.params(record)
-        except ShapeError as exc:
-            return _Pending(record, seq, None, "shape_error", str(exc))
-        body = orjson.dumps(params)
-        limit = self.max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
-        if len(body) > limit:
-            return _Pending(
-                record, seq, None, "request_too_large",
-                f"request is {len(body) / 1e6:.1f} MB; a batch holds at most "
-                f"{self.max_bytes / 1e6:.0f} MB (max_bytes)",
-            )
-        return _Pending(record, seq, body)
+        return shape_record(self.shaper, self.max_bytes, record, seq)
 
     async def replay(self, source: Source, keys: set[str]) -> int:
         """
@@ -273,15 +301,21 @@ class Packer:
                     owner = duplicates.get(key, builder.id)
                     item.request, item.error_type = None, "duplicate_key"
                     item.error = f"duplicate key {key!r} (already read into chunk {owner})"
+            custom_id = ""
+            if item.request is not None:
+                try:
+                    custom_id = builder.ids.allocate(key, preferred(item.record))
+                except Exception as exc:  # the custom_id template failed on this record
+                    item.request, item.error_type = None, "shape_error"
+                    item.error = f"cannot build the custom_id: {type(exc).__name__}: {exc}"
             if item.request is None:
-                builder.writer.add_reject({
+                add_reject(builder.writer, {
                     "key": key, "position": item.record.position, "seq": item.seq,
                     "error_type": item.error_type, "error": item.error,
                 })
                 continue
             keys.add(key)
-            custom_id = builder.ids.allocate(key, preferred(item.record))
-            request = b'{"custom_id":"' + custom_id.encode() + b'","params":' + item.request + b"}"
+            request = request_line(custom_id, item.request)
             builder.est_input_bytes += len(item.request)
             builder.writer.add_request(request, {
                 "key": key, "position": item.record.position, "seq": item.seq,

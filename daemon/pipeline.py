@@ -8,6 +8,7 @@ the packer, the chunk driver, the poller and the collector.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from daemon.manifest import Manifest, crash_point
 from daemon.manifest_state import ChunkState, Stage
 from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
+from daemon.reconcile import Reconciler
+from daemon.sink_failures import ALARM_AFTER
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
 from plugins.errors import ConfigError, FatalError, RetriableError
@@ -36,6 +39,7 @@ __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
 log = structlog.get_logger("batchd.pipeline")
 _DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
+_PRUNE_EVERY = 300.0  # seconds between ledger prunes
 
 
 class PipelinePaused(FatalError):
@@ -78,6 +82,7 @@ class PipelineRunner:
         budget: Budget,
         telemetry: Telemetry,
         make_source: Callable[[], Source] | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -101,6 +106,9 @@ class PipelineRunner:
         # Set once every batch that was mid-create at start-up is adopted or resent.
         self.recovered = anyio.Event()
         self.packer: Packer | None = None
+        self.reconciler = reconciler
+        self.sink_failures = 0
+        self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
 
     # -- shared helpers the drivers call -----------------------------------------
@@ -130,6 +138,20 @@ class PipelineRunner:
                                        reason=reason)
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
+
+    async def sink_failed(self, error: str) -> None:
+        """A sink failed again: past ALARM_AFTER in a row, alarm and pause intake and creates."""
+        self.sink_failures += 1
+        if self.sink_failures >= ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed")
+
+    async def sink_recovered(self) -> None:
+        """A collect went through: a pause for a failing sink is over."""
+        self.sink_failures = 0
+        if (self.paused or "").startswith("sink_failed"):
+            await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+            self.log.warning("sink writes again; pipeline resumed")
+            self.changed.fire()
 
     async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
@@ -175,6 +197,13 @@ class PipelineRunner:
             await self.pause(refusal, alarm_kind="budget_exhausted")
             raise BudgetExhausted(refusal)
         builder.writer.seal()
+        position = builder.position
+        if position is not None:
+            # What the source was when these records were read (a file's inode and hashes):
+            # resuming after this position in anything else is refused at start.
+            identity = self.source.identity(position)
+            if identity is not None:
+                position = {**position, "identity": identity}
         await self.manifest.append(
             "chunk_sealed",
             pipeline=self.pipeline.name,
@@ -185,7 +214,7 @@ class PipelineRunner:
             rejects=builder.writer.rejects,
             first_seq=builder.first_seq,
             last_seq=builder.last_seq,
-            position=builder.position,
+            position=position,
             parent=None,
         )
         crash_point("after_seal")
@@ -243,7 +272,31 @@ class PipelineRunner:
                 for chunk in family:
                     await self.manifest.append("chunk_retired", chunk=chunk.chunk)
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
+            self._prune_ledger()
             self.changed.fire()
+
+    def _prune_ledger(self) -> None:
+        """Forget keys older than the ledger retention (at most every few minutes)."""
+        retention = self.ledger_retention
+        now = time.monotonic()
+        if not retention or now - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        live = [int(c.chunk[len(self.pipeline.name) + 1:][:6]) for c in self.live_chunks()
+                if c.chunk[len(self.pipeline.name) + 1:][:6].isdigit()]
+        below = min([*live, self.packer.next_chunk if self.packer else 0])
+        forgotten = self.ledger.prune(self.pipeline.name, retention, below)
+        if forgotten:
+            self.log.info("key ledger pruned", keys_forgotten=forgotten,
+                          retention_seconds=retention)
+
+    @property
+    def ledger_retention(self) -> float | None:
+        """Seconds keys are kept: the pipeline's setting, else the source's default."""
+        configured = self.pipeline.ledger_retention
+        if configured is not None:
+            return configured or None  # 0: forever
+        return self.source.ledger_retention
 
     async def _commit_source(self, position: dict[str, Any]) -> None:
         delay = 0.5

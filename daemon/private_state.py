@@ -18,7 +18,7 @@ from pathlib import Path
 
 from daemon.storage_errors import storage_error
 
-__all__ = ("PRIVATE_UMASK", "directory_mode", "make_private", "output_mode")
+__all__ = ("PRIVATE_UMASK", "make_private")
 
 PRIVATE_UMASK = 0o077
 # batchd's own entries in the state dir (dead letters are a sink's output, with its mode).
@@ -73,35 +73,3 @@ def _tighten(path: Path, mode: int) -> None:
         return
     if current.st_uid == os.geteuid():
         path.chmod(mode)
-
-
-def output_mode(value: object, what: str) -> int | None:
-    """
-    A sink's ``mode`` option: an octal string (``"0640"``) or a TOML integer (``0o640``).
-
-    Raises:
-        ValueError: naming what is wrong with the value.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: option 'mode' must be an octal mode like \"0640\"")
-    if isinstance(value, str):
-        try:
-            mode = int(value, 8)
-        except ValueError:
-            raise ValueError(f"{what}: option 'mode' {value!r} is not an octal mode like "
-                             "\"0640\"") from None
-    elif isinstance(value, int):
-        mode = value
-    else:
-        raise ValueError(f"{what}: option 'mode' must be an octal mode like \"0640\"")
-    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
-        raise ValueError(f"{what}: option 'mode' {oct(mode)} must be between 0o600 and 0o777 "
-                         "and let the owner read and write")
-    return mode
-
-
-def directory_mode(file_mode: int) -> int:
-    """The mode for a directory holding files of ``file_mode``: search where read is allowed."""
-    return file_mode | ((file_mode & 0o444) >> 2)

@@ -16,6 +16,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from daemon.config import Config
+from daemon.ledger import LEDGER_NAME, ledger_summary
 from daemon.manifest import MANIFEST_NAME, replay
 
 __all__ = ("collect_status", "render_status")
@@ -72,7 +73,13 @@ def collect_status(config: Config) -> dict[str, Any]:
         {"pipeline": a.pipeline, "chunk": a.chunk, "kind": a.kind, "message": a.message, "ts": a.ts}
         for a in list(state.alarms)[-20:]
     ]
-    return {"state_dir": str(config.state_dir), "pipelines": pipelines, "alarms": alarms}
+    names = [p.name for p in config.pipelines]
+    ledger = ledger_summary(Path(config.state_dir) / LEDGER_NAME, names)
+    for entry, pipeline in zip(pipelines, config.pipelines, strict=True):
+        entry["ledger_keys"] = ledger["keys"][pipeline.name]
+        entry["ledger_retention_seconds"] = pipeline.ledger_retention
+    return {"state_dir": str(config.state_dir), "pipelines": pipelines, "alarms": alarms,
+            "ledger": {"path": ledger["path"], "bytes": ledger["bytes"]}}
 
 
 def render_status(status: dict[str, Any], console: Console) -> None:
@@ -101,6 +108,11 @@ def render_status(status: dict[str, Any], console: Console) -> None:
                 table.add_row(b["chunk"], b["batch_id"] or "-", b["stage"], str(b["requests"]),
                               str(b["attempt"]))
             console.print(table)
+    ledger = status.get("ledger")
+    if ledger:
+        keys = sum(p.get("ledger_keys", 0) for p in status["pipelines"])
+        console.print(f"key ledger: {keys:,} keys, {ledger['bytes'] / 1e6:.1f} MB "
+                      f"({ledger['path']})")
     if status["alarms"]:
         table = Table("pipeline", "chunk", "alarm", "message", title="recent alarms")
         for a in status["alarms"]:

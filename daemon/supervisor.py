@@ -35,6 +35,7 @@ from daemon.factories import build_sink, build_source
 from daemon.ledger import KeyLedger
 from daemon.ledger_binding import open_bound_ledger
 from daemon.manifest import Manifest
+from daemon.output_paths import check_outputs
 from daemon.pipeline import PipelineRunner
 from daemon.pricing import PriceTable
 from daemon.private_state import make_private
@@ -116,6 +117,9 @@ class _Daemon:
                                     until_drained=drained),
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
+        check_outputs(config.state_dir, [
+            (spec.where, sink) for _, pairs in opened for sink, spec in pairs
+        ])
         # Sources first: one that cannot start (a missing file) fails before any sink
         # has created a table or a directory.
         for runner, _ in opened:
@@ -198,7 +202,8 @@ class _Daemon:
         while True:
             await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
-                runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes())
+                runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes(),
+                                         runner.ledger.size_bytes())
                 if interactive:
                     log.info("progress", pipeline=runner.pipeline.name, **_progress(runner))
             if self.notifier.enabled:

@@ -73,7 +73,9 @@ class Telemetry:
             summary.cost_usd,
         )
 
-    def refresh(self, chunks: Iterable[ChunkState], manifest_bytes: int) -> None:
+    def refresh(
+        self, chunks: Iterable[ChunkState], manifest_bytes: int, ledger_bytes: int | None = None
+    ) -> None:
         m = self.metrics
         if m is None:
             return
@@ -89,3 +91,5 @@ class Telemetry:
                 continue
         m.oldest_in_flight_seconds.labels(pipeline=self.pipeline).set(max(ages, default=0.0))
         m.manifest_bytes.set(manifest_bytes)
+        if ledger_bytes is not None:
+            m.ledger_bytes.set(ledger_bytes)
