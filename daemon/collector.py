@@ -107,14 +107,17 @@ class Collector:
         spool: Path,
         blocks: Callable[[], AsyncIterator[list[bytes]]] | None,
         attempts_left_for_stream: int = 8,
+        lost: tuple[str, str] | None = None,
     ) -> CollectSummary:
         """
         Route every request of ``chunk`` and make the outcome durable in the sinks.
 
         ``blocks`` opens the results stream, lists of raw lines (called again after a
         cut stream; lines already handled are skipped). It is None for a chunk that sent
-        nothing (all rejects). Returns the summary the manifest records;
-        the retry chunk's spool is sealed before this returns.
+        nothing (all rejects). ``lost`` (error type, message) says the batch's results are
+        gone for good: every request is dead-lettered with it instead of being retried
+        (sending again costs again, so that is the operator's call). Returns the summary
+        the manifest records; the retry chunk's spool is sealed before this returns.
         """
         index, rejects = _index(spool)
         join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id)
@@ -127,6 +130,9 @@ class Collector:
         )  # fmt: skip
         failures = join.failures
         for custom_id in join.missing():
+            if lost is not None:
+                failures[custom_id] = Failure(Route.DEAD, *lost)
+                continue
             summary.missing += 1
             failures[custom_id] = Failure(
                 Route.RETRY, "missing_result", "custom_id absent from the batch results"

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,14 +140,18 @@ class KeyLedger:
     ) -> dict[str, tuple[int, str, bytes | None]]:
         """key → (chunk_no, chunk, position identity) for the keys the ledger holds."""
         found: dict[str, tuple[int, str, bytes | None]] = {}
-        for start in range(0, len(keys), 900):
-            part = list(keys[start : start + 900])
+
+        def lookup(part: list[str]) -> list[Any]:
             marks = ",".join("?" * len(part))
-            rows = self._guard("read", lambda part=part, marks=marks: self._db.execute(
+            return self._db.execute(
                 f"SELECT key, chunk_no, chunk, position FROM keys"
                 f" WHERE pipeline = ? AND key IN ({marks})",
                 (pipeline, *part),
-            ).fetchall())
+            ).fetchall()
+
+        for start in range(0, len(keys), 900):
+            part = list(keys[start : start + 900])
+            rows = self._guard("read", partial(lookup, part))
             for key, owner_no, owner, position in rows:
                 found[key] = (owner_no, owner, position)
         return found

@@ -39,6 +39,7 @@ from daemon.output_paths import check_outputs
 from daemon.pipeline import PipelineRunner
 from daemon.pricing import PriceTable
 from daemon.private_state import make_private
+from daemon.reconcile import Reconciler
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.storage_errors import storage_error
 from daemon.telemetry import Telemetry
@@ -77,6 +78,7 @@ class _Daemon:
         self.reload_requested = False
         self.stopping = False
         self.metrics: Any = None
+        self.reconciler: Reconciler
 
     async def build_runners(
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
@@ -97,6 +99,9 @@ class _Daemon:
         cost = prices.cost_function(unknown_price)
 
         create_lock = anyio.Lock()
+        # Batches on the API that the manifest does not know (a restored backup): found
+        # before anything is created, adopted by the chunks they belong to.
+        self.reconciler = Reconciler(manifest, api, config.state_dir, config.api.poll_interval)
         spool_dir = config.state_dir / "spool"
         runners = []
         opened: list[tuple[PipelineRunner, list[tuple[Sink, PluginSpec]]]] = []
@@ -115,6 +120,7 @@ class _Daemon:
                 telemetry=Telemetry(self.metrics, pipeline.name),
                 make_source=partial(build_source, config, pipeline.name, pipeline.source,
                                     until_drained=drained),
+                reconciler=self.reconciler,
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
         check_outputs(config.state_dir, [
@@ -136,6 +142,21 @@ class _Daemon:
                  state_dir=str(config.state_dir), api=api.base_url,
                  live_chunks=len(manifest.state.chunks))
         return runners
+
+    async def run_generation(self, until_drained: bool) -> None:
+        """The runners, and beside them the reconciler, stopped once the runners are done."""
+        reconcile = anyio.CancelScope()
+
+        async def reconciling() -> None:
+            with reconcile:
+                await self.reconciler.run()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(reconciling)
+            async with anyio.create_task_group() as runners:
+                for runner in self.runners:
+                    runners.start_soon(partial(runner.run, until_drained=until_drained))
+            reconcile.cancel()
 
     async def announce_ready(self) -> None:
         """
@@ -341,10 +362,7 @@ async def _serve(config: Config, until_drained: bool) -> int:
                     with anyio.CancelScope() as scope:
                         daemon.generation = scope
                         async with anyio.create_task_group() as pipelines:
-                            for runner in daemon.runners:
-                                pipelines.start_soon(
-                                    partial(runner.run, until_drained=until_drained)
-                                )
+                            pipelines.start_soon(daemon.run_generation, until_drained)
                             pipelines.start_soon(daemon.announce_ready)
                 if not daemon.reload_requested:
                     break
