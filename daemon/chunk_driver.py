@@ -231,13 +231,13 @@ class ChunkDriver:
         """
         assert chunk.intent_at is not None
         runner = self.runner
-        known = runner.manifest.state.batch_ids()
+        state = runner.manifest.state
         skew = await runner.api.clock_skew()
         since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
                  else chunk.intent_at - _CLOCK_SLACK)
         found = None
         async for batch in runner.api.recent(since=since):
-            if batch.id in known or _total(batch.request_counts) != chunk.requests:
+            if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
                 continue
             if found is None or created_at_ts(batch) < created_at_ts(found):
                 found = batch

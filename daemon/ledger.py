@@ -257,14 +257,16 @@ class KeyLedger:
 
     def restore(
         self, rows: Sequence[tuple[str, str, int, str, bytes | None]]
-    ) -> None:
-        """Insert (pipeline, key, chunk_no, chunk, position identity) as they were claimed."""
+    ) -> int:
+        """Insert (pipeline, key, chunk_no, chunk, position identity) as they were claimed,
+        keeping a key already there; returns how many were new."""
         at = self._now()
-        self._guard("write", lambda: self._db.executemany(
+        cursor = self._guard("write", lambda: self._db.executemany(
             "INSERT OR IGNORE INTO keys (pipeline, key, chunk_no, chunk, position, at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             [(*row, at) for row in rows],
         ))
+        return int(cursor.rowcount)
 
     def close(self) -> None:
         self._db.close()
