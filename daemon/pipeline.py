@@ -142,7 +142,8 @@ class PipelineRunner:
     async def sink_failed(self, error: str) -> None:
         """A sink failed again: past ALARM_AFTER in a row, alarm and pause intake and creates."""
         self.sink_failures += 1
-        if self.sink_failures >= ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+        if self.sink_failures == ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+            # Exactly once per episode (several chunks fail at the same time).
             await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed")
 
     async def sink_recovered(self) -> None:

@@ -29,7 +29,7 @@ def storage_error(exc: OSError, path: Path | str | None, what: str) -> BatchdErr
     """One-line error for ``exc`` raised while touching ``path`` (``what`` says whose it is)."""
     where = exc.filename if exc.filename is not None else path
     reason = exc.strerror or str(exc)
-    message = f"{what} {where}: {reason}"
+    message = f"{what} {where}: {reason}" if where is not None else f"{what}: {reason}"
     if exc.errno in _SETUP:
         if exc.errno == errno.EROFS:
             message += " (mount it read-write, or point state_dir elsewhere)"

@@ -292,8 +292,8 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
             exc = _first_error(exc)
         if isinstance(exc, BatchdError):
             return exc
-        if found is None and isinstance(exc, OSError) and exc.filename is not None:
-            found = storage_error(exc, None, "file")
+        if found is None and isinstance(exc, OSError):
+            found = storage_error(exc, None, "file" if exc.filename is not None else "I/O error")
     return found if found is not None else group
 
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 def fixed_width_csv(path: Path, prefix: str, rows: int) -> list[str]:
     """Rows of one exact width, so a saved byte offset lands on a row end in any such file."""
     keys = [f"{prefix}{n:07d}" for n in range(1, rows + 1)]
-    bodies = ("I was charged twice, please refund", "The export button crashes the app")
+    bodies = ("I was charged twice so please refund", "The export button crashes the app")
     lines = ["ticket_id,body"] + [f"{key},{bodies[n % 2]:<40}" for n, key in enumerate(keys)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return keys

@@ -260,6 +260,9 @@ class TestOneLineErrors:
     def test_a_sink_on_a_full_disk_alarms_pauses_and_recovers(
         self, emulator: EmulatorThread, workspace: Callable[..., Workspace]
     ) -> None:
+        """A full disk under a jsonl sink: the error names the file, the `sink_failed` alarm is
+        raised once, the pipeline pauses (no new batch is paid for), and it goes on by itself
+        once the sink can write again."""
         ws = workspace(emulator.base_url)
         keys = csv_keys(ws.write_tickets(200))
         write(ws, config(ws))
@@ -267,12 +270,14 @@ class TestOneLineErrors:
             filler = fill(mount)
             daemon = start_daemon(ws, until_drained=True)
             try:
-                wait_for(lambda: sink_alarm(ws), "the sink alarm", timeout=90)
+                alarm = wait_for(lambda: sink_alarm(ws), "the sink alarm", timeout=90)
+                assert f"{ws.jsonl_dir}/.tickets-" in alarm["message"]
+                assert "No space left on device" in alarm["message"]
+                assert ws.status()["pipelines"][0]["paused"].startswith("sink_failed")
                 created = emulator.stats()["batches_created"]
-                state = ws.status()["pipelines"][0]
-                assert state["paused"] and str(ws.jsonl_dir) in sink_alarm(ws)["message"]
-                time.sleep(1.0)  # paused: no new batch while the sink cannot write
+                time.sleep(1.5)  # a few retry rounds: no new batch, no second alarm
                 assert emulator.stats()["batches_created"] == created
+                assert len([a for a in ws.status()["alarms"] if a["kind"] == "sink_failed"]) == 1
                 filler.unlink()
                 assert daemon.wait(timeout=120) == 0
             finally:

@@ -159,7 +159,8 @@ class TestDeadLetter:
 class TestOptions:
     def test_unknown_option(self, tmp_path: Path) -> None:
         """An unknown option names the key and lists the valid ones."""
-        with pytest.raises(ConfigError, match=r"unknown option 'dir' \(valid: fields, mode, path\)"):
+        valid = r"\(valid: fields, mode, path\)"
+        with pytest.raises(ConfigError, match=r"unknown option 'dir' " + valid):
             JsonlSink({"dir": "x"}, _context(tmp_path))
 
     def test_missing_path(self, tmp_path: Path) -> None:

@@ -109,8 +109,9 @@ class PartFiles:
                     f"would overwrite them. Use another path, or move those files away and "
                     f"delete {path}"
                 )
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, orjson.dumps({"pid": os.getpid(), "state_dir": owner}) + b"\n", 0)
+            with contextlib.suppress(OSError):  # a full disk: the lock still holds, the record
+                os.ftruncate(fd, 0)             # of who writes here waits for the next start
+                os.pwrite(fd, orjson.dumps({"pid": os.getpid(), "state_dir": owner}) + b"\n", 0)
         except BaseException:
             os.close(fd)
             raise
@@ -144,7 +145,19 @@ class PartFiles:
                 file = self._open[group] = open(fd, "wb")
             file.write(data)
         except OSError as exc:
+            self._abandon(group)
             raise RetriableError(f"{self.what}: cannot write {path}: {exc.strerror}") from None
+
+    def _abandon(self, group: str) -> None:
+        """
+        Forget a group whose write failed: it is replayed whole, from its first put. The temp
+        file is left in place (truncated by that replay), so the space it holds on a full
+        disk is not handed to another group's retry in between.
+        """
+        file = self._open.pop(group, None)
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
 
     def publish(self, group: str) -> bool:
         """fsync the temp file, rename it over the part file, fsync the directory."""
@@ -165,9 +178,7 @@ class PartFiles:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)  # the group is replayed whole
+        except OSError as exc:  # the group is replayed whole; see _abandon
             raise RetriableError(f"{self.what}: cannot write {path}: {exc.strerror}") from None
         return True
 

@@ -87,13 +87,19 @@ class JsonlSink(Sink):
             seen.add(row.key)
             lines.append(orjson.dumps(self._shape(row)))
         data = b"\n".join(lines) + b"\n" if lines else b""
-        await anyio.to_thread.run_sync(self._parts.write, group, data, limiter=self._limiter)
+        try:
+            await anyio.to_thread.run_sync(self._parts.write, group, data, limiter=self._limiter)
+        except BaseException:
+            self._keys.pop(group, None)  # the replay starts the group over
+            raise
 
     async def flush(self, group: str) -> None:
         """fsync the group's rows and publish them as ``<group>.jsonl``."""
         check_group(group)
-        await anyio.to_thread.run_sync(self._parts.publish, group, limiter=self._limiter)
-        self._keys.pop(group, None)
+        try:
+            await anyio.to_thread.run_sync(self._parts.publish, group, limiter=self._limiter)
+        finally:
+            self._keys.pop(group, None)
 
     async def aclose(self) -> None:
         """Drop unpublished temp files: their groups were never committed and will be replayed."""
