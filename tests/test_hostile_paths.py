@@ -22,8 +22,11 @@ from typing import Any
 
 import pytest
 
+from daemon.config import load_config
 from daemon.emulator import EmulatorThread
+from daemon.ledger import KeyLedger
 from daemon.manifest import MANIFEST_NAME
+from plugins.errors import ConfigError
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe, dump_toml
 from tests.fixtures.hostile import (
     assert_nothing_lost,
@@ -348,3 +351,28 @@ class TestLedgerSize:
         assert status["ledger"]["bytes"] > 0
         assert status["pipelines"][0]["ledger_keys"] == 120
         assert status["pipelines"][0]["ledger_retention_seconds"] == 30 * 86400
+
+    def test_ledger_retention_forgets_old_keys_of_retired_chunks(self, tmp_path: Path) -> None:
+        """Past the retention a key may come back (a stream's ticket reopened a month later):
+        it is a new record, not a duplicate; keys of live chunks are never forgotten."""
+        clock = [1000.0]
+        ledger = KeyLedger(tmp_path / "keys.sqlite", now=lambda: clock[0])
+        try:
+            ledger.claim("p", 0, "p-000000", [("old", {"line": 1})])
+            ledger.claim("p", 1, "p-000001", [("live", {"line": 2})])
+            clock[0] += 31 * 86400
+            assert ledger.prune("p", 30 * 86400, below_chunk_no=1) == 1
+            claim = ledger.claim("p", 2, "p-000002", [("old", {"line": 9}), ("live", {"line": 9})])
+            assert claim.duplicates == {"live": "p-000001"}
+            assert ledger.count("p") == 2  # "old" claimed again, "live" still p-000001
+            assert ledger.size_bytes() > 0
+        finally:
+            ledger.close()
+
+    def test_retention_is_a_duration_or_off(self, ws: Workspace) -> None:
+        for value, seconds in (("30d", 30 * 86400.0), ("off", 0.0)):
+            write(ws, config(ws, ledger_retention=value))
+            assert load_config(ws.config_path).pipelines[0].ledger_retention == seconds
+        write(ws, config(ws, ledger_retention="soon"))
+        with pytest.raises(ConfigError, match="ledger_retention"):
+            load_config(ws.config_path)
