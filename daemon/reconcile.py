@@ -41,6 +41,7 @@ from daemon.api import BatchesApi, StreamCut, timestamp
 from daemon.manifest import Manifest
 from daemon.manifest_state import ChunkState
 from daemon.spool import iter_spool
+from plugins.errors import FatalError
 
 __all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "Unattributable", "unknown_batches")
 
@@ -87,6 +88,15 @@ class _Cache:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._connect() as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise FatalError(f"reconcile cache {self.path}: {exc} (it is safe to delete it; "
+                             "batchd reads the batches again)") from None
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")

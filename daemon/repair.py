@@ -135,6 +135,8 @@ async def _reread(
     shaper = Shaper(pipeline)
     owner = f"{name}-{RETIRED_OWNER}"
     source = build_source(config, name, pipeline.source, until_drained=True)
+    if not source.rereadable:
+        raise BatchdError(f"a {pipeline.source.type} source is not read a second time")
     seq = restored = 0
     try:
         await source.start(None)

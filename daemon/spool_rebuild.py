@@ -51,8 +51,8 @@ async def rebuild_spool(runner: PipelineRunner, chunk: ChunkState) -> str | None
     try:
         if chunk.parent is not None:
             return await _cut_retry_again(runner, chunk)
-        if runner.make_source is None:
-            return "the pipeline's source cannot be opened a second time"
+        if runner.make_source is None or not runner.source.rereadable:
+            return "the pipeline's source cannot be read a second time beside the running one"
         if chunk.first_seq is None:
             keys = {key for key, _ in runner.ledger.keys_of(runner.pipeline.name, chunk.chunk)}
             return await _reread(runner, chunk, None, 0, keys=keys)
@@ -178,6 +178,11 @@ def _write(
             writer.discard()
             return (f"the rows read again make {found[0]} requests and {found[1]} rejects; "
                     f"the chunk had {chunk.requests} and {chunk.rejects}")
+        claimed = {key for key, _ in runner.ledger.keys_of(pipeline.name, chunk.chunk)}
+        if claimed and claimed != seen:
+            writer.discard()
+            return (f"the rows read again hold other keys than the chunk claimed "
+                    f"({len(seen - claimed)} new, {len(claimed - seen)} missing)")
         writer.seal()
     except BaseException:
         writer.discard()

@@ -92,6 +92,9 @@ class Source(_Closeable):
     # unless the pipeline sets ``ledger_retention``; None: forever. A file must catch a
     # duplicate anywhere in it; a stream that runs for months would grow it without end.
     ledger_retention: float | None = None
+    # Whether a second instance may read records again beside the running one (to rebuild
+    # a lost spool file). A consumer-group member may not: it would take partitions away.
+    rereadable: bool = True
 
     @abc.abstractmethod
     async def start(self, resume: dict[str, Any] | None) -> None:

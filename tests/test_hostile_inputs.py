@@ -53,7 +53,10 @@ def result_outputs(ws: Workspace) -> dict[str, str]:
     if not ws.sqlite_path.exists():
         return {}
     with closing(sqlite3.connect(f"file:{ws.sqlite_path}?mode=ro", uri=True)) as db:
-        return dict(db.execute("SELECT key, output FROM results"))
+        try:
+            return dict(db.execute("SELECT key, output FROM results"))
+        except sqlite3.OperationalError:  # the sink has not created its table yet
+            return {}
 
 
 class TestReplacedFile:
