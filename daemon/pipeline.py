@@ -337,7 +337,8 @@ class PipelineRunner:
         )
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested)
+                             between_chunks=self.replay_requested,
+                             owners=self.reconciler)
         try:
             await self.source.start(resume[0])
             self.packer.started = True
@@ -390,6 +391,12 @@ class PipelineRunner:
             intents = {c.chunk for c in self.live_chunks() if c.stage is Stage.INTENT}
             tg.start_soon(self._watch_recovery, intents)
             tg.start_soon(self.poller.run)
+            if until_drained:
+                tg.start_soon(self._stop_when_stuck)
+            if self.reconciler is not None:
+                # Batches the state does not know shape the chunks rebuilt for them: read
+                # nothing until they are known (creates wait for it anyway).
+                await self.reconciler.ready.wait()
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -399,6 +406,20 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
+
+    async def _stop_when_stuck(self) -> None:
+        """
+        ``--until-drained`` with creates paused and nothing left that can move: stop now,
+        even while the packer waits for room (it would wait for ever).
+        """
+        while True:
+            live = self.live_chunks()
+            if self.submissions_blocked and all(
+                c.stage in (Stage.SEALED, Stage.INTENT) for c in live
+            ):
+                raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            with anyio.move_on_after(1.0):
+                await self.changed.wait()
 
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""

@@ -135,6 +135,18 @@ class _Cache:
                 db.execute("UPDATE batches SET ready = 1 WHERE batch_id = ?", (batch.batch_id,))
             db.execute("COMMIT")
 
+    def holders(self, custom_ids: list[str]) -> list[tuple[str, str]]:
+        """(custom_id, batch id) for every cached batch holding one of ``custom_ids``."""
+        found: list[tuple[str, str]] = []
+        with self.connect() as db:
+            for start in range(0, len(custom_ids), _GROUP):
+                part = custom_ids[start : start + _GROUP]
+                marks = ",".join("?" * len(part))
+                found.extend(db.execute(
+                    f"SELECT custom_id, batch_id FROM ids WHERE custom_id IN ({marks})", part
+                ))
+        return found
+
     def overlaps(self, custom_ids: list[str], candidates: set[str]) -> Counter[str]:
         found: Counter[str] = Counter()
         with self.connect() as db:
@@ -266,6 +278,35 @@ class Reconciler:
     def _store(self, batch: FoundBatch, custom_ids: list[str], done: bool) -> None:
         self.cache.store(batch, custom_ids, done=done)
 
+    def _candidates(self) -> set[str]:
+        state = self.manifest.state
+        return {b for b in self._readable if b in self.unknown and not state.is_known_batch(b)}
+
+    def active(self) -> bool:
+        """Whether an unknown batch still waits for the chunk it belongs to (cheap)."""
+        return bool(self.unknown) and bool(self._candidates())
+
+    async def owners(self, custom_ids: list[str]) -> dict[str, tuple[str, int]]:
+        """
+        custom_id → (batch id, request count) of the oldest unknown batch holding it, for
+        the packer to rebuild chunks to those batches' boundaries.
+        """
+        candidates = self._candidates()
+        if not candidates or not custom_ids:
+            return {}
+        order = sorted(candidates, key=lambda b: timestamp(self.unknown[b].created_at))
+        rank = {b: i for i, b in enumerate(order)}
+
+        def lookup() -> dict[str, tuple[str, int]]:
+            found: dict[str, str] = {}
+            for custom_id, batch_id in self.cache.holders(custom_ids):
+                if batch_id in rank and (custom_id not in found
+                                         or rank[batch_id] < rank[found[custom_id]]):
+                    found[custom_id] = batch_id
+            return {cid: (b, self.unknown[b].requests) for cid, b in found.items()}
+
+        return await anyio.to_thread.run_sync(lookup)
+
     async def clearance(self, chunk: ChunkState, spool: Path) -> FoundBatch | None:
         """
         The unknown batch that is this chunk's (adopt it), or None (send the chunk).
@@ -273,9 +314,7 @@ class Reconciler:
         Raises:
             Unattributable: unknown batches share some of the chunk's custom_ids only.
         """
-        state = self.manifest.state
-        candidates = {b for b in self._readable
-                      if b in self.unknown and not state.is_known_batch(b)}
+        candidates = self._candidates()
         if not candidates:
             return None
 

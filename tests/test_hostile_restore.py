@@ -19,6 +19,7 @@ import pytest
 
 from daemon.emulator import EmulatorThread
 from daemon.manifest import MANIFEST_NAME
+from tests.fixtures.emulator import sdk_client
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
 from tests.fixtures.hostile import (
     assert_nothing_lost,
@@ -79,6 +80,24 @@ class TestRestoredState:
         assert_nothing_lost(ws, keys)
         assert ws.spool_files() == []
 
+    def test_restored_backup_with_another_chunking_still_adopts(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]]
+    ) -> None:
+        """Case 1, careless: the backup is restored and max_requests changed too. The chunks
+        rebuilt for batches the API already has follow those batches' boundaries."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:2")
+        backup = copy_state(ws)
+        ws.run_ok()
+        created = emulator.stats()["batches_created"]
+
+        restore_state(ws, backup)
+        ws.write_config(**{**CHUNKS, "max_requests": 35})
+        ws.run_ok()
+        assert emulator.stats()["batches_created"] == created
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
+
     def test_truncated_manifest_pays_nothing_twice_and_drains(
         self, setup: tuple[EmulatorThread, Workspace, list[str]]
     ) -> None:
@@ -95,6 +114,47 @@ class TestRestoredState:
         assert_paid_once(emulator, expected=custom_ids(keys))
         assert_nothing_lost(ws, keys)
         assert ws.manifest_state().chunks == {}
+
+
+class TestUnknownBatches:
+    def test_a_batch_sharing_some_custom_ids_stops_the_pipeline_until_decided(
+        self, emulator_factory: Callable[..., EmulatorThread],
+        workspace: Callable[..., Workspace],
+    ) -> None:
+        """Another tool in the workspace sent 10 of our custom_ids among others: batchd sends
+        nothing (exit 3, `unknown_batches` naming the batch and the chunk); adopting it for
+        the chunk collects those 10 rows from it, and nothing is paid twice."""
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        source = ws.root / "tickets.csv"
+        source.write_text("ticket_id,body\n", encoding="utf-8")
+        ws.write_config(**CHUNKS)
+        ws.run_ok()  # the state dir exists from here on
+        keys = csv_keys(ws.write_tickets(100))
+        shared = custom_ids(keys[:10])
+        requests = [*shared, "x-1", "x-2", "x-3", "x-4", "x-5"]
+        foreign = sdk_client(emulator.base_url).messages.batches.create(requests=[
+            {"custom_id": cid, "params": {"model": "claude-haiku-4-5", "max_tokens": 8,
+                                          "messages": [{"role": "user", "content": "refund"}]}}
+            for cid in requests
+        ])
+
+        stopped = ws.run()
+        assert stopped.returncode == 3, describe(stopped)
+        assert foreign.id in stopped.stderr
+        alarm = [a for a in alarms(ws) if a["kind"] == "unknown_batches"]
+        assert alarm and foreign.id in alarm[-1]["message"]
+        chunk = alarm[-1]["chunk"]
+        assert emulator.stats()["batches_created"] == 1  # the foreign one only
+        listed = ws.run("reconcile", str(ws.config_path))
+        assert listed.returncode == 0 and foreign.id in listed.stdout, describe(listed)
+
+        adopt = ws.run("reconcile", str(ws.config_path), "--adopt", foreign.id,
+                       "--chunk", chunk)
+        assert adopt.returncode == 0, describe(adopt)
+        ws.run_ok()
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
 
 
 class TestLostLedger:
