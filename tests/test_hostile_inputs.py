@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
+from connectors.csv_source import CsvSource
+from connectors.jsonl_source import JsonlSource
 from daemon.emulator import EmulatorThread
+from plugins.contract import PluginContext
 from tests.fixtures.engine import RULES_PATH, Workspace, describe, dump_toml
 from tests.fixtures.hostile import (
     assert_nothing_lost,
@@ -129,6 +132,35 @@ class TestHalfWrittenLine:
         ws.run_ok()
         assert result_outputs(ws)["T0000002"] == "Emulated reply to: no newline here"
         assert_paid_once(emulator, expected=["t-T0000001", "t-T0000002"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+async def test_an_unfinished_last_record_is_held_until_its_newline(
+    tmp_path: Path, kind: str
+) -> None:
+    """Case 7 at the source: in daemon mode a last record without its newline is not read —
+    a CSV quoted field spanning lines included — and is read whole once it is finished."""
+    context = PluginContext(pipeline="t", state_dir=tmp_path, config_dir=tmp_path)
+    if kind == "csv":
+        path = tmp_path / "in.csv"
+        path.write_bytes(b'id,body\n1,"first\nline"\n2,"second\nhal')
+        source: CsvSource | JsonlSource = CsvSource({"path": "in.csv", "key": "id"}, context)
+        tail, body = b'f done"\n', "second\nhalf done"
+    else:
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(b'{"id": 1, "body": "first"}\n{"id": 2, "body": "second ha')
+        source = JsonlSource({"path": "in.jsonl", "key": "id"}, context)
+        tail, body = b'lf done"}\n', "second half done"
+    async with source:
+        await source.start(None)
+        assert [r.key for r in await source.poll() or []] == ["1"]
+        assert await source.poll() is None
+        with path.open("ab") as f:
+            f.write(tail)
+        (record,) = await source.poll() or []
+        assert (record.key, record.fields["body"], record.error) == ("2", body, None)
+        assert record.position["offset"] == path.stat().st_size
 
 
 class TestUnshapeableRecords:

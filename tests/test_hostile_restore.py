@@ -227,6 +227,46 @@ class TestLostSpool:
         assert_nothing_lost(ws, keys)
 
 
+    def test_spool_lost_and_source_changed_dead_letters_the_rows(
+        self, emulator_factory: Callable[..., EmulatorThread],
+        workspace: Callable[..., Workspace],
+    ) -> None:
+        """Case 5, worse: the lost chunk's rows changed in the file too (one key edited in
+        place). They cannot be rebuilt, so the chunk's keys (from the ledger) are dead-lettered
+        `spool_lost`; `dead-letters retry` then sends the ones the file still has."""
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        keys = [f"T{n:07d}" for n in range(1, 201)]
+        body = "I was charged twice so please refund"
+        source = ws.root / "tickets.csv"
+        source.write_text("ticket_id,body\n" + "".join(f"{k},{body:<190}\n" for k in keys))
+        ws.write_config(**CHUNKS)
+        ws.crash("after_seal:2")
+        (ws.state_dir / "spool" / "tickets-000001.jsonl").unlink()
+        text = source.read_text()
+        source.write_text(text.replace("T0000075,", "Z0000075,"))  # same length, in place
+
+        proc = ws.run(timeout=120)
+        assert proc.returncode == 0, describe(proc)
+        assert [a["chunk"] for a in alarms(ws) if a["kind"] == "spool_lost"] == [
+            "tickets-000001"
+        ]
+        lost = keys[50:100]
+        out = ws.outputs()
+        assert {k: d["error_type"] for k, d in out.dead.items()} == dict.fromkeys(
+            lost, "spool_lost"
+        )
+        assert set(out.results) == set(keys) - set(lost)
+        assert_paid_once(emulator)
+
+        retry = ws.run("dead-letters", "retry", str(ws.config_path), "tickets", "--all")
+        assert retry.returncode == 0, describe(retry)
+        ws.run_ok()
+        out = ws.outputs()
+        assert set(out.results) == set(keys) - {"T0000075"}
+        assert_paid_once(emulator, expected=custom_ids([k for k in keys if k != "T0000075"]))
+
+
 class TestLostBatch:
     def test_batch_the_api_forgot_is_one_alarm_and_retriable_dead_letters(
         self, emulator_factory: Callable[..., EmulatorThread],
