@@ -289,11 +289,18 @@ class ChunkDriver:
             self.log.warning("spool rebuilt from the source", spool=str(path))
             return True
         if not await give_up_spool(runner, chunk, reason):
-            raise FatalError(
-                f"chunk {chunk.chunk}: spool file {path} is lost and cannot be rebuilt "
-                f"({reason}); its {chunk.requests} rows are a retry whose keys only that "
-                "file knew. Restore it from a backup of the state dir, then restart"
+            # Nothing left to rebuild it from, nor keys to dead-letter: hold this chunk (not
+            # a retry loop, not an exit that systemd would restart) and say what to do.
+            runner.held_chunks.add(chunk.chunk)
+            await runner.alarm(
+                "spool_lost",
+                f"chunk {chunk.chunk} is held: spool file {path} is lost and cannot be rebuilt "
+                f"({reason}), and only that file knew its {chunk.requests} rows' keys. "
+                "Restore it from a backup of the state dir, then restart",
+                chunk=chunk.chunk,
             )
+            runner.changed.fire()
+            await anyio.sleep_forever()
         await self._commit_given_up(chunk)
         return False
 

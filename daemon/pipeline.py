@@ -108,6 +108,8 @@ class PipelineRunner:
         self.packer: Packer | None = None
         self.reconciler = reconciler
         self.sink_failures = 0
+        # Chunks that cannot go on until an operator acts (a spool lost beyond rebuilding).
+        self.held_chunks: set[str] = set()
         self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
 
@@ -424,10 +426,16 @@ class PipelineRunner:
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""
         while True:
-            live = self.live_chunks()
+            live = [c for c in self.live_chunks() if c.chunk not in self.held_chunks]
             stuck = all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live)
             if (self.submissions_blocked and stuck) or (self.paused and not live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            if not live and self.held_chunks:
+                raise PipelinePaused(
+                    f"pipeline {self.pipeline.name!r}: chunks "
+                    f"{', '.join(sorted(self.held_chunks))} are held (spool lost; see the "
+                    "spool_lost alarm)"
+                )
             if not live and not self.paused:
                 return
             with anyio.move_on_after(1.0):

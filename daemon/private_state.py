@@ -28,16 +28,17 @@ _OWN_FILES = ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal
 _OWN_DIRS = ("spool", "retry-requests")
 
 
-def make_private(state_dir: Path) -> None:
+def make_private(state_dir: Path) -> int:
     """
     Set the umask, create the state dir (0700) and tighten what is already in it; then
     prove it is writable, so a read-only or full file system is one line at start.
+    Returns the umask it replaced (for a caller that runs in a longer-lived process).
 
     Raises:
         ConfigError: the state dir is read-only or not ours (exit 2).
         StorageFull: there is no room to write in it.
     """
-    os.umask(PRIVATE_UMASK)
+    previous = os.umask(PRIVATE_UMASK)
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _tighten(state_dir, 0o700)
@@ -61,7 +62,9 @@ def make_private(state_dir: Path) -> None:
             with contextlib.suppress(OSError):
                 probe.unlink()
     except OSError as exc:
+        os.umask(previous)
         raise storage_error(exc, state_dir, "state dir") from None
+    return previous
 
 
 def _tighten(path: Path, mode: int) -> None:

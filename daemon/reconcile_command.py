@@ -17,7 +17,9 @@ manifest's lock: stop the daemon first, start it again after.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -46,7 +48,6 @@ def list_unknown(config: Config) -> list[str]:
 
 
 def ignore_batch(config: Config, batch_id: str) -> str:
-    make_private(config.state_dir)
 
     async def run() -> str:
         async with await Manifest.open(config.state_dir) as manifest:
@@ -58,11 +59,10 @@ def ignore_batch(config: Config, batch_id: str) -> str:
         return (f"batch {batch_id} is recorded as not this state's; chunks sharing its "
                 "custom_ids are sent (and paid) when batchd starts")
 
-    return anyio.run(run)
+    return _privately(config, run)
 
 
 def adopt_batch(config: Config, batch_id: str, chunk_id: str) -> str:
-    make_private(config.state_dir)
 
     async def run() -> str:
         async with await Manifest.open(config.state_dir) as manifest:
@@ -92,4 +92,13 @@ def adopt_batch(config: Config, batch_id: str, chunk_id: str) -> str:
         return (f"batch {batch_id} is recorded as chunk {chunk_id}'s; it is collected when "
                 "batchd starts")
 
-    return anyio.run(run)
+    return _privately(config, run)
+
+
+def _privately(config: Config, run: Callable[[], Awaitable[str]]) -> str:
+    """Run a decision with the state dir's privacy (umask 077), as the daemon would."""
+    umask = make_private(config.state_dir)
+    try:
+        return anyio.run(run)
+    finally:
+        os.umask(umask)

@@ -46,8 +46,11 @@ def _chunk_no(pipeline: str, chunk: str) -> int:
 
 def repair_ledger(config: Config) -> list[str]:
     """Rebuild ``keys.sqlite`` for ``config``'s state dir; returns what was done, line by line."""
-    make_private(config.state_dir)
-    return anyio.run(_repair, config)
+    umask = make_private(config.state_dir)
+    try:
+        return anyio.run(_repair, config)
+    finally:
+        os.umask(umask)
 
 
 async def _repair(config: Config) -> list[str]:

@@ -219,11 +219,14 @@ async def _cut_retry_again(runner: PipelineRunner, chunk: ChunkState) -> str | N
 async def give_up_spool(runner: PipelineRunner, chunk: ChunkState, reason: str) -> bool:
     """
     Replace a lost spool by dead letters (``spool_lost``) for the keys the ledger says the
-    chunk held; False if even those are unknown (a retry chunk), for the caller to report.
+    chunk held; False if even those are unknown (a retry chunk, whose keys only its spool
+    knew), for the caller to hold the chunk and report it.
     """
     if chunk.parent is not None:
         return False
     keys = list(runner.ledger.keys_of(runner.pipeline.name, chunk.chunk))
+    if not keys and chunk.requests:
+        return False  # not even the keys are known: nothing to dead-letter under
     message = (f"the spool of chunk {chunk.chunk} is lost and its rows could not be read "
                f"again ({reason}); `batchd dead-letters retry` sends them again")
     writer = SpoolWriter(runner.spool_path(chunk.chunk))

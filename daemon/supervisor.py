@@ -331,7 +331,14 @@ def _remove_fresh_state(state_dir: Path, existing: set[str], had_dir: bool) -> N
 
 async def _serve(config: Config, until_drained: bool) -> int:
     daemon = _Daemon(config, until_drained)
-    make_private(config.state_dir)
+    umask = make_private(config.state_dir)
+    try:
+        return await _serve_private(daemon, config, until_drained)
+    finally:
+        os.umask(umask)  # batchd run called in-process (tests) leaves the caller's as it was
+
+
+async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -> int:
     spool_dir = config.state_dir / "spool"
     try:
         spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
