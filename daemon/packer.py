@@ -365,13 +365,20 @@ class Packer:
                     "error_type": item.error_type, "error": item.error,
                 })
                 continue
-            keys.add(key)
             request = request_line(custom_id, item.request)
+            try:
+                builder.writer.add_request(request, {
+                    "key": key, "position": item.record.position, "seq": item.seq,
+                    "custom_id": custom_id, "attempt": 1,
+                })
+            except (TypeError, orjson.JSONEncodeError) as exc:  # a key JSON cannot hold
+                add_reject(builder.writer, {
+                    "key": key, "position": item.record.position, "seq": item.seq,
+                    "error_type": "bad_record", "error": f"cannot store the record: {exc}",
+                })
+                continue
+            keys.add(key)
             builder.est_input_bytes += len(item.request)
-            builder.writer.add_request(request, {
-                "key": key, "position": item.record.position, "seq": item.seq,
-                "custom_id": custom_id, "attempt": 1,
-            })
 
     async def seal_current(self) -> None:
         builder = self.builder
