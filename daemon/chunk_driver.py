@@ -235,12 +235,22 @@ class ChunkDriver:
         skew = await runner.api.clock_skew()
         since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
                  else chunk.intent_at - _CLOCK_SLACK)
-        found = None
+        candidates = []
         async for batch in runner.api.recent(since=since):
             if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
                 continue
-            if found is None or created_at_ts(batch) < created_at_ts(found):
-                found = batch
+            candidates.append(batch)
+        found = None
+        spool = runner.spool_path(chunk.chunk)
+        for batch in sorted(candidates, key=created_at_ts):
+            # Where the reconciler has read a batch's custom_ids (a restored backup: other
+            # chunks' batches of the same size exist too), take only one that matches.
+            reconciler = runner.reconciler
+            if reconciler is not None and spool.exists():
+                if await reconciler.holds_exactly(batch.id, chunk, spool) is False:
+                    continue
+            found = batch
+            break
         if found is None:
             return False
         await runner.manifest.append(

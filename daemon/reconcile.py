@@ -307,6 +307,18 @@ class Reconciler:
 
         return await anyio.to_thread.run_sync(lookup)
 
+    async def holds_exactly(self, batch_id: str, chunk: ChunkState, spool: Path) -> bool | None:
+        """Whether a batch holds exactly the chunk's custom_ids; None if its ids are not read."""
+        if batch_id not in self._readable or batch_id not in self.unknown:
+            return None
+
+        def compare() -> Counter[str]:
+            return self.cache.overlaps(_chunk_custom_ids(spool), {batch_id})
+
+        overlaps = await anyio.to_thread.run_sync(compare)
+        return (overlaps.get(batch_id, 0) == chunk.requests
+                and self.unknown[batch_id].requests == chunk.requests)
+
     async def clearance(self, chunk: ChunkState, spool: Path) -> FoundBatch | None:
         """
         The unknown batch that is this chunk's (adopt it), or None (send the chunk).
