@@ -8,7 +8,7 @@ import pytest
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
 from daemon.emulator import EmulatorThread
-from daemon.emulator.strict_params import SDK_FIELDS
+from daemon.emulator.strict_params import sdk_tables
 from tests.fixtures.emulator import ended_results, sdk_client
 
 _GOOD: dict[str, Any] = {
@@ -26,8 +26,8 @@ def _verdicts(emulator: EmulatorThread, rows: dict[str, dict[str, Any]], **creat
 
 def test_fields_come_from_the_sdk_type() -> None:
     """The allowed top-level fields are exactly the installed SDK's TypedDict keys."""
-    assert frozenset(MessageCreateParamsNonStreaming.__annotations__) == SDK_FIELDS
-    assert {"output_config", "thinking", "cache_control", "inference_geo"} <= SDK_FIELDS
+    assert frozenset(MessageCreateParamsNonStreaming.__annotations__) == sdk_tables().fields
+    assert {"output_config", "thinking", "cache_control", "inference_geo"} <= sdk_tables().fields
 
 
 def test_every_sdk_field_with_a_valid_value_passes(emulator: EmulatorThread) -> None:
@@ -50,7 +50,7 @@ def test_every_sdk_field_with_a_valid_value_passes(emulator: EmulatorThread) -> 
         "stream": False,
         "max_tokens": 2048,
     }
-    assert set(params) | set(_GOOD) == SDK_FIELDS - {"speed"}
+    assert set(params) | set(_GOOD) == sdk_tables().fields - {"speed"}
     results = _verdicts(emulator, {"all": params})
     assert results["all"]["type"] == "succeeded", results["all"]
 
