@@ -130,7 +130,8 @@ class Responder:
             reply = self._reply(params, info, prompt, rule, budget, twist, custom_id)
             output = plan.tokens + reply.tokens
         content.extend(reply.blocks)
-        usage = self._usage(params, info, at, cache_miss, output, plan.tokens)
+        # Thinking cut off by max_tokens is billed only as far as it got.
+        usage = self._usage(params, info, at, cache_miss, output, min(plan.tokens, output))
         return {
             "id": f"msg_01{_digest(f'{batch_id}/{custom_id}', 12)}",
             "type": "message",
