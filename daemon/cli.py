@@ -40,7 +40,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from daemon.validate import check_config
+
+    # The preflight is `batchd validate` itself, so the two cannot disagree on a config.
+    report = check_config(args.config, state_dir=args.state_dir, for_run=True)
+    if not report.ok or report.config is None:
+        _print_problems(report)
+        return EXIT_CONFIG
+    config = report.config
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
@@ -56,6 +63,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_PAUSED
 
 
+def _print_problems(report: Any) -> None:
+    count = len(report.problems)
+    for problem in report.problems:
+        print(f"batchd: config error: {problem.line()}", file=sys.stderr)
+    if count > 1:
+        print(f"batchd: {count} config errors; nothing was started", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from daemon.validate import check_config
+
+    report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        return 0 if report.ok else EXIT_CONFIG
+    for warning in report.warnings:
+        print(f"warning: {warning.line()}")
+    if report.ok:
+        for line in report.checked:
+            print(f"  checked {line}")
+        print(f"OK: {args.config}")
+        return 0
+    for problem in report.problems:
+        print(f"error: {problem.line()}")
+    count = len(report.problems)
+    print(f"{count} problem{'s' if count > 1 else ''} in {args.config}")
+    return EXIT_CONFIG
+
+
 def _json_flag(value: str | None) -> bool | None:
     return None if value in (None, "auto") else value == "json"
 
@@ -63,7 +99,7 @@ def _json_flag(value: str | None) -> bool | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from daemon.status import collect_status, render_status
+    from daemon.status import collect_status, render_status, status_renderable
 
     config = _load(args)
     if args.json:
@@ -78,14 +114,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from rich.live import Live
 
-    with Live(console=console, auto_refresh=False) as live:
+    # The renderable itself goes to Live: rendering into a second (recording) console
+    # and showing its export_text() showed nothing, since capture() leaves no record.
+    with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
         while True:
-            from rich.console import Group
-
-            inner = Console(record=True, width=console.width)
-            with inner.capture():
-                render_status(collect_status(config), inner)
-            live.update(Group(inner.export_text()), refresh=True)
+            live.update(status_renderable(collect_status(config)), refresh=True)
             time.sleep(args.interval)
 
 
@@ -213,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=2.0)
     status.set_defaults(func=cmd_status)
+
+    validate = sub.add_parser(
+        "validate", help="check CONFIG as `run` would before reading a row; lists every problem")
+    validate.add_argument("config")
+    validate.add_argument("--state-dir", help="override the config's state_dir")
+    validate.add_argument("--connect", action="store_true",
+                          help="also check that databases, brokers and the API accept the "
+                          "credentials")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.set_defaults(func=cmd_validate)
 
     estimate = sub.add_parser("estimate", help="read the source and estimate tokens and cost")
     estimate.add_argument("config")

@@ -30,7 +30,7 @@ from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
-from plugins.errors import ConfigError, FatalError, RetriableError
+from plugins.errors import FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -294,23 +294,11 @@ class PipelineRunner:
 
     def _check_template_fields(self, names: Sequence[str] | None) -> None:
         """A template naming a field no record has would dead-letter every record: refuse it."""
-        if names is None:
-            return
-        pipeline = self.pipeline
-        templates = [("[pipeline.request] user", pipeline.request.user),
-                     ("[pipeline.request] model", pipeline.request.model)]
-        if pipeline.custom_id is not None:
-            templates.append(("custom_id", pipeline.custom_id))
-        for where, template in templates:
-            for name in template.fields:
-                if name not in names and name != "key":
-                    found = ", ".join(repr(n) for n in names)
-                    file = pipeline.source.where.split(": ", 1)[0]
-                    raise ConfigError(
-                        f"{file}: pipeline {pipeline.name!r}: {where} names {{{name}}}, which the "
-                        f"{pipeline.source.type} source's records do not have "
-                        f"(fields: {found})"
-                    )
+        from daemon.validate import template_field_errors
+
+        errors = template_field_errors(self.pipeline, names)
+        if errors:
+            raise errors[0]
 
     async def _watch_recovery(self, pending: set[str]) -> None:
         """Set :attr:`recovered` once no chunk that was mid-create at start is left unresolved."""

@@ -15,6 +15,7 @@ sealed with, new chunks follow the new config.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -331,7 +332,13 @@ def _start_metrics(config: Config, stack: AsyncExitStack) -> Any:
     from daemon.metrics import Metrics, start_http_server
 
     metrics = Metrics()
-    server = start_http_server(metrics, port=config.metrics_port)
+    try:
+        server = start_http_server(metrics, host=config.metrics_address, port=config.metrics_port)
+    except OSError as exc:
+        key = "port" if exc.errno == errno.EADDRINUSE else "address"
+        raise ConfigError(f"{config.path}: [metrics]: {key}: cannot listen on "
+                          f"{config.metrics_address}:{config.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
     stack.callback(server.close)
     log.info("metrics listening", url=server.url)
     return metrics
