@@ -49,10 +49,12 @@ class Problem:
     key: str | None = None
     hint: str | None = None
 
-    def line(self) -> str:
-        """The one line an operator reads: the message, and the hint if it adds one."""
+    def __post_init__(self) -> None:
+        # The message alone must carry everything: it is the one line run and validate print.
         if self.hint and self.hint not in self.message:
-            return f"{self.message} ({self.hint})"
+            object.__setattr__(self, "message", f"{self.message}; {self.hint}")
+
+    def line(self) -> str:
         return self.message
 
 
@@ -107,6 +109,8 @@ def _problem(error: ConfigError | BatchdError, spec: PluginSpec | None = None) -
             key = match.group(1)
     elif hint is None and (match := re.search(r"\(did you mean '([^']+)'\?\)", message)):
         hint = f"did you mean {match.group(1)!r}?"
+    if hint and hint not in message:
+        message = f"{message} ({hint})"
     return Problem(message=message, file=file, table=table, key=key, hint=hint)
 
 
