@@ -220,6 +220,28 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it loads plugins and the SDK)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from daemon.version_info import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from daemon.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -228,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move large backlogs through Anthropic's Message Batches API, "
         "losing and duplicating nothing.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="versions of batchd, Python, the SDK and API, and plugins")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run the pipelines of CONFIG (foreground daemon)")
@@ -281,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--all", action="store_true", help="include built-ins")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
+
+    completion = sub.add_parser("completion", help="print a bash or zsh completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=cmd_completion)
 
     load_plugins()
     pm.hook.register_commands(cli=sub)
