@@ -170,6 +170,26 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from daemon.key_history import key_history
+    from daemon.key_history_text import history_lines
+
+    config = _load(args)
+    if args.pipeline:
+        pipelines = [config.pipeline(args.pipeline)]
+    else:
+        pipelines = list(config.pipelines)
+    found = [key_history(config, p, args.key) for p in pipelines]
+    known = [h for h in found if h["read"] or h["landed"]] or found[:1]
+    if args.json:
+        payload: Any = known[0] if len(known) == 1 else known
+        sys.stdout.buffer.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        for history in known:
+            print("\n".join(history_lines(history)))
+    return 0 if any(h["read"] or h["landed"] for h in known) else 1
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from daemon.dead_letters import iter_dead_letters, request_retry
 
@@ -286,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--pipeline", help="only this pipeline")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=cmd_estimate)
+
+    show = sub.add_parser("show", help="one key's history: position, attempts, batches, outcome")
+    show.add_argument("config")
+    show.add_argument("key")
+    show.add_argument("--pipeline", help="only this pipeline (default: every one)")
+    show.add_argument("--state-dir")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
 
     dead = sub.add_parser("dead-letters", help="list dead letters, or resubmit them")
     dead.add_argument("action", choices=["list", "retry"])

@@ -22,6 +22,7 @@ from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
 from daemon.collector import CostFn
 from daemon.config import ApiConfig, PipelineConfig
+from daemon.dead_letter_guard import DeadLetterGuard
 from daemon.dead_letters import pending_retry_requests
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest, crash_point
@@ -102,6 +103,7 @@ class PipelineRunner:
         self.recovered = anyio.Event()
         self.packer: Packer | None = None
         self.log = log.bind(pipeline=pipeline.name)
+        self.dead_letter_guard = DeadLetterGuard(self)
 
     # -- shared helpers the drivers call -----------------------------------------
 
@@ -324,6 +326,8 @@ class PipelineRunner:
             intents = {c.chunk for c in self.live_chunks() if c.stage is Stage.INTENT}
             tg.start_soon(self._watch_recovery, intents)
             tg.start_soon(self.poller.run)
+            if until_drained:
+                tg.start_soon(self._fail_when_stuck)
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -333,6 +337,19 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
+
+    async def _fail_when_stuck(self) -> None:
+        """
+        ``--until-drained``: end the run (exit 3, naming the reason) once a pause holds
+        the pipeline and nothing in flight can still move, instead of waiting forever
+        in front of a pause only an operator can lift.
+        """
+        while True:
+            moving = any(c.stage in (Stage.SUBMITTED, Stage.ENDED) for c in self.live_chunks())
+            if self.submissions_blocked and not moving:
+                raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            with anyio.move_on_after(1.0):
+                await self.changed.wait()
 
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""

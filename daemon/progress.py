@@ -11,6 +11,7 @@ is, and the basis says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,14 +19,26 @@ import anyio
 from daemon.config import Config, PipelineConfig
 from plugins.contract import SourceSize
 
-__all__ = ("MonotonicFraction", "progress_of", "source_sizes")
+__all__ = ("MeasuredSize", "MonotonicFraction", "progress_of", "source_sizes")
 
 # How long one source may take to say how big it is (a database or broker call).
 SIZE_TIMEOUT = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class MeasuredSize:
+    """A source's size and the pipeline's rows read at the moment it was measured."""
+
+    size: SourceSize
+    rows_read: int
+
+
 def progress_of(
-    rows_read: int, rows_done: int, rows_pending: int, size: SourceSize | None
+    rows_read: int,
+    rows_done: int,
+    rows_pending: int,
+    size: SourceSize | None,
+    rows_at_size: int | None = None,
 ) -> dict[str, Any]:
     """
     ``basis`` (what the total rests on), ``rows_total`` (estimated) and ``fraction``.
@@ -33,17 +46,20 @@ def progress_of(
     Bytes or messages: total = rows read × source size ÷ the part of it read, exact
     once the whole source is read. Rows (a table's estimate): the estimate itself,
     never below what is already known. No size: rows read, basis ``"rows read"``.
+    ``rows_at_size`` is the rows read when ``size`` was measured, if that was earlier
+    (the daemon measures every few seconds): the scale must pair the two.
     """
     known = max(rows_read, rows_done + rows_pending)
+    scale_rows = rows_read if rows_at_size is None else rows_at_size
     total: int | None
     if size is None or size.total <= 0:
         basis, total = "rows read", known
     elif size.done is None:
         basis, total = size.unit, max(size.total, known)
-    elif size.done >= size.total:
+    elif size.done >= size.total and scale_rows == rows_read:
         basis, total = size.unit, known
-    elif size.done > 0 and rows_read > 0:
-        basis, total = size.unit, max(round(rows_read * size.total / size.done), known)
+    elif size.done > 0 and scale_rows > 0:
+        basis, total = size.unit, max(round(scale_rows * size.total / size.done), known)
     else:
         basis, total = size.unit, None  # nothing read yet: the size says nothing about rows
     fraction = min(rows_done / total, 1.0) if total else 0.0

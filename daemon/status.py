@@ -23,8 +23,7 @@ from rich.text import Text
 from daemon.config import Config
 from daemon.manifest import MANIFEST_NAME, replay
 from daemon.manifest_state import ManifestState
-from daemon.progress import progress_of, source_sizes
-from plugins.contract import SourceSize
+from daemon.progress import MeasuredSize, progress_of, source_sizes
 
 __all__ = ("collect_status", "read_state", "render_status", "status_of", "status_renderable")
 
@@ -44,9 +43,13 @@ def read_state(config: Config) -> ManifestState:
 def collect_status(config: Config, *, sizes: bool = True) -> dict[str, Any]:
     """Status from the manifest on disk, with each source's size unless ``sizes`` is off."""
     state = read_state(config)
-    found: dict[str, SourceSize | None] = {}
+    found: dict[str, MeasuredSize | None] = {}
     if sizes:
-        found = anyio.run(source_sizes, config, _positions(config, state))
+        measured = anyio.run(source_sizes, config, _positions(config, state))
+        for name, size in measured.items():
+            ps = state.pipelines.get(name)
+            found[name] = None if size is None else MeasuredSize(
+                size, (ps.last_sealed_seq or 0) if ps else 0)
     return status_of(config, state, found)
 
 
@@ -70,7 +73,7 @@ def _age(created_at: str | None, now: float) -> float | None:
 def status_of(
     config: Config,
     state: ManifestState,
-    sizes: dict[str, SourceSize | None] | None = None,
+    sizes: dict[str, MeasuredSize | None] | None = None,
 ) -> dict[str, Any]:
     """The status dict (``status --json``) of ``state``; ``sizes`` by pipeline name."""
     sizes = sizes or {}
@@ -96,7 +99,8 @@ def status_of(
         done = ps.rows_done if ps else 0
         pending = sum(c.requests + c.rejects for c in chunks if c.stage.value in _IN_FLIGHT)
         rows_read = (ps.last_sealed_seq or 0) if ps else 0
-        size = sizes.get(pipeline.name)
+        measured = sizes.get(pipeline.name)
+        size = measured.size if measured else None
         pipelines.append({
             "name": pipeline.name,
             "paused": ps.paused if ps else None,
@@ -118,7 +122,8 @@ def status_of(
             "source_committed_seq": ps.committed_seq if ps else None,
             "source_size": (None if size is None else
                             {"unit": size.unit, "total": size.total, "done": size.done}),
-            "progress": progress_of(rows_read, done, pending, size),
+            "progress": progress_of(rows_read, done, pending, size,
+                                    measured.rows_read if measured else None),
         })
     alarms = [
         {"pipeline": a.pipeline, "chunk": a.chunk, "kind": a.kind, "message": a.message, "ts": a.ts}
