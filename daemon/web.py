@@ -52,10 +52,12 @@ class LoopUnresponsive(Exception):
 class LoopBridge:
     """Runs a function on the daemon's event loop from an HTTP thread and waits for it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = _LOOP_TIMEOUT) -> None:
         self.loop = loop
+        self.timeout = timeout
 
-    def call(self, fn: Callable[[], T], timeout: float = _LOOP_TIMEOUT) -> T:
+    def call(self, fn: Callable[[], T]) -> T:
+        timeout = self.timeout
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
