@@ -123,7 +123,7 @@ class TestProbes:
             base = server.url.removesuffix("/metrics")
             assert _get(f"{base}/healthz", "POST")[0] == 405
             assert _get(f"{base}/-/ready")[0] == 404
-            code, body, headers = _get(f"{base}/metrics")
+            code, body, _ = _get(f"{base}/metrics")
             assert code == 200 and b"# HELP" in body
 
     def test_binds_only_the_configured_address(self) -> None:
