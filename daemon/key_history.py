@@ -205,7 +205,7 @@ def key_history(
             "error_type": error_type, "error_message": error_message})
         if error_type and not slot["error_type"]:
             slot.update(error_type=error_type, error_message=error_message)
-        if outcome in ("succeeded", "truncated", "dead_letter"):
+        if outcome.startswith(("succeeded", "truncated", "dead_letter")):
             slot["outcome"] = outcome
 
     for chunk, meta, is_request in _spool_entries(config.state_dir, family, key):
@@ -241,9 +241,17 @@ def key_history(
         for past in row.get("history") or []:
             attempt(int(past.get("attempt") or 1), past.get("batch_id"), "retried",
                     past.get("error_type"), past.get("error_message"))
-        attempt(int(row.get("attempts") or 1), row.get("batch_id"), "dead_letter",
+        sent = row.get("batch_id") is not None or row.get("request") is not None
+        attempt(int(row.get("attempts") or 1), row.get("batch_id"),
+                "dead_letter" if sent else "dead_letter (never sent)",
                 row.get("error_type"), row.get("error_message"))
         history["custom_id"] = history["custom_id"] or row.get("custom_id") or None
+        if history["read"] is None and isinstance(row.get("source"), dict):
+            # A row the source could not use is never claimed in the ledger; its dead
+            # letter still says where it was read.
+            part = Path(str(history["landed"][-1]["where"]))
+            history["read"] = {"chunk": part.stem if part.suffix == ".jsonl" else None,
+                               "position": row["source"]}
     for row in finals:
         number = int(row.get("attempt") or 1)
         attempt(number, row.get("batch_id"), str(row.get("status") or "succeeded"))

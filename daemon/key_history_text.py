@@ -17,13 +17,16 @@ def history_lines(history: dict[str, Any]) -> list[str]:
         lines.append("  read:       not in the key ledger (not read yet, or not a usable row)")
     else:
         where = ", ".join(f"{k} {v}" for k, v in (read['position'] or {}).items()) or "-"
-        lines.append(f"  read:       into chunk {read['chunk']} at {where}")
+        chunk = f"into chunk {read['chunk']} " if read["chunk"] else ""
+        lines.append(f"  read:       {chunk}at {where}")
     if history["custom_id"]:
         lines.append(f"  custom_id:  {history['custom_id']}")
     if history["cost_usd"] is not None:
         lines.append(f"  cost:       ${history['cost_usd']:.6f}")
     for a in history["attempts"]:
         error = f"  {a['error_type']}: {a['error_message']}" if a["error_type"] else ""
+        if not error and a["outcome"] == "retried":
+            error = "  (its error is not kept once the retry chunk has retired)"
         lines.append(f"  attempt {a['attempt']}:  {a['outcome']:<12} batch {a['batch_id'] or '-'}"
                      f" (chunk {a['chunk'] or '-'}){error}")
     for landed in history["landed"]:
