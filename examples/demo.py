@@ -82,7 +82,7 @@ def run_batchd(config: Path, base_url: str, port: int, console: Console,
             time.sleep(0.5)
             done = _terminal_rows(config)
             status.update(f"batchd is running... {done:,} rows terminal")
-            if screenshot is not None and done >= ROWS // 2:
+            if screenshot is not None and 0 < done < ROWS:  # mid-run: some done, some not
                 _screenshot(f"http://127.0.0.1:{port}/", screenshot)
                 console.print(f"[dim]dashboard screenshot: {screenshot}[/dim]")
                 screenshot = None
@@ -93,13 +93,15 @@ def run_batchd(config: Path, base_url: str, port: int, console: Console,
 def _screenshot(url: str, path: Path) -> None:
     """A PNG of ``url`` from headless Chromium (Debian's ``chromium`` package)."""
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
+        proc = subprocess.run(
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
-             "--window-size=1100,1250", f"--screenshot={path}", url],
-            check=True, capture_output=True, timeout=60,
+             "--window-size=1100,1250", f"--screenshot={path.resolve()}", url],
+            check=True, capture_output=True, text=True, timeout=60,
         )
+    if not path.exists():
+        raise RuntimeError(f"chromium wrote no screenshot of {url}: {proc.stderr[-500:]}")
 
 
 def _terminal_rows(config: Path) -> int:
@@ -189,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-4-5 "
                   "labels, through a local Message Batches API with faults switched on")
     emulator_config = EmulatorConfig(
-        latency=1.0, rules=ROOT / "tickets" / "rules.toml", faults=FAULTS, seed=42,
+        # A picture mid-run needs batches that take a little longer to end.
+        latency=6.0 if args.screenshot else 1.0,
+        rules=ROOT / "tickets" / "rules.toml", faults=FAULTS, seed=42,
         state_dir=OUT / "emulator",
     )
     with EmulatorThread(emulator_config) as emulator:

@@ -42,8 +42,10 @@ def _num(pipeline: str, field: str, value: Any, shown: str | None = None) -> str
             f'data-value="{_e(raw)}">{_e(text)}</b>')
 
 
-def _page(title: str, body: str, *, refresh: bool, pipelines: list[str], key: str = "") -> str:
-    options = "".join(f"<option>{_e(p)}</option>" for p in pipelines)
+def _page(title: str, body: str, *, refresh: bool, pipelines: list[str], key: str = "",
+          pipeline: str = "") -> str:
+    options = "".join(f"<option{' selected' if p == pipeline else ''}>{_e(p)}</option>"
+                      for p in pipelines)
     meta = f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' if refresh else ""
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -112,7 +114,7 @@ def _pipeline_section(p: dict[str, Any], dead: list[dict[str, Any]]) -> str:
                  "<span>input tokens</span></div>"
                  f'<div class=card>{_num(name, "output_tokens", p["output_tokens"])}'
                  "<span>output tokens</span></div></div>")
-    parts.append("<h3>Batches in flight</h3>")
+    parts.append("<h3>Live batches</h3>")
     if p["batches"]:
         parts.append("<table><tr><th>chunk</th><th>batch</th><th>stage</th><th>requests</th>"
                      "<th>attempt</th><th>age</th><th>API counts</th></tr>")
@@ -207,4 +209,5 @@ def render_key(history: dict[str, Any], *, title: str, pipelines: list[str]) -> 
     for note in history["notes"]:
         body.append(f"<p class=mute>{_e(note)}</p>")
     body.append("</section>")
-    return _page(title, "".join(body), refresh=False, pipelines=pipelines, key=key)
+    return _page(title, "".join(body), refresh=False, pipelines=pipelines, key=key,
+                 pipeline=name)
