@@ -339,8 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     completion.set_defaults(func=cmd_completion)
 
     load_plugins()
-    pm.hook.register_commands(cli=sub)
+    _plugin_commands(sub)
     return parser
+
+
+def _plugin_commands(sub: Any) -> None:
+    """
+    Each plugin's ``register_commands`` on its own: one whose command clashes with
+    another's (argparse refuses a second parser of the same name) is skipped with a
+    warning, instead of taking every ``batchd`` command down with it.
+    """
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(**{name: sub for name in impl.argnames})  # as pluggy would call it
+        except argparse.ArgumentError as exc:
+            print(f"batchd: warning: plugin {impl.plugin_name!r} adds no command: {exc}",
+                  file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
