@@ -309,7 +309,8 @@ async def _serve(config: Config, until_drained: bool) -> int:
         async with anyio.create_task_group() as outer:
             outer.start_soon(daemon.on_signals, outer.cancel_scope)
             outer.start_soon(daemon.health.heartbeat)
-            outer.start_soon(daemon.live.measure_forever, lambda: daemon.runners)
+            if daemon.metrics is not None or sys.stdout.isatty():  # someone will look
+                outer.start_soon(daemon.live.measure_forever, lambda: daemon.runners)
             if daemon.notifier.enabled:
                 outer.start_soon(watchdog_loop, daemon.notifier)
             outer.start_soon(daemon.report, manifest)

@@ -205,10 +205,13 @@ async def _check_pipelines(config: Config, report: Report, connect: bool) -> Non
                 report.problems.append(_problem(exc, spec))
             else:
                 _check_sink_path(config, pipeline, spec, report)
-        if source is not None and (connect or isinstance(source, FileSource)):
+        if source is not None:
             ps = state.pipelines.get(pipeline.name)
+            # Only a file source is started (it reads its header, where a restart would
+            # resume): starting a consumer-group source would rebalance a running daemon.
             await _check_source(pipeline, source, ps.last_sealed_position if ps else None,
-                                report, connect)
+                                report, connect=connect,
+                                start=isinstance(source, FileSource))
         if connect:
             for sink, spec in sinks:
                 await _probe(sink, spec, report)
@@ -220,17 +223,21 @@ async def _check_pipelines(config: Config, report: Report, connect: bool) -> Non
 
 async def _check_source(
     pipeline: PipelineConfig, source: Source, resume: dict[str, Any] | None, report: Report,
-    connect: bool,
+    *, connect: bool, start: bool,
 ) -> None:
-    """Start the source where ``run`` would (file sources: read the header), then close it."""
+    """Probe the source's server; start a local one where ``run`` would, then close it."""
     spec = pipeline.source
+    if not (connect or start):
+        return
     try:
         with anyio.fail_after(_CONNECT_TIMEOUT):
             if connect:
                 await source.probe()
-            await source.start(resume)
-        for error in template_field_errors(pipeline, source.field_names()):
-            report.problems.append(_problem(error))
+            if start:
+                await source.start(resume)
+        if start:
+            for error in template_field_errors(pipeline, source.field_names()):
+                report.problems.append(_problem(error))
     except TimeoutError:
         report.problems.append(Problem(f"{spec.where}: no answer within "
                                        f"{_CONNECT_TIMEOUT:.0f}s", *_where(spec)))
