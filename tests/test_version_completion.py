@@ -50,7 +50,8 @@ def _complete(tmp_path: Path, *words: str) -> list[str]:
 
 class TestCompletion:
     def test_commands(self, tmp_path: Path) -> None:
-        assert {"validate", "status", "completion"} <= set(_complete(tmp_path, "batchd", "''"))
+        offered = set(_complete(tmp_path, "batchd", "''"))
+        assert {"validate", "status", "show", "completion"} <= offered
         assert _complete(tmp_path, "batchd", "va") == ["validate"]
 
     def test_options_of_a_command(self, tmp_path: Path) -> None:
