@@ -170,7 +170,7 @@ def check_config(
     report.config = config
     report.problems.extend(_problem(e) for e in errors)
     report.checked.append(f"config: {len(config.pipelines)} pipeline(s)")
-    anyio.run(_check_pipelines, config, report, connect)
+    anyio.run(_check_pipelines, config, report, connect, for_run)
     _check_prices(config, report)
     _check_state_dir(config, report)
     if not for_run:
@@ -180,17 +180,22 @@ def check_config(
     return report
 
 
-async def _check_pipelines(config: Config, report: Report, connect: bool) -> None:
+async def _check_pipelines(config: Config, report: Report, connect: bool,
+                           for_run: bool) -> None:
     from connectors._file_source import FileSource
     from daemon.factories import build_sink, build_source
+    from daemon.manifest_state import ManifestState
     from daemon.status import read_state
 
     try:
         state = read_state(config)
     except BatchdError as exc:
-        report.problems.append(Problem(f"{config.state_dir}: the manifest cannot be read: {exc}",
-                                       file=str(config.state_dir)))
-        return
+        # Not a config mistake: for `run`, recovery decides what a damaged manifest means.
+        state = ManifestState()
+        if not for_run:
+            report.problems.append(Problem(
+                f"{config.state_dir}: the manifest cannot be read: {exc}",
+                file=str(config.state_dir)))
     for pipeline in config.pipelines:
         source: Source | None = None
         try:
