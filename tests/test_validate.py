@@ -264,3 +264,30 @@ class TestConnect:
         assert "postgres sink" in out and "no_such_database_batchd" in out
         code, out, _ = _cli(capsys, "validate", str(path))  # without --connect: not checked
         assert code == 0, out
+
+
+class TestEmulatorFlags:
+    """The emulator's own flags are configuration too: exit 2, the flag named."""
+
+    @pytest.mark.parametrize(("flags", "named"), [
+        (["--port", "99999"], "--port"),
+        (["--port", "-1"], "--port"),
+        (["--latency", "soon"], "--latency"),
+        (["--rules", "/nonexistent/rules.toml"], "rules"),
+    ])
+    def test_bad_flag(self, flags: list[str], named: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", *flags],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert named in proc.stderr and "Traceback" not in proc.stderr
+
+    def test_port_in_use(self) -> None:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", "--port",
+                                   str(port)], capture_output=True, text=True, cwd=REPO,
+                                  timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
