@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from plugins.contract import Source
+from plugins.contract import Source, SourceSize
 from plugins.errors import FatalError
 from plugins.records import Record
 
@@ -47,6 +47,20 @@ class FileSource(Source):
             await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
         out, self._pending = self._pending, None
         return out or None
+
+    async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
+        """The file's bytes, and the byte offset just after ``position``'s record."""
+        try:
+            total = (await anyio.Path(self._path).stat()).st_size
+        except OSError:
+            return None
+        done = 0
+        if position is not None:
+            try:
+                done = int(position["offset"])
+            except (KeyError, TypeError, ValueError):
+                return None
+        return SourceSize(total=total, unit="bytes", done=min(done, total))
 
     async def aclose(self) -> None:
         """Close the file; safe to call twice."""

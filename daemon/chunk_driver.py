@@ -298,5 +298,6 @@ class ChunkDriver:
         if summary.pause_reason:
             await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
                                chunk=chunk.chunk)
+        await runner.dead_letter_guard.check(summary)
         if retry is not None:
             runner.start_chunk(retry["chunk"], active=True)

@@ -40,7 +40,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from daemon.validate import check_config
+
+    # The preflight is `batchd validate` itself, so the two cannot disagree on a config.
+    report = check_config(args.config, state_dir=args.state_dir, for_run=True)
+    if not report.ok or report.config is None:
+        _print_problems(report)
+        return EXIT_CONFIG
+    config = report.config
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
@@ -56,6 +63,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_PAUSED
 
 
+def _print_problems(report: Any) -> None:
+    count = len(report.problems)
+    for problem in report.problems:
+        print(f"batchd: config error: {problem.line()}", file=sys.stderr)
+    if count > 1:
+        print(f"batchd: {count} config errors; nothing was started", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from daemon.validate import check_config
+
+    report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        return 0 if report.ok else EXIT_CONFIG
+    for warning in report.warnings:
+        print(f"warning: {warning.line()}")
+    if report.ok:
+        for line in report.checked:
+            print(f"  checked {line}")
+        print(f"OK: {args.config}")
+        return 0
+    for problem in report.problems:
+        print(f"error: {problem.line()}")
+    count = len(report.problems)
+    print(f"{count} problem{'s' if count > 1 else ''} in {args.config}")
+    return EXIT_CONFIG
+
+
 def _json_flag(value: str | None) -> bool | None:
     return None if value in (None, "auto") else value == "json"
 
@@ -63,7 +99,7 @@ def _json_flag(value: str | None) -> bool | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from daemon.status import collect_status, render_status
+    from daemon.status import collect_status, render_status, status_renderable
 
     config = _load(args)
     if args.json:
@@ -78,14 +114,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from rich.live import Live
 
-    with Live(console=console, auto_refresh=False) as live:
+    # The renderable itself goes to Live: rendering into a second (recording) console
+    # and showing its export_text() showed nothing, since capture() leaves no record.
+    with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
         while True:
-            from rich.console import Group
-
-            inner = Console(record=True, width=console.width)
-            with inner.capture():
-                render_status(collect_status(config), inner)
-            live.update(Group(inner.export_text()), refresh=True)
+            live.update(status_renderable(collect_status(config)), refresh=True)
             time.sleep(args.interval)
 
 
@@ -135,6 +168,26 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                       f"${r.cost_low_usd:,.4f} – ${r.cost_high_usd:,.4f}")
     Console().print(table)
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from daemon.key_history import key_history
+    from daemon.key_history_text import history_lines
+
+    config = _load(args)
+    if args.pipeline:
+        pipelines = [config.pipeline(args.pipeline)]
+    else:
+        pipelines = list(config.pipelines)
+    found = [key_history(config, p, args.key) for p in pipelines]
+    known = [h for h in found if h["read"] or h["landed"]] or found[:1]
+    if args.json:
+        payload: Any = known[0] if len(known) == 1 else known
+        sys.stdout.buffer.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        for history in known:
+            print("\n".join(history_lines(history)))
+    return 0 if any(h["read"] or h["landed"] for h in known) else 1
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -187,6 +240,28 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it loads plugins and the SDK)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from daemon.version_info import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from daemon.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -195,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move large backlogs through Anthropic's Message Batches API, "
         "losing and duplicating nothing.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="versions of batchd, Python, the SDK and API, and plugins")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run the pipelines of CONFIG (foreground daemon)")
@@ -214,11 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0)
     status.set_defaults(func=cmd_status)
 
+    validate = sub.add_parser(
+        "validate", help="check CONFIG as `run` would before reading a row; lists every problem")
+    validate.add_argument("config")
+    validate.add_argument("--state-dir", help="override the config's state_dir")
+    validate.add_argument("--connect", action="store_true",
+                          help="also check that databases, brokers and the API accept the "
+                          "credentials")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.set_defaults(func=cmd_validate)
+
     estimate = sub.add_parser("estimate", help="read the source and estimate tokens and cost")
     estimate.add_argument("config")
     estimate.add_argument("--pipeline", help="only this pipeline")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=cmd_estimate)
+
+    show = sub.add_parser("show", help="one key's history: position, attempts, batches, outcome")
+    show.add_argument("config")
+    show.add_argument("key")
+    show.add_argument("--pipeline", help="only this pipeline (default: every one)")
+    show.add_argument("--state-dir")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
 
     dead = sub.add_parser("dead-letters", help="list dead letters, or resubmit them")
     dead.add_argument("action", choices=["list", "retry"])
@@ -239,9 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
 
+    completion = sub.add_parser("completion", help="print a bash or zsh completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=cmd_completion)
+
     load_plugins()
-    pm.hook.register_commands(cli=sub)
+    _plugin_commands(sub)
     return parser
+
+
+def _plugin_commands(sub: Any) -> None:
+    """
+    Each plugin's ``register_commands`` on its own: one whose command clashes with
+    another's (argparse refuses a second parser of the same name) is skipped with a
+    warning, instead of taking every ``batchd`` command down with it.
+    """
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(**{name: sub for name in impl.argnames})  # as pluggy would call it
+        except argparse.ArgumentError as exc:
+            print(f"batchd: warning: plugin {impl.plugin_name!r} adds no command: {exc}",
+                  file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

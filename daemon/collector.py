@@ -74,6 +74,7 @@ class CollectSummary:
     pause_reason: str | None = None
     retry_chunk: dict[str, Any] | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
+    dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
 
 
 class Collector:
@@ -188,7 +189,7 @@ class Collector:
         for request, meta in iter_spool(spool):
             if request is None:
                 dead_rows.append(self._dead(meta, meta.get("error_type", "bad_record"),
-                                            meta.get("error", ""), None, None))
+                                            meta.get("error", ""), None, None, summary))
             else:
                 failure = failures.get(meta["custom_id"])
                 if failure is None:
@@ -204,7 +205,7 @@ class Collector:
                 if failure.route is Route.DEAD or exhausted:
                     meta = {**meta, "history": history}
                     dead_rows.append(self._dead(meta, failure.error_type, failure.message,
-                                                orjson.loads(request), batch_id))
+                                                orjson.loads(request), batch_id, summary))
                 else:
                     if retry_writer is None:
                         retry_writer = SpoolWriter(spool.with_name(f"{retry_id}.jsonl"))
@@ -233,7 +234,11 @@ class Collector:
         message: str,
         request: dict[str, Any] | None,
         batch_id: str | None,
+        summary: CollectSummary | None = None,
     ) -> ResultRow:
+        if summary is not None:  # what the dead-letter ratio guard reports
+            summary.dead_types[error_type] = summary.dead_types.get(error_type, 0) + 1
+            summary.dead_examples.setdefault(error_type, message)
         return ResultRow(
             key=meta["key"],
             custom_id=meta.get("custom_id") or "",

@@ -58,6 +58,7 @@ ALARM_KINDS = (
     "results_archived",
     "budget_exhausted",
     "source_lost",
+    "dead_letter_ratio",
 )
 
 # usage field in an API result -> direction label

@@ -22,6 +22,7 @@ from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
 from daemon.collector import CostFn
 from daemon.config import ApiConfig, PipelineConfig
+from daemon.dead_letter_guard import DeadLetterGuard
 from daemon.dead_letters import pending_retry_requests
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest, crash_point
@@ -30,7 +31,7 @@ from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
-from plugins.errors import ConfigError, FatalError, RetriableError
+from plugins.errors import FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -102,6 +103,7 @@ class PipelineRunner:
         self.recovered = anyio.Event()
         self.packer: Packer | None = None
         self.log = log.bind(pipeline=pipeline.name)
+        self.dead_letter_guard = DeadLetterGuard(self)
 
     # -- shared helpers the drivers call -----------------------------------------
 
@@ -294,23 +296,11 @@ class PipelineRunner:
 
     def _check_template_fields(self, names: Sequence[str] | None) -> None:
         """A template naming a field no record has would dead-letter every record: refuse it."""
-        if names is None:
-            return
-        pipeline = self.pipeline
-        templates = [("[pipeline.request] user", pipeline.request.user),
-                     ("[pipeline.request] model", pipeline.request.model)]
-        if pipeline.custom_id is not None:
-            templates.append(("custom_id", pipeline.custom_id))
-        for where, template in templates:
-            for name in template.fields:
-                if name not in names and name != "key":
-                    found = ", ".join(repr(n) for n in names)
-                    file = pipeline.source.where.split(": ", 1)[0]
-                    raise ConfigError(
-                        f"{file}: pipeline {pipeline.name!r}: {where} names {{{name}}}, which the "
-                        f"{pipeline.source.type} source's records do not have "
-                        f"(fields: {found})"
-                    )
+        from daemon.validate import template_field_errors
+
+        errors = template_field_errors(self.pipeline, names)
+        if errors:
+            raise errors[0]
 
     async def _watch_recovery(self, pending: set[str]) -> None:
         """Set :attr:`recovered` once no chunk that was mid-create at start is left unresolved."""
@@ -336,6 +326,8 @@ class PipelineRunner:
             intents = {c.chunk for c in self.live_chunks() if c.stage is Stage.INTENT}
             tg.start_soon(self._watch_recovery, intents)
             tg.start_soon(self.poller.run)
+            if until_drained:
+                tg.start_soon(self._fail_when_stuck)
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -345,6 +337,19 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
+
+    async def _fail_when_stuck(self) -> None:
+        """
+        ``--until-drained``: end the run (exit 3, naming the reason) once a pause holds
+        the pipeline and nothing in flight can still move, instead of waiting forever
+        in front of a pause only an operator can lift.
+        """
+        while True:
+            moving = any(c.stage in (Stage.SUBMITTED, Stage.ENDED) for c in self.live_chunks())
+            if self.submissions_blocked and not moving:
+                raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            with anyio.move_on_after(1.0):
+                await self.changed.wait()
 
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""

@@ -15,6 +15,7 @@ sealed with, new chunks follow the new config.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -32,7 +33,9 @@ from daemon.api import BatchesApi, resolve_api_key
 from daemon.budget import Budget
 from daemon.config import Config, PluginSpec, load_config
 from daemon.factories import build_sink, build_source
+from daemon.health import Health
 from daemon.ledger import KeyLedger
+from daemon.live_status import LiveStatus
 from daemon.manifest import Manifest
 from daemon.pipeline import PipelineRunner
 from daemon.pricing import PriceTable
@@ -73,6 +76,8 @@ class _Daemon:
         self.reload_requested = False
         self.stopping = False
         self.metrics: Any = None
+        self.health = Health()
+        self.live = LiveStatus()
 
     async def build_runners(
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
@@ -145,6 +150,7 @@ class _Daemon:
         status = "recovered; running" if not unresolved else (
             f"running; still resolving creates of {', '.join(unresolved)}")
         self.notifier.ready(status=status)
+        self.health.recovered = True
         log.info("ready", unresolved=unresolved)
 
     def reload(self) -> None:
@@ -194,24 +200,24 @@ class _Daemon:
             await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
                 runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes())
-                if interactive:
-                    log.info("progress", pipeline=runner.pipeline.name, **_progress(runner))
+            if interactive:
+                for p in self.live.snapshot(self.config, manifest)["pipelines"]:
+                    log.info("progress", pipeline=p["name"], **_progress(p, self.live))
             if self.notifier.enabled:
                 self.notifier.status(_status_line(self.runners))
 
 
-def _progress(runner: PipelineRunner) -> dict[str, Any]:
-    state = runner.manifest.state.pipelines.get(runner.pipeline.name)
-    done = state.rows_done if state else 0
-    pending = sum(c.requests + c.rejects for c in runner.live_chunks()
-                  if c.stage.value in ("sealed", "intent", "submitted", "ended"))
-    total = max(done + pending, 1)
-    filled = round(24 * done / total)
+def _progress(p: dict[str, Any], live: LiveStatus) -> dict[str, Any]:
+    """The terminal's progress line: against the whole source where its size is known."""
+    from daemon.status import progress_line
+
+    shown = live.shown_fraction(p["name"], p["progress"]["fraction"])
+    filled = round(24 * shown)
     return {
-        "bar": "[" + "#" * filled + "-" * (24 - filled) + f"] {100 * done / total:.0f}%",
-        "rows_done": done,
-        "rows_in_flight": pending,
-        "cost_usd": round(state.cost_usd, 4) if state else 0.0,
+        "bar": "[" + "#" * filled + "-" * (24 - filled) + f"] {100 * shown:.0f}%",
+        "rows": progress_line(p),
+        "rows_in_flight": p["rows_pending"],
+        "cost_usd": round(p["cost_usd"], 4),
     }
 
 
@@ -299,9 +305,12 @@ async def _serve(config: Config, until_drained: bool) -> int:
         process.push_async_callback(manifest.aclose)
         ledger = KeyLedger(config.state_dir / "keys.sqlite")
         process.callback(ledger.close)
-        daemon.metrics = _start_metrics(config, process)
+        daemon.metrics = _start_metrics(config, process, daemon, manifest)
         async with anyio.create_task_group() as outer:
             outer.start_soon(daemon.on_signals, outer.cancel_scope)
+            outer.start_soon(daemon.health.heartbeat)
+            if daemon.metrics is not None or sys.stdout.isatty():  # someone will look
+                outer.start_soon(daemon.live.measure_forever, lambda: daemon.runners)
             if daemon.notifier.enabled:
                 outer.start_soon(watchdog_loop, daemon.notifier)
             outer.start_soon(daemon.report, manifest)
@@ -325,13 +334,28 @@ async def _serve(config: Config, until_drained: bool) -> int:
     return 0
 
 
-def _start_metrics(config: Config, stack: AsyncExitStack) -> Any:
+def _start_metrics(config: Config, stack: AsyncExitStack, daemon: _Daemon,
+                   manifest: Manifest) -> Any:
+    """Metrics, /healthz, /readyz and the dashboard on ``[metrics] address:port``."""
     if config.metrics_port is None:
         return None
-    from daemon.metrics import Metrics, start_http_server
+    import asyncio
+
+    from daemon.metrics import Metrics
+    from daemon.web import DaemonView, LoopBridge, WebApp, start_web_server
 
     metrics = Metrics()
-    server = start_http_server(metrics, port=config.metrics_port)
+    view = DaemonView(daemon, manifest, LoopBridge(asyncio.get_running_loop()))
+    try:
+        server = start_web_server(WebApp(metrics, daemon.health, view),
+                                  config.metrics_address, config.metrics_port)
+    except OSError as exc:
+        key = "port" if exc.errno == errno.EADDRINUSE else "address"
+        raise ConfigError(f"{config.path}: [metrics]: {key}: cannot listen on "
+                          f"{config.metrics_address}:{config.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
     stack.callback(server.close)
-    log.info("metrics listening", url=server.url)
+    base = server.url.removesuffix("/metrics")
+    log.info("metrics listening", url=server.url, dashboard=f"{base}/", healthz=f"{base}/healthz",
+             readyz=f"{base}/readyz")
     return metrics

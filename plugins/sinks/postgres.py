@@ -190,6 +190,12 @@ class PostgresSink(Sink):
 
     # -- lifecycle ---------------------------------------------------------------
 
+    async def probe(self) -> None:
+        """Connect with the DSN, then hang up: nothing is created or written."""
+        conn = await connect(self._dsn, owner=OWNER, application_name=f"{self._app}:probe",
+                             attempts=1, connect_timeout=self._timeout)
+        await close_quietly(conn)
+
     async def open(self) -> None:
         """Connect, create the results table or check the target table's columns."""
         conn = await self._acquire()
