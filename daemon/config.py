@@ -18,12 +18,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.durations import parse_duration, parse_size
+from daemon.request_options import (
+    SDK_API_VERSION,
+    RequestOptions,
+    check_extra,
+    check_sampling_version,
+    parse_request_options,
+)
 from daemon.template import Template
 from plugins.errors import ConfigError
 
 __all__ = (
     "MAX_BATCH_BYTES",
     "MAX_BATCH_REQUESTS",
+    "TIER_QUEUE_LIMITS",
     "ApiConfig",
     "BatchingConfig",
     "Config",
@@ -37,6 +45,9 @@ __all__ = (
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1000 * 1000
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# The processing queue each documented tier grants (requests not yet processed, all batches).
+TIER_QUEUE_LIMITS = {"start": 200_000, "build": 300_000, "scale": 500_000}
 T = TypeVar("T")
 
 
@@ -50,6 +61,9 @@ class ApiConfig:
     timeout: float = 600.0
     not_found_window: float = 120.0
     queue_limit: int | None = None
+    # The anthropic-version header sent; its rules decide what a request may carry.
+    version: str = SDK_API_VERSION
+    tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +72,7 @@ class RequestConfig:
     max_tokens: int
     user: Template
     system: str | None = None
-    temperature: float | None = None
-    stop_sequences: tuple[str, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: dict[str, Any] | None = None
-    output_format: dict[str, Any] | None = None
-    cache_system: bool = False
+    options: RequestOptions = field(default_factory=RequestOptions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +122,8 @@ class Config:
     metrics_port: int | None = None
     log_level: str = "info"
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Models the bundled catalog lacks, or corrections to it (``[models."id"] like = …``).
+    models: dict[str, Any] = field(default_factory=dict)
 
     def pipeline(self, name: str) -> PipelineConfig:
         for pipeline in self.pipelines:
@@ -214,27 +225,15 @@ def _request(table: _Table) -> RequestConfig:
     max_tokens = table.require("max_tokens", int)
     _positive(table, "max_tokens", max_tokens)
     user = _template(table, "user", table.require("user", str))
-    temperature = table.get("temperature", (int, float))
-    if temperature is not None and not 0 <= temperature <= 1:
-        raise table.error("temperature", f"must be between 0 and 1, got {temperature}")
-    stops = table.get("stop_sequences", list, [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise table.error("stop_sequences", "must be a list of non-empty strings")
-    tools = table.get("tools", list, [])
-    if not all(isinstance(t, dict) for t in tools):
-        raise table.error("tools", "must be a list of tool tables")
+    extra = table.get("extra", dict, {})
+    check_extra(table, extra)
     result = RequestConfig(
         model=model,
         max_tokens=max_tokens,
         user=user,
         system=table.get("system", str),
-        temperature=float(temperature) if temperature is not None else None,
-        stop_sequences=tuple(stops),
-        tools=tuple(tools),
-        tool_choice=table.get("tool_choice", dict),
-        output_format=table.get("output_format", dict),
-        cache_system=table.get("cache_system", bool, False),
-        extra=table.get("extra", dict, {}),
+        options=parse_request_options(table, table.path.resolve().parent),
+        extra=extra,
     )
     table.finish()
     return result
@@ -319,7 +318,17 @@ def _api(table: _Table) -> ApiConfig:
         timeout=duration("timeout", 600.0),
         not_found_window=duration("not_found_window", 120.0),
         queue_limit=table.get("queue_limit", int),
+        version=table.get("version", str, SDK_API_VERSION),
+        tier=table.get("tier", str),
     )
+    if not _VERSION.fullmatch(result.version):
+        raise table.error("version", f"must be an API version date like {SDK_API_VERSION!r} "
+                          f"(the installed SDK's), got {result.version!r}")
+    if result.tier is not None and result.tier not in TIER_QUEUE_LIMITS:
+        raise table.error("tier", f"must be one of {', '.join(TIER_QUEUE_LIMITS)}, "
+                          f"got {result.tier!r}")
+    if result.queue_limit is not None:
+        _positive(table, "queue_limit", result.queue_limit)
     if not 0 <= result.poll_jitter <= 1:
         raise table.error("poll_jitter", f"must be between 0 and 1, got {result.poll_jitter}")
     if "api_key" in table.data:
@@ -360,14 +369,19 @@ def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Con
     metrics = top.table("metrics")
     metrics_port = metrics.get("port", int)
     metrics.finish()
+    api = _api(top.table("api"))
+    for pipeline in pipelines:
+        check_sampling_version(pipeline.request.options.sampling, api.version,
+                               f"{path}: [pipeline.request] of {pipeline.name!r}")
     config = Config(
         path=path,
         state_dir=state_path,
-        api=_api(top.table("api")),
+        api=api,
         pipelines=pipelines,
         metrics_port=metrics_port,
         log_level=top.get("log_level", str, "info"),
         prices=top.get("prices", dict, {}),
+        models=top.get("models", dict, {}),
     )
     top.finish()
     return config

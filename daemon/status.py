@@ -17,6 +17,7 @@ from rich.table import Table
 
 from daemon.config import Config
 from daemon.manifest import MANIFEST_NAME, replay
+from daemon.queue_limit import queue_limit_of
 
 __all__ = ("collect_status", "render_status")
 
@@ -51,6 +52,7 @@ def collect_status(config: Config) -> dict[str, Any]:
         pipelines.append({
             "name": pipeline.name,
             "paused": ps.paused if ps else None,
+            "pause_kind": ps.pause_kind if ps else None,
             "chunks_by_stage": dict(stages),
             "batches": batches,
             "rows_read": ps.last_sealed_seq or 0 if ps else 0,
@@ -65,6 +67,7 @@ def collect_status(config: Config) -> dict[str, Any]:
             "input_tokens": ps.input_tokens if ps else 0,
             "output_tokens": ps.output_tokens if ps else 0,
             "cost_usd": round(ps.cost_usd, 6) if ps else 0.0,
+            "unpriced": ps.unpriced if ps else 0,
             "budget_usd": pipeline.budget_usd,
             "source_committed_seq": ps.committed_seq if ps else None,
         })
@@ -72,15 +75,26 @@ def collect_status(config: Config) -> dict[str, Any]:
         {"pipeline": a.pipeline, "chunk": a.chunk, "kind": a.kind, "message": a.message, "ts": a.ts}
         for a in list(state.alarms)[-20:]
     ]
-    return {"state_dir": str(config.state_dir), "pipelines": pipelines, "alarms": alarms}
+    limit, origin = queue_limit_of(config.api)
+    return {
+        "state_dir": str(config.state_dir),
+        "api_version": config.api.version,
+        "queue_limit": limit,
+        "queue_limit_from": origin,
+        "pipelines": pipelines,
+        "alarms": alarms,
+    }
 
 
 def render_status(status: dict[str, Any], console: Console) -> None:
+    console.print(f"API version {status['api_version']}, processing queue limit "
+                  f"{status['queue_limit']:,} ({status['queue_limit_from']})")
     for p in status["pipelines"]:
         total = max(p["rows_read"], p["rows_done"] + p["rows_pending"])
         title = f"[bold]{p['name']}[/bold]"
         if p["paused"]:
-            title += f"  [red]PAUSED: {p['paused']}[/red]"
+            kind = f" ({p['pause_kind']})" if p.get("pause_kind") else ""
+            title += f"  [red]PAUSED{kind}: {p['paused']}[/red]"
         console.print(title)
         bar = ProgressBar(total=max(total, 1), completed=p["rows_done"], width=40)
         console.print(bar, f" {p['rows_done']:,}/{total:,} rows terminal")
@@ -90,6 +104,8 @@ def render_status(status: dict[str, Any], console: Console) -> None:
         cost = f"${p['cost_usd']:.4f}"
         if p["budget_usd"]:
             cost += f" / ${p['budget_usd']:.2f}"
+        if p["unpriced"]:
+            cost += f" + {p['unpriced']:,} answers of unpriced models"
         summary.add_row(
             f"{p['succeeded']:,}", f"{p['truncated']:,}", f"{p['dead_lettered']:,}",
             f"{p['retried']:,}", f"{p['batches_submitted']:,}", cost,
