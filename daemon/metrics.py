@@ -178,6 +178,7 @@ class Metrics:
         self.in_flight_requests.labels(pipeline=pipeline)
         self.oldest_in_flight_seconds.labels(pipeline=pipeline)
         self.budget_exhausted.labels(pipeline=pipeline)
+        self.paused.labels(pipeline=pipeline, kind="")  # kind="" (no label): not paused
         if budget_usd is not None:
             self.budget_usd.labels(pipeline=pipeline).set(budget_usd)
 

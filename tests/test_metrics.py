@@ -26,6 +26,7 @@ EXPECTED_FAMILIES = {
     "batchd_cost_usd": "counter",
     "batchd_budget_usd": "gauge",
     "batchd_budget_exhausted": "gauge",
+    "batchd_paused": "gauge",
     "batchd_manifest_bytes": "gauge",
     "batchd_oldest_in_flight_seconds": "gauge",
     "batchd_in_flight_requests": "gauge",
@@ -69,7 +70,7 @@ class TestSeries:
     """The series exist with the right types and move as the engine drives them."""
 
     def test_every_documented_family_is_exported(self) -> None:
-        """All fifteen batchd families are present with the documented type."""
+        """All sixteen batchd families are present with the documented type."""
         metrics = Metrics()
         metrics.declare_pipeline("p", budget_usd=5)
         metrics.manifest_bytes.set(1)
