@@ -16,6 +16,8 @@ import sys
 from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration, parse_fault_spec
 from daemon.emulator.responder import load_rules
 from daemon.emulator.runner import run_emulator
+from daemon.emulator.tiers import parse_tier
+from daemon.model_catalog import CatalogError, load_catalog
 
 __all__ = ("add_arguments", "run")
 
@@ -33,7 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="fault settings, e.g. api_error=0.05,http429=0.05,retry_after=1,slow=200ms",
     )
-    parser.add_argument("--queue-limit", type=int, default=None, help="requests in progress")
+    parser.add_argument(
+        "--tier",
+        default=None,
+        help="usage tier: start, build, scale or custom:N (processing queue and RPM limit)",
+    )
+    parser.add_argument(
+        "--queue-limit", type=int, default=None, help="requests in progress (overrides --tier)"
+    )
+    parser.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra model catalog file (TOML or JSON); may be given more than once",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for faults and result order")
     parser.add_argument("--state-dir", default=None, help="where request/result files go")
 
@@ -54,6 +70,15 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         raise ValueError(f"--faults: {exc}") from None
     if args.rules is not None:
         load_rules(args.rules)
+    if args.tier is not None:
+        try:
+            parse_tier(args.tier)
+        except ValueError as exc:
+            raise ValueError(f"--tier: {exc}") from None
+    try:
+        load_catalog(*args.models)
+    except CatalogError as exc:
+        raise ValueError(f"--models: {exc}") from None
     return EmulatorConfig(
         host=args.host,
         port=args.port,
@@ -63,6 +88,8 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         rules=args.rules,
         faults=faults,
         queue_limit=args.queue_limit,
+        tier=args.tier,
+        models=tuple(args.models),
         seed=args.seed,
         state_dir=args.state_dir,
     )

@@ -51,6 +51,7 @@ class Store:
         self._pending: Counter[str] = Counter()
         self.batches_created = 0
         self.requests_received = 0
+        self.peak_in_progress = 0
         self._background: set[asyncio.Future[None]] = set()
 
     def now(self) -> float:
@@ -175,14 +176,15 @@ class Store:
                 raise ApiError("invalid_request_error", str(exc)) from None
             raise
         limit = self.faults.settings.queue_limit
-        if limit is not None and self.in_progress_requests() + summary.count > limit:
+        busy = self.in_progress_requests()
+        if limit is not None and busy + summary.count > limit:
             spill.unlink(missing_ok=True)
             self._release(summary.custom_ids, commit=False)
             self.faults.count("queue_limit")
             raise ApiError(
                 "rate_limit_error",
                 f"Batch of {summary.count} requests would exceed the processing-queue limit "
-                f"of {limit} requests ({self.in_progress_requests()} in progress)",
+                f"of {limit} requests ({busy} in progress)",
                 headers={"retry-after": retry_after_header(self.faults.settings.retry_after)},
             )
         batch_id = new_id("msgbatch_")
@@ -208,6 +210,7 @@ class Store:
         self.faults.injected.update(summary.faults)
         self.batches_created += 1
         self.requests_received += summary.count
+        self.peak_in_progress = max(self.peak_in_progress, busy + summary.count)
         return batch
 
     # -- list / cancel / delete / results -------------------------------------
@@ -288,6 +291,7 @@ class Store:
             "received": dict(self.received),
             "faults_injected": dict(self.faults.injected),
             "in_progress_requests": self.in_progress_requests(),
+            "peak_in_progress_requests": self.peak_in_progress,
             "clock_offset": self.clock_offset,
         }
 
@@ -308,6 +312,7 @@ class Store:
         self.received.clear()
         self.batches_created = 0
         self.requests_received = 0
+        self.peak_in_progress = 0
         self.clock_offset = 0.0
         for batch in batches:
             await self._discard_files(batch, keep_dir=False)
