@@ -371,7 +371,14 @@ def with_models(models: Mapping[str, Any], where: str) -> Catalog:
     """
     if not models:
         return default_catalog()
-    bundled = _read(_DATA).get("models", {})
+    data = _read(_DATA)
+    bundled, aliases = data.get("models", {}), data.get("aliases", {})
+    # `like` may name an alias ("claude-haiku-4-5") as well as the model it stands for.
+    models = {
+        model_id: {**table, "like": aliases.get(table["like"], table["like"])}
+        if isinstance(table, Mapping) and isinstance(table.get("like"), str) else table
+        for model_id, table in models.items()
+    }
     full = parse_catalog({"models": {**bundled, **models}}, where)
     keep = {model_id: full.models[model_id] for model_id in models}
     return default_catalog().merged(Catalog(keep, {}, {}, None))

@@ -62,7 +62,7 @@ class Shaper:
         if self._model_check is not None:
             reason = self._model_check(model)
             if reason is not None:
-                raise ModelRejected(f"model {model!r}: {reason} (model catalog)")
+                raise ModelRejected(f"{reason} (model catalog)")
         if not self._hooked and not user.strip():
             # The API answers an empty message with invalid_request_error: say so before
             # a batch round trip, naming the template.
