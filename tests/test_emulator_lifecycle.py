@@ -18,20 +18,23 @@ class TestExpiry:
     def test_batch_slower_than_ttl_expires_at_ttl(
         self, emulator_factory: Callable[..., EmulatorThread]
     ) -> None:
-        """A batch whose latency passes its TTL ends at expires_at with every request expired."""
-        emulator = emulator_factory(latency=30 * 3600.0)
+        """A batch slower than its TTL ends at expires_at; only its unfinished requests expire."""
+        emulator = emulator_factory(latency=48 * 3600.0)
         client = sdk_client(emulator.base_url)
-        batch = client.messages.batches.create(requests=message_requests(4))
+        batch = client.messages.batches.create(requests=message_requests(200))
         emulator.advance_clock(23 * 3600)
-        assert client.messages.batches.retrieve(batch.id).processing_status == "in_progress"
+        running = client.messages.batches.retrieve(batch.id)
+        assert running.processing_status == "in_progress"
+        assert running.request_counts.processing == 200
         emulator.advance_clock(3600)
         ended = client.messages.batches.retrieve(batch.id)
         assert ended.processing_status == "ended"
         assert ended.ended_at == ended.expires_at
-        assert ended.request_counts.expired == 4
-        assert {line.result.type for line in client.messages.batches.results(batch.id)} == {
-            "expired"
-        }
+        counts = ended.request_counts
+        assert counts.succeeded + counts.expired == 200
+        assert 60 < counts.expired < 140  # half the latency had passed
+        types = [line.result.type for line in client.messages.batches.results(batch.id)]
+        assert types.count("expired") == counts.expired
 
     def test_custom_ttl(self, emulator_factory: Callable[..., EmulatorThread]) -> None:
         """``ttl`` sets expires_at."""

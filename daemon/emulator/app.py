@@ -20,6 +20,7 @@ from aiohttp import web
 
 from daemon.emulator.admin import add_admin_routes
 from daemon.emulator.service import EmulatorService
+from daemon.emulator.validation import BatchContext
 from daemon.emulator.versions import ApiVersion, version_from_header
 from daemon.emulator.wire import (
     ApiError,
@@ -163,7 +164,17 @@ async def _create(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             "request_too_large", f"Request body of {length} bytes exceeds the {limit}-byte limit"
         )
-    batch = await service.store.create(request.content)
+    headers = request.headers
+    context = BatchContext(
+        version=request[API_VERSION],
+        betas=frozenset(
+            beta.strip() for beta in headers.get("anthropic-beta", "").split(",") if beta.strip()
+        ),
+        user_profile_id=headers.get("anthropic-user-profile-id"),
+        workspace_id=headers.get("anthropic-workspace-id"),
+        today=service.store.today(),
+    )
+    batch = await service.store.create(request.content, context)
     if service.faults.drop_this_create():
         if request.transport is not None:
             request.transport.abort()

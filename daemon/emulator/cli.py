@@ -14,7 +14,7 @@ import signal
 import sys
 
 from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration, parse_fault_spec
-from daemon.emulator.responder import load_rules
+from daemon.emulator.rules import load_rules
 from daemon.emulator.runner import run_emulator
 from daemon.emulator.tiers import parse_tier
 from daemon.model_catalog import CatalogError, load_catalog

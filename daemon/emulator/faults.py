@@ -83,6 +83,8 @@ class FaultInjector:
         request's errored/expired fate (tests predict those from the seed).
         """
         settings = self.settings
+        if settings.refusal <= 0 and settings.context_exceeded <= 0:
+            return None
         value = draw(self.seed, custom_id, attempt, "\0twist")
         edge = 0.0
         for kind in SUCCEEDED_TWISTS:

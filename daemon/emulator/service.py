@@ -16,9 +16,11 @@ from typing import Any
 
 from daemon.emulator.config import EmulatorConfig, FaultSettings
 from daemon.emulator.faults import FaultInjector
-from daemon.emulator.responder import Responder, load_rules
+from daemon.emulator.responder import Responder
+from daemon.emulator.rules import load_rules
 from daemon.emulator.store import Store
 from daemon.emulator.tiers import RpmWindow
+from daemon.model_catalog import load_catalog
 
 __all__ = ("EmulatorService",)
 
@@ -35,8 +37,10 @@ class EmulatorService:
         else:
             self.state_dir = Path(config.state_dir)
             self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = load_catalog(*config.models)
         self.faults = FaultInjector(config.initial_faults(), config.seed)
-        self.store = Store(config, self.state_dir, Responder(rules, default), self.faults)
+        responder = Responder(rules, default, self.catalog)
+        self.store = Store(config, self.state_dir, responder, self.faults)
         self.http_requests: Counter[str] = Counter()
         self.http_errors: Counter[str] = Counter()
         self.api_versions: Counter[str] = Counter()
