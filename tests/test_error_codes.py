@@ -127,7 +127,7 @@ class TestSpendLimitMidRun:
             assert _status(ws)["paused"] is None
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=60)
+            _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
         outputs = ws.outputs()
         expected = expected_labels(ws.root / "tickets.csv")
