@@ -170,3 +170,39 @@ class TestShaping:
         })
         sdk_check(params)
         assert params["inference_geo"] == "us" and params["stop_sequences"] == ["\n\n"]
+
+
+class TestApiVersionEndToEnd:
+    def test_pinned_version_is_sent_logged_and_shown(
+        self, emulator_factory: Any, workspace: Any
+    ) -> None:
+        """[api] version = "2023-06-01" is the anthropic-version of every call, the start-up
+        log names it, status shows it, and a model that takes temperature 1 answers."""
+        from tests.fixtures.engine import RULES_PATH, describe
+
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        ws.write_tickets(30)
+        table = ws.pipeline()
+        table["request"] = {"model": "claude-haiku-5-5", "max_tokens": 8, "user": "{body}",
+                            "thinking": "disabled", "temperature": 1}
+        ws.write_raw(dump_toml({"state_dir": "state", "api": {"poll_interval": "0.1s",
+                                                              "version": "2023-06-01"},
+                                "pipeline": [table]}))
+        proc = ws.run()
+        assert proc.returncode == 0, describe(proc)
+        assert "2023-06-01" in proc.stdout + proc.stderr  # logged at start
+        assert set(emulator.stats()["api_versions"]) == {"2023-06-01"}
+        assert ws.status()["api_version"] == "2023-06-01"
+        assert len(ws.outputs().results) == 30
+
+    def test_default_version_is_the_sdks(self, emulator: Any, workspace: Any) -> None:
+        from tests.fixtures.engine import describe
+
+        ws = workspace(emulator.base_url)
+        ws.write_tickets(5)
+        ws.write_config(allowed=None)
+        proc = ws.run()
+        assert proc.returncode == 0, describe(proc)
+        assert set(emulator.stats()["api_versions"]) == {SDK_API_VERSION}
+        assert ws.status()["api_version"] == SDK_API_VERSION
