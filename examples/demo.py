@@ -129,7 +129,7 @@ def reconcile(config: Path, stats: dict, console: Console) -> bool:
 def main() -> int:
     console = Console()
     config = prepare()
-    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-4-5 "
+    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-5-5 "
                   "labels, through a local Message Batches API with faults switched on")
     emulator_config = EmulatorConfig(
         latency=1.0, rules=ROOT / "tickets" / "rules.toml", faults=FAULTS, seed=42,
