@@ -16,14 +16,13 @@ this check every row would come back errored hours later.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-from anthropic._constants import ANTHROPIC_API_VERSION
 
 from plugins.errors import ConfigError
 
@@ -39,8 +38,32 @@ __all__ = (
     "parse_request_options",
 )
 
+
+
+def _sdk_api_version() -> str:
+    """
+    The ``anthropic-version`` the installed SDK sends, read from its ``_constants.py``.
+
+    Read rather than imported: importing ``anthropic`` sets up its own logging when
+    ``ANTHROPIC_LOG`` is set, and the config is read before batchd's logging (which
+    redacts secrets) is in place.
+    """
+    spec = importlib.util.find_spec("anthropic")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(location) / "_constants.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = re.search(r'^ANTHROPIC_API_VERSION\s*=\s*"([^"]+)"', text, re.M)
+        if found:
+            return found.group(1)
+    from anthropic._constants import ANTHROPIC_API_VERSION  # the layout changed: import it
+
+    return ANTHROPIC_API_VERSION
+
+
 #: What the installed SDK sends as ``anthropic-version`` (the default of ``[api] version``).
-SDK_API_VERSION: str = ANTHROPIC_API_VERSION
+SDK_API_VERSION: str = _sdk_api_version()
 #: Versions whose rules batchd knows; the newest is what SDK 2.x sends.
 API_VERSIONS = ("2023-06-01", "2026-10-21")
 #: Sampling parameters that ``2026-10-21`` rejects outright.

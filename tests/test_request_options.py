@@ -114,7 +114,10 @@ class TestConfigErrors:
 
     def test_version_defaults_to_the_sdks(self, tmp_path: Path) -> None:
         """What the installed SDK sends is the default: 2026-10-21 for anthropic 2.x."""
+        from anthropic._constants import ANTHROPIC_API_VERSION
+
         assert load_config(write(tmp_path, {})).api.version == SDK_API_VERSION == "2026-10-21"
+        assert SDK_API_VERSION == ANTHROPIC_API_VERSION
 
 
 class TestShaping:
