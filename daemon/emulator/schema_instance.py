@@ -185,9 +185,9 @@ def _matching(pattern: str, text: str, low: Any, high: Any) -> str:
 
     if fits(text):
         return text
-    for candidate in _PATTERN_TRIES:
-        for size in (1, low if isinstance(low, int) and low > 0 else 1):
-            tried = (candidate * size) if candidate else candidate
+    for size in range(1, 17):
+        for candidate in _PATTERN_TRIES:
+            tried = candidate * size
             if fits(tried):
                 return tried
     return text

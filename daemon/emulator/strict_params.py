@@ -11,34 +11,16 @@ release moves the emulator with it instead of a hand-kept list going stale.
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
-
-from anthropic.types import (
-    cache_control_ephemeral_param,
-    message_param,
-    output_config_param,
-    thinking_config_enabled_param,
-    thinking_config_param,
-    tool_choice_param,
-    tool_union_param,
-)
-from anthropic.types import message_create_params as _params
-from anthropic.types.beta import message_create_params as _beta_params
 
 from daemon.emulator.versions import ApiVersion
 
-__all__ = (
-    "BATCH_REJECTED",
-    "EFFORT_VALUES",
-    "SDK_FIELDS",
-    "THINKING_TYPES",
-    "TOOL_CHOICE_TYPES",
-    "allowed_fields",
-    "check_strict",
-)
+__all__ = ("BATCH_REJECTED", "SdkTables", "allowed_fields", "check_strict", "sdk_tables")
 
 _CUSTOM_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 _MAX_MESSAGES = 100_000
@@ -73,13 +55,6 @@ def _members_by_type(union: Any) -> dict[str, dict[str, Any]]:
     return members
 
 
-#: Top-level fields of a batch row's params (the SDK's MessageCreateParamsNonStreaming).
-SDK_FIELDS = frozenset(_params.MessageCreateParamsNonStreaming.__annotations__)
-#: The same for a batch created through ``client.beta`` (an ``anthropic-beta`` header);
-#: ``betas`` is a header parameter there, never a body field.
-_BETA_FIELDS = frozenset(_beta_params.MessageCreateParamsNonStreaming.__annotations__) - {
-    "betas"
-}
 #: Params the API takes on /v1/messages but not in a batch row (BATCH), and why.
 BATCH_REJECTED: dict[str, str] = {
     "speed": "fast mode (speed) is not available in Message Batches",
@@ -89,35 +64,91 @@ BATCH_REJECTED: dict[str, str] = {
     "context_hint": "context_hint is not supported in Message Batches",
     "research_preview_2026_02": "research previews are not available in Message Batches",
 }
-
-_THINKING = _members_by_type(thinking_config_param.ThinkingConfigParam)
-THINKING_TYPES = frozenset(_THINKING)
-_ENABLED = thinking_config_enabled_param.ThinkingConfigEnabledParam
-_DISPLAY_VALUES = _literals(_hints(_ENABLED)["display"])
-_TOOL_CHOICES = _members_by_type(tool_choice_param.ToolChoiceParam)
-TOOL_CHOICE_TYPES = frozenset(_TOOL_CHOICES)
-_TOOLS = _members_by_type(tool_union_param.ToolUnionParam)
-_OUTPUT_CONFIG = _hints(output_config_param.OutputConfigParam)
-EFFORT_VALUES = frozenset(_literals(_OUTPUT_CONFIG["effort"]))
-_CACHE_CONTROL = _hints(cache_control_ephemeral_param.CacheControlEphemeralParam)
-_TTL_VALUES = frozenset(_literals(_CACHE_CONTROL["ttl"]))
-_SERVICE_TIERS = frozenset(_literals(_hints(_params.MessageCreateParamsBase)["service_tier"]))
-#: role → block types its list content may hold (the SDK's MessageParam union).
-_ROLE_BLOCKS: dict[str, frozenset[str]] = {}
-for _member in typing.get_args(message_param.MessageParam):
-    _member_hints = _hints(_member)
-    _blocks: set[str] = set()
-    for _block in typing.get_args(typing.get_args(_member_hints["content"])[1]):
-        for _item in typing.get_args(_block):
-            _blocks.update(_literals(_hints(_item).get("type")))
-    for _role in _literals(_member_hints["role"]):
-        _ROLE_BLOCKS[_role] = frozenset(_blocks)
 _INFERENCE_GEOS = frozenset({"global", "us"})
+
+
+@dataclass(frozen=True)
+class SdkTables:
+    """
+    What the installed SDK's types allow, read once.
+
+    Args:
+        fields: top-level fields of a batch row (MessageCreateParamsNonStreaming).
+        beta_fields: the same for a batch created through ``client.beta`` (``betas``
+            is a header parameter there, never a body field).
+        thinking, tool_choices, tools: ``type`` value → that variant's field types.
+        role_blocks: message role → the block types its list content may hold.
+    """
+
+    fields: frozenset[str]
+    beta_fields: frozenset[str]
+    thinking: dict[str, dict[str, Any]]
+    display_values: frozenset[Any]
+    tool_choices: dict[str, dict[str, Any]]
+    tools: dict[str, dict[str, Any]]
+    output_config: dict[str, Any]
+    effort_values: frozenset[Any]
+    cache_control: dict[str, Any]
+    ttl_values: frozenset[Any]
+    service_tiers: frozenset[Any]
+    role_blocks: dict[str, frozenset[str]]
+
+
+@functools.cache
+def sdk_tables() -> SdkTables:
+    """
+    The tables, derived from the SDK's TypedDicts and Literals on first use.
+
+    Imported here, not at module level: importing the SDK calls
+    ``logging.basicConfig`` when ``ANTHROPIC_LOG`` is set, and ``batchd run``
+    (which imports the emulator's CLI for its ``emulator`` subcommand) must
+    set up its own redacting logging first.
+    """
+    from anthropic.types import (
+        cache_control_ephemeral_param,
+        message_param,
+        output_config_param,
+        thinking_config_enabled_param,
+        thinking_config_param,
+        tool_choice_param,
+        tool_union_param,
+    )
+    from anthropic.types import message_create_params as params
+    from anthropic.types.beta import message_create_params as beta_params
+
+    role_blocks: dict[str, frozenset[str]] = {}
+    for member in typing.get_args(message_param.MessageParam):
+        hints = _hints(member)
+        blocks: set[str] = set()
+        for union in typing.get_args(typing.get_args(hints["content"])[1]):
+            for item in typing.get_args(union):
+                blocks.update(_literals(_hints(item).get("type")))
+        for role in _literals(hints["role"]):
+            role_blocks[role] = frozenset(blocks)
+    output_config = _hints(output_config_param.OutputConfigParam)
+    cache_control = _hints(cache_control_ephemeral_param.CacheControlEphemeralParam)
+    enabled = _hints(thinking_config_enabled_param.ThinkingConfigEnabledParam)
+    return SdkTables(
+        fields=frozenset(params.MessageCreateParamsNonStreaming.__annotations__),
+        beta_fields=frozenset(beta_params.MessageCreateParamsNonStreaming.__annotations__)
+        - {"betas"},
+        thinking=_members_by_type(thinking_config_param.ThinkingConfigParam),
+        display_values=frozenset(_literals(enabled["display"])),
+        tool_choices=_members_by_type(tool_choice_param.ToolChoiceParam),
+        tools=_members_by_type(tool_union_param.ToolUnionParam),
+        output_config=output_config,
+        effort_values=frozenset(_literals(output_config["effort"])),
+        cache_control=cache_control,
+        ttl_values=frozenset(_literals(cache_control["ttl"])),
+        service_tiers=frozenset(_literals(_hints(params.MessageCreateParamsBase)["service_tier"])),
+        role_blocks=role_blocks,
+    )
 
 
 def allowed_fields(version: ApiVersion, beta: bool) -> frozenset[str]:
     """The top-level params a row may carry under ``version`` (``beta``: created via beta)."""
-    return (_BETA_FIELDS if beta else SDK_FIELDS) | version.legacy_params
+    tables = sdk_tables()
+    return (tables.beta_fields if beta else tables.fields) | version.legacy_params
 
 
 class _Invalid(Exception):
@@ -162,10 +193,10 @@ def _cache_control(value: Any, where: str) -> None:
     if value is None:
         return
     control = _object(value, where)
-    _only(control, _CACHE_CONTROL, where)
+    _only(control, sdk_tables().cache_control, where)
     _choice(control.get("type"), {"ephemeral"}, f"{where}.type")
     if control.get("ttl") is not None:
-        _choice(control["ttl"], _TTL_VALUES, f"{where}.ttl")
+        _choice(control["ttl"], sdk_tables().ttl_values, f"{where}.ttl")
 
 
 def _text_blocks(value: Any, where: str) -> None:
@@ -195,12 +226,13 @@ def _messages(value: Any) -> None:
         if not isinstance(message, dict):
             raise _Invalid(f"{where}: expected an object with role and content")
         role = message.get("role")
-        if role not in _ROLE_BLOCKS:
-            roles = ", ".join(repr(r) for r in sorted(_ROLE_BLOCKS))
+        role_blocks = sdk_tables().role_blocks
+        if role not in role_blocks:
+            roles = ", ".join(repr(r) for r in sorted(role_blocks))
             raise _Invalid(f"{where}.role: Input should be one of {roles}, got {role!r}")
         content = message.get("content")
         if isinstance(content, list):
-            allowed = _ROLE_BLOCKS[role]
+            allowed = role_blocks[role]
             for index, block in enumerate(content):
                 if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                     raise _Invalid(f"{where}.content.{index}: every block needs a type")
@@ -225,11 +257,12 @@ def _messages(value: Any) -> None:
 
 def _thinking(value: Any, max_tokens: int) -> None:
     thinking = _object(value, "thinking")
+    tables = sdk_tables()
     kind = str(thinking.get("type"))
-    _choice(thinking.get("type"), THINKING_TYPES, "thinking.type")
-    _only(thinking, _THINKING[kind], f"thinking.{kind}")
+    _choice(thinking.get("type"), tables.thinking, "thinking.type")
+    _only(thinking, tables.thinking[kind], f"thinking.{kind}")
     if thinking.get("display") is not None:
-        _choice(thinking["display"], _DISPLAY_VALUES, f"thinking.{kind}.display")
+        _choice(thinking["display"], tables.display_values, f"thinking.{kind}.display")
     if kind == "enabled":
         if "budget_tokens" not in thinking:
             raise _Invalid("thinking.enabled.budget_tokens: Field required")
@@ -248,9 +281,10 @@ def _thinking(value: Any, max_tokens: int) -> None:
 
 def _output_config(value: Any) -> None:
     config = _object(value, "output_config")
-    _only(config, _OUTPUT_CONFIG, "output_config")
+    tables = sdk_tables()
+    _only(config, tables.output_config, "output_config")
     if config.get("effort") is not None:
-        _choice(config["effort"], EFFORT_VALUES, "output_config.effort")
+        _choice(config["effort"], tables.effort_values, "output_config.effort")
     if config.get("format") is not None:
         _format(config["format"], "output_config.format")
 
@@ -273,9 +307,10 @@ def _tools(value: Any) -> set[str]:
         where = f"tools.{index}"
         tool = _object(tool, where)
         kind = tool.get("type") or "custom"
-        if kind not in _TOOLS:
+        tools = sdk_tables().tools
+        if kind not in tools:
             raise _Invalid(f"{where}.type: unknown tool type {kind!r}")
-        _only(tool, _TOOLS[kind], where)
+        _only(tool, tools[kind], where)
         name = _string(tool.get("name"), f"{where}.name")
         if kind == "custom":
             if not _CUSTOM_TOOL_NAME.fullmatch(name):
@@ -292,9 +327,10 @@ def _tools(value: Any) -> set[str]:
 
 def _tool_choice(value: Any, tool_names: set[str] | None) -> None:
     choice = _object(value, "tool_choice")
+    choices = sdk_tables().tool_choices
     kind = str(choice.get("type"))
-    _choice(choice.get("type"), TOOL_CHOICE_TYPES, "tool_choice.type")
-    _only(choice, _TOOL_CHOICES[kind], f"tool_choice.{kind}")
+    _choice(choice.get("type"), choices, "tool_choice.type")
+    _only(choice, choices[kind], f"tool_choice.{kind}")
     if kind in ("any", "tool") and not tool_names:
         raise _Invalid(f"tool_choice.type: {kind!r} requires `tools` to be given")
     if kind == "tool":
@@ -376,7 +412,7 @@ def _check(
         _tool_choice(params["tool_choice"], tool_names)
     _cache_control(params.get("cache_control"), "cache_control")
     if params.get("service_tier") is not None:
-        _choice(params["service_tier"], _SERVICE_TIERS, "service_tier")
+        _choice(params["service_tier"], sdk_tables().service_tiers, "service_tier")
     if params.get("inference_geo") is not None:
         _choice(params["inference_geo"], _INFERENCE_GEOS, "inference_geo")
     if params.get("metadata") is not None:
