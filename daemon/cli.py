@@ -122,8 +122,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from daemon.estimate import estimate_pipeline
+    from daemon.preflight import preflight
 
     config = _load(args)
+    configure_logging("warning", json=False, stream=sys.stderr)
+    preflight(config)  # the same checks as `run`: a request the model rejects is exit 2
     pipelines = [config.pipeline(args.pipeline)] if args.pipeline else list(config.pipelines)
     results = [anyio.run(estimate_pipeline, config, p) for p in pipelines]
     if args.json:

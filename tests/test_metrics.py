@@ -214,3 +214,23 @@ class TestDocumentation:
         named = set(METRIC_NAME.findall((DOCS / "operations.md").read_text()))
         assert {"batchd_requests_total", "batchd_budget_exhausted"} <= named
         assert named <= _exported_sample_names(), named - _exported_sample_names()
+
+
+class TestPaused:
+    def test_pause_kind_is_a_label_and_clears_on_resume(self) -> None:
+        """batchd_paused{kind} is 1 for the current pause only; 0 everywhere once resumed."""
+        from daemon.telemetry import Telemetry
+
+        metrics = Metrics(process_metrics=False)
+        metrics.declare_pipeline("p")
+        telemetry = Telemetry(metrics, "p")
+        telemetry.refresh([], 0, ("enforced_spend_limit_reached: …", "spend_limit"))
+        samples = _samples(metrics.render())
+        assert samples[("batchd_paused", (("kind", "spend_limit"), ("pipeline", "p")))] == 1
+        telemetry.refresh([], 0, ("billing_error: …", "billing"))
+        samples = _samples(metrics.render())
+        assert samples[("batchd_paused", (("kind", "spend_limit"), ("pipeline", "p")))] == 0
+        assert samples[("batchd_paused", (("kind", "billing"), ("pipeline", "p")))] == 1
+        telemetry.refresh([], 0, (None, None))
+        assert all(v == 0 for (name, _), v in _samples(metrics.render()).items()
+                   if name == "batchd_paused")
