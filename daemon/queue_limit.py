@@ -50,6 +50,9 @@ class QueueLimit:
         self.manifest = manifest
         self.waits = 0  # creates that had to wait for room (for tests and the log)
         self._changed = anyio.Event()
+        # Chunks waiting, first come first served: the source commit advances in read
+        # order, so a later chunk overtaking earlier ones only delays it.
+        self._line: list[str] = []
 
     def notify(self) -> None:
         """A batch ended (or a create failed): waiters look again."""
@@ -66,11 +69,17 @@ class QueueLimit:
 
     async def wait_room(self, requests: int, *, pipeline: str, chunk: str) -> None:
         """Return once ``requests`` more fit the queue (re-check under the create lock)."""
-        if self.fits(requests):
+        if not self._line and self.fits(requests):
             return
+        me = f"{pipeline}/{chunk}"
         self.waits += 1
         log.info("waiting for room in the API's processing queue", pipeline=pipeline,
                  chunk=chunk, requests=requests, in_flight=self.in_flight(), limit=self.limit)
-        while not self.fits(requests):
-            with anyio.move_on_after(_RECHECK):  # a missed notify costs at most this
-                await self._changed.wait()
+        self._line.append(me)
+        try:
+            while not (self._line[0] == me and self.fits(requests)):
+                with anyio.move_on_after(_RECHECK):  # a missed notify costs at most this
+                    await self._changed.wait()
+        finally:
+            self._line.remove(me)
+            self.notify()  # the next in line may fit too
