@@ -35,7 +35,7 @@ from _common import EmulatorProcess, batchd_command, run_measured, write_csv
 
 from daemon.model_catalog import default_catalog
 
-SYSTEM = ("You label customer support tickets for a software company. " * 200)[:12_000]
+SYSTEM = ("You label customer support tickets for a software company. " * 210)[:12_000]
 
 PIPELINE = """\
 state_dir = "{state}"
