@@ -273,7 +273,7 @@ class TestCancelAndDelete:
         self, emulator_factory: Callable[..., EmulatorThread]
     ) -> None:
         """Cancel shows canceling, then the batch ends with every request canceled."""
-        emulator = emulator_factory(latency=60.0)
+        emulator = emulator_factory(latency=3600.0)
         client = sdk_client(emulator.base_url)
         batch = client.messages.batches.create(requests=message_requests(6))
         canceling = client.messages.batches.cancel(batch.id)

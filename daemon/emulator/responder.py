@@ -20,15 +20,22 @@ from typing import Any
 import orjson
 
 from daemon.emulator.cache import CacheUse, PromptCache
-from daemon.emulator.prompt import last_user_text, prompt_units, tokens
+from daemon.emulator.prompt import (
+    has_cache_marker,
+    last_user_text,
+    prompt_chars,
+    prompt_units,
+    tokens,
+)
 from daemon.emulator.rules import Rule, load_rules
 from daemon.emulator.schema_instance import schema_instance
-from daemon.emulator.thinking import plan_thinking, thinking_block
+from daemon.emulator.thinking import ThinkingPlan, plan_thinking, thinking_block
 from daemon.model_catalog import Catalog, ModelInfo
 
 __all__ = ("Responder", "Rule", "load_rules")
 
 _FAULT_REFUSAL = ("general_harms", "Emulated refusal (emulator fault refusal).")
+_NO_THINKING = ThinkingPlan(0, omitted=False)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,14 @@ class Responder:
         self._default = default
         self.catalog = catalog
         self.cache = cache or PromptCache()
+        self._models: dict[str, ModelInfo | None] = {}
+
+    def _model(self, model: str) -> ModelInfo | None:
+        try:
+            return self._models[model]
+        except KeyError:
+            info = self._models[model] = self.catalog.get(model)
+            return info
 
     def rule_for(self, text: str) -> Rule | None:
         for rule in self._rules:
@@ -73,7 +88,7 @@ class Responder:
             return rule.reply
         if self._default is not None:
             return self._default
-        snippet = " ".join(text.split())[:60]
+        snippet = " ".join(text[:240].split())[:60]
         return f"Emulated reply to: {snippet}" if snippet else "Emulated reply."
 
     def message(
@@ -94,13 +109,16 @@ class Responder:
         cache read miss.
         """
         model: str = params["model"]
-        info = self.catalog.get(model)
+        info = self._model(model)
         assert info is not None, f"{model} passed validation but is not in the catalog"
         messages: list[dict[str, Any]] = params["messages"]
         prompt = last_user_text(messages)
         rule = self.rule_for(prompt)
         max_tokens: int = params["max_tokens"]
-        plan = plan_thinking(params, info, rule.thinking_tokens if rule else None)
+        if "thinking" in params or info.thinking_default != "disabled":
+            plan = plan_thinking(params, info, rule.thinking_tokens if rule else None)
+        else:
+            plan = _NO_THINKING
         content: list[dict[str, Any]] = []
         if plan.on:
             content.append(thinking_block(plan, prompt, f"{batch_id}/{custom_id}"))
@@ -150,7 +168,7 @@ class Responder:
             used = min(budget, used)
             details = {"type": "refusal", "category": category, "explanation": explanation}
             return _Reply(blocks, used, "refusal", stop_details=details)
-        tool = self._tool_call(params, rule)
+        tool = self._tool_call(params, rule) if params.get("tools") else None
         if tool is not None:
             name, schema = tool
             tool_input = (
@@ -169,7 +187,11 @@ class Responder:
                 return _Reply([block], budget, "max_tokens")
             return _Reply([block], used, "tool_use")
         text = self.reply_for(prompt, rule)
-        output_schema = _output_schema(params)
+        output_schema = (
+            _output_schema(params)
+            if "output_config" in params or "output_format" in params
+            else None
+        )
         if output_schema is not None:
             document: Any = rule.json if rule is not None and rule.json is not None else None
             if document is None:
@@ -181,12 +203,13 @@ class Responder:
         if twist == "context_exceeded":
             stop_reason = "model_context_window_exceeded"
         stop_sequence = None
-        stops = params.get("stop_sequences") or ()
-        hits = [(text.find(s), s) for s in stops if s and s in text]
-        if hits:
-            cut, stop_sequence = min(hits)
-            text = text[:cut]
-            stop_reason = "stop_sequence"
+        stops = params.get("stop_sequences")
+        if stops:
+            hits = [(text.find(s), s) for s in stops if s and s in text]
+            if hits:
+                cut, stop_sequence = min(hits)
+                text = text[:cut]
+                stop_reason = "stop_sequence"
         used = tokens(len(text))
         if used > budget:
             text = text[: budget * 4]
@@ -225,13 +248,11 @@ class Responder:
         output: int,
         thinking: int,
     ) -> dict[str, Any]:
-        units = prompt_units(params, keys=_marked(params))
-        if any(unit.ttl is not None for unit in units):
-            use = self.cache.use(
-                info.id, units, info.min_cache_tokens, at, miss=cache_miss
-            )
+        if has_cache_marker(params):
+            units = prompt_units(params)
+            use = self.cache.use(info.id, units, info.min_cache_tokens, at, miss=cache_miss)
         else:
-            use = CacheUse(tokens(sum(unit.chars for unit in units)), 0, 0, 0)
+            use = CacheUse(tokens(prompt_chars(params)), 0, 0, 0)
         return {
             "input_tokens": use.input_tokens,
             "output_tokens": max(1, output),
@@ -247,15 +268,6 @@ class Responder:
             "inference_geo": params.get("inference_geo") or "global",
             "speed": "standard",
         }
-
-
-def _marked(params: dict[str, Any]) -> bool:
-    """Whether any cache marker may be present (only then are cache keys worth building)."""
-    if params.get("cache_control") is not None:
-        return True
-    return b'"cache_control"' in orjson.dumps(
-        [params.get("tools"), params.get("system"), params.get("messages")]
-    )
 
 
 def _output_schema(params: dict[str, Any]) -> dict[str, Any] | None:

@@ -58,18 +58,26 @@ class ResultsSummary:
     """What writing the file found out: its line count and the usage per model."""
 
     lines: int = 0
-    usage: dict[str, Counter[str]] = field(default_factory=dict)
+    _sums: dict[str, list[int]] = field(default_factory=dict)
 
     def add_usage(self, model: str, usage: dict[str, Any]) -> None:
-        totals = self.usage.setdefault(model, Counter())
+        sums = self._sums.get(model)
+        if sums is None:
+            sums = self._sums[model] = [0] * len(USAGE_KEYS)
         creation = usage["cache_creation"]
-        totals["requests"] += 1
-        totals["input_tokens"] += usage["input_tokens"]
-        totals["output_tokens"] += usage["output_tokens"]
-        totals["cache_creation_5m_input_tokens"] += creation["ephemeral_5m_input_tokens"]
-        totals["cache_creation_1h_input_tokens"] += creation["ephemeral_1h_input_tokens"]
-        totals["cache_read_input_tokens"] += usage["cache_read_input_tokens"]
-        totals["thinking_tokens"] += usage["output_tokens_details"]["thinking_tokens"]
+        sums[0] += 1
+        sums[1] += usage["input_tokens"]
+        sums[2] += usage["output_tokens"]
+        sums[3] += creation["ephemeral_5m_input_tokens"]
+        sums[4] += creation["ephemeral_1h_input_tokens"]
+        sums[5] += usage["cache_read_input_tokens"]
+        sums[6] += usage["output_tokens_details"]["thinking_tokens"]
+
+    @property
+    def usage(self) -> dict[str, Counter[str]]:
+        """Per model, ``USAGE_KEYS`` → total."""
+        return {model: Counter(dict(zip(USAGE_KEYS, sums, strict=True)))
+                for model, sums in self._sums.items()}
 
 
 def write_results(

@@ -20,7 +20,7 @@ from typing import Any
 
 from daemon.emulator.cache import check_breakpoints
 from daemon.emulator.model_rules import check_model, max_output_for, resolve_model
-from daemon.emulator.prompt import prompt_units, tokens
+from daemon.emulator.prompt import has_cache_marker, prompt_chars, prompt_units, tokens
 from daemon.emulator.strict_params import check_strict
 from daemon.emulator.versions import ApiVersion, check_version_rules
 from daemon.model_catalog import Catalog
@@ -94,10 +94,10 @@ class RowJudge:
             problem = check_version_rules(context.version, params)
         if problem is not None:
             return ("invalid_request_error", problem)
-        units = prompt_units(params, keys=False)
-        problem = check_breakpoints(units)
-        if problem is not None:
-            return ("invalid_request_error", problem)
+        if has_cache_marker(params):
+            problem = check_breakpoints(prompt_units(params, keys=False))
+            if problem is not None:
+                return ("invalid_request_error", problem)
         info, missing = resolve_model(self.catalog, params["model"], context.today)
         if info is None:
             return ("not_found_error", missing or f"model: {params['model']}")
@@ -106,7 +106,7 @@ class RowJudge:
             info,
             max_output=max_output_for(info, context.betas, self.catalog.beta_output_300k),
             sampling_by_model=context.version.sampling_by_model,
-            prompt_tokens=tokens(sum(unit.chars for unit in units)),
+            prompt_tokens=tokens(prompt_chars(params)),
         )
         if problem is not None:
             return ("invalid_request_error", problem)
