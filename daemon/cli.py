@@ -134,24 +134,24 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                                              option=orjson.OPT_INDENT_2) + b"\n")
         return 0
     console = Console()
-    table = Table("pipeline", "model", "rows", "input tokens", "cached", "max output",
-                  "cost at batch prices", title="estimate (nothing was submitted)")
     notes: list[str] = []
     for r in results:
-        first = True
+        table = Table(title=f"estimate for {r.pipeline!r} (nothing was submitted)")
+        table.add_column("model", no_wrap=True)
+        for name in ("rows", "input tokens", "cached", "max output"):
+            table.add_column(name, justify="right")
+        table.add_column("cost at batch prices", no_wrap=True)
         for m in r.models or []:
             cost = ("unknown" if m.cost_low_usd is None or m.cost_high_usd is None
                     else f"${m.cost_low_usd:,.4f} – ${m.cost_high_usd:,.4f}")
-            table.add_row(r.pipeline if first else "", m.model, f"{m.rows:,}",
-                          f"{m.input_tokens:,}", f"{m.cached_tokens:,}",
-                          f"{m.max_output_tokens:,}", cost)
+            table.add_row(m.model, f"{m.rows:,}", f"{m.input_tokens:,}",
+                          f"{m.cached_tokens:,}", f"{m.max_output_tokens:,}", cost)
             notes.append(f"{r.pipeline} / {m.model}: {m.note}")
-            first = False
-        if first:
-            table.add_row(r.pipeline, "-", "0", "0", "0", "0", "$0")
+        if not r.models:
+            table.add_row("-", "0", "0", "0", "0", "$0")
         if r.unusable_rows:
             notes.append(f"{r.pipeline}: {r.unusable_rows:,} unusable rows (not counted)")
-    console.print(table)
+        console.print(table)
     for note in notes:
         console.print(note, highlight=False)
     return 0
