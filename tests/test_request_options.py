@@ -209,3 +209,20 @@ class TestApiVersionEndToEnd:
         assert proc.returncode == 0, describe(proc)
         assert set(emulator.stats()["api_versions"]) == {SDK_API_VERSION}
         assert ws.status()["api_version"] == SDK_API_VERSION
+
+
+def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
+    """`batchd run` and `batchd estimate` with temperature under 2026-10-21: exit 2, one line."""
+    import subprocess
+
+    from tests.fixtures.engine import BATCHD
+
+    path = write(tmp_path, {"temperature": 0.0})
+    for command in ("run", "estimate"):
+        proc = subprocess.run([*BATCHD, command, str(path)], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert "[pipeline.request] of 'tickets': temperature: API version 2026-10-21" in (
+            proc.stderr)
+    assert not (tmp_path / "state").exists()
