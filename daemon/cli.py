@@ -51,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
+    from daemon.preflight import preflight
+
+    preflight(config)  # a request the model would reject: exit 2 before a row is read
     from daemon.gc_tuning import tune_gc
     from daemon.pipeline import PipelinePaused
     from daemon.supervisor import run_daemon
@@ -152,21 +155,38 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from daemon.estimate import estimate_pipeline
+    from daemon.preflight import preflight
 
     config = _load(args)
+    configure_logging("warning", json=False, stream=sys.stderr)
+    preflight(config)  # the same checks as `run`: a request the model rejects is exit 2
     pipelines = [config.pipeline(args.pipeline)] if args.pipeline else list(config.pipelines)
     results = [anyio.run(estimate_pipeline, config, p) for p in pipelines]
     if args.json:
         sys.stdout.buffer.write(orjson.dumps([r.as_dict() for r in results],
                                              option=orjson.OPT_INDENT_2) + b"\n")
         return 0
-    table = Table("pipeline", "rows", "unusable", "input tokens (est.)", "max output tokens",
-                  "cost at batch prices", title="estimate (nothing was submitted)")
+    console = Console()
+    notes: list[str] = []
     for r in results:
-        table.add_row(r.pipeline, f"{r.rows:,}", f"{r.unusable_rows:,}", f"{r.input_tokens:,}",
-                      f"{r.max_output_tokens:,}",
-                      f"${r.cost_low_usd:,.4f} – ${r.cost_high_usd:,.4f}")
-    Console().print(table)
+        table = Table(title=f"estimate for {r.pipeline!r} (nothing was submitted)")
+        table.add_column("model", no_wrap=True)
+        for name in ("rows", "input tokens", "cached", "max output"):
+            table.add_column(name, justify="right")
+        table.add_column("cost at batch prices", no_wrap=True)
+        for m in r.models or []:
+            cost = ("unknown" if m.cost_low_usd is None or m.cost_high_usd is None
+                    else f"${m.cost_low_usd:,.4f} – ${m.cost_high_usd:,.4f}")
+            table.add_row(m.model, f"{m.rows:,}", f"{m.input_tokens:,}",
+                          f"{m.cached_tokens:,}", f"{m.max_output_tokens:,}", cost)
+            notes.append(f"{r.pipeline} / {m.model}: {m.note}")
+        if not r.models:
+            table.add_row("-", "0", "0", "0", "0", "$0")
+        if r.unusable_rows:
+            notes.append(f"{r.pipeline}: {r.unusable_rows:,} unusable rows (not counted)")
+        console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
     return 0
 
 
@@ -262,6 +282,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from daemon.resume import request_resume
+
+    config = _load(args)
+    _, reason, kind = request_resume(config, args.pipeline)
+    if reason is None:
+        print(f"pipeline {args.pipeline!r} is not paused; nothing to resume", file=sys.stderr)
+    else:
+        print(f"resume of {args.pipeline!r} requested (paused: {kind or 'unknown'}: {reason}); "
+              "a running daemon resumes it within a second, a stopped one when it starts")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -324,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="list as JSON lines")
     dead.add_argument("--state-dir")
     dead.set_defaults(func=cmd_dead_letters)
+
+    resume = sub.add_parser("resume", help="lift a pipeline's pause once its cause is fixed")
+    resume.add_argument("config")
+    resume.add_argument("pipeline")
+    resume.add_argument("--state-dir")
+    resume.set_defaults(func=cmd_resume)
 
     emulator = sub.add_parser("emulator", help="serve a local Message Batches API emulator")
     emulator_arguments(emulator)

@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.durations import parse_duration, parse_size
+from daemon.request_options import (
+    SDK_API_VERSION,
+    RequestOptions,
+    check_extra,
+    check_sampling_version,
+    parse_request_options,
+)
 from daemon.template import Template
 from plugins.errors import ConfigError
 
 __all__ = (
     "MAX_BATCH_BYTES",
     "MAX_BATCH_REQUESTS",
+    "TIER_QUEUE_LIMITS",
     "ApiConfig",
     "BatchingConfig",
     "Config",
@@ -39,6 +47,9 @@ __all__ = (
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1000 * 1000
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# The processing queue each documented tier grants (requests not yet processed, all batches).
+TIER_QUEUE_LIMITS = {"start": 200_000, "build": 300_000, "scale": 500_000}
 T = TypeVar("T")
 
 
@@ -52,6 +63,9 @@ class ApiConfig:
     timeout: float = 600.0
     not_found_window: float = 120.0
     queue_limit: int | None = None
+    # The anthropic-version header sent; its rules decide what a request may carry.
+    version: str = SDK_API_VERSION
+    tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +74,7 @@ class RequestConfig:
     max_tokens: int
     user: Template
     system: str | None = None
-    temperature: float | None = None
-    stop_sequences: tuple[str, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: dict[str, Any] | None = None
-    output_format: dict[str, Any] | None = None
-    cache_system: bool = False
+    options: RequestOptions = field(default_factory=RequestOptions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,6 +129,8 @@ class Config:
     log_level: str = "info"
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics_address: str = "127.0.0.1"
+    # Models the bundled catalog lacks, or corrections to it (``[models."id"] like = …``).
+    models: dict[str, Any] = field(default_factory=dict)
 
     def pipeline(self, name: str) -> PipelineConfig:
         for pipeline in self.pipelines:
@@ -255,27 +266,15 @@ def _request(table: _Table) -> RequestConfig:
     max_tokens = table.require("max_tokens", int)
     _positive(table, "max_tokens", max_tokens)
     user = _template(table, "user", table.require("user", str))
-    temperature = table.get("temperature", (int, float))
-    if temperature is not None and not 0 <= temperature <= 1:
-        raise table.error("temperature", f"must be between 0 and 1, got {temperature}")
-    stops = table.get("stop_sequences", list, [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise table.error("stop_sequences", "must be a list of non-empty strings")
-    tools = table.get("tools", list, [])
-    if not all(isinstance(t, dict) for t in tools):
-        raise table.error("tools", "must be a list of tool tables")
+    extra = table.get("extra", dict, {})
+    check_extra(table, extra)
     result = RequestConfig(
         model=model,
         max_tokens=max_tokens,
         user=user,
         system=table.get("system", str),
-        temperature=float(temperature) if temperature is not None else None,
-        stop_sequences=tuple(stops),
-        tools=tuple(tools),
-        tool_choice=table.get("tool_choice", dict),
-        output_format=table.get("output_format", dict),
-        cache_system=table.get("cache_system", bool, False),
-        extra=table.get("extra", dict, {}),
+        options=parse_request_options(table, table.path.resolve().parent),
+        extra=extra,
     )
     table.finish()
     return result
@@ -399,7 +398,17 @@ def _api(table: _Table) -> ApiConfig:
         timeout=duration("timeout", 600.0),
         not_found_window=duration("not_found_window", 120.0),
         queue_limit=table.get("queue_limit", int),
+        version=table.get("version", str, SDK_API_VERSION),
+        tier=table.get("tier", str),
     )
+    if not _VERSION.fullmatch(result.version):
+        raise table.error("version", f"must be an API version date like {SDK_API_VERSION!r} "
+                          f"(the installed SDK's), got {result.version!r}")
+    if result.tier is not None and result.tier not in TIER_QUEUE_LIMITS:
+        raise table.error("tier", f"must be one of {', '.join(TIER_QUEUE_LIMITS)}, "
+                          f"got {result.tier!r}")
+    if result.queue_limit is not None:
+        _positive(table, "queue_limit", result.queue_limit)
     if not 0 <= result.poll_jitter <= 1:
         raise table.error("poll_jitter", f"must be between 0 and 1, got {result.poll_jitter}")
     for key, value in (("poll_interval", result.poll_interval), ("timeout", result.timeout)):
@@ -407,8 +416,6 @@ def _api(table: _Table) -> ApiConfig:
             raise table.error(key, f"must be longer than 0s, got {table.data[key]!r}")
     if result.max_retries < 0:
         raise table.error("max_retries", f"must not be negative, got {result.max_retries}")
-    if result.queue_limit is not None and result.queue_limit <= 0:
-        raise table.error("queue_limit", f"must be positive, got {result.queue_limit}")
     if "api_key" in table.data:
         raise table.error("api_key", "secrets are not read from the config file; "
                           "set ANTHROPIC_API_KEY or a systemd credential")
@@ -470,7 +477,11 @@ def load_config(
         metrics_port=None,
         log_level=top.check(lambda: _log_level(top), "info"),
         prices=top.check(lambda: top.get("prices", dict, {}), {}),
+        models=top.check(lambda: top.get("models", dict, {}), {}),
     )
+    for pipeline in config.pipelines:
+        top.check(partial(check_sampling_version, pipeline.request.options.sampling,
+                          config.api.version, f"{path}: [pipeline.request] of {pipeline.name!r}"))
     metrics = top.check(lambda: _metrics(top.table("metrics")), (None, "127.0.0.1"))
     top.finish()
     return replace(config, metrics_port=metrics[0], metrics_address=metrics[1])

@@ -30,6 +30,7 @@ __all__ = (
     "default_catalog",
     "effort_at_most",
     "load_catalog",
+    "with_models",
 )
 
 #: Effort levels, lowest first (the API's order; "xhigh" exists only on newer models).
@@ -359,6 +360,28 @@ def _parse_extra(path: Path, base: Catalog) -> Catalog:
     full = parse_catalog(data, str(path))
     keep = {model_id: full.models[model_id] for model_id in tables}
     return Catalog(keep, full.aliases, full.retired, full.beta_output_300k)
+
+
+def with_models(models: Mapping[str, Any], where: str) -> Catalog:
+    """
+    The bundled catalog with ``models`` (a config's ``[models."<id>"]`` tables) on top.
+
+    A table may say ``like = "<bundled id>"`` and name only what differs, as an extra
+    file may. Raises :class:`CatalogError` naming ``where`` and the model.
+    """
+    if not models:
+        return default_catalog()
+    data = _read(_DATA)
+    bundled, aliases = data.get("models", {}), data.get("aliases", {})
+    # `like` may name an alias ("claude-haiku-4-5") as well as the model it stands for.
+    models = {
+        model_id: {**table, "like": aliases.get(table["like"], table["like"])}
+        if isinstance(table, Mapping) and isinstance(table.get("like"), str) else table
+        for model_id, table in models.items()
+    }
+    full = parse_catalog({"models": {**bundled, **models}}, where)
+    keep = {model_id: full.models[model_id] for model_id in models}
+    return default_catalog().merged(Catalog(keep, {}, {}, None))
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import structlog
 from daemon.config import MAX_BATCH_BYTES, PipelineConfig
 from daemon.custom_ids import CustomIdAllocator
 from daemon.ledger import KeyLedger
-from daemon.shaper import ShapeError, Shaper
+from daemon.shaper import ModelCheck, ShapeError, Shaper
 from daemon.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
 from plugins.contract import Source
 from plugins.errors import RetriableError
@@ -96,12 +96,13 @@ class Packer:
         room: Callable[[], Awaitable[None]],
         resume: tuple[dict[str, Any] | None, int, int],
         between_chunks: Callable[[], Awaitable[None]] | None = None,
+        model_check: ModelCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
         self.ledger = ledger
         self.spool_dir = spool_dir
-        self.shaper = Shaper(pipeline)
+        self.shaper = Shaper(pipeline, model_check)
         self._seal = seal
         self._room = room
         self._between_chunks = between_chunks
@@ -191,7 +192,7 @@ class Packer:
         try:
             params = self.shaper.params(record)
         except ShapeError as exc:
-            return _Pending(record, seq, None, "shape_error", str(exc))
+            return _Pending(record, seq, None, exc.error_type, str(exc))
         body = orjson.dumps(params)
         limit = self.max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
         if len(body) > limit:

@@ -17,6 +17,7 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
+from daemon.answers import AnswerReader
 from daemon.api import BatchesApi
 from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
@@ -29,6 +30,9 @@ from daemon.manifest import Manifest, crash_point
 from daemon.manifest_state import ChunkState, Stage
 from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
+from daemon.queue_limit import QueueLimit
+from daemon.resume import resume_request_path
+from daemon.shaper import ModelCheck
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
 from plugins.errors import FatalError, RetriableError
@@ -79,6 +83,9 @@ class PipelineRunner:
         budget: Budget,
         telemetry: Telemetry,
         make_source: Callable[[], Source] | None = None,
+        queue: QueueLimit | None = None,
+        answers: AnswerReader | None = None,
+        model_check: ModelCheck | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -94,6 +101,9 @@ class PipelineRunner:
         self.budget = budget
         self.telemetry = telemetry
         self.make_source = make_source
+        self.queue = queue
+        self.answers = answers
+        self.model_check = model_check
         self.poller = Poller(self)
         self.active = 0
         self.changed = _Signal()
@@ -116,20 +126,29 @@ class PipelineRunner:
         return state.paused if state else None
 
     @property
+    def pause_kind(self) -> str | None:
+        state = self.manifest.state.pipelines.get(self.pipeline.name)
+        return state.pause_kind if state else None
+
+    @property
     def submissions_blocked(self) -> bool:
         """Billing/auth pauses stop every create; a budget pause only stops new chunks,
         since every chunk already sealed was admitted within the budget."""
         reason = self.paused
-        return reason is not None and not reason.startswith("budget")
+        return reason is not None and not (
+            self.pause_kind == "budget" or reason.startswith("budget")
+        )
 
     async def wait_unpaused(self) -> None:
         while self.submissions_blocked:
             await self.changed.wait()
 
-    async def pause(self, reason: str, *, alarm_kind: str, chunk: str | None = None) -> None:
+    async def pause(
+        self, reason: str, *, alarm_kind: str, chunk: str | None = None, kind: str | None = None
+    ) -> None:
         if self.paused != reason:
             await self.manifest.append("pipeline_paused", pipeline=self.pipeline.name,
-                                       reason=reason)
+                                       reason=reason, pause_kind=kind or alarm_kind)
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
 
@@ -174,7 +193,7 @@ class PipelineRunner:
         if refusal is not None:
             builder.writer.discard()
             self.telemetry.budget(True)
-            await self.pause(refusal, alarm_kind="budget_exhausted")
+            await self.pause(refusal, alarm_kind="budget_exhausted", kind="budget")
             raise BudgetExhausted(refusal)
         builder.writer.seal()
         await self.manifest.append(
@@ -285,7 +304,7 @@ class PipelineRunner:
         )
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested)
+                             between_chunks=self.replay_requested, model_check=self.model_check)
         try:
             await self.source.start(resume[0])
             self.packer.started = True
@@ -328,6 +347,7 @@ class PipelineRunner:
             tg.start_soon(self.poller.run)
             if until_drained:
                 tg.start_soon(self._fail_when_stuck)
+            tg.start_soon(self._watch_resume_requests)
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -350,6 +370,29 @@ class PipelineRunner:
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
+
+    async def _watch_resume_requests(self) -> None:
+        """``batchd resume PIPELINE`` drops a file; lift the pause it asks for."""
+        path = resume_request_path(self.spool_dir.parent, self.pipeline.name)
+        request = anyio.Path(path)
+        while True:
+            if await request.exists():
+                await self.resume_requested(request)
+            await anyio.sleep(1.0)
+
+    async def resume_requested(self, request: anyio.Path) -> None:
+        await request.unlink(missing_ok=True)
+        reason = self.paused
+        if reason is None:
+            self.log.info("resume requested; the pipeline is not paused")
+            return
+        if self.pause_kind == "budget" or reason.startswith("budget"):
+            self.log.warning("resume requested, but a budget pause lifts only with a higher "
+                             "budget_usd: edit the config and reload (systemctl reload batchd)")
+            return
+        self.log.warning("resuming the pipeline on request", reason=reason, kind=self.pause_kind)
+        await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        self.changed.fire()
 
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""

@@ -24,6 +24,7 @@ from daemon.config import Config
 from daemon.manifest import MANIFEST_NAME, replay
 from daemon.manifest_state import ManifestState
 from daemon.progress import MeasuredSize, progress_of, source_sizes
+from daemon.queue_limit import queue_limit_of
 
 __all__ = ("collect_status", "read_state", "render_status", "status_of", "status_renderable")
 
@@ -104,6 +105,7 @@ def status_of(
         pipelines.append({
             "name": pipeline.name,
             "paused": ps.paused if ps else None,
+            "pause_kind": ps.pause_kind if ps else None,
             "chunks_by_stage": dict(stages),
             "batches": batches,
             "rows_read": rows_read,
@@ -118,6 +120,7 @@ def status_of(
             "input_tokens": ps.input_tokens if ps else 0,
             "output_tokens": ps.output_tokens if ps else 0,
             "cost_usd": round(ps.cost_usd, 6) if ps else 0.0,
+            "unpriced": ps.unpriced if ps else 0,
             "budget_usd": pipeline.budget_usd,
             "source_committed_seq": ps.committed_seq if ps else None,
             "source_size": (None if size is None else
@@ -129,7 +132,15 @@ def status_of(
         {"pipeline": a.pipeline, "chunk": a.chunk, "kind": a.kind, "message": a.message, "ts": a.ts}
         for a in list(state.alarms)[-20:]
     ]
-    return {"state_dir": str(config.state_dir), "pipelines": pipelines, "alarms": alarms}
+    limit, origin = queue_limit_of(config.api)
+    return {
+        "state_dir": str(config.state_dir),
+        "api_version": config.api.version,
+        "queue_limit": limit,
+        "queue_limit_from": origin,
+        "pipelines": pipelines,
+        "alarms": alarms,
+    }
 
 
 def progress_line(p: dict[str, Any]) -> str:
@@ -148,10 +159,13 @@ def progress_line(p: dict[str, Any]) -> str:
 def status_renderable(status: dict[str, Any]) -> RenderableType:
     """Everything ``batchd status`` shows, as one rich renderable (also what --watch redraws)."""
     parts: list[RenderableType] = []
+    parts.append(Text(f"API version {status['api_version']}, processing queue limit "
+                      f"{status['queue_limit']:,} ({status['queue_limit_from']})"))
     for p in status["pipelines"]:
         title = Text.from_markup(f"[bold]{p['name']}[/bold]")
         if p["paused"]:
-            title.append(f"  PAUSED: {p['paused']}", style="red")
+            kind = f" ({p['pause_kind']})" if p.get("pause_kind") else ""
+            title.append(f"  PAUSED{kind}: {p['paused']}", style="red")
         parts.append(title)
         total = p["progress"]["rows_total"] or max(p["rows_done"], 1)
         bar = ProgressBar(total=max(total, 1), completed=p["rows_done"], width=24)
@@ -164,6 +178,8 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
         cost = f"${p['cost_usd']:.4f}"
         if p["budget_usd"]:
             cost += f" / ${p['budget_usd']:.2f}"
+        if p["unpriced"]:
+            cost += f" + {p['unpriced']:,} answers of unpriced models"
         summary.add_row(
             f"{p['succeeded']:,}", f"{p['truncated']:,}", f"{p['dead_lettered']:,}",
             f"{p['retried']:,}", f"{p['batches_submitted']:,}", cost,

@@ -29,6 +29,7 @@ import anyio
 import structlog
 
 from daemon._logging import register_secret
+from daemon.answers import AnswerReader
 from daemon.api import BatchesApi, resolve_api_key
 from daemon.budget import Budget
 from daemon.config import Config, PluginSpec, load_config
@@ -38,7 +39,9 @@ from daemon.ledger import KeyLedger
 from daemon.live_status import LiveStatus
 from daemon.manifest import Manifest
 from daemon.pipeline import PipelineRunner
+from daemon.preflight import catalog_for, preflight, record_check
 from daemon.pricing import PriceTable
+from daemon.queue_limit import QueueLimit, queue_limit_of
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink
@@ -89,13 +92,16 @@ class _Daemon:
                         "anthropic-api-key; requests carry a placeholder only an emulator accepts")
         api = BatchesApi(config.api, api_key)
         stack.push_async_callback(api.aclose)
-        prices = PriceTable(config.prices, source=str(config.path))
+        catalog = catalog_for(config)
+        prices = PriceTable(config.prices, catalog=catalog, source=str(config.path))
 
         def unknown_price(model: str) -> None:
-            log.warning("no price known for model; costing it at the highest known price",
-                        model=model)
+            log.warning("no price known for model: its cost is counted as unknown (unpriced), "
+                        'not guessed; add [prices."<model>"] to the config', model=model)
 
-        cost = prices.cost_function(unknown_price)
+        limit, origin = queue_limit_of(config.api)
+        queue = QueueLimit(limit, manifest)
+        log.info("api", version=config.api.version, queue_limit=limit, queue_limit_from=origin)
 
         create_lock = anyio.Lock()
         spool_dir = config.state_dir / "spool"
@@ -111,9 +117,15 @@ class _Daemon:
             runner = PipelineRunner(
                 pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
-                dead_letter=sinks[-1], cost=cost, budget=Budget(pipeline, prices),
+                dead_letter=sinks[-1],
+                cost=prices.cost_function(unknown_price,
+                                          geo=pipeline.request.options.inference_geo),
+                budget=Budget(pipeline, prices),
                 telemetry=Telemetry(self.metrics, pipeline.name),
                 make_source=partial(build_source, config, pipeline.name, pipeline.source),
+                queue=queue, answers=AnswerReader(pipeline, catalog),
+                model_check=record_check(pipeline, catalog=catalog,
+                                         api_version=config.api.version),
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
         # Sources first: one that cannot start (a missing file) fails before any sink
@@ -160,6 +172,11 @@ class _Daemon:
         except BatchdError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
             return
+        try:
+            preflight(new)
+        except BatchdError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            return
         if new.state_dir != self.config.state_dir:
             log.error("reload cannot move state_dir; keeping it", state_dir=str(new.state_dir))
             return
@@ -199,7 +216,8 @@ class _Daemon:
         while True:
             await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
-                runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes())
+                runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes(),
+                                         (runner.paused, runner.pause_kind))
             if interactive:
                 for p in self.live.snapshot(self.config, manifest)["pipelines"]:
                     log.info("progress", pipeline=p["name"], **_progress(p, self.live))
@@ -244,7 +262,8 @@ def _status_line(runners: list[PipelineRunner]) -> str:
         done = state.rows_done if state else 0
         cost = state.cost_usd if state else 0.0
         waiting = sum(1 for c in runner.live_chunks() if c.stage.value == "submitted")
-        paused = f" PAUSED ({state.paused})" if state and state.paused else ""
+        paused = (f" PAUSED [{state.pause_kind or 'unknown'}] ({state.paused})"
+                  if state and state.paused else "")
         parts.append(f"{runner.pipeline.name}: {waiting} batches in flight, {done} rows done, "
                      f"${cost:.2f}{paused}")
     return "; ".join(parts)

@@ -73,10 +73,18 @@ class Telemetry:
             summary.cost_usd,
         )
 
-    def refresh(self, chunks: Iterable[ChunkState], manifest_bytes: int) -> None:
+    def refresh(
+        self,
+        chunks: Iterable[ChunkState],
+        manifest_bytes: int,
+        pause: tuple[str | None, str | None] = (None, None),
+    ) -> None:
+        """Gauges from the manifest; ``pause`` is the pipeline's (reason, kind)."""
         m = self.metrics
         if m is None:
             return
+        reason, kind = pause
+        m.set_paused(self.pipeline, (kind or "unknown") if reason else None)
         chunks = list(chunks)
         m.set_batch_states(self.pipeline, Counter(c.stage.value for c in chunks))
         waiting = [c for c in chunks if c.stage in (Stage.SUBMITTED, Stage.ENDED)]

@@ -171,7 +171,7 @@ def check_config(
     report.problems.extend(_problem(e) for e in errors)
     report.checked.append(f"config: {len(config.pipelines)} pipeline(s)")
     anyio.run(_check_pipelines, config, report, connect, for_run)
-    _check_prices(config, report)
+    _check_models(config, report)
     _check_state_dir(config, report)
     if not for_run:
         _check_metrics(config, report)
@@ -329,23 +329,21 @@ def _check_state_dir(config: Config, report: Report) -> None:
         ))
 
 
-def _check_prices(config: Config, report: Report) -> None:
-    from daemon.pricing import PriceTable
+def _check_models(config: Config, report: Report) -> None:
+    """The model catalog's rules and prices, as ``run``'s pre-flight applies them."""
+    from daemon.preflight import preflight_problems
 
     try:
-        prices = PriceTable(config.prices, source=str(config.path))
-    except ConfigError as exc:
+        problems, warnings = preflight_problems(config)
+    except ConfigError as exc:  # a bad [prices] or [models] table
         report.problems.append(_problem(exc))
         return
-    for pipeline in config.pipelines:
-        model = pipeline.request.model
-        if model.is_constant and not prices.price(model.source).known:
-            report.warnings.append(Problem(
-                f"{config.path}: [pipeline.request] of {pipeline.name!r}: model: no price "
-                f"known for {model.source!r}; its cost is counted at the highest known price",
-                str(config.path), f"[pipeline.request] of {pipeline.name!r}", "model",
-                f"add [prices.{model.source!r}] with input and output prices per MTok",
-            ))
+    report.problems.extend(_problem(exc) for exc in problems)
+    for pipeline, message in warnings:
+        table = f"[pipeline.request] of {pipeline!r}"
+        report.warnings.append(Problem(
+            f"{config.path}: {table}: model: {message}", str(config.path), table, "model", None,
+        ))
 
 
 def _check_metrics(config: Config, report: Report) -> None:

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     port = _free_port()
     config = prepare(port)
-    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-4-5 "
+    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-5-5 "
                   "labels, through a local Message Batches API with faults switched on")
     emulator_config = EmulatorConfig(
         # A picture mid-run needs batches that take a little longer to end.
