@@ -218,6 +218,7 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
     from tests.fixtures.engine import BATCHD
 
     path = write(tmp_path, {"temperature": 0.0})
+    (tmp_path / "t.csv").write_text("id,body\n1,hello\n")  # the config's only other mistake
     for command in ("run", "estimate"):
         proc = subprocess.run([*BATCHD, command, str(path)], capture_output=True, text=True,
                               timeout=60, cwd=tmp_path)
