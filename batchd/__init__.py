@@ -24,6 +24,7 @@ from plugins import (
     SinkFactory,
     Source,
     SourceFactory,
+    SourceSize,
     hookimpl,
 )
 
@@ -40,5 +41,6 @@ __all__ = (
     "SinkFactory",
     "Source",
     "SourceFactory",
+    "SourceSize",
     "hookimpl",
 )

@@ -101,10 +101,11 @@ def count_keys(db: Path, table: str = "results", column: str = "key") -> tuple[i
 class EmulatorProcess:
     """``batchd emulator`` in its own process (latency 0 unless told), stopped on exit."""
 
-    def __init__(self, state_dir: Path, *, latency: str = "0", rules: Path = RULES) -> None:
+    def __init__(self, state_dir: Path, *, latency: str = "0", rules: Path = RULES,
+                 extra: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.args = ["emulator", "--port", "0", "--latency", latency,
-                     "--rules", str(rules), "--state-dir", str(state_dir)]
+                     "--rules", str(rules), "--state-dir", str(state_dir), *extra]
         self.process: subprocess.Popen[str] | None = None
         self.base_url = ""
 

@@ -46,7 +46,6 @@ def _write_body(path: Path, count: int, chars: int) -> int:
                 "params": {
                     "model": "claude-haiku-4-5",
                     "max_tokens": 32,
-                    "temperature": 0,
                     "system": "Classify the support ticket: hardware, software, billing, other.",
                     "messages": [{"role": "user", "content": f"#{index}: {filler}"}],
                 },

@@ -29,7 +29,7 @@ import anyio
 import structlog
 
 from connectors._lines import LineReader
-from plugins.contract import Source
+from plugins.contract import Source, SourceSize
 from plugins.errors import FatalError
 from plugins.records import Record
 
@@ -96,6 +96,19 @@ class FileSource(Source):
             self._tail_seen = (st.st_size, now)
             return False
         return now - self._tail_seen[1] >= _SETTLE
+    async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
+        """The file's bytes, and the byte offset just after ``position``'s record."""
+        try:
+            total = (await anyio.Path(self._path).stat()).st_size
+        except OSError:
+            return None
+        done = 0
+        if position is not None:
+            try:
+                done = int(position["offset"])
+            except (KeyError, TypeError, ValueError):
+                return None
+        return SourceSize(total=total, unit="bytes", done=min(done, total))
 
     async def aclose(self) -> None:
         """Close the file; safe to call twice."""

@@ -39,7 +39,7 @@ from connectors._kafka import (
     owner_name,
     translate_error,
 )
-from plugins.contract import PluginContext, Source
+from plugins.contract import PluginContext, Source, SourceSize
 from plugins.errors import ConfigError
 from plugins.hookspecs import hookimpl
 from plugins.records import Record
@@ -194,6 +194,22 @@ class KafkaSource(Source):
             group_id=self._group_id,
             resume=bool(self._floor),
         )
+
+    async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
+        """The topics' messages (end minus beginning offsets) and how many precede ``position``."""
+        from connectors.kafka_extent import topic_size
+
+        try:
+            return await topic_size(self._settings, self._owner, self._topics,
+                                    (position or {}).get("next"))
+        except Exception:
+            return None
+
+    async def probe(self) -> None:
+        """Connect without joining the group and check the topics exist."""
+        from connectors.kafka_extent import probe_topics
+
+        await probe_topics(self._settings, self._owner, self._topics)
 
     async def poll(self) -> list[Record] | None:
         """Up to ``batch`` records; ``None`` after ``drain_idle`` seconds at zero lag."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 
 from connectors._pg import (
@@ -36,7 +37,7 @@ from connectors._pg import (
     resolve_dsn,
 )
 from plugins import hookimpl
-from plugins.contract import PluginContext, Source
+from plugins.contract import PluginContext, Source, SourceSize
 from plugins.errors import ConfigError, FatalError, RetriableError
 from plugins.records import Record
 
@@ -266,6 +267,34 @@ class PostgresSource(Source):
         position = {"key": _json_key(key), "key_type": self._key_type}
         fields = {name: _json_safe(value) for name, value in row.items()}
         return Record(key=str(key), fields=fields, position=position)
+
+    async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
+        """The planner's row estimate for the whole SELECT (``EXPLAIN``; nothing is read)."""
+        try:
+            conn = await connect(self._dsn, owner=OWNER, application_name=f"{self._app}:size",
+                                 attempts=1, connect_timeout=min(self._timeout, 5.0),
+                                 read_only=True)
+        except Exception:
+            return None
+        try:
+            sql = (f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {self._from} AS s "
+                   f"WHERE {self._where}s.{self._key} IS NOT NULL")
+            plan = await conn.fetchval(sql)
+            rows = (orjson.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]["Plan Rows"]
+            return SourceSize(total=int(rows), unit="rows")
+        except Exception:
+            return None
+        finally:
+            await close_quietly(conn)
+
+    async def probe(self) -> None:
+        """Connect with the DSN and check the table/query and key column exist."""
+        conn = await connect(self._dsn, owner=OWNER, application_name=f"{self._app}:probe",
+                             attempts=1, connect_timeout=self._timeout, read_only=True)
+        try:
+            await self._learn_key_type(conn)
+        finally:
+            await close_quietly(conn)
 
     async def aclose(self) -> None:
         """Close the connection; safe to call twice."""

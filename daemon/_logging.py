@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-__all__ = ("MASK", "configure_logging", "redact_secrets", "register_secret")
+__all__ = ("MASK", "configure_logging", "redact_secrets", "redact_text", "register_secret")
 
 MASK = "***"
 
@@ -102,6 +102,11 @@ def _redact_text(text: str) -> str:
     for regex, replacement in _PATTERNS:
         text = regex.sub(replacement, text)
     return text
+
+
+def redact_text(text: str) -> str:
+    """``text`` with registered secrets and secret-shaped substrings masked (the dashboard)."""
+    return _redact_text(text)
 
 
 def _is_sensitive_key(key: object) -> bool:

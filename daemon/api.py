@@ -29,9 +29,7 @@ from daemon.spool import stream_body
 
 __all__ = (
     "BatchesApi",
-    "CreateOutcome",
     "StreamCut",
-    "classify_create_error",
     "created_at_ts",
     "resolve_api_key",
     "timestamp",
@@ -57,48 +55,6 @@ class StreamCut(Exception):
     """The results stream broke off or sent a broken line: fetch again, skip what is done."""
 
 
-class CreateOutcome:
-    """How a failed create must be treated (see :func:`classify_create_error`)."""
-
-    AMBIGUOUS = "ambiguous"  # may have been created: adopt-or-resubmit
-    RATE_LIMITED = "rate_limited"  # not created; wait retry-after (queue may be full)
-    REJECTED = "rejected"  # not created; the batch itself is wrong (bug report)
-    PAUSE = "pause"  # not created; billing/auth: pause the pipeline
-
-
-def classify_create_error(exc: BaseException) -> tuple[str, float | None]:
-    """Map an exception from create to a :class:`CreateOutcome` and a retry-after."""
-    if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        retry_after = _retry_after(exc.response)
-        if status == 429:
-            return CreateOutcome.RATE_LIMITED, retry_after
-        if status in (401, 402, 403):
-            return CreateOutcome.PAUSE, None
-        if 400 <= status < 500 and status not in (408, 409):
-            return CreateOutcome.REJECTED, None
-        return CreateOutcome.AMBIGUOUS, retry_after
-    return CreateOutcome.AMBIGUOUS, None
-
-
-def _retry_after(response: Any) -> float | None:
-    if response is None:
-        return None
-    value = response.headers.get("retry-after-ms")
-    if value:
-        try:
-            return float(value) / 1000
-        except ValueError:
-            pass
-    value = response.headers.get("retry-after")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def timestamp(value: Any) -> float:
     """Unix time of an SDK datetime or an RFC 3339 string (as the manifest stores it)."""
     if isinstance(value, datetime):
@@ -121,7 +77,11 @@ class BatchesApi:
             base_url=base_url,
             max_retries=config.max_retries,
             timeout=anthropic.Timeout(config.timeout, connect=10.0),
+            # The pinned version decides which request fields the API accepts (and a batch
+            # is judged by the version it was created with).
+            default_headers={"anthropic-version": config.version},
         )
+        self.version = config.version
         self.calls: dict[str, int] = {}
 
     def _count(self, name: str) -> None:

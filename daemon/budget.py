@@ -2,11 +2,18 @@
 Cost budgets: stop submitting before the money runs out, not after.
 
 Before a chunk is sealed, the pipeline's spend so far plus the *upper*
-bound of everything in flight plus this chunk (estimated input tokens and
-a full ``max_tokens`` answer for every request, at batch prices) must stay
-within ``budget_usd``. Upper bounds make the check conservative: a pipeline
-may stop a little early, never late. Nothing already submitted is lost;
-those batches finish and are collected.
+bound of everything in flight plus this chunk must stay within ``budget_usd``.
+The upper bound takes every request's input as ``bytes / 4`` tokens at the
+input price (or the cache-write price, when the pipeline caches and that is
+dearer), and every answer as a full ``max_tokens`` (thinking counts toward it)
+at the output price, at batch prices, with the ``inference_geo`` surcharge.
+Upper bounds make the check conservative: a pipeline may stop a little early,
+never late. Spend settles at collect, from each answer's real usage. Nothing
+already submitted is lost; those batches finish and are collected.
+
+A model chosen per record is bounded at the dearest price known (catalog and
+config); a constant model without a price cannot have a budget (pre-flight
+refuses that config).
 """
 
 from __future__ import annotations
@@ -15,27 +22,48 @@ from collections.abc import Iterable
 
 from daemon.config import PipelineConfig
 from daemon.manifest_state import ChunkState, PipelineState, Stage
-from daemon.pricing import CHARS_PER_TOKEN, PriceTable
+from daemon.model_catalog import Prices
+from daemon.pricing import BATCH_DISCOUNT, CHARS_PER_TOKEN, GEO_US_FACTOR, ModelPricing, PriceTable
 
 __all__ = ("Budget",)
 
 _UNSETTLED = (Stage.SEALED, Stage.INTENT, Stage.SUBMITTED, Stage.ENDED)
+_MTOK = 1_000_000
 
 
 class Budget:
     def __init__(self, pipeline: PipelineConfig, prices: PriceTable) -> None:
         self.limit = pipeline.budget_usd
-        self.max_tokens = pipeline.request.max_tokens
-        model = pipeline.request.model
-        self.model = model.source if model.is_constant else "unknown-model"
-        self.prices = prices
+        request = pipeline.request
+        self.max_tokens = request.max_tokens
+        self.cache = request.options.cache
+        self.factor = (GEO_US_FACTOR if request.options.inference_geo == "us" else 1.0) * (
+            BATCH_DISCOUNT / _MTOK
+        )
+        self.pricing: ModelPricing | None = None
+        self.dearest: Prices | None = None
+        if request.model.is_constant:
+            self.pricing = prices.pricing(request.model.source)
+        if self.pricing is None and self.limit is not None:
+            self.dearest = prices.dearest()
+
+    def _prices(self, tokens_per_request: float) -> Prices | None:
+        if self.pricing is not None:
+            return self.pricing.for_prompt(int(tokens_per_request))
+        return self.dearest
 
     def upper_bound(self, requests: int, request_bytes: int) -> float:
         """Cost if every request's input is ``bytes / 4`` tokens and every answer is full."""
-        _, high = self.prices.projected_cost(
-            self.model, request_bytes // CHARS_PER_TOKEN, requests * self.max_tokens
-        )
-        return high
+        tokens = request_bytes // CHARS_PER_TOKEN
+        price = self._prices(tokens / max(requests, 1))
+        if price is None:
+            return 0.0
+        input_price = price.input
+        if self.cache == "1h":
+            input_price = max(input_price, price.cache_write_1h)
+        elif self.cache == "5m":
+            input_price = max(input_price, price.cache_write_5m)
+        return (tokens * input_price + requests * self.max_tokens * price.output) * self.factor
 
     def in_flight(self, chunks: Iterable[ChunkState]) -> float:
         return sum(

@@ -20,8 +20,9 @@ import anthropic
 import anyio
 import structlog
 
-from daemon.api import CreateOutcome, classify_create_error, created_at_ts
+from daemon.api import created_at_ts
 from daemon.collector import Collector, CollectSummary
+from daemon.error_codes import Action, classify_error
 from daemon.manifest import crash_point
 from daemon.manifest_state import ChunkState, Stage
 from daemon.reconcile import FoundBatch, Unattributable
@@ -67,6 +68,7 @@ class ChunkDriver:
         self.name = runner.pipeline.name
         self.log = log.bind(pipeline=self.name, chunk=chunk_id)
         self._missing_since: float | None = None
+        self._streaks: dict[str, int] = {}  # transient codes retried in a row
 
     def _chunk(self) -> ChunkState | None:
         return self.runner.manifest.state.chunks.get(self.chunk_id)
@@ -87,6 +89,8 @@ class ChunkDriver:
                     await self.resolve_intent(chunk)
                 elif chunk.stage is Stage.SUBMITTED:
                     await self.runner.poller.wait_ended(chunk)
+                    if self.runner.queue is not None:
+                        self.runner.queue.notify()
                 elif chunk.stage is Stage.ENDED:
                     await self.collect(chunk)
                 else:
@@ -117,10 +121,18 @@ class ChunkDriver:
             return
         if runner.reconciler is not None:
             await runner.reconciler.ready.wait()
+        queue = runner.queue
+        if queue is not None:
+            await queue.wait_room(chunk.requests, pipeline=self.name, chunk=chunk.chunk)
         async with runner.create_lock:
             current = self._chunk()
-            if current is not None and current.stage is Stage.SEALED:
-                await self._create(current)
+            if current is None or current.stage is not Stage.SEALED:
+                return
+            if queue is not None and not queue.fits(current.requests):
+                return  # another create took the room while we waited for the lock
+            if runner.submissions_blocked:
+                return  # paused while we waited
+            await self._create(current)
 
     def _latest_intent(self) -> ChunkState | None:
         """
@@ -166,27 +178,7 @@ class ChunkDriver:
         try:
             batch = await runner.api.create(runner.spool_path(chunk.chunk), chunk.bytes)
         except Exception as exc:
-            outcome, retry_after = classify_create_error(exc)
-            error = f"{type(exc).__name__}: {exc}"
-            runner.telemetry.api_error(getattr(exc, "status_code", None) or type(exc).__name__)
-            if outcome == CreateOutcome.RATE_LIMITED:
-                runner.packer_shrink()
-                wait = retry_after if retry_after is not None else 5.0
-                self.log.warning("create rate limited (processing queue full?); waiting",
-                                 retry_after=wait, error=error)
-                await anyio.sleep(wait)
-                return
-            if outcome == CreateOutcome.REJECTED:
-                await runner.pause(f"the API rejected the create for chunk {chunk.chunk}: {error}",
-                                   alarm_kind="create_rejected", chunk=chunk.chunk)
-                return
-            if outcome == CreateOutcome.PAUSE:
-                await runner.pause(f"create refused ({error})", alarm_kind="billing_or_auth",
-                                   chunk=chunk.chunk)
-                return
-            self.log.warning("create outcome unknown; will look for the batch before resending",
-                             error=error)
-            await anyio.sleep(retry_after or 1.0)
+            await self._create_failed(chunk, exc)
             return
         crash_point("after_create")
         await runner.manifest.append(
@@ -194,6 +186,34 @@ class ChunkDriver:
         )
         self.log.info("batch submitted", batch_id=batch.id, requests=chunk.requests,
                       bytes=chunk.bytes)
+
+    async def _create_failed(self, chunk: ChunkState, exc: Exception) -> None:
+        """Pause, wait and retry, or look for the batch: what the error's code says (§6)."""
+        runner = self.runner
+        decision = classify_error(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        status = getattr(exc, "status_code", None)
+        runner.telemetry.api_error(f"{status}:{decision.code}" if status else decision.code)
+        if decision.action is Action.RETRY:
+            streak = self._streaks[decision.code] = self._streaks.get(decision.code, 0) + 1
+            if decision.pause_after is None or streak < decision.pause_after:
+                if decision.shrink:
+                    runner.packer_shrink()
+                wait = decision.retry_after if decision.retry_after is not None else 5.0
+                self.log.warning("create refused for now; waiting", code=decision.code,
+                                 why=decision.advice, retry_after=wait, error=error)
+                await anyio.sleep(wait)
+                return
+        self._streaks.clear()
+        if decision.action in (Action.PAUSE, Action.RETRY, Action.REJECTED):
+            await runner.pause(
+                f"{decision.code}: {decision.advice} (chunk {chunk.chunk}: {error})",
+                alarm_kind=decision.alarm, kind=decision.kind, chunk=chunk.chunk,
+            )
+            return
+        self.log.warning("create outcome unknown; will look for the batch before resending",
+                         error=error)
+        await anyio.sleep(decision.retry_after or 1.0)
 
     async def resolve_intent(self, chunk: ChunkState) -> None:
         """
@@ -347,7 +367,8 @@ class ChunkDriver:
             return
         batch_id = chunk.batch_id
         api = runner.api
-        collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
+        collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
+                              runner.answers)
         blocks = (lambda: api.result_blocks(batch_id)) if batch_id and not given_up else None
         lost = None
         if batch_id and chunk.counts and chunk.counts.get("lost"):
@@ -375,7 +396,7 @@ class ChunkDriver:
                     chunk=chunk.chunk,
                 )
                 collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter,
-                                      runner.cost)
+                                      runner.cost, runner.answers)
                 summary = await collector.collect(
                     chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=batch_id,
                     spool=runner.spool_path(chunk.chunk), blocks=None,
@@ -389,7 +410,8 @@ class ChunkDriver:
                 f"its {chunk.requests} requests are sent again",
                 chunk=chunk.chunk,
             )
-            collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
+            collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
+                                  runner.answers)
             summary = await collector.collect(
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
@@ -437,6 +459,7 @@ class ChunkDriver:
             input_tokens=summary.input_tokens,
             output_tokens=summary.output_tokens,
             retry_chunk=retry,
+            unpriced=summary.unpriced,
         )
         runner.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
@@ -445,7 +468,8 @@ class ChunkDriver:
         await runner.sink_recovered()
         if summary.pause_reason:
             await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
-                               chunk=chunk.chunk)
+                               kind=summary.pause_kind, chunk=chunk.chunk)
+        await runner.dead_letter_guard.check(summary)
         if retry is not None:
             runner.start_chunk(retry["chunk"], active=True)
 

@@ -40,10 +40,20 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from daemon.validate import check_config
+
+    # The preflight is `batchd validate` itself, so the two cannot disagree on a config.
+    report = check_config(args.config, state_dir=args.state_dir, for_run=True)
+    if not report.ok or report.config is None:
+        _print_problems(report)
+        return EXIT_CONFIG
+    config = report.config
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
+    from daemon.preflight import preflight
+
+    preflight(config)  # a request the model would reject: exit 2 before a row is read
     from daemon.gc_tuning import tune_gc
     from daemon.pipeline import PipelinePaused
     from daemon.supervisor import run_daemon
@@ -56,6 +66,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_PAUSED
 
 
+def _print_problems(report: Any) -> None:
+    count = len(report.problems)
+    for problem in report.problems:
+        print(f"batchd: config error: {problem.line()}", file=sys.stderr)
+    if count > 1:
+        print(f"batchd: {count} config errors; nothing was started", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from daemon.validate import check_config
+
+    report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+        return 0 if report.ok else EXIT_CONFIG
+    for warning in report.warnings:
+        print(f"warning: {warning.line()}")
+    if report.ok:
+        for line in report.checked:
+            print(f"  checked {line}")
+        print(f"OK: {args.config}")
+        return 0
+    for problem in report.problems:
+        print(f"error: {problem.line()}")
+    count = len(report.problems)
+    print(f"{count} problem{'s' if count > 1 else ''} in {args.config}")
+    return EXIT_CONFIG
+
+
 def _json_flag(value: str | None) -> bool | None:
     return None if value in (None, "auto") else value == "json"
 
@@ -63,7 +102,7 @@ def _json_flag(value: str | None) -> bool | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from daemon.status import collect_status, render_status
+    from daemon.status import collect_status, render_status, status_renderable
 
     config = _load(args)
     if args.json:
@@ -78,14 +117,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from rich.live import Live
 
-    with Live(console=console, auto_refresh=False) as live:
+    # The renderable itself goes to Live: rendering into a second (recording) console
+    # and showing its export_text() showed nothing, since capture() leaves no record.
+    with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
         while True:
-            from rich.console import Group
-
-            inner = Console(record=True, width=console.width)
-            with inner.capture():
-                render_status(collect_status(config), inner)
-            live.update(Group(inner.export_text()), refresh=True)
+            live.update(status_renderable(collect_status(config)), refresh=True)
             time.sleep(args.interval)
 
 
@@ -119,22 +155,59 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from daemon.estimate import estimate_pipeline
+    from daemon.preflight import preflight
 
     config = _load(args)
+    configure_logging("warning", json=False, stream=sys.stderr)
+    preflight(config)  # the same checks as `run`: a request the model rejects is exit 2
     pipelines = [config.pipeline(args.pipeline)] if args.pipeline else list(config.pipelines)
     results = [anyio.run(estimate_pipeline, config, p) for p in pipelines]
     if args.json:
         sys.stdout.buffer.write(orjson.dumps([r.as_dict() for r in results],
                                              option=orjson.OPT_INDENT_2) + b"\n")
         return 0
-    table = Table("pipeline", "rows", "unusable", "input tokens (est.)", "max output tokens",
-                  "cost at batch prices", title="estimate (nothing was submitted)")
+    console = Console()
+    notes: list[str] = []
     for r in results:
-        table.add_row(r.pipeline, f"{r.rows:,}", f"{r.unusable_rows:,}", f"{r.input_tokens:,}",
-                      f"{r.max_output_tokens:,}",
-                      f"${r.cost_low_usd:,.4f} – ${r.cost_high_usd:,.4f}")
-    Console().print(table)
+        table = Table(title=f"estimate for {r.pipeline!r} (nothing was submitted)")
+        table.add_column("model", no_wrap=True)
+        for name in ("rows", "input tokens", "cached", "max output"):
+            table.add_column(name, justify="right")
+        table.add_column("cost at batch prices", no_wrap=True)
+        for m in r.models or []:
+            cost = ("unknown" if m.cost_low_usd is None or m.cost_high_usd is None
+                    else f"${m.cost_low_usd:,.4f} – ${m.cost_high_usd:,.4f}")
+            table.add_row(m.model, f"{m.rows:,}", f"{m.input_tokens:,}",
+                          f"{m.cached_tokens:,}", f"{m.max_output_tokens:,}", cost)
+            notes.append(f"{r.pipeline} / {m.model}: {m.note}")
+        if not r.models:
+            table.add_row("-", "0", "0", "0", "0", "$0")
+        if r.unusable_rows:
+            notes.append(f"{r.pipeline}: {r.unusable_rows:,} unusable rows (not counted)")
+        console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
     return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from daemon.key_history import key_history
+    from daemon.key_history_text import history_lines
+
+    config = _load(args)
+    if args.pipeline:
+        pipelines = [config.pipeline(args.pipeline)]
+    else:
+        pipelines = list(config.pipelines)
+    found = [key_history(config, p, args.key) for p in pipelines]
+    known = [h for h in found if h["read"] or h["landed"]] or found[:1]
+    if args.json:
+        payload: Any = known[0] if len(known) == 1 else known
+        sys.stdout.buffer.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        for history in known:
+            print("\n".join(history_lines(history)))
+    return 0 if any(h["read"] or h["landed"] for h in known) else 1
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -187,6 +260,41 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: computed only when asked (it loads plugins and the SDK)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from daemon.version_info import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from daemon.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from daemon.resume import request_resume
+
+    config = _load(args)
+    _, reason, kind = request_resume(config, args.pipeline)
+    if reason is None:
+        print(f"pipeline {args.pipeline!r} is not paused; nothing to resume", file=sys.stderr)
+    else:
+        print(f"resume of {args.pipeline!r} requested (paused: {kind or 'unknown'}: {reason}); "
+              "a running daemon resumes it within a second, a stopped one when it starts")
+    return 0
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from daemon.repair import repair_ledger
 
@@ -219,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move large backlogs through Anthropic's Message Batches API, "
         "losing and duplicating nothing.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="versions of batchd, Python, the SDK and API, and plugins")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run the pipelines of CONFIG (foreground daemon)")
@@ -238,11 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0)
     status.set_defaults(func=cmd_status)
 
+    validate = sub.add_parser(
+        "validate", help="check CONFIG as `run` would before reading a row; lists every problem")
+    validate.add_argument("config")
+    validate.add_argument("--state-dir", help="override the config's state_dir")
+    validate.add_argument("--connect", action="store_true",
+                          help="also check that databases, brokers and the API accept the "
+                          "credentials")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
+    validate.set_defaults(func=cmd_validate)
+
     estimate = sub.add_parser("estimate", help="read the source and estimate tokens and cost")
     estimate.add_argument("config")
     estimate.add_argument("--pipeline", help="only this pipeline")
     estimate.add_argument("--json", action="store_true")
     estimate.set_defaults(func=cmd_estimate)
+
+    show = sub.add_parser("show", help="one key's history: position, attempts, batches, outcome")
+    show.add_argument("config")
+    show.add_argument("key")
+    show.add_argument("--pipeline", help="only this pipeline (default: every one)")
+    show.add_argument("--state-dir")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
 
     dead = sub.add_parser("dead-letters", help="list dead letters, or resubmit them")
     dead.add_argument("action", choices=["list", "retry"])
@@ -253,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="list as JSON lines")
     dead.add_argument("--state-dir")
     dead.set_defaults(func=cmd_dead_letters)
+
+    resume = sub.add_parser("resume", help="lift a pipeline's pause once its cause is fixed")
+    resume.add_argument("config")
+    resume.add_argument("pipeline")
+    resume.add_argument("--state-dir")
+    resume.set_defaults(func=cmd_resume)
 
     repair = sub.add_parser("repair", help="rebuild a lost key ledger (keys.sqlite) from the "
                             "manifest, the spool and the source (daemon stopped)")
@@ -280,9 +414,27 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
 
+    completion = sub.add_parser("completion", help="print a bash or zsh completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=cmd_completion)
+
     load_plugins()
-    pm.hook.register_commands(cli=sub)
+    _plugin_commands(sub)
     return parser
+
+
+def _plugin_commands(sub: Any) -> None:
+    """
+    Each plugin's ``register_commands`` on its own: one whose command clashes with
+    another's (argparse refuses a second parser of the same name) is skipped with a
+    warning, instead of taking every ``batchd`` command down with it.
+    """
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(**{name: sub for name in impl.argnames})  # as pluggy would call it
+        except argparse.ArgumentError as exc:
+            print(f"batchd: warning: plugin {impl.plugin_name!r} adds no command: {exc}",
+                  file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,8 +22,10 @@ from typing import Any
 import orjson
 import structlog
 
+from daemon.answers import AnswerReader
 from daemon.api import StreamCut
 from daemon.config import PipelineConfig
+from daemon.error_codes import pause_kind_of_row
 from daemon.result_join import CostFn, Failure, ResultJoin
 from daemon.routing import Route
 from daemon.sink_failures import sink_call
@@ -72,9 +74,12 @@ class CollectSummary:
     cost_usd: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    unpriced: int = 0
     pause_reason: str | None = None
+    pause_kind: str | None = None
     retry_chunk: dict[str, Any] | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
+    dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
 
 
 class Collector:
@@ -86,11 +91,13 @@ class Collector:
         sinks: Sequence[Sink],
         dead_letter: Sink,
         cost: CostFn,
+        answers: AnswerReader | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.sinks = sinks
         self.dead_letter = dead_letter
         self.cost = cost
+        self.answers = answers
 
     async def _put(self, sinks: Sequence[Sink], group: str, rows: list[ResultRow]) -> None:
         if rows:
@@ -120,13 +127,14 @@ class Collector:
         the manifest records; the retry chunk's spool is sealed before this returns.
         """
         index, rejects = _index(spool)
-        join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id)
+        join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
+                          answers=self.answers)
         if blocks is not None:
             await self._first_pass(join, blocks, attempts_left_for_stream)
         summary = CollectSummary(
             succeeded=join.succeeded, truncated=join.truncated, unknown=join.unknown,
             cost_usd=join.cost_usd, input_tokens=join.input_tokens,
-            output_tokens=join.output_tokens,
+            output_tokens=join.output_tokens, unpriced=join.unpriced,
         )  # fmt: skip
         failures = join.failures
         for custom_id in join.missing():
@@ -195,7 +203,7 @@ class Collector:
         for request, meta in iter_spool(spool):
             if request is None:
                 dead_rows.append(self._dead(meta, meta.get("error_type", "bad_record"),
-                                            meta.get("error", ""), None, None))
+                                            meta.get("error", ""), None, None, summary))
             else:
                 failure = failures.get(meta["custom_id"])
                 if failure is None:
@@ -207,11 +215,12 @@ class Collector:
                 }]
                 if failure.route is Route.PAUSE:
                     summary.pause_reason = f"{failure.error_type}: {failure.message}"
+                    summary.pause_kind = pause_kind_of_row(failure.error_type)
                 exhausted = failure.route is Route.RETRY and attempt >= max_attempts
                 if failure.route is Route.DEAD or exhausted:
                     meta = {**meta, "history": history}
                     dead_rows.append(self._dead(meta, failure.error_type, failure.message,
-                                                orjson.loads(request), batch_id))
+                                                orjson.loads(request), batch_id, summary))
                 else:
                     if retry_writer is None:
                         retry_writer = SpoolWriter(spool.with_name(f"{retry_id}.jsonl"))
@@ -240,7 +249,11 @@ class Collector:
         message: str,
         request: dict[str, Any] | None,
         batch_id: str | None,
+        summary: CollectSummary | None = None,
     ) -> ResultRow:
+        if summary is not None:  # what the dead-letter ratio guard reports
+            summary.dead_types[error_type] = summary.dead_types.get(error_type, 0) + 1
+            summary.dead_examples.setdefault(error_type, message)
         return ResultRow(
             key=meta["key"],
             custom_id=meta.get("custom_id") or "",

@@ -10,20 +10,30 @@ environment or systemd credentials.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.durations import parse_duration, parse_size
+from daemon.request_options import (
+    SDK_API_VERSION,
+    RequestOptions,
+    check_extra,
+    check_sampling_version,
+    parse_request_options,
+)
 from daemon.template import Template
 from plugins.errors import ConfigError
 
 __all__ = (
     "MAX_BATCH_BYTES",
     "MAX_BATCH_REQUESTS",
+    "TIER_QUEUE_LIMITS",
     "ApiConfig",
     "BatchingConfig",
     "Config",
@@ -37,6 +47,9 @@ __all__ = (
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1000 * 1000
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# The processing queue each documented tier grants (requests not yet processed, all batches).
+TIER_QUEUE_LIMITS = {"start": 200_000, "build": 300_000, "scale": 500_000}
 T = TypeVar("T")
 
 
@@ -50,6 +63,9 @@ class ApiConfig:
     timeout: float = 600.0
     not_found_window: float = 120.0
     queue_limit: int | None = None
+    # The anthropic-version header sent; its rules decide what a request may carry.
+    version: str = SDK_API_VERSION
+    tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +74,7 @@ class RequestConfig:
     max_tokens: int
     user: Template
     system: str | None = None
-    temperature: float | None = None
-    stop_sequences: tuple[str, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: dict[str, Any] | None = None
-    output_format: dict[str, Any] | None = None
-    cache_system: bool = False
+    options: RequestOptions = field(default_factory=RequestOptions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +113,10 @@ class PipelineConfig:
     budget_usd: float | None = None
     output: OutputConfig = OutputConfig()
     keep_message: bool = False
+    # Pause the pipeline once more than this share of the latest answers are dead
+    # letters (None: never); judged over at least ``dead_letter_min_sample`` rows.
+    max_dead_letter_ratio: float | None = None
+    dead_letter_min_sample: int = 100
     # Seconds a claimed key is remembered by the duplicate-key ledger; None: the source's
     # default (forever for files), 0: forever.
     ledger_retention: float | None = None
@@ -116,6 +131,9 @@ class Config:
     metrics_port: int | None = None
     log_level: str = "info"
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics_address: str = "127.0.0.1"
+    # Models the bundled catalog lacks, or corrections to it (``[models."id"] like = …``).
+    models: dict[str, Any] = field(default_factory=dict)
 
     def pipeline(self, name: str) -> PipelineConfig:
         for pipeline in self.pipelines:
@@ -129,10 +147,14 @@ class _Table:
     """One TOML table being read: tracks which keys were used to flag typos."""
 
     def __init__(
-        self, data: Any, where: str, path: Path, section: str = "", owner: str = ""
+        self, data: Any, where: str, path: Path, section: str = "", owner: str = "",
+        problems: list[ConfigError] | None = None,
     ) -> None:
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: {where} must be a table, got {type(data).__name__}")
+            raise _located(ConfigError(f"{path}: {where} must be a table, got "
+                                       f"{type(data).__name__}"), path, where, None)
+        # Where mistakes go when collecting every one (``batchd validate``); None: raise.
+        self.problems = problems
         self.data: dict[str, Any] = data
         self.where = where
         self.path = path
@@ -143,7 +165,8 @@ class _Table:
         self.used: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {self.where}: {key}: {message}")
+        return _located(ConfigError(f"{self.path}: {self.where}: {key}: {message}"),
+                        self.path, self.where, key)
 
     def get(self, key: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
         self.used.add(key)
@@ -177,18 +200,47 @@ class _Table:
             raise self.error(key, "is required")
         section = f"{self.section}.{key}" if self.section else key
         return _Table(
-            self.data.get(key, {}), f"[{section}]{self.owner}", self.path, section, self.owner
+            self.data.get(key, {}), f"[{section}]{self.owner}", self.path, section, self.owner,
+            self.problems,
         )
 
     def finish(self, allow_extra: bool = False) -> dict[str, Any]:
         extra = {k: v for k, v in self.data.items() if k not in self.used}
         if extra and not allow_extra:
-            key = sorted(extra)[0]
-            hint = difflib.get_close_matches(key, sorted(self.used), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            valid = ", ".join(sorted(self.used))
-            raise self.error(key, f"unknown key{suggestion}; valid keys: {valid}")
+            for key in sorted(extra):
+                hint = difflib.get_close_matches(key, sorted(self.used), n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                valid = ", ".join(sorted(self.used))
+                error = self.error(key, f"unknown key{suggestion}; valid keys: {valid}")
+                error.hint = f"did you mean {hint[0]!r}?" if hint else None
+                if self.problems is None:
+                    raise error
+                self.problems.append(error)
         return extra
+
+    def check(self, fn: Callable[[], T], default: Any = None) -> Any:
+        """
+        ``fn()``; when collecting, a ConfigError is recorded and ``default`` returned.
+
+        Each table (or independent key) is checked on its own, so ``batchd validate``
+        reports every table's mistake at once instead of only the first in the file.
+        """
+        if self.problems is None:
+            return fn()
+        try:
+            return fn()
+        except ConfigError as exc:
+            self.problems.append(exc)
+            self.failed = True
+            return default
+
+    failed = False
+
+
+def _located(error: ConfigError, path: Path, table: str, key: str | None) -> ConfigError:
+    """Attach where a mistake is, for ``batchd validate --json``."""
+    error.file, error.table, error.key = str(path), table, key
+    return error
 
 
 def _template(table: _Table, key: str, value: str) -> Template:
@@ -217,27 +269,15 @@ def _request(table: _Table) -> RequestConfig:
     max_tokens = table.require("max_tokens", int)
     _positive(table, "max_tokens", max_tokens)
     user = _template(table, "user", table.require("user", str))
-    temperature = table.get("temperature", (int, float))
-    if temperature is not None and not 0 <= temperature <= 1:
-        raise table.error("temperature", f"must be between 0 and 1, got {temperature}")
-    stops = table.get("stop_sequences", list, [])
-    if not all(isinstance(s, str) and s for s in stops):
-        raise table.error("stop_sequences", "must be a list of non-empty strings")
-    tools = table.get("tools", list, [])
-    if not all(isinstance(t, dict) for t in tools):
-        raise table.error("tools", "must be a list of tool tables")
+    extra = table.get("extra", dict, {})
+    check_extra(table, extra)
     result = RequestConfig(
         model=model,
         max_tokens=max_tokens,
         user=user,
         system=table.get("system", str),
-        temperature=float(temperature) if temperature is not None else None,
-        stop_sequences=tuple(stops),
-        tools=tuple(tools),
-        tool_choice=table.get("tool_choice", dict),
-        output_format=table.get("output_format", dict),
-        cache_system=table.get("cache_system", bool, False),
-        extra=table.get("extra", dict, {}),
+        options=parse_request_options(table, table.path.resolve().parent),
+        extra=extra,
     )
     table.finish()
     return result
@@ -274,50 +314,92 @@ def _retention(value: Any) -> float:
     return parse_duration(value, what="duration")
 
 
-def _pipeline(data: Any, index: int, path: Path, state_dir: Path) -> PipelineConfig:
-    table = _Table(data, f"[[pipeline]] #{index + 1}", path)
+def _pipeline(
+    data: Any, index: int, path: Path, problems: list[ConfigError] | None = None,
+    state_dir: Path | None = None,
+) -> PipelineConfig | None:
+    table = _Table(data, f"[[pipeline]] #{index + 1}", path, problems=problems)
     name = table.require("name", str)
     if not _NAME.match(name):
         raise table.error("name", f"{name!r} must match [A-Za-z0-9_-]{{1,40}} (it names files)")
     table.where = f"[[pipeline]] {name!r}"
     table.section, table.owner = "pipeline", f" of {name!r}"
-    source_data = table.table("source", required=True).data
-    source = _plugin(source_data, f"[pipeline.source] of {name!r}", path)
+    check = table.check
+    source = check(lambda: _plugin(table.table("source", required=True).data,
+                                   f"[pipeline.source] of {name!r}", path))
     table.used.add("source")
-    sinks_data = table.get("sink", list, [])
-    if not sinks_data:
-        raise table.error("sink", "at least one [[pipeline.sink]] is required")
-    sinks = tuple(
-        _plugin(s, f"[[pipeline.sink]] #{i + 1} of {name!r}", path)
-        for i, s in enumerate(sinks_data)
-    )
+
+    def sinks() -> tuple[PluginSpec, ...]:
+        sinks_data = table.get("sink", list, [])
+        if not sinks_data:
+            raise table.error("sink", "at least one [[pipeline.sink]] is required")
+        return tuple(
+            _plugin(s, f"[[pipeline.sink]] #{i + 1} of {name!r}", path)
+            for i, s in enumerate(sinks_data)
+        )
+
+    sink_specs = check(sinks, ())
     # By default dead letters live in the state dir, the one place the service may write
     # (the config's directory is read-only under ProtectSystem=strict).
-    default_dead = {"type": "jsonl", "path": str(state_dir / "dead-letters" / name)}
-    dead_data = table.get("dead_letter", dict, default_dead)
-    dead_letter = _plugin(dead_data, f"[pipeline.dead_letter] of {name!r}", path)
-    custom_id = table.get("custom_id", str)
-    max_attempts = table.get("max_attempts", int, 3)
-    _positive(table, "max_attempts", max_attempts, 20)
+    default_dead = {"type": "jsonl", "path": str((state_dir or path.resolve().parent / "state")
+                                                 / "dead-letters" / name)}
+    dead_letter = check(lambda: _plugin(
+        table.get("dead_letter", dict, default_dead),
+        f"[pipeline.dead_letter] of {name!r}", path,
+    ))
+    custom_id = check(lambda: table.get("custom_id", str))
+    max_attempts = check(lambda: _bounded_int(table, "max_attempts", 3, 1, 20), 3)
+    budget = check(lambda: _budget(table))
+    ratio = check(lambda: _ratio(table, "max_dead_letter_ratio"))
+    min_sample = check(lambda: _bounded_int(table, "dead_letter_min_sample", 100, 1, None), 100)
+    request = check(lambda: _request(table.table("request", required=True)))
+    batching = check(lambda: _batching(table.table("batching")))
+    output = check(lambda: _output(table.table("output")), OutputConfig())
+    keep_message = check(lambda: table.get("keep_message", bool, False), False)
+    retention = check(lambda: table.convert("ledger_retention", _retention, None))
+    template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
+    table.finish()
+    if table.failed:
+        return None
+    return PipelineConfig(
+        name=name,
+        source=source,
+        request=request,
+        batching=batching,
+        sinks=sink_specs,
+        dead_letter=dead_letter,
+        custom_id=template,
+        max_attempts=max_attempts,
+        budget_usd=float(budget) if budget is not None else None,
+        output=output,
+        keep_message=keep_message,
+        max_dead_letter_ratio=ratio,
+        dead_letter_min_sample=min_sample,
+        ledger_retention=retention,
+    )
+
+
+def _bounded_int(table: _Table, key: str, default: int, low: int, high: int | None) -> int:
+    value: int = table.get(key, int, default)
+    if value < low:
+        raise table.error(key, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise table.error(key, f"must be at most {high:,}, got {value:,}")
+    return value
+
+
+def _budget(table: _Table) -> float | None:
     budget = table.get("budget_usd", (int, float))
     if budget is not None:
         _positive(table, "budget_usd", budget)
-    result = PipelineConfig(
-        name=name,
-        source=source,
-        request=_request(table.table("request", required=True)),
-        batching=_batching(table.table("batching")),
-        sinks=sinks,
-        dead_letter=dead_letter,
-        custom_id=_template(table, "custom_id", custom_id) if custom_id else None,
-        max_attempts=max_attempts,
-        budget_usd=float(budget) if budget is not None else None,
-        output=_output(table.table("output")),
-        keep_message=table.get("keep_message", bool, False),
-        ledger_retention=table.convert("ledger_retention", _retention, None),
-    )
-    table.finish()
-    return result
+    return budget
+
+
+def _ratio(table: _Table, key: str) -> float | None:
+    value = table.get(key, (int, float))
+    if value is not None and not 0 < value <= 1:
+        raise table.error(key, f"must be a fraction above 0 and at most 1, got {value}")
+    return None if value is None else float(value)
 
 
 def _api(table: _Table) -> ApiConfig:
@@ -332,9 +414,24 @@ def _api(table: _Table) -> ApiConfig:
         timeout=duration("timeout", 600.0),
         not_found_window=duration("not_found_window", 120.0),
         queue_limit=table.get("queue_limit", int),
+        version=table.get("version", str, SDK_API_VERSION),
+        tier=table.get("tier", str),
     )
+    if not _VERSION.fullmatch(result.version):
+        raise table.error("version", f"must be an API version date like {SDK_API_VERSION!r} "
+                          f"(the installed SDK's), got {result.version!r}")
+    if result.tier is not None and result.tier not in TIER_QUEUE_LIMITS:
+        raise table.error("tier", f"must be one of {', '.join(TIER_QUEUE_LIMITS)}, "
+                          f"got {result.tier!r}")
+    if result.queue_limit is not None:
+        _positive(table, "queue_limit", result.queue_limit)
     if not 0 <= result.poll_jitter <= 1:
         raise table.error("poll_jitter", f"must be between 0 and 1, got {result.poll_jitter}")
+    for key, value in (("poll_interval", result.poll_interval), ("timeout", result.timeout)):
+        if value <= 0:
+            raise table.error(key, f"must be longer than 0s, got {table.data[key]!r}")
+    if result.max_retries < 0:
+        raise table.error("max_retries", f"must not be negative, got {result.max_retries}")
     if "api_key" in table.data:
         raise table.error("api_key", "secrets are not read from the config file; "
                           "set ANTHROPIC_API_KEY or a systemd credential")
@@ -358,13 +455,26 @@ def _refuse_nul(value: Any, path: Path, where: str) -> None:
             _refuse_nul(inner, path, f"{where}[{index + 1}]")
 
 
-def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Config:
-    """Read and validate ``path``; ``state_dir`` overrides the file's (systemd's StateDirectory)."""
+def load_config(
+    path: str | Path,
+    *,
+    state_dir: str | Path | None = None,
+    problems: list[ConfigError] | None = None,
+) -> Config:
+    """
+    Read and validate ``path``; ``state_dir`` overrides the file's (systemd's StateDirectory).
+
+    With ``problems`` given, every table's mistake is appended to it instead of the first
+    one being raised, and the Config returned holds the parts that were valid (pipelines
+    with a mistake are left out). A file that cannot be read or parsed still raises.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
@@ -374,32 +484,68 @@ def load_config(path: str | Path, *, state_dir: str | Path | None = None) -> Con
     _refuse_nul(data, path, "")
     if state_dir is not None and "\x00" in str(state_dir):
         raise ConfigError(f"--state-dir {str(state_dir)!r}: contains a NUL character")
-    top = _Table(data, "top level", path)
+    top = _Table(data, "top level", path, problems=problems)
     base = path.resolve().parent
-    in_file = top.get("state_dir", str, "state")  # read even when overridden: it is no typo
+    in_file = top.check(lambda: top.get("state_dir", str, "state"), "state")
     state = state_dir if state_dir is not None else in_file
     state_path = Path(state).expanduser()
     if not state_path.is_absolute():
         state_path = base / state_path
-    pipelines_data = top.get("pipeline", list, [])
-    if not pipelines_data:
-        raise top.error("pipeline", "at least one [[pipeline]] table is required")
-    pipelines = tuple(_pipeline(p, i, path, state_path) for i, p in enumerate(pipelines_data))
-    names = [p.name for p in pipelines]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"{path}: pipeline name {name!r} is used twice")
-    metrics = top.table("metrics")
-    metrics_port = metrics.get("port", int)
-    metrics.finish()
+
+    def pipelines() -> tuple[PipelineConfig, ...]:
+        pipelines_data = top.get("pipeline", list, [])
+        if not pipelines_data:
+            raise top.error("pipeline", "at least one [[pipeline]] table is required")
+        found = [top.check(partial(_pipeline, p, i, path, problems, state_path))
+                 for i, p in enumerate(pipelines_data)]
+        names = [p.name for p in found if p is not None]
+        for name in names:
+            if names.count(name) > 1:
+                raise top.error("pipeline", f"pipeline name {name!r} is used twice")
+        return tuple(p for p in found if p is not None)
+
     config = Config(
         path=path,
         state_dir=state_path,
-        api=_api(top.table("api")),
-        pipelines=pipelines,
-        metrics_port=metrics_port,
-        log_level=top.get("log_level", str, "info"),
-        prices=top.get("prices", dict, {}),
+        api=top.check(lambda: _api(top.table("api")), ApiConfig()),
+        pipelines=top.check(pipelines, ()),
+        metrics_port=None,
+        log_level=top.check(lambda: _log_level(top), "info"),
+        prices=top.check(lambda: top.get("prices", dict, {}), {}),
+        models=top.check(lambda: top.get("models", dict, {}), {}),
     )
+    for pipeline in config.pipelines:
+        top.check(partial(check_sampling_version, pipeline.request.options.sampling,
+                          config.api.version, f"{path}: [pipeline.request] of {pipeline.name!r}"))
+    metrics = top.check(lambda: _metrics(top.table("metrics")), (None, "127.0.0.1"))
     top.finish()
-    return config
+    return replace(config, metrics_port=metrics[0], metrics_address=metrics[1])
+
+
+def _log_level(top: _Table) -> str:
+    from daemon._logging import LEVELS
+
+    level: str = top.get("log_level", str, "info")
+    if level.lower() not in LEVELS:
+        hint = difflib.get_close_matches(level.lower(), list(LEVELS), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise top.error("log_level", f"{level!r} is not one of {', '.join(LEVELS)}{suggestion}")
+    return level.lower()
+
+
+def _metrics(table: _Table) -> tuple[int | None, str]:
+    """``[metrics] port`` (1-65535) and ``address`` (an IP address to bind, or localhost)."""
+    port = table.get("port", int)
+    if port is not None and not 1 <= port <= 65535:
+        raise table.error("port", f"must be a TCP port between 1 and 65535, got {port}")
+    address: str = table.get("address", str, "127.0.0.1")
+    if address != "localhost":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise table.error(
+                "address", f"{address!r} is not an IP address to bind (e.g. 127.0.0.1, ::1, "
+                "0.0.0.0)"
+            ) from None
+    table.finish()
+    return port, address

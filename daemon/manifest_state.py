@@ -101,6 +101,9 @@ class PipelineState:
     committed_seq: int | None = None
     committed_position: dict[str, Any] | None = None
     paused: str | None = None
+    # What kind of pause (spend_limit, billing, budget, …): the optional field of
+    # pipeline_paused; None for a pause written before it existed.
+    pause_kind: str | None = None
     requests_submitted: int = 0
     batches_submitted: int = 0
     succeeded: int = 0
@@ -110,6 +113,8 @@ class PipelineState:
     cost_usd: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    # Billed answers of models without a price: their cost is unknown, not in cost_usd.
+    unpriced: int = 0
     # Rows an operator sent again from the dead letters: each already counted once in
     # ``dead``, so they are taken off it (their new outcome counts instead).
     resubmitted: int = 0
@@ -418,6 +423,9 @@ class ManifestState:
         for name in _FIGURES:
             setattr(chunk, name, record[name])
             setattr(pipeline, name, getattr(pipeline, name) + record[name])
+        unpriced = record.get("unpriced")  # optional: absent in records before it existed
+        if isinstance(unpriced, int) and not isinstance(unpriced, bool):
+            pipeline.unpriced += unpriced
         chunk.retry_chunk = retry_id
         chunk.stage = Stage.COMMITTED
         if _covered(chunk, pipeline.committed_seq):
@@ -466,10 +474,14 @@ class ManifestState:
             _remember(self.retired_batches, chunk.batch_id, chunk_id)
 
     def _on_pipeline_paused(self, seq: int, record: Mapping[str, Any]) -> None:
-        self._pipeline(record["pipeline"]).paused = record["reason"]
+        pipeline = self._pipeline(record["pipeline"])
+        pipeline.paused = record["reason"]
+        kind = record.get("pause_kind")
+        pipeline.pause_kind = kind if isinstance(kind, str) else None
 
     def _on_pipeline_resumed(self, seq: int, record: Mapping[str, Any]) -> None:
-        self._pipeline(record["pipeline"]).paused = None
+        pipeline = self._pipeline(record["pipeline"])
+        pipeline.paused = pipeline.pause_kind = None
 
     def _on_ledger_bound(self, seq: int, record: Mapping[str, Any]) -> None:
         self.ledger_id = record["ledger"]

@@ -58,6 +58,9 @@ ALARM_KINDS = (
     "results_archived",
     "budget_exhausted",
     "source_lost",
+    "dead_letter_ratio",
+    "spend_limit",
+    "organization_on_hold",
     "sink_failed",
     "spool_lost",
     "unknown_batches",
@@ -134,6 +137,11 @@ class Metrics:
             "budget_exhausted", "1 while new submits are stopped by the budget.", p,
             namespace=ns, registry=r,
         )
+        self.paused = Gauge(
+            "paused", "1 while the pipeline is paused, labelled with the pause kind "
+            "(spend_limit, billing, authentication, permission, budget, create_rejected, …).",
+            (*p, "kind"), namespace=ns, registry=r,
+        )
         self.manifest_bytes = Gauge(
             "manifest_bytes", "Size of the write-ahead manifest on disk.",
             namespace=ns, registry=r,
@@ -178,8 +186,17 @@ class Metrics:
         self.in_flight_requests.labels(pipeline=pipeline)
         self.oldest_in_flight_seconds.labels(pipeline=pipeline)
         self.budget_exhausted.labels(pipeline=pipeline)
+        self.paused.labels(pipeline=pipeline, kind="")  # kind="" (no label): not paused
         if budget_usd is not None:
             self.budget_usd.labels(pipeline=pipeline).set(budget_usd)
+
+    def set_paused(self, pipeline: str, kind: str | None) -> None:
+        """``paused{kind}`` is 1 for the current pause kind and 0 for every other seen."""
+        for labels in list(self.paused._metrics):
+            if labels[0] == pipeline:
+                self.paused.labels(*labels).set(0)
+        if kind is not None:
+            self.paused.labels(pipeline=pipeline, kind=kind).set(1)
 
     def set_batch_states(self, pipeline: str, counts: Mapping[str, int]) -> None:
         """Set the ``batches`` gauge for every state; states missing from ``counts`` are 0."""

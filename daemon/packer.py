@@ -24,7 +24,7 @@ import structlog
 from daemon.config import MAX_BATCH_BYTES, PipelineConfig
 from daemon.custom_ids import CustomIdAllocator, hashed_custom_id, is_valid_custom_id
 from daemon.ledger import KeyLedger
-from daemon.shaper import ShapeError, Shaper
+from daemon.shaper import ModelCheck, ShapeError, Shaper
 from daemon.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
 from plugins.contract import Source
 from plugins.errors import RetriableError
@@ -61,7 +61,7 @@ def shape_record(shaper: Shaper, max_bytes: int, record: Record, seq: int) -> _P
         params = shaper.params(record)
         body = orjson.dumps(params)
     except ShapeError as exc:
-        return _Pending(record, seq, None, "shape_error", str(exc))
+        return _Pending(record, seq, None, exc.error_type, str(exc))
     except Exception as exc:  # any record-level failure is that record's
         # A field too deep to serialise, a value orjson refuses, a hook that raised:
         # that record is a dead letter, never the daemon's exit (and a restart loop).
@@ -152,13 +152,14 @@ class Packer:
         room: Callable[[], Awaitable[None]],
         resume: tuple[dict[str, Any] | None, int, int],
         between_chunks: Callable[[], Awaitable[None]] | None = None,
+        model_check: ModelCheck | None = None,
         owners: BatchOwners | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
         self.ledger = ledger
         self.spool_dir = spool_dir
-        self.shaper = Shaper(pipeline)
+        self.shaper = Shaper(pipeline, model_check)
         self._seal = seal
         self._room = room
         self._between_chunks = between_chunks

@@ -18,22 +18,27 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
+from daemon.answers import AnswerReader
 from daemon.api import BatchesApi
 from daemon.budget import Budget
 from daemon.chunk_driver import ChunkDriver, root_of
 from daemon.collector import CostFn
 from daemon.config import ApiConfig, PipelineConfig
+from daemon.dead_letter_guard import DeadLetterGuard
 from daemon.dead_letters import pending_retry_requests
 from daemon.ledger import KeyLedger
 from daemon.manifest import Manifest, crash_point
 from daemon.manifest_state import ChunkState, Stage
 from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
+from daemon.queue_limit import QueueLimit
 from daemon.reconcile import Reconciler
+from daemon.resume import resume_request_path
+from daemon.shaper import ModelCheck
 from daemon.sink_failures import ALARM_AFTER
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
-from plugins.errors import ConfigError, FatalError, RetriableError
+from plugins.errors import FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -82,6 +87,9 @@ class PipelineRunner:
         budget: Budget,
         telemetry: Telemetry,
         make_source: Callable[[], Source] | None = None,
+        queue: QueueLimit | None = None,
+        answers: AnswerReader | None = None,
+        model_check: ModelCheck | None = None,
         reconciler: Reconciler | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -98,6 +106,9 @@ class PipelineRunner:
         self.budget = budget
         self.telemetry = telemetry
         self.make_source = make_source
+        self.queue = queue
+        self.answers = answers
+        self.model_check = model_check
         self.poller = Poller(self)
         self.active = 0
         self.changed = _Signal()
@@ -112,6 +123,7 @@ class PipelineRunner:
         self.held_chunks: set[str] = set()
         self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
+        self.dead_letter_guard = DeadLetterGuard(self)
 
     # -- shared helpers the drivers call -----------------------------------------
 
@@ -124,20 +136,29 @@ class PipelineRunner:
         return state.paused if state else None
 
     @property
+    def pause_kind(self) -> str | None:
+        state = self.manifest.state.pipelines.get(self.pipeline.name)
+        return state.pause_kind if state else None
+
+    @property
     def submissions_blocked(self) -> bool:
         """Billing/auth pauses stop every create; a budget pause only stops new chunks,
         since every chunk already sealed was admitted within the budget."""
         reason = self.paused
-        return reason is not None and not reason.startswith("budget")
+        return reason is not None and not (
+            self.pause_kind == "budget" or reason.startswith("budget")
+        )
 
     async def wait_unpaused(self) -> None:
         while self.submissions_blocked:
             await self.changed.wait()
 
-    async def pause(self, reason: str, *, alarm_kind: str, chunk: str | None = None) -> None:
+    async def pause(
+        self, reason: str, *, alarm_kind: str, chunk: str | None = None, kind: str | None = None
+    ) -> None:
         if self.paused != reason:
             await self.manifest.append("pipeline_paused", pipeline=self.pipeline.name,
-                                       reason=reason)
+                                       reason=reason, pause_kind=kind or alarm_kind)
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
 
@@ -197,7 +218,7 @@ class PipelineRunner:
         if refusal is not None:
             builder.writer.discard()
             self.telemetry.budget(True)
-            await self.pause(refusal, alarm_kind="budget_exhausted")
+            await self.pause(refusal, alarm_kind="budget_exhausted", kind="budget")
             raise BudgetExhausted(refusal)
         builder.writer.seal()
         position = builder.position
@@ -339,7 +360,7 @@ class PipelineRunner:
         )
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested,
+                             between_chunks=self.replay_requested, model_check=self.model_check,
                              owners=self.reconciler)
         try:
             await self.source.start(resume[0])
@@ -351,23 +372,11 @@ class PipelineRunner:
 
     def _check_template_fields(self, names: Sequence[str] | None) -> None:
         """A template naming a field no record has would dead-letter every record: refuse it."""
-        if names is None:
-            return
-        pipeline = self.pipeline
-        templates = [("[pipeline.request] user", pipeline.request.user),
-                     ("[pipeline.request] model", pipeline.request.model)]
-        if pipeline.custom_id is not None:
-            templates.append(("custom_id", pipeline.custom_id))
-        for where, template in templates:
-            for name in template.fields:
-                if name not in names and name != "key":
-                    found = ", ".join(repr(n) for n in names)
-                    file = pipeline.source.where.split(": ", 1)[0]
-                    raise ConfigError(
-                        f"{file}: pipeline {pipeline.name!r}: {where} names {{{name}}}, which the "
-                        f"{pipeline.source.type} source's records do not have "
-                        f"(fields: {found})"
-                    )
+        from daemon.validate import template_field_errors
+
+        errors = template_field_errors(self.pipeline, names)
+        if errors:
+            raise errors[0]
 
     async def _watch_recovery(self, pending: set[str]) -> None:
         """Set :attr:`recovered` once no chunk that was mid-create at start is left unresolved."""
@@ -394,7 +403,8 @@ class PipelineRunner:
             tg.start_soon(self._watch_recovery, intents)
             tg.start_soon(self.poller.run)
             if until_drained:
-                tg.start_soon(self._stop_when_stuck)
+                tg.start_soon(self._fail_when_stuck)
+            tg.start_soon(self._watch_resume_requests)
             if self.reconciler is not None:
                 # Batches the state does not know shape the chunks rebuilt for them: read
                 # nothing until they are known (creates wait for it anyway).
@@ -409,19 +419,41 @@ class PipelineRunner:
                 await self._until_done()
                 tg.cancel_scope.cancel()
 
-    async def _stop_when_stuck(self) -> None:
+    async def _fail_when_stuck(self) -> None:
         """
-        ``--until-drained`` with creates paused and nothing left that can move: stop now,
-        even while the packer waits for room (it would wait for ever).
+        ``--until-drained``: end the run (exit 3, naming the reason) once a pause holds
+        the pipeline and nothing in flight can still move, instead of waiting forever
+        in front of a pause only an operator can lift.
         """
         while True:
-            live = self.live_chunks()
-            if self.submissions_blocked and all(
-                c.stage in (Stage.SEALED, Stage.INTENT) for c in live
-            ):
+            moving = any(c.stage in (Stage.SUBMITTED, Stage.ENDED) for c in self.live_chunks())
+            if self.submissions_blocked and not moving:
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
+
+    async def _watch_resume_requests(self) -> None:
+        """``batchd resume PIPELINE`` drops a file; lift the pause it asks for."""
+        path = resume_request_path(self.spool_dir.parent, self.pipeline.name)
+        request = anyio.Path(path)
+        while True:
+            if await request.exists():
+                await self.resume_requested(request)
+            await anyio.sleep(1.0)
+
+    async def resume_requested(self, request: anyio.Path) -> None:
+        await request.unlink(missing_ok=True)
+        reason = self.paused
+        if reason is None:
+            self.log.info("resume requested; the pipeline is not paused")
+            return
+        if self.pause_kind == "budget" or reason.startswith("budget"):
+            self.log.warning("resume requested, but a budget pause lifts only with a higher "
+                             "budget_usd: edit the config and reload (systemctl reload batchd)")
+            return
+        self.log.warning("resuming the pipeline on request", reason=reason, kind=self.pause_kind)
+        await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        self.changed.fire()
 
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""

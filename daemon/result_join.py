@@ -11,16 +11,17 @@ network block at a time with its state in locals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import structlog
 
+from daemon.answers import AnswerReader, Rejected
 from daemon.api import StreamCut
 from daemon.config import PipelineConfig
 from daemon.manifest import crash_point
+from daemon.pricing import CostFn
 from daemon.routing import Route, route
 from plugins.errors import InvalidOutput
 from plugins.manager import pm
@@ -30,7 +31,6 @@ __all__ = ("CostFn", "Failure", "ResultJoin", "extract_output")
 
 log = structlog.get_logger("batchd.collector")
 _DONE = ("", 0)  # the index entry of a custom_id already handled (compared by identity)
-CostFn = Callable[[str, dict[str, Any]], float]
 
 
 def extract_output(message: dict[str, Any]) -> str:
@@ -71,8 +71,10 @@ class ResultJoin:
         *,
         chunk: str,
         batch_id: str | None,
+        answers: AnswerReader | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.answers = answers if answers is not None else AnswerReader(pipeline)
         self.index = index
         self.cost = cost
         self.chunk = chunk
@@ -83,6 +85,7 @@ class ResultJoin:
         self.succeeded = self.truncated = self.unknown = 0
         self.input_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
+        self.unpriced = 0  # billed answers of models without a price (cost unknown)
         self._parse_hooked = bool(pm.hook.batchd_parse_result.get_hookimpls())
 
     def missing(self) -> list[str]:
@@ -117,7 +120,8 @@ class ResultJoin:
         keep_message = self.pipeline.keep_message
         index, failures, rows = self.index, self.failures, self.rows
         cost_of, output_of, loads = self.cost, self.output, orjson.loads
-        succeeded = truncated = input_tokens = output_tokens = 0
+        read = self.answers.read
+        succeeded = truncated = input_tokens = output_tokens = unpriced = 0
         cost_usd = 0.0
         try:
             for line in block:
@@ -148,30 +152,46 @@ class ResultJoin:
                     where, error_type, message = route(result)
                     failures[custom_id] = Failure(where, error_type or "", message or "")
                     continue
+                # A succeeded line was billed whatever becomes of it: count it first.
                 msg = result.get("message") or {}
-                try:
-                    output = output_of(key, extract_output(msg), msg)
-                except InvalidOutput as exc:
-                    failures[custom_id] = Failure(Route.DEAD, "invalid_output", str(exc))
-                    continue
                 usage = msg.get("usage") or {}
                 model = msg.get("model") or ""
                 cost = cost_of(model, usage)
+                if cost is None:
+                    unpriced += 1
+                    cost = 0.0
+                cost_usd += cost
+                row_in = usage.get("input_tokens") or 0
+                row_out = usage.get("output_tokens") or 0
+                input_tokens += row_in
+                output_tokens += row_out
+                answer = read(msg)
+                if type(answer) is Rejected:
+                    failures[custom_id] = Failure(Route.DEAD, answer.error_type, answer.message)
+                    continue
+                assert not isinstance(answer, Rejected)
+                value = answer.value
+                try:
+                    if value is None:
+                        output = output_of(key, answer.text, msg)
+                    else:
+                        output, value = self.json_output(key, answer.text, value, msg)
+                except InvalidOutput as exc:
+                    failures[custom_id] = Failure(Route.DEAD, "invalid_output", str(exc))
+                    continue
                 row = ResultRow(
-                    key, custom_id, "succeeded", name, output, model,
-                    usage.get("input_tokens") or 0, usage.get("output_tokens") or 0,
+                    key, custom_id, "succeeded", name, output, model, row_in, row_out,
                     usage.get("cache_creation_input_tokens") or 0,
                     usage.get("cache_read_input_tokens") or 0,
                     cost, batch_id, attempt, msg if keep_message else None,
                 )  # fmt: skip
-                if msg.get("stop_reason") == "max_tokens":
+                if value is not None:
+                    row.output_json = value
+                if answer.truncated:
                     row.status = "truncated"
                     truncated += 1
                 else:
                     succeeded += 1
-                cost_usd += cost
-                input_tokens += row.input_tokens
-                output_tokens += row.output_tokens
                 rows.append(row)
         finally:
             self.succeeded += succeeded
@@ -179,3 +199,18 @@ class ResultJoin:
             self.cost_usd += cost_usd
             self.input_tokens += input_tokens
             self.output_tokens += output_tokens
+            self.unpriced += unpriced
+
+    def json_output(
+        self, key: str, text: str, value: Any, message: dict[str, Any]
+    ) -> tuple[str, Any]:
+        """A JSON answer after the parse hook (text rules do not apply to JSON)."""
+        if self._parse_hooked:
+            replaced = pm.hook.batchd_parse_result(
+                pipeline=self.pipeline.name, key=key, output=text, message=message
+            )
+            if isinstance(replaced, dict | list):
+                return orjson.dumps(replaced).decode(), replaced
+            if replaced is not None:
+                return str(replaced), None
+        return text, value

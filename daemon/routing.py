@@ -14,17 +14,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from daemon.error_codes import CODES, Action
+
 __all__ = ("PAUSING", "PERMANENT", "Route", "error_of", "route")
 
 PERMANENT = frozenset(
     {
         "invalid_request_error",
         "not_found_error",
-        "permission_error",
         "request_too_large",
     }
 )
-PAUSING = frozenset({"billing_error", "authentication_error"})
+# Account problems (§6 of the API facts): the row is held and the pipeline paused.
+PAUSING = frozenset({"billing_error", "authentication_error", "permission_error"})
 
 
 class Route(StrEnum):
@@ -48,11 +50,35 @@ def error_of(result: dict[str, Any]) -> tuple[str, str]:
     return "unknown_result", f"unknown result type {kind!r}"
 
 
+def _error_code(result: dict[str, Any]) -> str | None:
+    """``details.error_code`` of an errored row, when the API sends one (unverified)."""
+    outer = result.get("error")
+    inner = outer.get("error") if isinstance(outer, dict) else None
+    details = inner.get("details") if isinstance(inner, dict) else None
+    code = details.get("error_code") if isinstance(details, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def classify_row_code(code: str) -> Route | None:
+    """A row's error code that says more than its type: an account pause, or a retry."""
+    decision = CODES.get(code)
+    if decision is None:
+        return None
+    if decision.action is Action.PAUSE:
+        return Route.PAUSE
+    return Route.RETRY
+
+
 def route(result: dict[str, Any]) -> tuple[Route, str | None, str | None]:
     """The route for one ``result`` object, with the error type and message when not a success."""
     if result.get("type") == "succeeded":
         return Route.SUCCEEDED, None, None
     error_type, message = error_of(result)
+    code = _error_code(result)
+    if code is not None:
+        decided = classify_row_code(code)
+        if decided is not None:
+            return decided, code, message
     if error_type in PERMANENT:
         return Route.DEAD, error_type, message
     if error_type in PAUSING:

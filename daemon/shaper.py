@@ -8,6 +8,7 @@ goes on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from daemon.config import PipelineConfig
@@ -15,41 +16,33 @@ from daemon.template import MissingField
 from plugins.manager import load_plugins, pm
 from plugins.records import Record
 
-__all__ = ("ShapeError", "Shaper")
+__all__ = ("ModelCheck", "ModelRejected", "ShapeError", "Shaper")
+
+#: ``model id -> None`` when the model takes the request, else why not (daemon.preflight).
+ModelCheck = Callable[[str], str | None]
 
 
 class ShapeError(Exception):
     """The record cannot become a request; the message says why."""
 
+    error_type = "shape_error"
+
+
+class ModelRejected(ShapeError):
+    """The record names a model that would reject the request (pre-flight, per record)."""
+
+    error_type = "model_rejected"
+
 
 class Shaper:
     """Builds params for one pipeline; the constant parts are built once."""
 
-    def __init__(self, pipeline: PipelineConfig) -> None:
+    def __init__(self, pipeline: PipelineConfig, model_check: ModelCheck | None = None) -> None:
         self.pipeline = pipeline
+        self._model_check = model_check
         request = pipeline.request
         base: dict[str, Any] = {"max_tokens": request.max_tokens}
-        if request.system:
-            if request.cache_system:
-                base["system"] = [
-                    {
-                        "type": "text",
-                        "text": request.system,
-                        "cache_control": {"type": "ephemeral"},
-                    }
-                ]
-            else:
-                base["system"] = request.system
-        if request.temperature is not None:
-            base["temperature"] = request.temperature
-        if request.stop_sequences:
-            base["stop_sequences"] = list(request.stop_sequences)
-        if request.tools:
-            base["tools"] = list(request.tools)
-        if request.tool_choice:
-            base["tool_choice"] = request.tool_choice
-        if request.output_format:
-            base["output_format"] = request.output_format
+        base.update(request.options.params(request.system))
         base.update(request.extra)
         self._base = base
         self._model = request.model
@@ -66,6 +59,10 @@ class Shaper:
             user = self._user.render(values, key)
         except MissingField as exc:
             raise ShapeError(str(exc)) from None
+        if self._model_check is not None:
+            reason = self._model_check(model)
+            if reason is not None:
+                raise ModelRejected(f"{reason} (model catalog)")
         if not self._hooked and not user.strip():
             # The API answers an empty message with invalid_request_error: say so before
             # a batch round trip, naming the template.

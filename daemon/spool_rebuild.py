@@ -139,7 +139,7 @@ def _write(
 ) -> str | None:
     """Shape and classify the records as the packer did, and seal them as the chunk's spool."""
     pipeline = runner.pipeline
-    shaper = Shaper(pipeline)
+    shaper = Shaper(pipeline, runner.model_check)
     max_bytes = pipeline.batching.max_bytes
     shaped: list[_Pending] = [
         shape_record(shaper, max_bytes, record, seq or 0) for record, seq in records
@@ -204,7 +204,8 @@ async def _cut_retry_again(runner: PipelineRunner, chunk: ChunkState) -> str | N
         if reason is not None:
             return f"its parent's spool is lost too ({reason})"
     batch_id = parent.batch_id
-    collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost)
+    collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
+                          runner.answers)
     summary = await collector.collect(
         chunk=parent.chunk, root=root_of(runner.pipeline.name, parent.chunk),
         batch_id=batch_id, spool=parent_spool,

@@ -15,6 +15,7 @@ sealed with, new chunks follow the new config.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -28,17 +29,22 @@ import anyio
 import structlog
 
 from daemon._logging import register_secret
+from daemon.answers import AnswerReader
 from daemon.api import BatchesApi, resolve_api_key
 from daemon.budget import Budget
 from daemon.config import Config, PluginSpec, load_config
 from daemon.factories import build_sink, build_source
+from daemon.health import Health
 from daemon.ledger import KeyLedger
 from daemon.ledger_binding import open_bound_ledger
+from daemon.live_status import LiveStatus
 from daemon.manifest import Manifest
 from daemon.output_paths import check_outputs
 from daemon.pipeline import PipelineRunner
+from daemon.preflight import catalog_for, preflight, record_check
 from daemon.pricing import PriceTable
 from daemon.private_state import make_private
+from daemon.queue_limit import QueueLimit, queue_limit_of
 from daemon.reconcile import Reconciler
 from daemon.sd_notify import Notifier, watchdog_loop
 from daemon.storage_errors import storage_error
@@ -78,6 +84,8 @@ class _Daemon:
         self.reload_requested = False
         self.stopping = False
         self.metrics: Any = None
+        self.health = Health()
+        self.live = LiveStatus()
         self.reconciler: Reconciler
 
     async def build_runners(
@@ -90,13 +98,16 @@ class _Daemon:
                         "anthropic-api-key; requests carry a placeholder only an emulator accepts")
         api = BatchesApi(config.api, api_key)
         stack.push_async_callback(api.aclose)
-        prices = PriceTable(config.prices, source=str(config.path))
+        catalog = catalog_for(config)
+        prices = PriceTable(config.prices, catalog=catalog, source=str(config.path))
 
         def unknown_price(model: str) -> None:
-            log.warning("no price known for model; costing it at the highest known price",
-                        model=model)
+            log.warning("no price known for model: its cost is counted as unknown (unpriced), "
+                        'not guessed; add [prices."<model>"] to the config', model=model)
 
-        cost = prices.cost_function(unknown_price)
+        limit, origin = queue_limit_of(config.api)
+        queue = QueueLimit(limit, manifest)
+        log.info("api", version=config.api.version, queue_limit=limit, queue_limit_from=origin)
 
         create_lock = anyio.Lock()
         # Batches on the API that the manifest does not know (a restored backup): found
@@ -116,10 +127,16 @@ class _Daemon:
             runner = PipelineRunner(
                 pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
-                dead_letter=sinks[-1], cost=cost, budget=Budget(pipeline, prices),
+                dead_letter=sinks[-1],
+                cost=prices.cost_function(unknown_price,
+                                          geo=pipeline.request.options.inference_geo),
+                budget=Budget(pipeline, prices),
                 telemetry=Telemetry(self.metrics, pipeline.name),
                 make_source=partial(build_source, config, pipeline.name, pipeline.source,
                                     until_drained=drained),
+                queue=queue, answers=AnswerReader(pipeline, catalog),
+                model_check=record_check(pipeline, catalog=catalog,
+                                         api_version=config.api.version),
                 reconciler=self.reconciler,
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
@@ -175,12 +192,18 @@ class _Daemon:
         status = "recovered; running" if not unresolved else (
             f"running; still resolving creates of {', '.join(unresolved)}")
         self.notifier.ready(status=status)
+        self.health.recovered = True
         log.info("ready", unresolved=unresolved)
 
     def reload(self) -> None:
         """Re-read the config; a broken one is logged and the running config kept."""
         try:
             new = load_config(self.config.path, state_dir=self.config.state_dir)
+        except BatchdError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            return
+        try:
+            preflight(new)
         except BatchdError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
             return
@@ -224,25 +247,26 @@ class _Daemon:
             await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
                 runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes(),
+                                         (runner.paused, runner.pause_kind),
                                          runner.ledger.size_bytes())
-                if interactive:
-                    log.info("progress", pipeline=runner.pipeline.name, **_progress(runner))
+            if interactive:
+                for p in self.live.snapshot(self.config, manifest)["pipelines"]:
+                    log.info("progress", pipeline=p["name"], **_progress(p, self.live))
             if self.notifier.enabled:
                 self.notifier.status(_status_line(self.runners))
 
 
-def _progress(runner: PipelineRunner) -> dict[str, Any]:
-    state = runner.manifest.state.pipelines.get(runner.pipeline.name)
-    done = state.rows_done if state else 0
-    pending = sum(c.requests + c.rejects for c in runner.live_chunks()
-                  if c.stage.value in ("sealed", "intent", "submitted", "ended"))
-    total = max(done + pending, 1)
-    filled = round(24 * done / total)
+def _progress(p: dict[str, Any], live: LiveStatus) -> dict[str, Any]:
+    """The terminal's progress line: against the whole source where its size is known."""
+    from daemon.status import progress_line
+
+    shown = live.shown_fraction(p["name"], p["progress"]["fraction"])
+    filled = round(24 * shown)
     return {
-        "bar": "[" + "#" * filled + "-" * (24 - filled) + f"] {100 * done / total:.0f}%",
-        "rows_done": done,
-        "rows_in_flight": pending,
-        "cost_usd": round(state.cost_usd, 4) if state else 0.0,
+        "bar": "[" + "#" * filled + "-" * (24 - filled) + f"] {100 * shown:.0f}%",
+        "rows": progress_line(p),
+        "rows_in_flight": p["rows_pending"],
+        "cost_usd": round(p["cost_usd"], 4),
     }
 
 
@@ -269,7 +293,8 @@ def _status_line(runners: list[PipelineRunner]) -> str:
         done = state.rows_done if state else 0
         cost = state.cost_usd if state else 0.0
         waiting = sum(1 for c in runner.live_chunks() if c.stage.value == "submitted")
-        paused = f" PAUSED ({state.paused})" if state and state.paused else ""
+        paused = (f" PAUSED [{state.pause_kind or 'unknown'}] ({state.paused})"
+                  if state and state.paused else "")
         parts.append(f"{runner.pipeline.name}: {waiting} batches in flight, {done} rows done, "
                      f"${cost:.2f}{paused}")
     return "; ".join(parts)
@@ -356,9 +381,12 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
         process.push_async_callback(manifest.aclose)
         ledger = await open_bound_ledger(config.state_dir, manifest)
         process.callback(ledger.close)
-        daemon.metrics = _start_metrics(config, process)
+        daemon.metrics = _start_metrics(config, process, daemon, manifest)
         async with anyio.create_task_group() as outer:
             outer.start_soon(daemon.on_signals, outer.cancel_scope)
+            outer.start_soon(daemon.health.heartbeat)
+            if daemon.metrics is not None or sys.stdout.isatty():  # someone will look
+                outer.start_soon(daemon.live.measure_forever, lambda: daemon.runners)
             if daemon.notifier.enabled:
                 outer.start_soon(watchdog_loop, daemon.notifier)
             outer.start_soon(daemon.report, manifest)
@@ -379,13 +407,28 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
     return 0
 
 
-def _start_metrics(config: Config, stack: AsyncExitStack) -> Any:
+def _start_metrics(config: Config, stack: AsyncExitStack, daemon: _Daemon,
+                   manifest: Manifest) -> Any:
+    """Metrics, /healthz, /readyz and the dashboard on ``[metrics] address:port``."""
     if config.metrics_port is None:
         return None
-    from daemon.metrics import Metrics, start_http_server
+    import asyncio
+
+    from daemon.metrics import Metrics
+    from daemon.web import DaemonView, LoopBridge, WebApp, start_web_server
 
     metrics = Metrics()
-    server = start_http_server(metrics, port=config.metrics_port)
+    view = DaemonView(daemon, manifest, LoopBridge(asyncio.get_running_loop()))
+    try:
+        server = start_web_server(WebApp(metrics, daemon.health, view),
+                                  config.metrics_address, config.metrics_port)
+    except OSError as exc:
+        key = "port" if exc.errno == errno.EADDRINUSE else "address"
+        raise ConfigError(f"{config.path}: [metrics]: {key}: cannot listen on "
+                          f"{config.metrics_address}:{config.metrics_port}: "
+                          f"{exc.strerror or exc}") from None
     stack.callback(server.close)
-    log.info("metrics listening", url=server.url)
+    base = server.url.removesuffix("/metrics")
+    log.info("metrics listening", url=server.url, dashboard=f"{base}/", healthz=f"{base}/healthz",
+             readyz=f"{base}/readyz")
     return metrics

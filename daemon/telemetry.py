@@ -74,11 +74,18 @@ class Telemetry:
         )
 
     def refresh(
-        self, chunks: Iterable[ChunkState], manifest_bytes: int, ledger_bytes: int | None = None
+        self,
+        chunks: Iterable[ChunkState],
+        manifest_bytes: int,
+        pause: tuple[str | None, str | None] = (None, None),
+        ledger_bytes: int | None = None,
     ) -> None:
+        """Gauges from the manifest; ``pause`` is the pipeline's (reason, kind)."""
         m = self.metrics
         if m is None:
             return
+        reason, kind = pause
+        m.set_paused(self.pipeline, (kind or "unknown") if reason else None)
         chunks = list(chunks)
         m.set_batch_states(self.pipeline, Counter(c.stage.value for c in chunks))
         waiting = [c for c in chunks if c.stage in (Stage.SUBMITTED, Stage.ENDED)]

@@ -5,17 +5,24 @@ It writes a few thousand realistic tickets (and two malformed rows) to a
 CSV, starts the emulator with faults switched on so retries and dead
 letters show, runs ``batchd run examples/tickets/pipeline.toml
 --until-drained`` as a user would, and ends with the reconciliation:
-every row accounted for exactly once.
+every row accounted for exactly once, three example answers and one dead letter
+with its reason. While it runs, the dashboard is served on a free local port
+(the URL is printed); ``--screenshot PATH`` saves a picture of it mid-run with
+headless Chromium (that is how docs/dashboard.png is made).
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,32 +48,60 @@ FAULTS = {
 }
 
 
-def prepare() -> Path:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def prepare(port: int) -> Path:
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir()
     write_tickets(OUT / "tickets.csv", ROWS, seed=7, bad_rows=True)
     config = (ROOT / "tickets" / "pipeline.toml").read_text()
     config = config.replace('poll_interval = "30s"', 'poll_interval = "0.5s"')
+    config = config.replace("\n[api]\n", f"\n[metrics]\nport = {port}\n\n[api]\n", 1)
     (OUT / "pipeline.toml").write_text(config)
     return OUT / "pipeline.toml"
 
 
-def run_batchd(config: Path, base_url: str, console: Console) -> int:
+def run_batchd(config: Path, base_url: str, port: int, console: Console,
+               screenshot: Path | None) -> int:
     env = {**os.environ, "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
     log = (OUT / "batchd.log").open("wb")
     cmd = [sys.executable, "-m", "daemon.cli", "run", str(config), "--until-drained",
            "--log-format", "json"]
     console.print(f"[dim]$ ANTHROPIC_BASE_URL={base_url} batchd run {config.name} "
                   "--until-drained[/dim]")
+    console.print(f"[dim]dashboard while it runs: http://127.0.0.1:{port}/[/dim]")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     with console.status("batchd is running...") as status:
         while proc.poll() is None:
             time.sleep(0.5)
             done = _terminal_rows(config)
             status.update(f"batchd is running... {done:,} rows terminal")
+            if screenshot is not None and 0 < done < ROWS:  # mid-run: some done, some not
+                _screenshot(f"http://127.0.0.1:{port}/", screenshot)
+                console.print(f"[dim]dashboard screenshot: {screenshot}[/dim]")
+                screenshot = None
     log.close()
     return proc.returncode
+
+
+def _screenshot(url: str, path: Path) -> None:
+    """A PNG of ``url`` from headless Chromium (Debian's ``chromium`` package)."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
+             "--window-size=1100,1250", f"--screenshot={path.resolve()}", url],
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+    if not path.exists():
+        raise RuntimeError(f"chromium wrote no screenshot of {url}: {proc.stderr[-500:]}")
 
 
 def _terminal_rows(config: Path) -> int:
@@ -77,6 +112,25 @@ def _terminal_rows(config: Path) -> int:
     if result.returncode != 0:
         return 0
     return sum(p["rows_done"] for p in json.loads(result.stdout)["pipelines"])
+
+
+def examples(labels: dict[str, str], dead: list[dict], console: Console) -> None:
+    """Three tickets with their labels, and one dead letter with its reason."""
+    with (OUT / "tickets.csv").open(newline="", encoding="utf-8") as f:
+        bodies = {row["ticket_id"]: row["body"] for row in csv.DictReader(f)}
+    table = Table(title="three answers", show_header=True, header_style="bold")
+    table.add_column("ticket")
+    table.add_column("body")
+    table.add_column("label")
+    for key in sorted(labels)[:3]:
+        table.add_row(key, bodies.get(key, "")[:48], labels[key])
+    console.print(table)
+    if dead:
+        row = next((d for d in dead if d.get("error_type") not in ("bad_record",)), dead[0])
+        console.print(f"a dead letter: [bold]{row['key']}[/bold] → {row['error_type']}: "
+                      f"{str(row.get('error_message') or '')[:120]} "
+                      f"(after {row.get('attempts')} attempt(s); "
+                      f"`batchd show {OUT / 'pipeline.toml'} {row['key']}` tells its story)")
 
 
 def reconcile(config: Path, stats: dict, console: Console) -> bool:
@@ -116,6 +170,7 @@ def reconcile(config: Path, stats: dict, console: Console) -> bool:
         by_label.add_row(label, f"{count:,}")
     console.print(by_label)
 
+    examples(labels, dead, console)
     console.print(f"times a custom_id reached the API: "
                   f"{dict(sorted(sent.items()))} (max_attempts = 3)")
     ok = len(labels) + len(dead) == source_rows and not overlap and max(sent) <= 3
@@ -126,19 +181,25 @@ def reconcile(config: Path, stats: dict, console: Console) -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--screenshot", type=Path, help="save the dashboard mid-run as a PNG")
+    args = parser.parse_args(argv)
     console = Console()
-    config = prepare()
-    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-4-5 "
+    port = _free_port()
+    config = prepare(port)
+    console.print(f"[bold]batchd demo[/bold]: {ROWS:,} support tickets → claude-haiku-5-5 "
                   "labels, through a local Message Batches API with faults switched on")
     emulator_config = EmulatorConfig(
-        latency=1.0, rules=ROOT / "tickets" / "rules.toml", faults=FAULTS, seed=42,
+        # A picture mid-run needs batches that take a little longer to end.
+        latency=6.0 if args.screenshot else 1.0,
+        rules=ROOT / "tickets" / "rules.toml", faults=FAULTS, seed=42,
         state_dir=OUT / "emulator",
     )
     with EmulatorThread(emulator_config) as emulator:
         console.print(f"[dim]emulator at {emulator.base_url}, faults: "
                       f"{', '.join(f'{k}={v}' for k, v in FAULTS.items())}[/dim]")
-        code = run_batchd(config, emulator.base_url, console)
+        code = run_batchd(config, emulator.base_url, port, console, args.screenshot)
         if code != 0:
             console.print(f"[red]batchd exited {code}; see {OUT / 'batchd.log'}[/red]")
             return code

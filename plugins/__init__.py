@@ -1,6 +1,13 @@
 """The plugin contract (hookspecs, loader, source/sink contracts) and the built-in sinks."""
 
-from plugins.contract import PluginContext, Sink, SinkFactory, Source, SourceFactory
+from plugins.contract import (
+    PluginContext,
+    Sink,
+    SinkFactory,
+    Source,
+    SourceFactory,
+    SourceSize,
+)
 from plugins.errors import BatchdError, ConfigError, FatalError, InvalidOutput, RetriableError
 from plugins.hookspecs import hookimpl
 from plugins.records import Record, ResultRow
@@ -18,5 +25,6 @@ __all__ = (
     "SinkFactory",
     "Source",
     "SourceFactory",
+    "SourceSize",
     "hookimpl",
 )

@@ -17,7 +17,10 @@ from typing import Any, Protocol, Self
 
 from plugins.records import Record, ResultRow
 
-__all__ = ("PluginContext", "Sink", "SinkFactory", "SinkOutput", "Source", "SourceFactory")
+__all__ = (
+    "PluginContext", "Sink", "SinkFactory", "SinkOutput", "Source", "SourceFactory",
+    "SourceSize",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,22 @@ class PluginContext:
         """Relative paths in a config file are relative to that file."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.config_dir / path)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSize:
+    """
+    How big a source is, so progress can be shown against the whole of it.
+
+    ``unit`` is what ``total`` and ``done`` count: ``"bytes"`` (a file), ``"rows"``
+    (a table's estimate) or ``"messages"`` (a topic's offsets). ``done`` is how much of
+    it lies at or before the position asked about; ``None`` when the unit is rows and
+    the engine's own count of rows read is the better figure.
+    """
+
+    total: int
+    unit: str
+    done: int | None = None
 
 
 class _Closeable(abc.ABC):
@@ -117,6 +136,27 @@ class Source(_Closeable):
         """
         return None
 
+    async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
+        """
+        The source's size and how much of it lies up to ``position``; None if unknown.
+
+        Progress (``batchd status``, the dashboard, ``batchd run`` in a terminal) is shown
+        against this instead of the rows read so far. Called whether or not the source
+        was started, every half minute or so, from a separate task: it must not move the
+        source's position and should answer within a few seconds. The default knows
+        nothing; rows read are shown then.
+        """
+        return None
+
+    async def probe(self) -> None:
+        """
+        Check that the system behind the source accepts the connection and credentials.
+
+        ``batchd validate --connect`` calls it on a source that was never started; it
+        must read and change nothing. Raise :class:`ConfigError` (or ``FatalError``)
+        naming what is wrong. The default does nothing: a file source has no server.
+        """
+
     def identity(self, position: dict[str, Any]) -> dict[str, Any] | None:
         """
         What identifies the data behind ``position`` (a file's inode, size, hashes), or None.
@@ -175,6 +215,14 @@ class Sink(_Closeable):
     @abc.abstractmethod
     async def flush(self, group: str) -> None:
         """Make everything put for ``group`` durable."""
+
+    async def probe(self) -> None:
+        """
+        Check that the system behind the sink accepts the connection and credentials.
+
+        ``batchd validate --connect`` calls it on a sink that was never opened; it must
+        create and write nothing. The default does nothing.
+        """
 
     def outputs(self) -> Sequence[SinkOutput]:
         """The local paths this sink writes (none for a database or a broker)."""

@@ -25,8 +25,14 @@ class ConfigError(BatchdError):
     The configuration (or an option handed to a plugin) is wrong.
 
     The message must name the file, table and key at fault so an operator can
-    fix it without reading code.
+    fix it without reading code. The engine also sets ``file``, ``table``, ``key``
+    and ``hint`` where it knows them (``batchd validate --json`` reports them apart).
     """
+
+    file: str | None = None
+    table: str | None = None
+    key: str | None = None
+    hint: str | None = None
 
 
 class RetriableError(BatchdError):

@@ -44,9 +44,11 @@ class ResultRow:
 
     ``status`` is ``"succeeded"``, ``"truncated"`` (the answer hit
     ``max_tokens``: kept, flagged, never paid for again) or ``"dead_letter"``
-    (permanent error, exhausted retries, a bad source row or an answer the
-    parse hook rejected). Regular sinks receive the first two; the dead-letter
-    sink receives the third. Any sink type can serve as a dead-letter sink.
+    (permanent error, exhausted retries, a bad source row, a refusal, an answer
+    with no text, or one the parse hook or ``output_schema`` rejected).
+    Regular sinks receive the first two; the dead-letter sink receives the
+    third. Any sink type can serve as a dead-letter sink. ``output_json`` is
+    set for a JSON answer (``output_schema``, or a tool call).
     """
 
     key: str
@@ -68,6 +70,9 @@ class ResultRow:
     history: list[dict[str, Any]] = field(default_factory=list)
     request: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
+    # The answer as JSON (structured output, or a tool's input); ``output`` then holds it
+    # as JSON text, so a sink that knows only text still stores it.
+    output_json: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The documented JSON shape of this row (results or dead-letter line)."""
@@ -89,7 +94,7 @@ class ResultRow:
             "custom_id": self.custom_id,
             "pipeline": self.pipeline,
             "status": self.status,
-            "output": self.output,
+            "output": self.output if self.output_json is None else self.output_json,
             "model": self.model,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,

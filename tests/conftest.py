@@ -22,6 +22,7 @@ def anyio_backend() -> str:
 
 pytest_plugins = (
     "tests.fixtures.emulator",
+    "tests.fixtures.old_sdk",
     "tests.fixtures.postgres",
     "tests.fixtures.kafka",
     "tests.fixtures.engine",

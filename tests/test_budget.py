@@ -78,11 +78,34 @@ class TestUpperBound:
         """A model chosen per row is unknown in advance, so it is priced high, never free."""
         pipeline, prices = _pipeline(tmp_path, model="{model}")
         budget = Budget(pipeline, prices)
-        top = prices.price("no-such-model")
-        assert not top.known
+        assert not prices.known("no-such-model")
+        top = prices.dearest()  # the dearest category prices of every catalog model
+        assert top.output >= 50.0  # Fable/Mythos 5.x list output price, per the catalog
         expected = (1000 * top.input + 1000 * top.output) / 1e6 * 0.5
         assert budget.upper_bound(10, 4000) == pytest.approx(expected)
         assert expected > 1000 * HAIKU_IN + 1000 * HAIKU_OUT
+
+
+    def test_cache_writes_bound_the_input(self, tmp_path: Path) -> None:
+        """With cache = "1h" every input token may be a 1-hour write (2x input): bound at that."""
+        pipeline, prices = _pipeline(tmp_path, model="claude-haiku-5-5")
+        plain = Budget(pipeline, prices).upper_bound(10, 4000)
+        path = tmp_path / "budget.toml"
+        path.write_text(path.read_text().replace('user = "{body}"',
+                                                 'user = "{body}"\ncache = "1h"\nsystem = "s"'))
+        config = load_config(path)
+        cached = Budget(config.pipelines[0], PriceTable(config.prices)).upper_bound(10, 4000)
+        # Haiku 5.5: input 0.10, 1h write 0.20, output 0.50 per MTok; batch halves them.
+        assert plain == pytest.approx((1000 * 0.10 + 1000 * 0.50) / 1e6 * 0.5)
+        assert cached == pytest.approx((1000 * 0.20 + 1000 * 0.50) / 1e6 * 0.5)
+
+    def test_haiku_5_5_long_prompts_use_the_long_tier(self, tmp_path: Path) -> None:
+        """Requests averaging over 100,000 prompt tokens are bounded at Haiku 5.5's long tier."""
+        pipeline, prices = _pipeline(tmp_path, model="claude-haiku-5-5", max_tokens=10)
+        budget = Budget(pipeline, prices)
+        # 2 requests of 800,000 bytes: 200,000 tokens each, past the 100,000 threshold.
+        expected = (400_000 * 0.50 + 20 * 2.50) / 1e6 * 0.5
+        assert budget.upper_bound(2, 1_600_000) == pytest.approx(expected)
 
 
 class TestInFlight:

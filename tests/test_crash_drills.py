@@ -34,6 +34,14 @@ FAULTS: dict[str, Any] = {"api_error": 0.1, "expired": 0.05, "invalid_request": 
 # Chunks of 110 so one collect passes 100 results (the mid_results point); a long
 # linger so chunk boundaries depend only on the input, never on timing.
 CONFIG: dict[str, Any] = {"max_requests": 110, "linger": "60s", "max_in_flight": 4}
+# Today's request options on, so every drill also covers them: a model that thinks by
+# default with thinking off, effort, a cached system prompt, stop sequences, US inference.
+CONFIG["request"] = {
+    "model": "claude-haiku-5-5", "thinking": "disabled", "effort": "low", "cache": "1h",
+    "system": "Classify the support ticket as one of: billing, bug, feature, account, "
+              "other. Answer with the label only. " * 40,
+    "stop_sequences": ["\n\n"], "inference_geo": "us",
+}
 MAX_RESTARTS = 4
 # The drills run side by side in one module fixture; on two busy cores that takes a while.
 pytestmark = pytest.mark.timeout(300)

@@ -83,21 +83,27 @@ class TestResults:
     def test_succeeded_message_has_api_shape(self, emulator: EmulatorThread) -> None:
         """A succeeded line carries a full assistant message with usage and stop fields."""
         client = sdk_client(emulator.base_url)
-        requests = message_requests(1, model="claude-sonnet-4-5")
+        requests = message_requests(1, model="claude-sonnet-4-6")
         batch = client.messages.batches.create(requests=requests)
         client.messages.batches.retrieve(batch.id)
         (line,) = list(client.messages.batches.results(batch.id))
         assert line.result.type == "succeeded"
         message = line.result.message
         assert message.id.startswith("msg_") and message.type == "message"
-        assert message.role == "assistant" and message.model == "claude-sonnet-4-5"
+        assert message.role == "assistant" and message.model == "claude-sonnet-4-6"
         assert "printer is on fire" in _text(message)
         assert message.stop_reason == "end_turn" and message.stop_sequence is None
+        assert message.stop_details is None and message.container is None
         usage = message.usage
         text = "ticket 0: printer is on fire"
         assert usage.input_tokens == -(-len(text) // 4)
         assert usage.output_tokens == -(-len(_text(message)) // 4)
         assert usage.cache_creation_input_tokens == 0 and usage.cache_read_input_tokens == 0
+        assert usage.output_tokens_details is not None
+        assert usage.output_tokens_details.thinking_tokens == 0
+        assert usage.service_tier == "batch"
+        unset = [name for name in type(usage).model_fields if getattr(usage, name) is None]
+        assert unset == [], f"every Usage field is sent: {unset}"
 
     def test_max_tokens_truncates_reply(self, emulator: EmulatorThread) -> None:
         """A reply longer than max_tokens is cut to it with stop_reason max_tokens."""
@@ -267,7 +273,7 @@ class TestCancelAndDelete:
         self, emulator_factory: Callable[..., EmulatorThread]
     ) -> None:
         """Cancel shows canceling, then the batch ends with every request canceled."""
-        emulator = emulator_factory(latency=60.0)
+        emulator = emulator_factory(latency=3600.0)
         client = sdk_client(emulator.base_url)
         batch = client.messages.batches.create(requests=message_requests(6))
         canceling = client.messages.batches.cancel(batch.id)

@@ -85,6 +85,21 @@ class TestCli:
         faults = client.get("/_emulator/faults", cast_to=httpx2.Response).json()
         assert faults["expired"] == 1.0 and faults["slow"] == 0.01
 
+    def test_tier_and_models_flags(
+        self, served: Callable[..., tuple[subprocess.Popen[str], str]], tmp_path: Path
+    ) -> None:
+        """--tier sets the queue and RPM limits; --models adds a model the rows may name."""
+        models = tmp_path / "models.toml"
+        models.write_text('[models."claude-haiku-6"]\nlike = "claude-haiku-4-5-20251001"\n')
+        _, base_url = served("--tier", "build", "--models", str(models))
+        client = sdk_client(base_url)
+        faults = client.get("/_emulator/faults", cast_to=httpx2.Response).json()
+        assert (faults["queue_limit"], faults["rpm_limit"]) == (300_000, 2_000)
+        batch = client.messages.batches.create(
+            requests=message_requests(1, model="claude-haiku-6")
+        )
+        assert client.messages.batches.retrieve(batch.id).request_counts.succeeded == 1
+
     def test_sigint_stops_cleanly(
         self, served: Callable[..., tuple[subprocess.Popen[str], str]]
     ) -> None:
@@ -100,6 +115,9 @@ class TestCli:
             (("--faults", "bogus=1"), "bogus"),
             (("--faults", "api_error=3"), "api_error"),
             (("--rules", "/nonexistent/rules.toml"), "/nonexistent/rules.toml"),
+            (("--tier", "gold"), "--tier"),
+            (("--models", "/nonexistent/models.toml"), "/nonexistent/models.toml"),
+            (("--faults", "http_fault_on=list"), "http_fault_on"),
         ],
     )
     def test_bad_flags_exit_2_naming_the_flag(self, flags: tuple[str, ...], needle: str) -> None:

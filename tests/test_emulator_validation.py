@@ -204,14 +204,29 @@ class TestPerRequestErrors:
         assert client.messages.batches.retrieve(batch.id).request_counts.succeeded == 1
 
     @pytest.mark.parametrize(
-        "model",
-        ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"],
+        ("model", "result"),
+        [
+            ("claude-haiku-4-5", "succeeded"),
+            ("claude-sonnet-4-6", "succeeded"),
+            ("claude-opus-4-5-20251101", "succeeded"),
+            ("claude-sonnet-4-5", "errored"),
+            ("claude-opus-4-1", "errored"),
+            ("claude-3-5-haiku-latest", "errored"),
+            ("claude-nonexistent-9", "errored"),
+        ],
     )
-    def test_claude_models_are_accepted(self, emulator: EmulatorThread, model: str) -> None:
-        """Any claude-* model succeeds."""
+    def test_catalog_decides_which_models_answer(
+        self, emulator: EmulatorThread, model: str, result: str
+    ) -> None:
+        """Current models succeed; retired and unknown ones end not_found_error naming them."""
         client = sdk_client(emulator.base_url)
         batch = client.messages.batches.create(requests=_one({**_GOOD, "model": model}))
-        assert client.messages.batches.retrieve(batch.id).request_counts.succeeded == 1
+        client.messages.batches.retrieve(batch.id)
+        (line,) = list(client.messages.batches.results(batch.id))
+        assert line.result.type == result
+        if line.result.type == "errored":
+            error = line.result.error.error
+            assert error.type == "not_found_error" and model in error.message
 
 
 class TestBadCalls:

@@ -26,6 +26,7 @@ EXPECTED_FAMILIES = {
     "batchd_cost_usd": "counter",
     "batchd_budget_usd": "gauge",
     "batchd_budget_exhausted": "gauge",
+    "batchd_paused": "gauge",
     "batchd_manifest_bytes": "gauge",
     "batchd_ledger_bytes": "gauge",
     "batchd_oldest_in_flight_seconds": "gauge",
@@ -70,7 +71,7 @@ class TestSeries:
     """The series exist with the right types and move as the engine drives them."""
 
     def test_every_documented_family_is_exported(self) -> None:
-        """All fifteen batchd families are present with the documented type."""
+        """All sixteen batchd families are present with the documented type."""
         metrics = Metrics()
         metrics.declare_pipeline("p", budget_usd=5)
         metrics.manifest_bytes.set(1)
@@ -215,3 +216,23 @@ class TestDocumentation:
         named = set(METRIC_NAME.findall((DOCS / "operations.md").read_text()))
         assert {"batchd_requests_total", "batchd_budget_exhausted"} <= named
         assert named <= _exported_sample_names(), named - _exported_sample_names()
+
+
+class TestPaused:
+    def test_pause_kind_is_a_label_and_clears_on_resume(self) -> None:
+        """batchd_paused{kind} is 1 for the current pause only; 0 everywhere once resumed."""
+        from daemon.telemetry import Telemetry
+
+        metrics = Metrics(process_metrics=False)
+        metrics.declare_pipeline("p")
+        telemetry = Telemetry(metrics, "p")
+        telemetry.refresh([], 0, ("enforced_spend_limit_reached: …", "spend_limit"))
+        samples = _samples(metrics.render())
+        assert samples[("batchd_paused", (("kind", "spend_limit"), ("pipeline", "p")))] == 1
+        telemetry.refresh([], 0, ("billing_error: …", "billing"))
+        samples = _samples(metrics.render())
+        assert samples[("batchd_paused", (("kind", "spend_limit"), ("pipeline", "p")))] == 0
+        assert samples[("batchd_paused", (("kind", "billing"), ("pipeline", "p")))] == 1
+        telemetry.refresh([], 0, (None, None))
+        assert all(v == 0 for (name, _), v in _samples(metrics.render()).items()
+                   if name == "batchd_paused")

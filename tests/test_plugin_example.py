@@ -261,7 +261,8 @@ class TestPipeline:
         env = installed.env("", ANTHROPIC_BASE_URL="http://127.0.0.1:9", ANTHROPIC_API_KEY="t")
         done = _batchd("run", "pipeline.toml", "--until-drained", env=env, cwd=pipeline_dir)
         assert done.returncode == 2
-        message = done.stderr.strip().splitlines()[-1]
+        # run lists every problem (the plugin's sink type is unknown too): find the source's.
+        message = next(line for line in done.stderr.splitlines() if "[pipeline.source]" in line)
         assert message.startswith("batchd: config error: pipeline.toml: [pipeline.source] of ")
         assert "unknown source type 'example-lines' (known: csv, jsonl," in message
         assert "Traceback" not in done.stderr

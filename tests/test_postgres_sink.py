@@ -59,7 +59,8 @@ class TestResultsMode:
             ("key", "text"), ("custom_id", "text"), ("status", "text"), ("output", "text"),
             ("model", "text"), ("input_tokens", "integer"), ("output_tokens", "integer"),
             ("cost_usd", "double precision"), ("batch_id", "text"), ("attempt", "integer"),
-            ("updated_at", "timestamp with time zone"), ("message", "jsonb"),
+            ("updated_at", "timestamp with time zone"), ("output_json", "jsonb"),
+            ("message", "jsonb"),
         ]
 
     async def test_replayed_group_leaves_the_same_table(

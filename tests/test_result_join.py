@@ -79,7 +79,8 @@ class TestTake:
         }
         assert join.missing() == ["t-6"] and join.done == 5
         assert (join.succeeded, join.truncated, join.unknown) == (1, 1, 1)
-        assert (join.input_tokens, join.output_tokens, join.cost_usd) == (20, 4, 0.5)
+        # The answer `allowed` rejected (t-4) was billed: it counts as much as the kept ones.
+        assert (join.input_tokens, join.output_tokens, join.cost_usd) == (30, 6, 0.75)
 
     @pytest.mark.parametrize("line", [b'{"custom_id": "t-1", "res', b"[1, 2]", b"null"])
     def test_garbled_line_is_a_cut_stream(self, pipeline: PipelineConfig, line: bytes) -> None:

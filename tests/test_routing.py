@@ -30,16 +30,33 @@ class TestRoute:
 
     @pytest.mark.parametrize(
         "inner",
-        ["invalid_request_error", "not_found_error", "permission_error", "request_too_large"],
+        ["invalid_request_error", "not_found_error", "request_too_large"],
     )
     def test_permanent_errors_are_dead_lettered(self, inner: str) -> None:
         """Errors a resend cannot fix go to the dead letters at once, under their inner type."""
         assert route(errored(inner, "bad max_tokens")) == (Route.DEAD, inner, "bad max_tokens")
 
-    @pytest.mark.parametrize("inner", ["billing_error", "authentication_error"])
+    @pytest.mark.parametrize("inner", ["billing_error", "authentication_error", "permission_error"])
     def test_billing_and_auth_pause(self, inner: str) -> None:
-        """Billing and authentication errors pause the pipeline instead of burning rows."""
+        """Account problems (§6: billing, key, permission) pause the pipeline, rows held."""
         assert route(errored(inner))[:2] == (Route.PAUSE, inner)
+
+    @pytest.mark.parametrize(
+        ("code", "inner", "expected"),
+        [("enforced_spend_limit_reached", "rate_limit_error", Route.PAUSE),
+         ("organization_on_hold", "invalid_request_error", Route.PAUSE),
+         ("ramp_limit_exceeded", "rate_limit_error", Route.RETRY),
+         ("some_future_code", "invalid_request_error", Route.DEAD)],
+    )
+    def test_a_rows_error_code_decides_before_its_type(
+        self, code: str, inner: str, expected: Route
+    ) -> None:
+        """details.error_code, when a row carries one, outranks its type; unknown codes don't."""
+        result = errored(inner, "no")
+        result["error"]["error"]["details"] = {"error_code": code}
+        where, error_type, _ = route(result)
+        assert where is expected
+        assert error_type == (inner if expected is Route.DEAD else code)
 
     @pytest.mark.parametrize(
         "inner",

@@ -83,7 +83,7 @@ class TestResults:
         """The table the sink creates is exactly the one docs/sinks.md documents."""
         await _write(_sink(tmp_path), "g", _rows(1))
         documented = _documented_columns("results")
-        assert len(documented) == 11
+        assert len(documented) == 12
         assert _actual_columns(tmp_path, "results") == documented
 
     async def test_rows_land_as_documented(self, tmp_path: Path) -> None:

@@ -143,6 +143,6 @@ class TestAfterStop:
         """The human form shows every row terminal and the spend."""
         run = status_run.after_text
         assert run.returncode == 0, describe(run)
-        assert f"{ROWS + 2}/{ROWS + 2} rows terminal" in run.stdout
+        assert f"{ROWS + 2} of {ROWS + 2} rows terminal (100%, by file bytes)" in run.stdout
         assert "$0.0" in run.stdout
         assert "live chunks" not in run.stdout

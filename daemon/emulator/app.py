@@ -20,6 +20,8 @@ from aiohttp import web
 
 from daemon.emulator.admin import add_admin_routes
 from daemon.emulator.service import EmulatorService
+from daemon.emulator.validation import BatchContext
+from daemon.emulator.versions import ApiVersion, version_from_header
 from daemon.emulator.wire import (
     ApiError,
     error_body,
@@ -32,6 +34,7 @@ __all__ = ("SERVICE_KEY", "build_app")
 
 SERVICE_KEY = web.AppKey("service", EmulatorService)
 REQUEST_ID = web.RequestKey("request_id", str)
+API_VERSION = web.RequestKey("api_version", ApiVersion)
 _log = logging.getLogger(__name__)
 _BATCHES = "/v1/messages/batches"
 _CHUNK = 1024 * 1024
@@ -63,12 +66,18 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
     except ApiError as exc:
         response = json_response(
-            error_body(exc.error_type, exc.message, request_id), exc.status, exc.headers
+            error_body(exc.error_type, exc.message, request_id, exc.error_code),
+            exc.status,
+            exc.headers,
         )
+        if is_api:
+            service.count_http_error(exc.status, exc.error_code or exc.error_type)
     except web.HTTPException as exc:
         error_type = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error")
         message = f"{request.method} {request.path}: {exc.reason}"
         response = json_response(error_body(error_type, message, request_id), exc.status)
+        if is_api:
+            service.count_http_error(exc.status, error_type)
     except _Dropped:
         raise asyncio.CancelledError from None
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -79,6 +88,8 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
         _log.exception("emulator bug while handling %s %s", request.method, request.path)
         message = f"emulator internal error: {type(exc).__name__}: {exc}"
         response = json_response(error_body("api_error", message, request_id), 500)
+        if is_api:
+            service.count_http_error(500, "api_error")
     if not response.prepared:
         response.headers["request-id"] = request_id
         # The API's clock is the emulator's virtual one (created_at, expires_at): say so in
@@ -87,21 +98,57 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-async def _before_api_call(request: web.Request, service: EmulatorService) -> None:
-    """Authentication presence, ``slow`` and the HTTP-level faults of a /v1 call."""
-    if "x-api-key" not in request.headers and "authorization" not in request.headers:
+def _auth_scheme(request: web.Request) -> str:
+    """``x-api-key`` or ``bearer``: how the call authenticates (any non-empty key passes)."""
+    if request.headers.get("x-api-key", "").strip():
+        return "x-api-key"
+    authorization = request.headers.get("authorization")
+    if authorization is None:
         raise ApiError("authentication_error", "x-api-key header is required")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            "authentication_error", "Authorization header must be 'Bearer <API key>'"
+        )
+    return "bearer"
+
+
+async def _before_api_call(request: web.Request, service: EmulatorService) -> None:
+    """Authentication, ``anthropic-version``, the RPM limit, ``slow`` and the HTTP faults."""
+    scheme = _auth_scheme(request)
+    try:
+        version = version_from_header(request.headers.get("anthropic-version"))
+    except ValueError as exc:
+        raise ApiError("invalid_request_error", str(exc)) from None
+    request[API_VERSION] = version
+    service.count_client(version.name, scheme)
+    if request.path.startswith(_BATCHES):
+        wait = service.rpm.admit(service.store.now(), service.faults.settings.rpm_limit)
+        if wait is not None:
+            service.faults.count("rpm_limit")
+            raise ApiError(
+                "rate_limit_error",
+                f"Number of requests has exceeded your per-minute rate limit of "
+                f"{service.faults.settings.rpm_limit} on the Message Batches endpoints",
+                headers={"retry-after": retry_after_header(wait)},
+            )
     slow = service.faults.settings.slow
     if slow > 0:
         service.faults.count("slow")
         await asyncio.sleep(slow)
-    fault = service.faults.http_fault()
+    is_create = request.method == "POST" and request.path.rstrip("/") == _BATCHES
+    fault = service.faults.http_fault(is_create=is_create)
     if fault is not None:
-        status, error_type, message = fault
         headers = {}
-        if status == 429:
+        if fault.retry_after:
             headers["retry-after"] = retry_after_header(service.faults.settings.retry_after)
-        raise ApiError(error_type, message, headers=headers)
+        raise ApiError(
+            fault.error_type,
+            f"{fault.message(service.store.now())} (emulator fault {fault.kind})",
+            headers=headers,
+            status=fault.status,
+            error_code=fault.error_code,
+        )
 
 
 async def _create(request: web.Request) -> web.StreamResponse:
@@ -117,7 +164,17 @@ async def _create(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             "request_too_large", f"Request body of {length} bytes exceeds the {limit}-byte limit"
         )
-    batch = await service.store.create(request.content)
+    headers = request.headers
+    context = BatchContext(
+        version=request[API_VERSION],
+        betas=frozenset(
+            beta.strip() for beta in headers.get("anthropic-beta", "").split(",") if beta.strip()
+        ),
+        user_profile_id=headers.get("anthropic-user-profile-id"),
+        workspace_id=headers.get("anthropic-workspace-id"),
+        today=service.store.today(),
+    )
+    batch = await service.store.create(request.content, context)
     if service.faults.drop_this_create():
         if request.transport is not None:
             request.transport.abort()

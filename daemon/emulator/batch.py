@@ -10,11 +10,11 @@ moving the clock instead of waiting.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.emulator.schedule import FINISH_STEPS, OUTCOMES, FinishTally, steps_done
 from daemon.emulator.wire import rfc3339
 
 __all__ = ("Batch",)
@@ -24,7 +24,12 @@ _BUCKETS = ("succeeded", "errored", "canceled", "expired")
 
 @dataclass
 class Batch:
-    """A batch as the emulator remembers it."""
+    """
+    A batch as the emulator remembers it.
+
+    ``tally`` counts its requests by outcome and finish step (see `schedule`)
+    while it runs; once it has ended only the final counts are kept.
+    """
 
     id: str
     seq: int
@@ -33,55 +38,81 @@ class Batch:
     expires_at: float
     latency: float
     count: int
-    outcomes: Counter[str]
+    tally: FinishTally | None
+    version: str = ""
     cancel_initiated_at: float | None = None
     cancel_end_at: float | None = None
     ended_at: float | None = None
     end_kind: str | None = None
+    #: Requests whose finish step is below this keep their own outcome at the end.
+    finished_steps: int = FINISH_STEPS
+    final_counts: dict[str, int] | None = None
     archived_at: float | None = None
     cut_fetches: int = 0
-    #: Results jobs by end kind; ``natural`` starts at create so a big batch's
-    #: file is usually ready by the time a client asks for it.
-    results_jobs: dict[str, asyncio.Future[int]] = field(default_factory=dict, repr=False)
+    results_job: asyncio.Future[Any] | None = field(default=None, repr=False)
 
     @property
     def requests_path(self) -> Path:
         return self.directory / "requests.jsonl"
 
-    def results_path(self, kind: str) -> Path:
-        """The results file for the batch ending as ``kind``."""
-        return self.directory / f"results.{kind}.jsonl"
+    @property
+    def results_path(self) -> Path:
+        return self.directory / "results.jsonl"
 
     def advance(self, now: float, retention_seconds: float) -> bool:
         """
         Move the batch to where it is at ``now``; True when it has just ended.
 
-        A cancel before the batch's latency elapsed cancels every request (it
-        ends min(latency, 1 s) after the cancel, so ``canceling`` can be seen);
-        a batch slower than its TTL ends at the TTL with every request expired.
+        A cancel ends it min(latency, 1 s) later (so ``canceling`` can be seen);
+        the requests that finished before the cancel keep their results and the
+        rest are canceled. A batch slower than its TTL ends at the TTL, where
+        the unfinished requests expire.
         """
         just_ended = False
         if self.ended_at is None:
             natural_end = self.created_at + self.latency
             if self.cancel_end_at is not None:
                 if now >= self.cancel_end_at:
-                    self._end(self.cancel_end_at, "canceled")
+                    assert self.cancel_initiated_at is not None
+                    self._end(self.cancel_end_at, "canceled", self.cancel_initiated_at)
                     just_ended = True
             elif natural_end > self.expires_at:
                 if now >= self.expires_at:
-                    self._end(self.expires_at, "expired")
+                    self._end(self.expires_at, "expired", self.expires_at)
                     just_ended = True
             elif now >= natural_end:
-                self._end(natural_end, "natural")
+                self._end(natural_end, "natural", None)
                 just_ended = True
         archive_at = self.created_at + retention_seconds
         if self.archived_at is None and self.ended_at is not None and now >= archive_at:
             self.archived_at = max(archive_at, self.ended_at)
         return just_ended
 
-    def _end(self, at: float, kind: str) -> None:
+    def _end(self, at: float, kind: str, cut_at: float | None) -> None:
         self.ended_at = at
         self.end_kind = kind
+        if cut_at is not None:
+            self.finished_steps = steps_done(self.created_at, self.latency, cut_at)
+        self.final_counts = self._final_counts()
+        self.tally = None
+
+    def _final_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("processing", *_BUCKETS), 0)
+        tally = self.tally
+        assert tally is not None
+        for outcome in OUTCOMES:
+            counts[outcome] += tally.finished(self.finished_steps, outcome)
+        unfinished = self.count - tally.finished(self.finished_steps)
+        if self.end_kind in ("canceled", "expired"):
+            counts[self.end_kind] += unfinished
+        return counts
+
+    def unfinished(self, now: float) -> int:
+        """Requests not yet processed at ``now``: what the processing queue counts."""
+        if self.ended_at is not None or self.tally is None:
+            return 0
+        at = now if self.cancel_initiated_at is None else min(now, self.cancel_initiated_at)
+        return self.count - self.tally.finished(steps_done(self.created_at, self.latency, at))
 
     @property
     def processing_status(self) -> str:
@@ -91,15 +122,11 @@ class Batch:
 
     def request_counts(self) -> dict[str, int]:
         """The API's counts: all ``processing`` until the batch ends, then the terminal buckets."""
-        counts = dict.fromkeys(("processing", *_BUCKETS), 0)
-        if self.end_kind is None:
+        if self.final_counts is None:
+            counts = dict.fromkeys(("processing", *_BUCKETS), 0)
             counts["processing"] = self.count
-        elif self.end_kind in ("canceled", "expired"):
-            counts[self.end_kind] = self.count
-        else:
-            for bucket in _BUCKETS:
-                counts[bucket] = self.outcomes.get(bucket, 0)
-        return counts
+            return counts
+        return dict(self.final_counts)
 
     def to_api(self, base_url: str) -> dict[str, Any]:
         """The MessageBatch object."""

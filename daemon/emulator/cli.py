@@ -14,16 +14,29 @@ import signal
 import sys
 
 from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration, parse_fault_spec
-from daemon.emulator.responder import load_rules
+from daemon.emulator.rules import load_rules
 from daemon.emulator.runner import run_emulator
+from daemon.emulator.tiers import parse_tier
+from daemon.model_catalog import CatalogError, load_catalog
 
 __all__ = ("add_arguments", "run")
+
+
+def tcp_port(value: str) -> int:
+    """An argparse type: a TCP port number (0 asks the kernel for a free one)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {port}")
+    return port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The emulator's flags (durations accept 0, 500ms, 2s, 5m, 24h, 29d)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    parser.add_argument("--port", type=tcp_port, default=8765, help="port (0 picks a free one)")
     parser.add_argument("--latency", default="0", help="time from create to ended (default 0)")
     parser.add_argument("--ttl", default="24h", help="time from create to expires_at")
     parser.add_argument("--retention", default="29d", help="time from create to archived")
@@ -33,7 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="fault settings, e.g. api_error=0.05,http429=0.05,retry_after=1,slow=200ms",
     )
-    parser.add_argument("--queue-limit", type=int, default=None, help="requests in progress")
+    parser.add_argument(
+        "--tier",
+        default=None,
+        help="usage tier: start, build, scale or custom:N (processing queue and RPM limit)",
+    )
+    parser.add_argument(
+        "--queue-limit", type=int, default=None, help="requests in progress (overrides --tier)"
+    )
+    parser.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra model catalog file (TOML or JSON); may be given more than once",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for faults and result order")
     parser.add_argument("--state-dir", default=None, help="where request/result files go")
 
@@ -54,6 +81,15 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         raise ValueError(f"--faults: {exc}") from None
     if args.rules is not None:
         load_rules(args.rules)
+    if args.tier is not None:
+        try:
+            parse_tier(args.tier)
+        except ValueError as exc:
+            raise ValueError(f"--tier: {exc}") from None
+    try:
+        load_catalog(*args.models)
+    except CatalogError as exc:
+        raise ValueError(f"--models: {exc}") from None
     return EmulatorConfig(
         host=args.host,
         port=args.port,
@@ -63,6 +99,8 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
         rules=args.rules,
         faults=faults,
         queue_limit=args.queue_limit,
+        tier=args.tier,
+        models=tuple(args.models),
         seed=args.seed,
         state_dir=args.state_dir,
     )
@@ -79,7 +117,7 @@ async def _serve(config: EmulatorConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until a signal; 0 on a clean stop, 2 for bad flags, 1 when it cannot listen."""
+    """Serve until a signal; 0 on a clean stop, 2 for bad flags or an address it cannot bind."""
     try:
         config = _config(args)
     except ValueError as exc:
@@ -88,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_serve(config))
     except OSError as exc:
+        # A port in use or an address not on this host is the caller's to fix: exit 2,
+        # like every other configuration mistake.
         print(
-            f"batchd emulator: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
+            f"batchd emulator: --host/--port: cannot listen on {config.host}:{config.port}: "
+            f"{exc.strerror or exc}", file=sys.stderr
         )
-        return 1
+        return 2
     return 0

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.emulator.tiers import parse_tier
+
 __all__ = (
+    "HTTP_FAULTS",
     "PER_REQUEST_FAULTS",
+    "SUCCEEDED_TWISTS",
     "EmulatorConfig",
     "FaultSettings",
     "parse_duration",
@@ -30,9 +34,26 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, No
 
 #: Per-request fault kinds, in the order their fractions are stacked.
 PER_REQUEST_FAULTS = ("api_error", "overloaded_error", "invalid_request", "expired")
-#: HTTP-level fault kinds, in the order their fractions are stacked.
-HTTP_FAULTS = ("http429", "http500", "http529")
+#: Faults that keep a request ``succeeded`` but change its reply, stacked in this order.
+SUCCEEDED_TWISTS = ("refusal", "context_exceeded")
+#: HTTP-level fault kinds, in the order their fractions are stacked (see `error_codes`).
+HTTP_FAULTS = (
+    "http429",
+    "http500",
+    "http529",
+    "spend_limit",
+    "contract_spend_limit",
+    "ramp_limit",
+    "org_on_hold",
+    "user_spend_limit",
+    "http401",
+    "http402",
+    "http403",
+)
+#: Which /v1 calls the HTTP faults hit.
+HTTP_FAULT_TARGETS = ("all", "create")
 _DURATION_KEYS = frozenset({"retry_after", "slow", "transient_404_seconds"})
+_OPTIONAL_COUNTS = frozenset({"cut_results_after", "queue_limit", "rpm_limit"})
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -66,9 +87,21 @@ class FaultSettings:
     overloaded_error: float = 0.0
     invalid_request: float = 0.0
     expired: float = 0.0
+    refusal: float = 0.0
+    context_exceeded: float = 0.0
+    cache_miss: float = 0.0
     http429: float = 0.0
     http500: float = 0.0
     http529: float = 0.0
+    spend_limit: float = 0.0
+    contract_spend_limit: float = 0.0
+    ramp_limit: float = 0.0
+    org_on_hold: float = 0.0
+    user_spend_limit: float = 0.0
+    http401: float = 0.0
+    http402: float = 0.0
+    http403: float = 0.0
+    http_fault_on: str = "all"
     retry_after: float = 1.0
     slow: float = 0.0
     cut_results_after: int | None = None
@@ -76,6 +109,7 @@ class FaultSettings:
     drop_after_create: float = 0.0
     transient_404_seconds: float = 0.0
     queue_limit: int | None = None
+    rpm_limit: int | None = None
     retention_days: float = 29.0
 
     @classmethod
@@ -105,7 +139,7 @@ class FaultSettings:
         return dataclasses.asdict(self)
 
     def _check_sums(self) -> None:
-        for group in (PER_REQUEST_FAULTS, HTTP_FAULTS):
+        for group in (PER_REQUEST_FAULTS, SUCCEEDED_TWISTS, HTTP_FAULTS):
             total = sum(getattr(self, key) for key in group)
             if total > 1.0 + 1e-9:
                 raise ValueError(f"fractions {', '.join(group)} add up to {total:g} > 1")
@@ -114,7 +148,11 @@ class FaultSettings:
 def _coerce(key: str, raw: Any) -> Any:
     """One setting's value checked and converted; the error names the key."""
     try:
-        if key in ("cut_results_after", "queue_limit"):
+        if key == "http_fault_on":
+            if raw not in HTTP_FAULT_TARGETS:
+                raise ValueError(f"must be one of {', '.join(HTTP_FAULT_TARGETS)}")
+            return raw
+        if key in _OPTIONAL_COUNTS:
             if raw is None or raw == "" or raw == "none":
                 return None
             value = int(raw)
@@ -169,7 +207,10 @@ class EmulatorConfig:
             ``faults.retention_days`` when set).
         rules: a rules file (TOML/JSON) or the rules themselves, see `responder`.
         faults: initial `FaultSettings` values (strings are parsed).
-        queue_limit: requests in progress allowed across all batches.
+        queue_limit: requests in progress allowed across all batches (overrides the tier's).
+        tier: ``start``, ``build``, ``scale`` or ``custom:N``: the processing-queue size
+            and the RPM limit of the batch endpoints (None: neither is limited).
+        models: extra model catalog files laid over the bundled one.
         seed: makes faults and result order reproducible.
         state_dir: where request and result files go (a temp dir when None).
         max_body_bytes, max_requests: the API's create limits.
@@ -182,9 +223,11 @@ class EmulatorConfig:
     latency: float = 0.0
     ttl: float = 24 * 3600.0
     retention: float | None = None
-    rules: str | Path | Sequence[Mapping[str, str]] | Mapping[str, Any] | None = None
+    rules: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None
     faults: Mapping[str, Any] = field(default_factory=dict)
     queue_limit: int | None = None
+    tier: str | None = None
+    models: Sequence[str | Path] = ()
     seed: int = 0
     state_dir: str | Path | None = None
     max_body_bytes: int = 256_000_000
@@ -192,7 +235,11 @@ class EmulatorConfig:
 
     def initial_faults(self) -> FaultSettings:
         """The fault settings a fresh (or reset) emulator starts with."""
-        settings = FaultSettings.from_mapping(self.faults)
+        base = FaultSettings()
+        if self.tier is not None:
+            tier = parse_tier(self.tier)
+            base = dataclasses.replace(base, queue_limit=tier.queue, rpm_limit=tier.rpm)
+        settings = FaultSettings.from_mapping(self.faults, base=base)
         extra: dict[str, Any] = {}
         if self.queue_limit is not None:
             extra["queue_limit"] = self.queue_limit

@@ -13,9 +13,15 @@ import hashlib
 import random
 from collections import Counter
 
-from daemon.emulator.config import HTTP_FAULTS, PER_REQUEST_FAULTS, FaultSettings
+from daemon.emulator.config import (
+    HTTP_FAULTS,
+    PER_REQUEST_FAULTS,
+    SUCCEEDED_TWISTS,
+    FaultSettings,
+)
+from daemon.emulator.error_codes import HTTP_FAULT_ERRORS, HttpFault
 
-__all__ = ("REQUEST_FAULT_ERRORS", "FaultInjector")
+__all__ = ("REQUEST_FAULT_ERRORS", "FaultInjector", "draw")
 
 #: The result a per-request fault gives: (result type, inner error type or None).
 REQUEST_FAULT_ERRORS: dict[str, tuple[str, str | None]] = {
@@ -25,11 +31,12 @@ REQUEST_FAULT_ERRORS: dict[str, tuple[str, str | None]] = {
     "expired": ("expired", None),
 }
 
-_HTTP_ERRORS = {
-    "http429": ("rate_limit_error", "Number of request tokens has exceeded your rate limit"),
-    "http500": ("api_error", "Internal server error"),
-    "http529": ("overloaded_error", "Overloaded"),
-}
+
+
+def draw(seed: int, custom_id: str, attempt: int, salt: str = "") -> float:
+    """A uniform number in [0, 1) that depends only on its arguments."""
+    key = f"{seed}\0{custom_id}\0{attempt}{salt}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
 
 
 class FaultInjector:
@@ -60,26 +67,48 @@ class FaultInjector:
         total = sum(getattr(settings, kind) for kind in PER_REQUEST_FAULTS)
         if total <= 0:
             return None
-        key = f"{self.seed}\0{custom_id}\0{attempt}".encode()
-        draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+        value = draw(self.seed, custom_id, attempt)
         edge = 0.0
         for kind in PER_REQUEST_FAULTS:
             edge += getattr(settings, kind)
-            if draw < edge:
+            if value < edge:
                 return kind
         return None
 
-    def http_fault(self) -> tuple[int, str, str] | None:
-        """``(status, error_type, message)`` when this /v1 request should fail, else None."""
-        draw = self._rng.random()
+    def succeeded_twist(self, custom_id: str, attempt: int) -> str | None:
+        """
+        ``refusal`` or ``context_exceeded`` for a request that succeeds but ends that way.
+
+        Drawn apart from `request_fault`, so turning these on changes no
+        request's errored/expired fate (tests predict those from the seed).
+        """
+        settings = self.settings
+        if settings.refusal <= 0 and settings.context_exceeded <= 0:
+            return None
+        value = draw(self.seed, custom_id, attempt, "\0twist")
+        edge = 0.0
+        for kind in SUCCEEDED_TWISTS:
+            edge += getattr(settings, kind)
+            if value < edge:
+                return kind
+        return None
+
+    def cache_read_misses(self, custom_id: str, attempt: int) -> bool:
+        """Whether this request's would-be cache read misses (best effort in batches)."""
+        fraction = self.settings.cache_miss
+        return fraction > 0 and draw(self.seed, custom_id, attempt, "\0cache") < fraction
+
+    def http_fault(self, *, is_create: bool) -> HttpFault | None:
+        """The HTTP error this /v1 call gets, or None (one draw per call it may hit)."""
+        if self.settings.http_fault_on == "create" and not is_create:
+            return None
+        value = self._rng.random()
         edge = 0.0
         for kind in HTTP_FAULTS:
             edge += getattr(self.settings, kind)
-            if draw < edge:
+            if value < edge:
                 self.injected[kind] += 1
-                error_type, message = _HTTP_ERRORS[kind]
-                status = {"http429": 429, "http500": 500, "http529": 529}[kind]
-                return status, error_type, f"{message} (emulator fault {kind})"
+                return HTTP_FAULT_ERRORS[kind]
         return None
 
     def drop_this_create(self) -> bool:

@@ -19,7 +19,11 @@ import ijson
 import orjson
 
 from daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
-from daemon.emulator.validation import check_params, check_request
+from daemon.emulator.schedule import FinishTally, finish_step
+from daemon.emulator.validation import check_request
+
+#: The per-request verdict: ``(error_type, message)`` for a request that ends errored.
+Judge = Callable[[dict[str, Any]], tuple[str, str] | None]
 
 __all__ = ("BodyTooLarge", "IngestFailed", "IngestSummary", "InvalidBody", "ingest_body")
 
@@ -68,6 +72,7 @@ class IngestSummary:
     outcomes: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     custom_ids: dict[str, int] = field(default_factory=dict)
+    tally: FinishTally = field(default_factory=FinishTally)
 
 
 class _SpillWriter:
@@ -92,15 +97,17 @@ async def ingest_body(
     max_requests: int,
     faults: FaultInjector,
     attempt_of: Callable[[str], int],
+    judge: Judge,
 ) -> IngestSummary:
     """
     Parse ``{"requests": [...]}`` from ``reader`` into ``spill_path``, tallying into ``summary``.
 
-    Each spill line is ``[custom_id, attempt, outcome, error_type, message, params]``
+    Each spill line is ``[custom_id, attempt, outcome, error_type, message, params, twist]``
     where the outcome (``succeeded``/``errored``/``expired``) is decided now:
-    the params check and the per-request fault both depend only on what was
-    received and on the how-many-th receipt of the custom_id this is
-    (``attempt_of`` reserves that number).
+    ``judge`` (the batch's params check) and the per-request faults depend
+    only on what was received and on the how-many-th receipt of the custom_id
+    this is (``attempt_of`` reserves that number). ``twist`` is a fault that
+    keeps the request succeeded but changes its reply (a refusal, say).
 
     The caller owns ``summary`` so that, whatever ends the read (a failed
     check, a dropped connection, a cancel), it can release the receipts
@@ -117,7 +124,7 @@ async def ingest_body(
             async for item in ijson.items(
                 limited, "requests.item", use_float=True, buf_size=_READ_SIZE
             ):
-                _take(summary, item, writer, max_requests, faults, attempt_of)
+                _take(summary, item, writer, max_requests, faults, attempt_of, judge)
         except ijson.JSONError as exc:
             raise InvalidBody(f"request body is not valid JSON: {exc}") from None
         if summary.count == 0:
@@ -134,6 +141,7 @@ def _take(
     max_requests: int,
     faults: FaultInjector,
     attempt_of: Callable[[str], int],
+    judge: Judge,
 ) -> None:
     """Check one request, decide its outcome and spill it."""
     index = summary.count
@@ -153,9 +161,10 @@ def _take(
     summary.count += 1
     attempt = attempt_of(custom_id)
     params = item["params"]
-    problem = check_params(params)
+    problem = judge(params)
     error_type: str | None = None
     message: str | None = None
+    twist: str | None = None
     if problem is not None:
         outcome = "errored"
         error_type, message = problem
@@ -163,9 +172,15 @@ def _take(
         kind = faults.request_fault(custom_id, attempt)
         if kind is None:
             outcome = "succeeded"
+            twist = faults.succeeded_twist(custom_id, attempt)
+            if twist is not None:
+                summary.faults[twist] += 1
         else:
             summary.faults[kind] += 1
             outcome, error_type = REQUEST_FAULT_ERRORS[kind]
             message = f"emulator fault {kind} (attempt {attempt})" if error_type else None
     summary.outcomes[outcome] += 1
-    writer.write(orjson.dumps([custom_id, attempt, outcome, error_type, message, params]) + b"\n")
+    summary.tally.add(outcome, finish_step(faults.seed, custom_id))
+    writer.write(
+        orjson.dumps([custom_id, attempt, outcome, error_type, message, params, twist]) + b"\n"
+    )

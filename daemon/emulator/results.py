@@ -1,10 +1,11 @@
 """
-A batch's results file, written from its spill file in a worker thread.
+A batch's results file, written from its spill file in a worker thread once it ends.
 
-The file for the batch's natural outcome is started at create, so a large
-batch's results are usually on disk before a client asks (100,000 lines take
-one to two seconds of CPU); a batch that ends canceled or expired gets its own,
-trivial file at its end. Writing goes block by block, so memory stays flat.
+Each request's result depends on how the batch ended: a request whose finish
+step (see `schedule`) came before a cancel or the TTL keeps the outcome
+decided at create and gets its reply as of its own finish time (which is when
+it reads or writes the prompt cache); the others are ``canceled`` or
+``expired``. Writing goes block by block, so memory stays flat.
 
 Lines come out in a shuffled, seeded order: the API does not keep request
 order, and a client that relies on it must fail here rather than in production.
@@ -15,44 +16,91 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from daemon.emulator.faults import FaultInjector
 from daemon.emulator.responder import Responder
+from daemon.emulator.schedule import finish_step, finish_time
 
-__all__ = ("write_results",)
+__all__ = ("USAGE_KEYS", "ResultsPlan", "ResultsSummary", "write_results")
 
 _BLOCK = 512
+#: What ``usage_totals`` sums per model, over succeeded lines.
+USAGE_KEYS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "thinking_tokens",
+)
+
+
+@dataclass(frozen=True)
+class ResultsPlan:
+    """How a batch ended, which is all its results depend on besides the spill file."""
+
+    batch_id: str
+    created_at: float
+    latency: float
+    end_kind: str
+    finished_steps: int
+
+
+@dataclass
+class ResultsSummary:
+    """What writing the file found out: its line count and the usage per model."""
+
+    lines: int = 0
+    _sums: dict[str, list[int]] = field(default_factory=dict)
+
+    def add_usage(self, model: str, usage: dict[str, Any]) -> None:
+        sums = self._sums.get(model)
+        if sums is None:
+            sums = self._sums[model] = [0] * len(USAGE_KEYS)
+        creation = usage["cache_creation"]
+        sums[0] += 1
+        sums[1] += usage["input_tokens"]
+        sums[2] += usage["output_tokens"]
+        sums[3] += creation["ephemeral_5m_input_tokens"]
+        sums[4] += creation["ephemeral_1h_input_tokens"]
+        sums[5] += usage["cache_read_input_tokens"]
+        sums[6] += usage["output_tokens_details"]["thinking_tokens"]
+
+    @property
+    def usage(self) -> dict[str, Counter[str]]:
+        """Per model, ``USAGE_KEYS`` → total."""
+        return {model: Counter(dict(zip(USAGE_KEYS, sums, strict=True)))
+                for model, sums in self._sums.items()}
 
 
 def write_results(
-    spill: Path, out: Path, *, batch_id: str, end_kind: str, responder: Responder, seed: int
-) -> int:
+    spill: Path, out: Path, plan: ResultsPlan, *, responder: Responder, faults: FaultInjector
+) -> ResultsSummary:
     """
-    Write the JSONL results for a batch that ended as ``end_kind`` and return the line count.
-
-    ``end_kind`` is ``natural`` (each request keeps the outcome decided at
-    create), ``canceled`` or ``expired`` (the batch ended before processing, so
-    every request gets that result). The file appears under its final name
-    only once complete.
+    Write the JSONL results of an ended batch; the file appears under its name only once complete.
     """
     tmp = out.with_suffix(".tmp")
-    lines = 0
+    summary = ResultsSummary()
+    writer = _LineMaker(plan, responder, faults, summary)
     with spill.open("rb") as source, tmp.open("wb", buffering=1024 * 1024) as sink:
         block: list[tuple[int, bytes]] = []
         for raw in source:
             entry = orjson.loads(raw)
-            line = _result_line(entry, batch_id=batch_id, end_kind=end_kind, responder=responder)
-            block.append((zlib.crc32(entry[0].encode()) ^ seed, line))
+            block.append((zlib.crc32(entry[0].encode()) ^ faults.seed, writer.line(entry)))
             if len(block) >= _BLOCK:
-                lines += _flush(block, sink)
-        lines += _flush(block, sink)
+                summary.lines += _flush(block, sink)
+        summary.lines += _flush(block, sink)
         sink.flush()
         os.fsync(sink.fileno())
     tmp.rename(out)
-    return lines
+    return summary
 
 
 def _flush(block: list[tuple[int, bytes]], sink: Any) -> int:
@@ -66,24 +114,52 @@ def _flush(block: list[tuple[int, bytes]], sink: Any) -> int:
     return count
 
 
-def _result_line(entry: list[Any], *, batch_id: str, end_kind: str, responder: Responder) -> bytes:
-    """One results line for a spilled ``[custom_id, attempt, outcome, type, message, params]``."""
-    custom_id, _attempt, outcome, error_type, message, params = entry
-    result: dict[str, Any]
-    if end_kind in ("canceled", "expired"):
-        result = {"type": end_kind}
-    elif outcome == "succeeded":
-        result = {"type": "succeeded", "message": responder.message(batch_id, custom_id, params)}
-    elif outcome == "errored":
-        digest = hashlib.blake2b(f"{batch_id}/{custom_id}".encode(), digest_size=11).hexdigest()
-        result = {
-            "type": "errored",
-            "error": {
-                "type": "error",
-                "error": {"type": error_type, "message": message},
-                "request_id": f"req_01{digest}",
-            },
-        }
-    else:
-        result = {"type": "expired"}
-    return orjson.dumps({"custom_id": custom_id, "result": result}) + b"\n"
+class _LineMaker:
+    def __init__(
+        self,
+        plan: ResultsPlan,
+        responder: Responder,
+        faults: FaultInjector,
+        summary: ResultsSummary,
+    ) -> None:
+        self.plan = plan
+        self.responder = responder
+        self.faults = faults
+        self.summary = summary
+
+    def line(self, entry: list[Any]) -> bytes:
+        """One results line for a spilled request (see `ingest` for the entry's fields)."""
+        custom_id, attempt, outcome, error_type, message, params, twist = entry
+        plan = self.plan
+        step = finish_step(self.faults.seed, custom_id)
+        result: dict[str, Any]
+        if step >= plan.finished_steps:
+            result = {"type": plan.end_kind}
+        elif outcome == "succeeded":
+            miss = self.faults.cache_read_misses(custom_id, attempt)
+            reply = self.responder.message(
+                plan.batch_id,
+                custom_id,
+                params,
+                at=finish_time(plan.created_at, plan.latency, step),
+                twist=twist,
+                cache_miss=miss,
+            )
+            self.summary.add_usage(reply["model"], reply["usage"])
+            result = {"type": "succeeded", "message": reply}
+        elif outcome == "errored":
+            digest = hashlib.blake2b(
+                f"{plan.batch_id}/{custom_id}".encode(), digest_size=11
+            ).hexdigest()
+            result = {
+                "type": "errored",
+                "error": {
+                    "type": "error",
+                    "error": {"type": error_type, "message": message},
+                    "request_id": f"req_01{digest}",
+                },
+            }
+        else:
+            result = {"type": "expired"}
+        return orjson.dumps({"custom_id": custom_id, "result": result}) + b"\n"
+

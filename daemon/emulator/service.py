@@ -16,8 +16,11 @@ from typing import Any
 
 from daemon.emulator.config import EmulatorConfig, FaultSettings
 from daemon.emulator.faults import FaultInjector
-from daemon.emulator.responder import Responder, load_rules
+from daemon.emulator.responder import Responder
+from daemon.emulator.rules import load_rules
 from daemon.emulator.store import Store
+from daemon.emulator.tiers import RpmWindow
+from daemon.model_catalog import load_catalog
 
 __all__ = ("EmulatorService",)
 
@@ -34,14 +37,32 @@ class EmulatorService:
         else:
             self.state_dir = Path(config.state_dir)
             self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = load_catalog(*config.models)
         self.faults = FaultInjector(config.initial_faults(), config.seed)
-        self.store = Store(config, self.state_dir, Responder(rules, default), self.faults)
+        responder = Responder(rules, default, self.catalog)
+        self.store = Store(config, self.state_dir, responder, self.faults)
         self.http_requests: Counter[str] = Counter()
+        self.http_errors: Counter[str] = Counter()
+        self.api_versions: Counter[str] = Counter()
+        self.auth_schemes: Counter[str] = Counter()
+        self.rpm = RpmWindow()
+
+    def count_client(self, version: str, auth_scheme: str) -> None:
+        """Record which API version and key header a /v1 call used."""
+        self.api_versions[version] += 1
+        self.auth_schemes[auth_scheme] += 1
+
+    def count_http_error(self, status: int, code_or_type: str) -> None:
+        """Record a /v1 error answer as ``"<status>:<error_code or type>"``."""
+        self.http_errors[f"{status}:{code_or_type}"] += 1
 
     def stats(self) -> dict[str, Any]:
         """What was received and injected: the tests' proof that nothing was sent twice."""
         stats = self.store.stats()
         stats["http_requests"] = dict(self.http_requests)
+        stats["http_errors"] = dict(self.http_errors)
+        stats["api_versions"] = dict(self.api_versions)
+        stats["auth_schemes"] = dict(self.auth_schemes)
         return stats
 
     def set_faults(self, **values: Any) -> dict[str, Any]:
@@ -68,6 +89,10 @@ class EmulatorService:
         """Forget every batch, counter, fault change and clock offset."""
         await self.store.reset()
         self.http_requests.clear()
+        self.http_errors.clear()
+        self.api_versions.clear()
+        self.auth_schemes.clear()
+        self.rpm.clear()
         self.faults.injected.clear()
         self.faults = FaultInjector(self.config.initial_faults(), self.config.seed)
         self.store.faults = self.faults

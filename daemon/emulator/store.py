@@ -9,6 +9,7 @@ that no handler touches until it is done.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import shutil
 import time
 import uuid
@@ -27,7 +28,8 @@ from daemon.emulator.ingest import (
     ingest_body,
 )
 from daemon.emulator.responder import Responder
-from daemon.emulator.results import write_results
+from daemon.emulator.results import USAGE_KEYS, ResultsPlan, ResultsSummary, write_results
+from daemon.emulator.validation import BatchContext, RowJudge
 from daemon.emulator.wire import ApiError, new_id, retry_after_header
 
 __all__ = ("Store",)
@@ -51,11 +53,17 @@ class Store:
         self._pending: Counter[str] = Counter()
         self.batches_created = 0
         self.requests_received = 0
+        self.peak_in_progress = 0
+        self.usage_totals: dict[str, Counter[str]] = {}
         self._background: set[asyncio.Future[None]] = set()
 
     def now(self) -> float:
         """The virtual time: wall clock plus the offset tests advanced."""
         return time.time() + self.clock_offset
+
+    def today(self) -> dt.date:
+        """The virtual UTC day (model retirements are judged by it)."""
+        return dt.datetime.fromtimestamp(self.now(), dt.UTC).date()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -72,32 +80,45 @@ class Store:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def _start_results(self, batch: Batch, kind: str | None = None) -> asyncio.Future[int]:
-        """The job writing the results file for ``kind`` (default: how the batch ended)."""
-        kind = kind or batch.end_kind
-        assert kind is not None
-        job = batch.results_jobs.get(kind)
+    def _start_results(self, batch: Batch) -> asyncio.Future[Any]:
+        """The job writing the results file of an ended batch (started once, at its end)."""
+        job = batch.results_job
         if job is None:
+            assert batch.end_kind is not None
+            plan = ResultsPlan(
+                batch_id=batch.id,
+                created_at=batch.created_at,
+                latency=batch.latency,
+                end_kind=batch.end_kind,
+                finished_steps=batch.finished_steps,
+            )
             job = asyncio.ensure_future(
                 asyncio.to_thread(
                     write_results,
                     batch.requests_path,
-                    batch.results_path(kind),
-                    batch_id=batch.id,
-                    end_kind=kind,
+                    batch.results_path,
+                    plan,
                     responder=self.responder,
-                    seed=self.faults.seed,
+                    faults=self.faults,
                 )
             )
-            batch.results_jobs[kind] = job
+            job.add_done_callback(self._count_usage)
+            batch.results_job = job
         return job
+
+    def _count_usage(self, job: asyncio.Future[Any]) -> None:
+        if job.cancelled() or job.exception() is not None:
+            return
+        summary: ResultsSummary = job.result()
+        for model, usage in summary.usage.items():
+            self.usage_totals.setdefault(model, Counter()).update(usage)
 
     async def _discard_files(self, batch: Batch, *, keep_dir: bool) -> None:
         """Remove a batch's files once no results job is writing them."""
-        await asyncio.gather(*batch.results_jobs.values(), return_exceptions=True)
+        if batch.results_job is not None:
+            await asyncio.gather(batch.results_job, return_exceptions=True)
         if keep_dir:
-            for kind in batch.results_jobs:
-                batch.results_path(kind).unlink(missing_ok=True)
+            batch.results_path.unlink(missing_ok=True)
             batch.requests_path.unlink(missing_ok=True)
         else:
             await asyncio.to_thread(shutil.rmtree, batch.directory, True)
@@ -125,10 +146,10 @@ class Store:
     def in_progress_requests(self) -> int:
         """Requests in batches that have not ended: what the API's queue limit counts."""
         total = 0
+        now = self.now()
         for batch in self._batches.values():
             self._refresh(batch)
-            if batch.ended_at is None:
-                total += batch.count
+            total += batch.unfinished(now)
         return total
 
     # -- create --------------------------------------------------------------
@@ -146,9 +167,9 @@ class Store:
             if commit:
                 self.received[custom_id] += 1
 
-    async def create(self, reader: AsyncReadable) -> Batch:
+    async def create(self, reader: AsyncReadable, context: BatchContext) -> Batch:
         """
-        Receive a create body and make the batch.
+        Receive a create body and make the batch; its rows are judged by ``context``.
 
         Raises:
             ApiError: 400 for a failed check, 413 over the size limit, 429 over
@@ -165,6 +186,7 @@ class Store:
                 max_requests=self.config.max_requests,
                 faults=self.faults,
                 attempt_of=self._attempt_of,
+                judge=RowJudge(self.responder.catalog, context),
             )
         except BaseException as exc:
             spill.unlink(missing_ok=True)
@@ -175,14 +197,15 @@ class Store:
                 raise ApiError("invalid_request_error", str(exc)) from None
             raise
         limit = self.faults.settings.queue_limit
-        if limit is not None and self.in_progress_requests() + summary.count > limit:
+        busy = self.in_progress_requests()
+        if limit is not None and busy + summary.count > limit:
             spill.unlink(missing_ok=True)
             self._release(summary.custom_ids, commit=False)
             self.faults.count("queue_limit")
             raise ApiError(
                 "rate_limit_error",
                 f"Batch of {summary.count} requests would exceed the processing-queue limit "
-                f"of {limit} requests ({self.in_progress_requests()} in progress)",
+                f"of {limit} requests ({busy} in progress)",
                 headers={"retry-after": retry_after_header(self.faults.settings.retry_after)},
             )
         batch_id = new_id("msgbatch_")
@@ -198,16 +221,17 @@ class Store:
             expires_at=now + self.config.ttl,
             latency=self.config.latency,
             count=summary.count,
-            outcomes=summary.outcomes,
+            tally=summary.tally,
+            version=context.version.name,
         )
         self._next_seq += 1
         self._batches[batch_id] = batch
         self._seq_of[batch_id] = batch.seq
-        self._start_results(batch, "natural")
         self._release(summary.custom_ids, commit=True)
         self.faults.injected.update(summary.faults)
         self.batches_created += 1
         self.requests_received += summary.count
+        self.peak_in_progress = max(self.peak_in_progress, busy + summary.count)
         return batch
 
     # -- list / cancel / delete / results -------------------------------------
@@ -267,8 +291,7 @@ class Store:
         """The finished results file of an ended, unarchived batch."""
         job = self._start_results(batch)
         await asyncio.shield(job)
-        assert batch.end_kind is not None
-        return batch.results_path(batch.end_kind)
+        return batch.results_path
 
     def cut_after(self, batch: Batch) -> int | None:
         """Lines after which this results fetch is cut off, or None for a whole stream."""
@@ -286,15 +309,26 @@ class Store:
             "batches_created": self.batches_created,
             "requests_received": self.requests_received,
             "received": dict(self.received),
-            "faults_injected": dict(self.faults.injected),
+            "faults_injected": self._faults_injected(),
             "in_progress_requests": self.in_progress_requests(),
+            "peak_in_progress_requests": self.peak_in_progress,
             "clock_offset": self.clock_offset,
+            "usage_totals": {
+                model: {key: totals.get(key, 0) for key in USAGE_KEYS}
+                for model, totals in sorted(self.usage_totals.items())
+            },
         }
+
+    def _faults_injected(self) -> dict[str, int]:
+        injected = dict(self.faults.injected)
+        if self.responder.cache.misses:
+            injected["cache_miss"] = self.responder.cache.misses
+        return injected
 
     async def close(self) -> None:
         """Wait for results jobs so no thread writes into a directory being removed."""
         tasks: list[asyncio.Future[Any]] = [
-            job for b in self._batches.values() for job in b.results_jobs.values()
+            b.results_job for b in self._batches.values() if b.results_job is not None
         ]
         tasks.extend(self._background)
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -308,6 +342,9 @@ class Store:
         self.received.clear()
         self.batches_created = 0
         self.requests_received = 0
+        self.peak_in_progress = 0
+        self.usage_totals.clear()
+        self.responder.cache.clear()
         self.clock_offset = 0.0
         for batch in batches:
             await self._discard_files(batch, keep_dir=False)

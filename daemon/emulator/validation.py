@@ -2,20 +2,32 @@
 What the API checks, split the way the API splits it.
 
 `check_request` is the create-time check that fails the whole batch (HTTP
-400). `check_params` is the asynchronous per-request check: its verdict never
-fails the create, it makes that one request end ``errored``. Keeping both here
-lets a test read the emulator's contract in one file.
+400). `RowJudge` is the asynchronous per-request check (BATCH: "validation
+errors are returned when processing of the entire batch has ended"): its
+verdict never fails the create, it makes that one request end ``errored``.
+It runs the checks in the order the API resolves a request: the params'
+schema (`strict_params`), the batch's API version (`versions`), the cache
+breakpoints (`cache`), the model's existence, then the model's own rules
+(`model_rules`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ("CUSTOM_ID_PATTERN", "check_params", "check_request")
+from daemon.emulator.cache import check_breakpoints
+from daemon.emulator.model_rules import check_model, max_output_for, resolve_model
+from daemon.emulator.prompt import has_cache_marker, prompt_chars, prompt_units, tokens
+from daemon.emulator.strict_params import check_strict
+from daemon.emulator.versions import ApiVersion, check_version_rules
+from daemon.model_catalog import Catalog
+
+__all__ = ("CUSTOM_ID_PATTERN", "BatchContext", "RowJudge", "check_request")
 
 CUSTOM_ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-_ROLES = frozenset({"user", "assistant"})
 
 
 def check_request(index: int, item: Any) -> str:
@@ -43,65 +55,59 @@ def check_request(index: int, item: Any) -> str:
     return custom_id
 
 
-def check_params(params: dict[str, Any]) -> tuple[str, str] | None:
+@dataclass(frozen=True)
+class BatchContext:
     """
-    ``(error_type, message)`` when the API would reject these Messages params, else None.
+    What a batch's create call said besides its body, which its rows are judged by.
 
-    Schema problems are ``invalid_request_error``; a model that does not exist
-    is ``not_found_error``, checked last as the API resolves the model after
-    the schema.
+    Args:
+        version: the ``anthropic-version`` of the create call.
+        betas: the ``anthropic-beta`` values (e.g. the batch-only 300K output beta).
+        user_profile_id, workspace_id: the create call's headers of those names.
+        today: the virtual day of the create (retirements are judged by it).
     """
-    model = params.get("model")
-    if model is None:
-        return ("invalid_request_error", "model: Field required")
-    if not isinstance(model, str) or not model:
-        return ("invalid_request_error", "model: Input should be a non-empty string")
-    max_tokens = params.get("max_tokens")
-    if max_tokens is None:
-        return ("invalid_request_error", "max_tokens: Field required")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        return ("invalid_request_error", f"max_tokens: must be an integer >= 1, got {max_tokens!r}")
-    problem = _check_messages(params.get("messages"))
-    if problem is not None:
-        return ("invalid_request_error", problem)
-    temperature = params.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not 0.0 <= temperature <= 1.0
-    ):
-        return ("invalid_request_error", f"temperature: must be within 0..1, got {temperature!r}")
-    system = params.get("system")
-    if system is not None and not isinstance(system, str | list):
-        return ("invalid_request_error", "system: Input should be a string or a list of blocks")
-    if not model.startswith("claude-"):
-        return ("not_found_error", f"model: {model}")
-    return None
+
+    version: ApiVersion
+    betas: frozenset[str] = frozenset()
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
+    today: dt.date = dt.date(2026, 12, 1)
 
 
-def _check_messages(messages: Any) -> str | None:
-    """What is wrong with ``messages``, or None."""
-    if messages is None:
-        return "messages: Field required"
-    if not isinstance(messages, list) or not messages:
-        return "messages: at least one message is required"
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages.{position}: expected an object with role and content"
-        if message.get("role") not in _ROLES:
-            return f"messages.{position}.role: must be 'user' or 'assistant'"
-        content = message.get("content")
-        if not isinstance(content, str | list):
-            return f"messages.{position}.content: Input should be a string or a list of blocks"
-        if isinstance(content, list) and not all(
-            isinstance(block, dict) and isinstance(block.get("type"), str) for block in content
-        ):
-            return f"messages.{position}.content: every block needs a type"
-        last_assistant = position == len(messages) - 1 and message.get("role") == "assistant"
-        empty = content == [] or (isinstance(content, str) and not content.strip())
-        if empty and not last_assistant:
-            return ("messages: all messages must have non-empty content except for the "
-                    "optional final assistant message")
-    if messages[0].get("role") != "user":
-        return 'messages: first message must use the "user" role'
-    return None
+class RowJudge:
+    """The per-request verdict for one batch: ``(error_type, message)`` or None."""
+
+    def __init__(self, catalog: Catalog, context: BatchContext) -> None:
+        self.catalog = catalog
+        self.context = context
+
+    def __call__(self, params: dict[str, Any]) -> tuple[str, str] | None:
+        context = self.context
+        problem = check_strict(
+            params,
+            context.version,
+            beta=bool(context.betas),
+            user_profile_id=context.user_profile_id,
+            workspace_id=context.workspace_id,
+        )
+        if problem is None:
+            problem = check_version_rules(context.version, params)
+        if problem is not None:
+            return ("invalid_request_error", problem)
+        if has_cache_marker(params):
+            problem = check_breakpoints(prompt_units(params, keys=False))
+            if problem is not None:
+                return ("invalid_request_error", problem)
+        info, missing = resolve_model(self.catalog, params["model"], context.today)
+        if info is None:
+            return ("not_found_error", missing or f"model: {params['model']}")
+        problem = check_model(
+            params,
+            info,
+            max_output=max_output_for(info, context.betas, self.catalog.beta_output_300k),
+            sampling_by_model=context.version.sampling_by_model,
+            prompt_tokens=tokens(prompt_chars(params)),
+        )
+        if problem is not None:
+            return ("invalid_request_error", problem)
+        return None

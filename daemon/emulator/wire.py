@@ -29,10 +29,13 @@ __all__ = (
 ERROR_STATUS: dict[str, int] = {
     "invalid_request_error": 400,
     "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
     "not_found_error": 404,
     "request_too_large": 413,
     "rate_limit_error": 429,
     "api_error": 500,
+    "timeout_error": 504,
     "overloaded_error": 529,
 }
 
@@ -40,14 +43,28 @@ _ALPHABET = string.ascii_letters + string.digits
 
 
 class ApiError(Exception):
-    """An answer in the API's error shape; raised by handlers, rendered by the middleware."""
+    """
+    An answer in the API's error shape; raised by handlers, rendered by the middleware.
 
-    def __init__(self, error_type: str, message: str, *, headers: dict[str, str] | None = None):
+    ``error_code`` becomes ``error.details.error_code``, which is what the SDK
+    picks its exception class by (with the status).
+    """
+
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        error_code: str | None = None,
+    ):
         super().__init__(message)
         self.error_type = error_type
         self.message = message
-        self.status = ERROR_STATUS[error_type]
+        self.status = status if status is not None else ERROR_STATUS[error_type]
         self.headers = headers or {}
+        self.error_code = error_code
 
 
 def new_id(prefix: str) -> str:
@@ -63,13 +80,14 @@ def rfc3339(timestamp: float | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
-def error_body(error_type: str, message: str, request_id: str) -> dict[str, Any]:
-    """The API's error object."""
-    return {
-        "type": "error",
-        "error": {"type": error_type, "message": message},
-        "request_id": request_id,
-    }
+def error_body(
+    error_type: str, message: str, request_id: str, error_code: str | None = None
+) -> dict[str, Any]:
+    """The API's error object; ``details`` only when there is a code, as the API sends it."""
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if error_code is not None:
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": request_id}
 
 
 def json_response(

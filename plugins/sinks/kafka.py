@@ -169,6 +169,12 @@ class KafkaSink(Sink):
             except KafkaError as again:
                 raise translate_error(again, self._owner, "connecting") from again
 
+    async def probe(self) -> None:
+        """Connect and authenticate without producing anything."""
+        from connectors.kafka_extent import probe_topics
+
+        await probe_topics(self._settings, self._owner, [])
+
     async def _start(self, idempotent: bool) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             acks=self._acks,

@@ -54,10 +54,12 @@ STAGE = "pg_temp.batchd_stage"
 log = structlog.get_logger("batchd.postgres")
 
 #: The documented results table (``message JSONB`` is added when ``message = true``).
+#: ``output_json`` came later: a table made before it gets it by ALTER TABLE ADD COLUMN.
 RESULTS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("key", "TEXT"), ("custom_id", "TEXT"), ("status", "TEXT"), ("output", "TEXT"),
     ("model", "TEXT"), ("input_tokens", "INTEGER"), ("output_tokens", "INTEGER"),
     ("cost_usd", "DOUBLE PRECISION"), ("batch_id", "TEXT"), ("attempt", "INTEGER"),
+    ("output_json", "JSONB"),
 )
 #: The documented dead-letter table (``kind = "dead_letter"``).
 DEAD_LETTER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -69,7 +71,7 @@ DEAD_LETTER_COLUMNS: tuple[tuple[str, str], ...] = (
 UPDATE_FIELDS: dict[str, str] = {
     "output": "TEXT", "model": "TEXT", "status": "TEXT", "cost_usd": "DOUBLE PRECISION",
     "input_tokens": "INTEGER", "output_tokens": "INTEGER", "batch_id": "TEXT",
-    "attempt": "INTEGER", "custom_id": "TEXT",
+    "attempt": "INTEGER", "custom_id": "TEXT", "output_json": "JSONB",
 }
 _TYPE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .\"]*(\(\d+(,\s*\d+)?\))?(\[\])?$")
 _KNOWN = frozenset({"type", "dsn", "mode", "table", "message", "kind", "key", "set", "key_type",
@@ -190,6 +192,12 @@ class PostgresSink(Sink):
 
     # -- lifecycle ---------------------------------------------------------------
 
+    async def probe(self) -> None:
+        """Connect with the DSN, then hang up: nothing is created or written."""
+        conn = await connect(self._dsn, owner=OWNER, application_name=f"{self._app}:probe",
+                             attempts=1, connect_timeout=self._timeout)
+        await close_quietly(conn)
+
     async def open(self) -> None:
         """Connect, create the results table or check the target table's columns."""
         conn = await self._acquire()
@@ -224,7 +232,7 @@ class PostgresSink(Sink):
 
     async def _prepare_results(self, conn: asyncpg.Connection) -> None:
         cols = ", ".join(f"{name} {pg_type}" for name, pg_type in self._columns
-                         if name not in ("key", "message"))
+                         if name not in ("key", "message", "output_json"))
         try:
             await conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} (key TEXT PRIMARY KEY, {cols}, "
@@ -232,6 +240,8 @@ class PostgresSink(Sink):
             )
         except asyncpg.UniqueViolationError:
             pass  # another sink created it at the same moment
+        # A results table from before output_json existed gains it (NULL for text answers).
+        await conn.execute(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS output_json JSONB")
         if self._message:
             await conn.execute(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS message JSONB")
         have = await self._table_columns(conn)
@@ -329,6 +339,7 @@ class PostgresSink(Sink):
     def _tuple(self, seq: int, row: ResultRow) -> tuple[Any, ...]:
         if self.kind == "update":
             return (seq, row.key, *(_text(getattr(row, f)) if UPDATE_FIELDS[f] == "TEXT"
+                                    else _json(getattr(row, f)) if UPDATE_FIELDS[f] == "JSONB"
                                     else getattr(row, f) for f in self._stage_columns[2:]))
         if self.kind == "dead_letter":
             return (seq, _text(row.key), _text(row.custom_id), _text(row.error_type),
@@ -336,7 +347,7 @@ class PostgresSink(Sink):
                     _json(row.request), _json(row.source), row.batch_id)
         base = (seq, _text(row.key), _text(row.custom_id), row.status, _text(row.output),
                 row.model, row.input_tokens, row.output_tokens, row.cost_usd, row.batch_id,
-                row.attempt)
+                row.attempt, _json(row.output_json))
         return (*base, _json(row.message)) if self._message else base
 
     async def put(self, group: str, rows: Sequence[ResultRow]) -> None:

@@ -43,6 +43,9 @@ RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("batch_id", "TEXT"),
     ("attempt", "INTEGER"),
     ("updated_at", "TEXT"),
+    # JSON text (SQLite's JSON functions read it) for a JSON answer, else NULL; added to a
+    # table made before it existed by ALTER TABLE ADD COLUMN.
+    ("output_json", "TEXT"),
 )
 DEAD_LETTER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("key", "TEXT PRIMARY KEY"),
@@ -66,6 +69,7 @@ def _result_values(row: ResultRow, now: str) -> tuple[Any, ...]:
     return (
         row.key, row.custom_id, row.status, row.output, row.model, row.input_tokens,
         row.output_tokens, row.cost_usd, row.batch_id, row.attempt, now,
+        None if row.output_json is None else orjson.dumps(row.output_json).decode(),
     )  # fmt: skip
 
 
@@ -206,9 +210,10 @@ class SqliteSink(Sink):
         columns = ", ".join(f"{name} {decl}" for name, decl in self._columns)
         db.execute(f'CREATE TABLE IF NOT EXISTS "{self._table}" ({columns})')
         found = {row[1]: row[5] for row in db.execute(f'PRAGMA table_info("{self._table}")')}
-        if "message" not in found and any(name == "message" for name, _ in self._columns):
-            db.execute(f'ALTER TABLE "{self._table}" ADD COLUMN message TEXT')
-            found["message"] = 0
+        for added in ("output_json", "message"):  # columns newer than the first schema
+            if added not in found and any(name == added for name, _ in self._columns):
+                db.execute(f'ALTER TABLE "{self._table}" ADD COLUMN {added} TEXT')
+                found[added] = 0
         missing = [name for name, _ in self._columns if name not in found]
         if missing:
             raise FatalError(
