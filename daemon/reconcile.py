@@ -48,8 +48,6 @@ __all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "Unattributable", "unkn
 log = structlog.get_logger("batchd.reconcile")
 
 RECONCILE_NAME = "reconcile.sqlite"
-_SKEW_MARGIN = 5.0  # seconds of clock uncertainty at the window's start
-_NO_DATE_SLACK = 600.0  # without the API's Date header, the window opens this much wider
 _WAIT_LOG_EVERY = 600.0
 _GROUP = 500
 
@@ -229,11 +227,15 @@ class Reconciler:
     async def _scan(self) -> None:
         state = self.manifest.state
         if state.newest_batch_at is not None:
-            since = state.newest_batch_at - _SKEW_MARGIN
+            # Both on the API's clock: strictly the batches made after it.
+            since = state.newest_batch_at
         elif state.born_at is not None:
+            # No batch of ours can predate the state dir. The Date header's whole seconds
+            # make the measured skew err low, which only widens the window towards ours;
+            # no margin beyond that, or another installation's batch of a moment before
+            # (the same keys, in the same workspace) would be taken for ours.
             skew = await self.api.clock_skew()
-            since = (state.born_at + skew - _SKEW_MARGIN if skew is not None
-                     else state.born_at - _NO_DATE_SLACK)
+            since = state.born_at + (skew if skew is not None else 0.0)
         else:
             since = time.time()
         found: dict[str, FoundBatch] = {}
