@@ -22,7 +22,7 @@ __all__ = ("RESERVED_NAMES", "check_outputs")
 RESERVED_NAMES = (
     "manifest.jsonl", "manifest.jsonl.tmp", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
     "keys.sqlite-shm", "keys.sqlite-journal", "reconcile.sqlite", "reconcile.sqlite-wal",
-    "reconcile.sqlite-shm", "spool", "retry-requests",
+    "reconcile.sqlite-shm", "spool", "retry-requests", "resume-requests",
 )
 
 

@@ -25,7 +25,7 @@ PRIVATE_UMASK = 0o077
 _OWN_FILES = ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
               "keys.sqlite-shm", "keys.sqlite-journal", "reconcile.sqlite",
               "reconcile.sqlite-wal", "reconcile.sqlite-shm")
-_OWN_DIRS = ("spool", "retry-requests")
+_OWN_DIRS = ("spool", "retry-requests", "resume-requests")
 
 
 def make_private(state_dir: Path) -> int:
