@@ -3,35 +3,62 @@ What the file sources share: a file opened once, read in a worker thread
 one batch at a time, and a batch that survives a cancelled poll.
 
 Subclasses say how to position the file (``_prepare``) and how to parse
-one batch into ``self._pending`` (``_read_batch``); everything else is here.
+one batch into ``self._pending`` (``_read_batch``); everything else is here:
+
+* **A last line without a newline is held back.** In daemon mode it may be a row
+  still being written (``…,second appen``): it is read once its newline arrives.
+  Under ``--until-drained`` it is read once the file has stopped growing for
+  ``_SETTLE`` seconds, because nothing will finish it.
+* **What was read is fingerprinted** (:meth:`identity`): device and inode, the
+  size, and hashes of the file's head and of the bytes just before a position.
+  Resuming in a file whose bytes before the saved offset are not the ones read
+  is refused with one line saying what changed, instead of silently skipping
+  the new file's first rows.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
+import structlog
 
+from connectors._lines import LineReader
 from plugins.contract import Source, SourceSize
 from plugins.errors import FatalError
 from plugins.records import Record
 
 __all__ = ("FileSource",)
 
+log = structlog.get_logger("batchd.source")
+
+_SETTLE = 0.5  # seconds a file must keep its size before an unterminated last line is read
+_HASHED = 4096  # bytes hashed at the head of the file and before a resume offset
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
 
 class FileSource(Source):
     """A file read sequentially from a resumable byte position."""
 
     _what: str  # "csv source", named in every error
+    _lines: LineReader  # set by the subclass's _prepare
 
-    def __init__(self, label: str, path: Path) -> None:
+    def __init__(self, label: str, path: Path, *, until_drained: bool = False) -> None:
         self._label = label
         self._path = path
+        self._until_drained = until_drained
         self._limiter = anyio.CapacityLimiter(1)
         self._file: BinaryIO | None = None
         self._pending: list[Record] | None = None
+        self._tail_seen: tuple[int, float] | None = None
 
     async def start(self, resume: dict[str, Any] | None) -> None:
         """Open the file and position it just past ``resume``."""
@@ -46,8 +73,29 @@ class FileSource(Source):
             # thread finishes loses nothing: the next poll returns it.
             await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
         out, self._pending = self._pending, None
+        if out:
+            self._tail_seen = None
+            return out
+        if self._lines.held and self._until_drained:
+            if not self._settled():
+                return []  # not drained yet: the engine polls again shortly
+            self._lines.hold_partial = False  # the file stopped growing: its last line is whole
+            await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
+            out, self._pending = self._pending, None
         return out or None
 
+    def _settled(self) -> bool:
+        """Whether the file has stopped growing: untouched for a while, or the same size
+        over polls for ``_SETTLE`` seconds."""
+        assert self._file is not None
+        st = os.fstat(self._file.fileno())
+        if time.time() - st.st_mtime >= _SETTLE:
+            return True
+        now = time.monotonic()
+        if self._tail_seen is None or self._tail_seen[0] != st.st_size:
+            self._tail_seen = (st.st_size, now)
+            return False
+        return now - self._tail_seen[1] >= _SETTLE
     async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
         """The file's bytes, and the byte offset just after ``position``'s record."""
         try:
@@ -68,6 +116,27 @@ class FileSource(Source):
         if file is not None:
             file.close()
 
+    def identity(self, position: dict[str, Any]) -> dict[str, Any] | None:
+        """Device, inode, size and hashes of the head and of the bytes before ``offset``."""
+        offset = position.get("offset")
+        if self._file is None or not isinstance(offset, int) or offset < 0:
+            return None
+        try:
+            fd = self._file.fileno()
+            st = os.fstat(fd)
+            head = min(_HASHED, offset)
+            tail = max(0, offset - _HASHED)
+            return {
+                "dev": st.st_dev,
+                "ino": st.st_ino,
+                "size": st.st_size,
+                "head_bytes": head,
+                "head": _digest(os.pread(fd, head, 0)),
+                "tail": _digest(os.pread(fd, offset - tail, tail)),
+            }
+        except OSError:
+            return None
+
     def _open(self, resume: dict[str, Any] | None) -> None:
         try:
             file = open(self._path, "rb")  # kept open until aclose
@@ -76,11 +145,47 @@ class FileSource(Source):
         except OSError as exc:
             raise FatalError(f"{self._what}: cannot open {self._path}: {exc.strerror}") from None
         try:
+            if resume is not None and isinstance(resume.get("identity"), dict):
+                self._check_identity(file, resume)
             self._prepare(file, resume)
+            self._lines.hold_partial = True
         except BaseException:
             file.close()
             raise
         self._file = file
+
+    def _check_identity(self, file: BinaryIO, resume: dict[str, Any]) -> None:
+        """Refuse to resume in a file whose bytes up to the saved offset are not the ones read."""
+        ident: dict[str, Any] = resume["identity"]
+        try:
+            offset = int(resume["offset"])
+            head_bytes = int(ident["head_bytes"])
+        except (KeyError, TypeError, ValueError):
+            return  # not a fingerprint this version wrote: the offset check still applies
+        fd = file.fileno()
+        st = os.fstat(fd)
+        reason = None
+        if st.st_size < offset:
+            reason = (f"it is {st.st_size} bytes now, shorter than the {offset} bytes batchd "
+                      "had read")
+        elif isinstance(ident.get("size"), int) and st.st_size < ident["size"]:
+            reason = f"it shrank from {ident['size']} to {st.st_size} bytes"
+        elif _digest(os.pread(fd, head_bytes, 0)) != ident.get("head"):
+            reason = f"its first {head_bytes} bytes are not the ones batchd read"
+        else:
+            start = max(0, offset - _HASHED)
+            if _digest(os.pread(fd, offset - start, start)) != ident.get("tail"):
+                reason = (f"the bytes before byte {offset}, where batchd resumes, are not the "
+                          "ones it read")
+        if reason is not None:
+            raise FatalError(
+                f"{self._what}: {self._path} was replaced or changed since batchd read it up to "
+                f"byte {offset}: {reason}. Put the original file back to finish it; a new file "
+                "needs a new state dir (or a new pipeline name)"
+            )
+        if (st.st_dev, st.st_ino) != (ident.get("dev"), ident.get("ino")):
+            log.warning("source file was moved or copied (new inode); its contents match what "
+                        "was read, so batchd resumes in it", path=str(self._path))
 
     @abc.abstractmethod
     def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:

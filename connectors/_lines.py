@@ -31,13 +31,17 @@ class LineReader:
         line: the 1-based number of the line that the next read starts in.
     """
 
-    __slots__ = ("file", "last_line", "line", "offset")
+    __slots__ = ("file", "held", "hold_partial", "last_line", "line", "offset")
 
     def __init__(self, file: BinaryIO, offset: int = 0, line: int = 1) -> None:
         self.file = file
         self.offset = offset
         self.line = line
         self.last_line = line - 1  # the line of the last byte read
+        # With hold_partial, a last line without its newline is left unread (it may still
+        # be being written); ``held`` says the last read_line stopped in front of one.
+        self.hold_partial = False
+        self.held = False
 
     def read_line(self, limit: int) -> bytes:
         """
@@ -46,13 +50,23 @@ class LineReader:
         A result that neither ends in ``\\n`` nor is shorter than ``limit`` is
         the start of an overlong line: the caller decides how to skip the rest.
         """
+        self.held = False
         raw = self.file.readline(limit)
+        if raw and self.hold_partial and len(raw) < limit and not raw.endswith(b"\n"):
+            self.file.seek(-len(raw), 1)
+            self.held = True
+            return b""
         if raw:
             self.offset += len(raw)
             self.last_line = self.line
             if raw.endswith(b"\n"):
                 self.line += 1
         return raw
+
+    def rewind(self, offset: int, line: int, last_line: int) -> None:
+        """Go back to a record's start (its last line turned out to be unfinished)."""
+        self.file.seek(offset)
+        self.offset, self.line, self.last_line = offset, line, last_line
 
     def skip_line(self) -> None:
         """Move just past the next newline (or to end of file) without buffering the line."""

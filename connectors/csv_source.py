@@ -36,11 +36,15 @@ class _Oversize(Exception):
     """A record grew past its byte cap; the feeder has already skipped the rest of it."""
 
 
+_HEAD_BYTES = 64 * 1024  # of a record kept to find its key when the rest is too large
+
+
 @dataclass(slots=True)
 class _Problem:
     line: int
     reason: str
     keeps_key: bool = False  # the key column is still trustworthy
+    key: str | None = None  # the key, when it was read from a record that has no row
 
 
 class _Feeder:
@@ -60,6 +64,7 @@ class _Feeder:
         self.odd_quotes = False
         self.problem: _Problem | None = None
         self.eof = False
+        self.head = b""
 
     def __iter__(self) -> _Feeder:
         return self
@@ -73,6 +78,8 @@ class _Feeder:
             self.eof = True
             raise StopIteration
         self.record_bytes += len(raw)
+        if len(self.head) < _HEAD_BYTES:
+            self.head += raw[: _HEAD_BYTES - len(self.head)]
         if len(raw) > room:
             odd = self.odd_quotes ^ bool(raw.count(self.quote_bytes) & 1) if self.quote else False
             self.lines.skip_record(self.quote_bytes, odd)
@@ -124,7 +131,7 @@ class CsvSource(FileSource):
         path, key = options["path"], options["key"]
         if not isinstance(path, str) or not isinstance(key, str):
             raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        super().__init__(path, context.resolve_path(path))
+        super().__init__(path, context.resolve_path(path), until_drained=context.until_drained)
         self._key = key
         self._fields = option_str_list(_WHAT, options, "fields")
         self._dialect_name = options.get("dialect", "excel")
@@ -159,6 +166,7 @@ class CsvSource(FileSource):
         quote = None if dialect.quoting == csv.QUOTE_NONE else dialect.quotechar
         self._feeder = _Feeder(self._lines, self._codecs, quote)
         overrides = {"delimiter": self._delimiter} if self._delimiter else {}
+        self._dialect, self._overrides = dialect, overrides
         self._reader = csv.reader(self._feeder, dialect, **overrides)
         self._read_header()
         self._row = 0
@@ -237,15 +245,16 @@ class CsvSource(FileSource):
     def _next_row(self) -> _Parsed | None:
         while True:
             self._feeder.reset()
-            start = self._lines.line
+            lines = self._lines
+            start, start_offset, start_last = lines.line, lines.offset, lines.last_line
             problem: _Problem | None
             try:
                 row: list[str] | None = next(self._reader)
             except StopIteration:
-                return None
+                row, problem = None, None
             except _Oversize:
                 reason = f"a field is larger than max_field_bytes ({self._max_field})"
-                row, problem = None, _Problem(start, reason)
+                row, problem = None, _Problem(start, reason, key=self._key_from_head())
             except csv.Error as exc:
                 row, problem = None, _Problem(start, f"unparseable row ({exc})")
             else:
@@ -254,7 +263,37 @@ class CsvSource(FileSource):
                 problem = self._feeder.problem
                 if problem is None and self._feeder.eof and self._feeder.odd_quotes:
                     problem = _Problem(start, "unterminated quoted field at end of file")
+            if lines.held:
+                # The record's last line has no newline yet: it may still be being
+                # written. Leave the whole record for a later read.
+                lines.rewind(start_offset, start, start_last)
+                return None
+            if row is None and problem is None:
+                return None
+            if problem is not None and row is not None and self._key_is_clean(row):
+                problem.keeps_key = True
             return _Parsed(row, start, self._lines.last_line, self._lines.offset, problem)
+
+    def _key_is_clean(self, row: list[str]) -> bool:
+        """A bad byte elsewhere in the row leaves the key column trustworthy."""
+        if len(row) <= self._key_index:
+            return False
+        key = row[self._key_index]
+        return bool(key) and "\x00" not in key and "\ufffd" not in key
+
+    def _key_from_head(self) -> str | None:
+        """The key of a record too large to parse, when it sits before the oversized field."""
+        text = self._feeder.head.decode(self._codecs[1], "replace")
+        try:
+            fields = next(csv.reader([text], self._dialect, **self._overrides), [])
+        except csv.Error:
+            return None
+        # Only a key followed by another field is whole (the head may end inside it).
+        if len(fields) > self._key_index + 1:
+            key = fields[self._key_index]
+            if key and "\x00" not in key and "\ufffd" not in key:
+                return key
+        return None
 
     def _read_batch(self) -> None:
         out: list[Record] = []
@@ -280,6 +319,8 @@ class CsvSource(FileSource):
         key = f"line-{parsed.line}"
         if row is not None and (problem is None or problem.keeps_key):
             key = row[self._key_index]
+        elif row is None and problem is not None and problem.key:
+            key = problem.key
         if problem is not None:
             return Record(key, {}, position, f"{self._label} line {problem.line}: {problem.reason}")
         assert row is not None

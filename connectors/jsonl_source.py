@@ -8,6 +8,7 @@ simply an error record and the next line starts clean.
 
 from __future__ import annotations
 
+import re
 from typing import Any, BinaryIO
 
 import orjson
@@ -24,6 +25,7 @@ __all__ = ("JsonlSource", "register_sources")
 _WHAT = "jsonl source"
 _POLL_BYTES = 4 * 1024 * 1024  # input parsed per poll, so a poll returns promptly
 _BOM = b"\xef\xbb\xbf"
+_KEY_SCAN = 64 * 1024  # bytes of a bad line searched for its key
 
 
 class JsonlSource(FileSource):
@@ -44,11 +46,17 @@ class JsonlSource(FileSource):
         path, key = options["path"], options["key"]
         if not isinstance(path, str) or not isinstance(key, str):
             raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        super().__init__(path, context.resolve_path(path))
+        super().__init__(path, context.resolve_path(path), until_drained=context.until_drained)
         self._key = key
         self._fields = option_str_list(_WHAT, options, "fields")
         self.max_records = option_int(_WHAT, options, "batch", 1000)
         self._max_line = option_int(_WHAT, options, "max_line_bytes", 64 * 1024 * 1024)
+        # The key member as it appears right after "{" or ",": its value up to the next
+        # "," or "}" (a string with escapes, or a number).
+        name = re.escape(orjson.dumps(key))
+        self._key_pattern = re.compile(
+            rb'[{,]\s*' + name + rb'\s*:\s*("(?:[^"\\\x00-\x1f]|\\.)*"|-?\d+(?:\.\d+)?)\s*[,}]'
+        )
 
     # -- worker-thread side -------------------------------------------------
 
@@ -90,7 +98,7 @@ class JsonlSource(FileSource):
             if len(raw) > self._max_line:
                 lines.skip_line()
                 reason = f"line longer than max_line_bytes ({self._max_line})"
-                out.append(self._bad(line_no, reason))
+                out.append(self._bad(line_no, reason, raw))
                 continue
             if at_start and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
@@ -101,15 +109,33 @@ class JsonlSource(FileSource):
     def _position(self, line: int) -> dict[str, Any]:
         return {"line": line, "offset": self._lines.offset}
 
-    def _bad(self, line: int, reason: str) -> Record:
+    def _bad(self, line: int, reason: str, raw: bytes = b"") -> Record:
         error = f"{self._label} line {line}: {reason}"
-        return Record(f"line-{line}", {}, self._position(line), error)
+        key = self._key_in(raw) or f"line-{line}"
+        return Record(key, {}, self._position(line), error)
+
+    def _key_in(self, raw: bytes) -> str | None:
+        """
+        The key of a line that cannot be parsed whole (too long, a bad byte elsewhere),
+        when its key member is there intact: a complete string or number at the top level.
+        """
+        found = self._key_pattern.findall(raw[:_KEY_SCAN])
+        if len(found) != 1:  # none, or one in a nested object too: not trustworthy
+            return None
+        try:
+            key = orjson.loads(found[0])
+        except orjson.JSONDecodeError:
+            return None
+        if isinstance(key, bool) or not isinstance(key, str | int | float):
+            return None
+        key = str(key)
+        return key if key and "\x00" not in key else None
 
     def _record(self, raw: bytes, line: int) -> Record:
         try:
             value = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return self._bad(line, f"not valid JSON ({exc})")
+            return self._bad(line, f"not valid JSON ({exc})", raw)
         if not isinstance(value, dict):
             return self._bad(line, f"expected a JSON object, got {type(value).__name__}")
         key = value.get(self._key)

@@ -89,6 +89,12 @@ class KafkaSource(Source):
     .. versionadded:: 0.1
     """
 
+    # A stream runs for months: the duplicate-key ledger forgets its keys after 30 days
+    # unless the pipeline's ledger_retention says otherwise (docs/operations.md).
+    ledger_retention: float | None = 30 * 86400.0
+    # A second consumer in the group would take partitions from the running one.
+    rereadable = False
+
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
         owner = owner_name("source", context)
         check_known(options, _OPTIONS, owner)

@@ -111,6 +111,11 @@ class PostgresSource(Source):
         context: where the pipeline runs (names the connection in pg_stat_activity).
     """
 
+    # A keyset read yields each key once, and a table that keeps growing runs for months:
+    # the duplicate-key ledger forgets its keys after 30 days unless the pipeline's
+    # ledger_retention says otherwise (docs/operations.md).
+    ledger_retention: float | None = 30 * 86400.0
+
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
         unknown = sorted(set(options) - _KNOWN_OPTIONS - {"type"})
         if unknown:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -20,10 +21,13 @@ import anyio
 import structlog
 
 from daemon.api import created_at_ts
-from daemon.collector import Collector
+from daemon.collector import Collector, CollectSummary
 from daemon.error_codes import Action, classify_error
 from daemon.manifest import crash_point
 from daemon.manifest_state import ChunkState, Stage
+from daemon.reconcile import FoundBatch, Unattributable
+from daemon.sink_failures import RETRY_CAP, SinkFailed
+from daemon.spool_rebuild import give_up_spool, rebuild_spool
 from plugins.errors import FatalError
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ class ChunkDriver:
         self.chunk_id = chunk_id
         self.name = runner.pipeline.name
         self.log = log.bind(pipeline=self.name, chunk=chunk_id)
+        self._missing_since: float | None = None
         self._streaks: dict[str, int] = {}  # transient codes retried in a row
 
     def _chunk(self) -> ChunkState | None:
@@ -94,6 +99,12 @@ class ChunkDriver:
                 delay = 1.0
             except FatalError:
                 raise
+            except SinkFailed as exc:
+                await self.runner.sink_failed(str(exc))
+                self.log.warning("sink write failed; will retry", stage=str(chunk.stage),
+                                 error=str(exc), retry_in=min(delay, RETRY_CAP))
+                await anyio.sleep(min(delay, RETRY_CAP))
+                delay = min(delay * 2, RETRY_CAP)
             except Exception as exc:
                 self.runner.telemetry.api_error(type(exc).__name__)
                 self.log.warning("step failed; will retry", stage=str(chunk.stage),
@@ -106,6 +117,10 @@ class ChunkDriver:
     async def submit(self, chunk: ChunkState) -> None:
         runner = self.runner
         await runner.wait_unpaused()
+        if not await self._ensure_spool(chunk):
+            return
+        if runner.reconciler is not None:
+            await runner.reconciler.ready.wait()
         queue = runner.queue
         if queue is not None:
             await queue.wait_room(chunk.requests, pipeline=self.name, chunk=chunk.chunk)
@@ -143,6 +158,19 @@ class ChunkDriver:
             # Settle the one create that may have an unrecorded batch before a new intent
             # makes it impossible to tell whose that batch is.
             await self._adopt(pending)
+        reconciler = runner.reconciler
+        if reconciler is not None:
+            if not reconciler.ready.is_set():
+                return  # the caller waits for it outside the create lock, then comes back
+            try:
+                adopt = await reconciler.clearance(chunk, runner.spool_path(chunk.chunk))
+            except Unattributable as exc:
+                await runner.pause(f"unknown_batches: {exc}", alarm_kind="unknown_batches",
+                                   chunk=chunk.chunk)
+                return
+            if adopt is not None:
+                await self._record_adoption(chunk, adopt)
+                return
         await runner.manifest.append(
             "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
         )
@@ -202,8 +230,15 @@ class ChunkDriver:
             latest = self._latest_intent()
             if latest is not None and latest.chunk == current.chunk and await self._adopt(current):
                 return
-            self.log.info("no batch found for the earlier create; submitting again")
-            await self._create(current)
+            if runner.reconciler is None or runner.reconciler.ready.is_set():
+                if not await self._ensure_spool(current):
+                    return
+                self.log.info("no batch found for the earlier create; submitting again")
+                await self._create(current)
+                return
+        # Batches the state does not know are still being read: wait (without holding the
+        # create lock), then look again; the adopt check runs anew.
+        await runner.reconciler.ready.wait()
 
     async def _adopt(self, chunk: ChunkState) -> bool:
         """
@@ -216,16 +251,26 @@ class ChunkDriver:
         """
         assert chunk.intent_at is not None
         runner = self.runner
-        known = runner.manifest.state.batch_ids()
+        state = runner.manifest.state
         skew = await runner.api.clock_skew()
         since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
                  else chunk.intent_at - _CLOCK_SLACK)
-        found = None
+        candidates = []
         async for batch in runner.api.recent(since=since):
-            if batch.id in known or _total(batch.request_counts) != chunk.requests:
+            if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
                 continue
-            if found is None or created_at_ts(batch) < created_at_ts(found):
-                found = batch
+            candidates.append(batch)
+        found = None
+        spool = runner.spool_path(chunk.chunk)
+        for batch in sorted(candidates, key=created_at_ts):
+            # Where the reconciler has read a batch's custom_ids (a restored backup: other
+            # chunks' batches of the same size exist too), take only one that matches.
+            reconciler = runner.reconciler
+            if reconciler is not None and spool.exists():
+                if await reconciler.holds_exactly(batch.id, chunk, spool) is False:
+                    continue
+            found = batch
+            break
         if found is None:
             return False
         await runner.manifest.append(
@@ -234,6 +279,77 @@ class ChunkDriver:
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
         return True
+
+    async def _record_adoption(self, chunk: ChunkState, found: FoundBatch) -> None:
+        """Take a batch the API has and the state did not know as this chunk's batch."""
+        runner = self.runner
+        await runner.manifest.append(
+            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+        )
+        await runner.manifest.append(
+            "submitted", chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at
+        )
+        self.log.warning("adopted a batch the state did not know (a restored backup or a "
+                         "manifest cut short): its custom_ids are exactly this chunk's",
+                         adopted_for=chunk.chunk, batch_id=found.batch_id,
+                         requests=chunk.requests)
+
+    # -- lost pieces -------------------------------------------------------------
+
+    async def _ensure_spool(self, chunk: ChunkState) -> bool:
+        """
+        True once the chunk's spool file exists (rebuilt if it was lost); False when it
+        could not be and the chunk's rows were dead-lettered instead (it is committed).
+        """
+        runner = self.runner
+        path = runner.spool_path(chunk.chunk)
+        if path.exists():
+            if _given_up(path) and chunk.requests:
+                await self._commit_given_up(chunk)
+                return False
+            return True
+        await runner.alarm(
+            "spool_lost",
+            f"spool file {path} of chunk {chunk.chunk} is missing; its "
+            f"{chunk.requests + chunk.rejects} rows are read again from the source",
+            chunk=chunk.chunk,
+        )
+        reason = await rebuild_spool(runner, chunk)
+        if reason is None:
+            self.log.warning("spool rebuilt from the source", spool=str(path))
+            return True
+        if not await give_up_spool(runner, chunk, reason):
+            # Nothing left to rebuild it from, nor keys to dead-letter: hold this chunk (not
+            # a retry loop, not an exit that systemd would restart) and say what to do.
+            runner.held_chunks.add(chunk.chunk)
+            await runner.alarm(
+                "spool_lost",
+                f"chunk {chunk.chunk} is held: spool file {path} is lost and cannot be rebuilt "
+                f"({reason}), and only that file knew its {chunk.requests} rows' keys. "
+                "Restore it from a backup of the state dir, then restart",
+                chunk=chunk.chunk,
+            )
+            runner.changed.fire()
+            await anyio.sleep_forever()
+        await self._commit_given_up(chunk)
+        return False
+
+    async def _commit_given_up(self, chunk: ChunkState) -> None:
+        """Dead-letter a given-up chunk's rows and commit it without collecting its batch."""
+        runner = self.runner
+        if chunk.stage is Stage.SUBMITTED:
+            assert chunk.batch_id is not None
+            await runner.manifest.append("ended", chunk=chunk.chunk, batch_id=chunk.batch_id,
+                                         counts={"spool_lost": chunk.requests})
+        current = self._chunk()
+        if current is not None:
+            await self.collect(current, given_up=True)
+
+    async def _batch_gone(self, chunk: ChunkState) -> bool:
+        """Whether a 404 on an ended batch's results has lasted past the not-found window."""
+        window = self.runner.api_config.not_found_window
+        first = self._missing_since = self._missing_since or time.monotonic()
+        return time.monotonic() - first > window
 
     # -- collecting ------------------------------------------------------------
 
@@ -245,13 +361,18 @@ class ChunkDriver:
             return False
         return batch.archived_at is not None
 
-    async def collect(self, chunk: ChunkState) -> None:
+    async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:
         runner = self.runner
+        if not given_up and not await self._ensure_spool(chunk):
+            return
         batch_id = chunk.batch_id
         api = runner.api
         collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
                               runner.answers)
-        blocks = (lambda: api.result_blocks(batch_id)) if batch_id else None
+        blocks = (lambda: api.result_blocks(batch_id)) if batch_id and not given_up else None
+        lost = None
+        if batch_id and chunk.counts and chunk.counts.get("lost"):
+            blocks, lost = None, _lost_reason(batch_id, runner.api_config.not_found_window)
         try:
             summary = await collector.collect(
                 chunk=chunk.chunk,
@@ -259,10 +380,30 @@ class ChunkDriver:
                 batch_id=batch_id,
                 spool=runner.spool_path(chunk.chunk),
                 blocks=blocks,
+                lost=lost,
             )
         except anthropic.NotFoundError:
-            if not batch_id or not await self._archived(batch_id):
-                raise  # the known transient 404 just after end: retried with backoff
+            assert batch_id is not None
+            if not await self._archived(batch_id):
+                if not await self._batch_gone(chunk):
+                    raise  # the known transient 404 just after end: retried with backoff
+                window = runner.api_config.not_found_window
+                await runner.alarm(
+                    "batch_not_found",
+                    f"batch {batch_id} has answered 404 for over {window:.0f}s: its results "
+                    f"are gone; its {chunk.requests} rows are dead-lettered as batch_lost "
+                    "(`batchd dead-letters retry` sends them again, paid again)",
+                    chunk=chunk.chunk,
+                )
+                collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter,
+                                      runner.cost, runner.answers)
+                summary = await collector.collect(
+                    chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=batch_id,
+                    spool=runner.spool_path(chunk.chunk), blocks=None,
+                    lost=_lost_reason(batch_id, window),
+                )
+                await self._committed(chunk, summary)
+                return
             await runner.alarm(
                 "results_archived",
                 f"results of batch {batch_id} were archived before they were collected; "
@@ -278,6 +419,12 @@ class ChunkDriver:
                 spool=runner.spool_path(chunk.chunk),
                 blocks=_no_results,
             )
+        await self._committed(chunk, summary)
+
+    async def _committed(self, chunk: ChunkState, summary: CollectSummary) -> None:
+        """Record a collect: the retry chunk it cut, the figures, alarms and pauses."""
+        runner = self.runner
+        batch_id = chunk.batch_id
         crash_point("after_flush")
         retry = None
         if summary.retry_chunk is not None:
@@ -318,9 +465,23 @@ class ChunkDriver:
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,
                       retried=summary.retried, cost_usd=round(summary.cost_usd, 6))
+        await runner.sink_recovered()
         if summary.pause_reason:
             await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
                                kind=summary.pause_kind, chunk=chunk.chunk)
         await runner.dead_letter_guard.check(summary)
         if retry is not None:
             runner.start_chunk(retry["chunk"], active=True)
+
+
+def _lost_reason(batch_id: str, window: float) -> tuple[str, str]:
+    return ("batch_lost",
+            f"batch {batch_id} is unknown to the API (404 for over {window:.0f}s): its results "
+            "are gone; `batchd dead-letters retry` sends the row again (paid again)")
+
+
+def _given_up(path: Path) -> bool:
+    """Whether a spool is the stand-in :func:`give_up_spool` wrote (its first line says so)."""
+    with path.open("rb") as spool:
+        first = spool.readline(4096)
+    return first.startswith(b"\t") and b'"error_type":"spool_lost"' in first

@@ -295,6 +295,30 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from daemon.repair import repair_ledger
+
+    for line in repair_ledger(_load(args)):
+        print(line)
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from daemon.reconcile_command import adopt_batch, ignore_batch, list_unknown
+
+    config = _load(args)
+    if args.adopt and not args.chunk:
+        raise ConfigError("reconcile --adopt BATCH needs --chunk CHUNK (the alarm names it)")
+    if args.adopt:
+        print(adopt_batch(config, args.adopt, args.chunk))
+    elif args.ignore:
+        print(ignore_batch(config, args.ignore))
+    else:
+        lines = list_unknown(config)
+        print("\n".join(lines) if lines else "no batches on the API that this state does not know")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -364,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--state-dir")
     resume.set_defaults(func=cmd_resume)
 
+    repair = sub.add_parser("repair", help="rebuild a lost key ledger (keys.sqlite) from the "
+                            "manifest, the spool and the source (daemon stopped)")
+    repair.add_argument("config")
+    repair.add_argument("--state-dir")
+    repair.set_defaults(func=cmd_repair)
+
+    reconcile = sub.add_parser("reconcile", help="list batches on the API that the state does "
+                               "not know, or decide about one (daemon stopped)")
+    reconcile.add_argument("config")
+    reconcile.add_argument("--state-dir")
+    decision = reconcile.add_mutually_exclusive_group()
+    decision.add_argument("--adopt", metavar="BATCH", help="the batch is --chunk's: collect it")
+    decision.add_argument("--ignore", metavar="BATCH",
+                          help="the batch is not this state's (its shared rows are paid again)")
+    reconcile.add_argument("--chunk", help="the chunk that adopts the batch")
+    reconcile.set_defaults(func=cmd_reconcile)
+
     emulator = sub.add_parser("emulator", help="serve a local Message Batches API emulator")
     emulator_arguments(emulator)
     emulator.set_defaults(func=cmd_emulator)
@@ -401,7 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        return int(func(args) or 0)
+        try:
+            return int(func(args) or 0)
+        except OSError as exc:  # a file-system error nothing named yet: still one line
+            if isinstance(exc, BrokenPipeError):
+                raise
+            from daemon.storage_errors import storage_error
+
+            raise storage_error(exc, None, "file") from None
     except ConfigError as exc:
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -28,6 +28,7 @@ from daemon.config import PipelineConfig
 from daemon.error_codes import pause_kind_of_row
 from daemon.result_join import CostFn, Failure, ResultJoin
 from daemon.routing import Route
+from daemon.sink_failures import sink_call
 from daemon.sink_writer import background_puts
 from daemon.spool import SPOOL_BLOCK, SpoolWriter, iter_spool
 from plugins.contract import Sink
@@ -101,7 +102,7 @@ class Collector:
     async def _put(self, sinks: Sequence[Sink], group: str, rows: list[ResultRow]) -> None:
         if rows:
             for sink in sinks:
-                await sink.put(group, rows)
+                await sink_call(sink, sink.put(group, rows))
             rows.clear()
 
     async def collect(
@@ -113,14 +114,17 @@ class Collector:
         spool: Path,
         blocks: Callable[[], AsyncIterator[list[bytes]]] | None,
         attempts_left_for_stream: int = 8,
+        lost: tuple[str, str] | None = None,
     ) -> CollectSummary:
         """
         Route every request of ``chunk`` and make the outcome durable in the sinks.
 
         ``blocks`` opens the results stream, lists of raw lines (called again after a
         cut stream; lines already handled are skipped). It is None for a chunk that sent
-        nothing (all rejects). Returns the summary the manifest records;
-        the retry chunk's spool is sealed before this returns.
+        nothing (all rejects). ``lost`` (error type, message) says the batch's results are
+        gone for good: every request is dead-lettered with it instead of being retried
+        (sending again costs again, so that is the operator's call). Returns the summary
+        the manifest records; the retry chunk's spool is sealed before this returns.
         """
         index, rejects = _index(spool)
         join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
@@ -134,6 +138,9 @@ class Collector:
         )  # fmt: skip
         failures = join.failures
         for custom_id in join.missing():
+            if lost is not None:
+                failures[custom_id] = Failure(Route.DEAD, *lost)
+                continue
             summary.missing += 1
             failures[custom_id] = Failure(
                 Route.RETRY, "missing_result", "custom_id absent from the batch results"
@@ -146,8 +153,8 @@ class Collector:
             await self._second_pass(summary, failures, chunk, root, batch_id, spool)
 
         for sink in self.sinks:
-            await sink.flush(chunk)
-        await self.dead_letter.flush(chunk)
+            await sink_call(sink, sink.flush(chunk))
+        await sink_call(self.dead_letter, self.dead_letter.flush(chunk))
         return summary
 
     async def _first_pass(

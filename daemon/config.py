@@ -117,6 +117,9 @@ class PipelineConfig:
     # letters (None: never); judged over at least ``dead_letter_min_sample`` rows.
     max_dead_letter_ratio: float | None = None
     dead_letter_min_sample: int = 100
+    # Seconds a claimed key is remembered by the duplicate-key ledger; None: the source's
+    # default (forever for files), 0: forever.
+    ledger_retention: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +308,15 @@ def _output(table: _Table) -> OutputConfig:
     return out
 
 
+def _retention(value: Any) -> float:
+    if value in ("off", "forever"):
+        return 0.0
+    return parse_duration(value, what="duration")
+
+
 def _pipeline(
-    data: Any, index: int, path: Path, problems: list[ConfigError] | None = None
+    data: Any, index: int, path: Path, problems: list[ConfigError] | None = None,
+    state_dir: Path | None = None,
 ) -> PipelineConfig | None:
     table = _Table(data, f"[[pipeline]] #{index + 1}", path, problems=problems)
     name = table.require("name", str)
@@ -329,8 +339,12 @@ def _pipeline(
         )
 
     sink_specs = check(sinks, ())
+    # By default dead letters live in the state dir, the one place the service may write
+    # (the config's directory is read-only under ProtectSystem=strict).
+    default_dead = {"type": "jsonl", "path": str((state_dir or path.resolve().parent / "state")
+                                                 / "dead-letters" / name)}
     dead_letter = check(lambda: _plugin(
-        table.get("dead_letter", dict, {"type": "jsonl", "path": f"dead-letters/{name}"}),
+        table.get("dead_letter", dict, default_dead),
         f"[pipeline.dead_letter] of {name!r}", path,
     ))
     custom_id = check(lambda: table.get("custom_id", str))
@@ -342,6 +356,7 @@ def _pipeline(
     batching = check(lambda: _batching(table.table("batching")))
     output = check(lambda: _output(table.table("output")), OutputConfig())
     keep_message = check(lambda: table.get("keep_message", bool, False), False)
+    retention = check(lambda: table.convert("ledger_retention", _retention, None))
     template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
     table.finish()
     if table.failed:
@@ -360,6 +375,7 @@ def _pipeline(
         keep_message=keep_message,
         max_dead_letter_ratio=ratio,
         dead_letter_min_sample=min_sample,
+        ledger_retention=retention,
     )
 
 
@@ -423,6 +439,22 @@ def _api(table: _Table) -> ApiConfig:
     return result
 
 
+def _refuse_nul(value: Any, path: Path, where: str) -> None:
+    """
+    No string in the config may hold a NUL: every path and URL would fail deep inside
+    the OS or HTTP stack with a traceback, and no prompt needs one.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"{path}: {where or 'value'}: {value!r} contains a NUL character")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _refuse_nul(inner, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            _refuse_nul(inner, path, f"{where}[{index + 1}]")
+
+
 def load_config(
     path: str | Path,
     *,
@@ -449,6 +481,9 @@ def load_config(
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _refuse_nul(data, path, "")
+    if state_dir is not None and "\x00" in str(state_dir):
+        raise ConfigError(f"--state-dir {str(state_dir)!r}: contains a NUL character")
     top = _Table(data, "top level", path, problems=problems)
     base = path.resolve().parent
     in_file = top.check(lambda: top.get("state_dir", str, "state"), "state")
@@ -461,7 +496,7 @@ def load_config(
         pipelines_data = top.get("pipeline", list, [])
         if not pipelines_data:
             raise top.error("pipeline", "at least one [[pipeline]] table is required")
-        found = [top.check(partial(_pipeline, p, i, path, problems))
+        found = [top.check(partial(_pipeline, p, i, path, problems, state_path))
                  for i, p in enumerate(pipelines_data)]
         names = [p.name for p in found if p is not None]
         for name in names:

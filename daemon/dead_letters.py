@@ -133,11 +133,13 @@ def iter_dead_letters(
 def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> Path:
     """Write a retry request the daemon picks up; returns its path."""
     directory = retry_dir(config)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as the state dir
     path = directory / f"{pipeline.name}-{time.time_ns()}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps({"pipeline": pipeline.name, "keys": sorted(set(keys))}))
-    with tmp.open("rb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(orjson.dumps({"pipeline": pipeline.name, "keys": sorted(set(keys))}))
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path

@@ -111,7 +111,7 @@ async def estimate_pipeline(config: Config, pipeline: PipelineConfig) -> Estimat
     cached_per_row = estimate_tokens(pipeline.request.system or "") if options.cache else 0
     result = Estimate(pipeline.name)
     models: dict[str, _Accumulator] = {}
-    source = build_source(config, pipeline.name, pipeline.source)
+    source = build_source(config, pipeline.name, pipeline.source, until_drained=True)
     try:
         await source.start(None)
         while (records := await source.poll()) is not None:

@@ -18,9 +18,10 @@ from plugins.manager import sink_factory, source_factory
 __all__ = ("build_sink", "build_source")
 
 
-def _context(config: Config, pipeline: str) -> PluginContext:
+def _context(config: Config, pipeline: str, until_drained: bool = False) -> PluginContext:
     return PluginContext(
-        pipeline=pipeline, state_dir=config.state_dir, config_dir=config.path.resolve().parent
+        pipeline=pipeline, state_dir=config.state_dir, config_dir=config.path.resolve().parent,
+        until_drained=until_drained,
     )
 
 
@@ -31,8 +32,11 @@ def _build(spec: PluginSpec, factory: Callable[[], Any], context: PluginContext)
         raise ConfigError(f"{spec.where}: {exc}") from None
 
 
-def build_source(config: Config, pipeline: str, spec: PluginSpec) -> Source:
-    source: Source = _build(spec, lambda: source_factory(spec.type), _context(config, pipeline))
+def build_source(
+    config: Config, pipeline: str, spec: PluginSpec, *, until_drained: bool = False
+) -> Source:
+    context = _context(config, pipeline, until_drained)
+    source: Source = _build(spec, lambda: source_factory(spec.type), context)
     return source
 
 

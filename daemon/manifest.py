@@ -170,7 +170,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def _take_lock(state_dir: Path) -> int:
     """Hold an exclusive flock on the state dir for as long as the returned fd is open."""
-    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

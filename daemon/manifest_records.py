@@ -85,6 +85,11 @@ RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "pipeline_paused": {"pipeline": _STR, "reason": _STR},
     "pipeline_resumed": {"pipeline": _STR},
     "alarm": {"pipeline": _OPT_STR, "chunk": _OPT_STR, "alarm_kind": _STR, "message": _STR},
+    # The key ledger (keys.sqlite) this log goes with: a ledger with another id was copied
+    # from elsewhere or rebuilt, and resuming with it would judge duplicates wrongly.
+    "ledger_bound": {"ledger": _STR},
+    # An operator's decision that a batch on the API is not this state's (batchd reconcile).
+    "batch_disowned": {"batch_id": _STR, "reason": _STR},
     "snapshot": {"state": _DICT},
 }
 

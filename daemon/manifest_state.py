@@ -17,6 +17,7 @@ import heapq
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from typing import Any
 
 from daemon.manifest_records import (
@@ -165,6 +166,15 @@ class ManifestState:
     retired_batches: dict[str, str] = field(default_factory=dict)
     # chunk id -> pipeline, for the last RETIRED_KEPT retired chunks.
     retired_chunks: dict[str, str] = field(default_factory=dict)
+    # The id of the key ledger this log goes with (``ledger_bound``), if recorded.
+    ledger_id: str | None = None
+    # When the log began (our clock), and the API's creation time of the newest batch it
+    # ever recorded: batches on the API created after that are not known to this state,
+    # which is what reconciling after a restored backup looks for.
+    born_at: float | None = None
+    newest_batch_at: float | None = None
+    # batch id -> reason, for batches an operator declared not ours (bounded as retired).
+    disowned_batches: dict[str, str] = field(default_factory=dict)
     # pipeline -> heap of (covers_seq, chunk) for committed chunks a later source
     # commit will cover, so a source commit pops just those instead of scanning every
     # chunk. Derived (rebuilt from a snapshot) and lazily pruned, hence not compared.
@@ -177,6 +187,14 @@ class ManifestState:
     def batch_ids(self) -> set[str]:
         """Every batch id recorded as submitted (live chunks and recently retired ones)."""
         return set(self.live_batches) | set(self.retired_batches)
+
+    def is_known_batch(self, batch_id: str) -> bool:
+        """Whether the batch is this state's (recorded) or was declared someone else's."""
+        return (
+            batch_id in self.live_batches
+            or batch_id in self.retired_batches
+            or batch_id in self.disowned_batches
+        )
 
     def batch_owner(self, batch_id: str) -> str | None:
         """The chunk a batch id was recorded for, or None if it belongs to no known chunk."""
@@ -198,6 +216,10 @@ class ManifestState:
             "alarms": [asdict(a) for a in self.alarms],
             "retired_batches": [[b, c] for b, c in self.retired_batches.items()],
             "retired_chunks": [[c, p] for c, p in self.retired_chunks.items()],
+            "ledger_id": self.ledger_id,
+            "born_at": self.born_at,
+            "newest_batch_at": self.newest_batch_at,
+            "disowned_batches": [[b, r] for b, r in self.disowned_batches.items()],
         }
 
     @classmethod
@@ -218,6 +240,11 @@ class ManifestState:
             state.alarms.extend(Alarm(**raw) for raw in snapshot["alarms"])
             state.retired_batches = {b: c for b, c in snapshot["retired_batches"]}
             state.retired_chunks = {c: p for c, p in snapshot["retired_chunks"]}
+            # Added after version 1 shipped: absent from older snapshots.
+            state.ledger_id = snapshot.get("ledger_id")
+            state.born_at = snapshot.get("born_at")
+            state.newest_batch_at = snapshot.get("newest_batch_at")
+            state.disowned_batches = {b: r for b, r in snapshot.get("disowned_batches", [])}
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestCorrupt(f"snapshot is malformed: {exc!r}") from None
         return state
@@ -242,6 +269,8 @@ class ManifestState:
             raise ManifestCorrupt(f"seq {seq}: {exc}") from None
         getattr(self, f"_on_{kind}")(seq, record)
         self.seq = max(self.seq, seq)
+        if self.born_at is None and isinstance(record.get("ts"), int | float):
+            self.born_at = float(record["ts"])
 
     def _corrupt(self, seq: int, message: str) -> ManifestCorrupt:
         return ManifestCorrupt(f"seq {seq}: {message}")
@@ -339,6 +368,10 @@ class ManifestState:
         chunk.stage = Stage.SUBMITTED
         chunk.batch_id, chunk.created_at = batch_id, created_at
         self.live_batches[batch_id] = chunk.chunk
+        self.disowned_batches.pop(batch_id, None)
+        created = _created_ts(created_at)
+        if created is not None and (self.newest_batch_at is None or created > self.newest_batch_at):
+            self.newest_batch_at = created
         pipeline = self._pipeline(chunk.pipeline)
         pipeline.requests_submitted += chunk.requests
         pipeline.batches_submitted += 1
@@ -368,7 +401,9 @@ class ManifestState:
             if same and (chunk.batch_id, chunk.retry_chunk) == (batch_id, retry_id):
                 return
             raise self._corrupt(seq, f"chunk {chunk.chunk} committed again with other figures")
-        if chunk.stage is Stage.SEALED and chunk.requests == 0:
+        if chunk.stage in (Stage.SEALED, Stage.INTENT):
+            # A chunk with nothing to send, or one given up before it was sent (its spool
+            # lost and its rows dead-lettered): committed without a batch.
             if batch_id is not None:
                 raise self._corrupt(seq, f"chunk {chunk.chunk} has no batch, got {batch_id}")
         elif chunk.stage is not Stage.ENDED:
@@ -448,6 +483,16 @@ class ManifestState:
         pipeline = self._pipeline(record["pipeline"])
         pipeline.paused = pipeline.pause_kind = None
 
+    def _on_ledger_bound(self, seq: int, record: Mapping[str, Any]) -> None:
+        self.ledger_id = record["ledger"]
+
+    def _on_batch_disowned(self, seq: int, record: Mapping[str, Any]) -> None:
+        batch_id = record["batch_id"]
+        owner = self.batch_owner(batch_id)
+        if owner is not None:
+            raise self._corrupt(seq, f"batch {batch_id} belongs to chunk {owner}; cannot disown it")
+        _remember(self.disowned_batches, batch_id, record["reason"])
+
     def _on_alarm(self, seq: int, record: Mapping[str, Any]) -> None:
         if any(alarm.seq == seq for alarm in self.alarms):
             return
@@ -461,6 +506,14 @@ class ManifestState:
                 message=record["message"],
             )
         )
+
+
+def _created_ts(created_at: str) -> float | None:
+    """Unix time of a batch's ``created_at`` as the manifest stores it (RFC 3339-ish)."""
+    try:
+        return datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _covered(chunk: ChunkState, committed_seq: int | None) -> bool:

@@ -61,6 +61,9 @@ ALARM_KINDS = (
     "dead_letter_ratio",
     "spend_limit",
     "organization_on_hold",
+    "sink_failed",
+    "spool_lost",
+    "unknown_batches",
 )
 
 # usage field in an API result -> direction label
@@ -141,6 +144,10 @@ class Metrics:
         )
         self.manifest_bytes = Gauge(
             "manifest_bytes", "Size of the write-ahead manifest on disk.",
+            namespace=ns, registry=r,
+        )
+        self.ledger_bytes = Gauge(
+            "ledger_bytes", "Size of the duplicate-key ledger (keys.sqlite) on disk.",
             namespace=ns, registry=r,
         )
         self.oldest_in_flight_seconds = Gauge(

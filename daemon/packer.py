@@ -15,14 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import orjson
 import structlog
 
 from daemon.config import MAX_BATCH_BYTES, PipelineConfig
-from daemon.custom_ids import CustomIdAllocator
+from daemon.custom_ids import CustomIdAllocator, hashed_custom_id, is_valid_custom_id
 from daemon.ledger import KeyLedger
 from daemon.shaper import ModelCheck, ShapeError, Shaper
 from daemon.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
@@ -30,7 +30,9 @@ from plugins.contract import Source
 from plugins.errors import RetriableError
 from plugins.records import Record
 
-__all__ = ("ChunkBuilder", "Packer", "chunk_id")
+__all__ = (
+    "ChunkBuilder", "Packer", "add_reject", "chunk_id", "request_line", "shape_record",
+)
 
 log = structlog.get_logger("batchd.packer")
 # One shrink per this many seconds of 429s; grow back after this long without one.
@@ -49,6 +51,56 @@ class _Pending:
     request: bytes | None  # None: reject
     error_type: str | None = None
     error: str | None = None
+
+
+def shape_record(shaper: Shaper, max_bytes: int, record: Record, seq: int) -> _Pending:
+    """A record as a request body, or as a reject saying why it cannot be one."""
+    if record.error is not None:
+        return _Pending(record, seq, None, "bad_record", record.error)
+    try:
+        params = shaper.params(record)
+        body = orjson.dumps(params)
+    except ShapeError as exc:
+        return _Pending(record, seq, None, exc.error_type, str(exc))
+    except Exception as exc:  # any record-level failure is that record's
+        # A field too deep to serialise, a value orjson refuses, a hook that raised:
+        # that record is a dead letter, never the daemon's exit (and a restart loop).
+        return _Pending(record, seq, None, "shape_error",
+                        f"cannot build the request: {type(exc).__name__}: {exc}")
+    limit = max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
+    if len(body) > limit:
+        return _Pending(
+            record, seq, None, "request_too_large",
+            f"request is {len(body) / 1e6:.1f} MB; a batch holds at most "
+            f"{max_bytes / 1e6:.0f} MB (max_bytes)",
+        )
+    return _Pending(record, seq, body)
+
+
+def request_line(custom_id: str, body: bytes) -> bytes:
+    """The spool's request half: ``{"custom_id":…,"params":…}``."""
+    return b'{"custom_id":"' + custom_id.encode() + b'","params":' + body + b"}"
+
+
+def add_reject(writer: SpoolWriter, meta: dict[str, Any]) -> None:
+    """Spool a reject; a key or position JSON cannot hold (a lone surrogate) is written
+    escaped rather than failing the chunk."""
+    try:
+        writer.add_reject(meta)
+    except (TypeError, orjson.JSONEncodeError):
+        safe = {name: ascii(value) if isinstance(value, str) else value
+                for name, value in meta.items() if name != "position"}
+        writer.add_reject({**safe, "position": None})
+
+
+class BatchOwners(Protocol):
+    """Batches on the API that the state does not know (daemon.reconcile.Reconciler)."""
+
+    def active(self) -> bool:
+        """Whether any such batch still waits for its chunk."""
+
+    async def owners(self, custom_ids: list[str]) -> dict[str, tuple[str, int]]:
+        """custom_id → (batch id, its request count) for those such batches hold."""
 
 
 class ChunkBuilder:
@@ -70,6 +122,10 @@ class ChunkBuilder:
         self.position: dict[str, Any] | None = None
         self.started = time.monotonic()
         self.est_input_bytes = 0
+        # A chunk rebuilt to the boundaries of a batch the API already has (see
+        # Packer.follow): that batch's id and how many requests it holds.
+        self.follows: str | None = None
+        self.target = 0
 
     @property
     def requests(self) -> int:
@@ -97,6 +153,7 @@ class Packer:
         resume: tuple[dict[str, Any] | None, int, int],
         between_chunks: Callable[[], Awaitable[None]] | None = None,
         model_check: ModelCheck | None = None,
+        owners: BatchOwners | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -106,6 +163,10 @@ class Packer:
         self._seal = seal
         self._room = room
         self._between_chunks = between_chunks
+        # custom_ids → (batch id, its request count) for batches on the API that the state
+        # does not know (a restored backup): records they hold are packed to their
+        # boundaries, whatever max_requests says now, so the chunk adopts the batch.
+        self._owners = owners
         self.resume_position, self.seq, self.next_chunk = resume
         self.max_requests = pipeline.batching.max_requests
         self._shrunk_at = -_REGROW_AFTER
@@ -164,12 +225,32 @@ class Packer:
                 await anyio.sleep(min(0.2, idle))
                 continue
             self.drained = anyio.Event() if self.drained.is_set() else self.drained
-            for record in records:
-                await self.add(record)
+            follows = await self._follows(records)
+            for record, batch in zip(records, follows, strict=True):
+                await self.add(record, follow=batch)
             if self.builder is not None:
                 self._claim(self.builder)
                 if self._lingered():
                     await self.seal_current()
+
+    async def _follows(self, records: list[Record]) -> list[tuple[str, int] | None]:
+        """For each record, the unknown batch already holding its custom_id, if any."""
+        if self._owners is None or not self._owners.active():
+            return [None] * len(records)
+        natural = [self._natural_custom_id(r) for r in records]
+        owners = await self._owners.owners([cid for cid in natural if cid is not None])
+        return [owners.get(cid) if cid is not None else None for cid in natural]
+
+    def _natural_custom_id(self, record: Record) -> str | None:
+        """The custom_id a record gets as the first of its key in a chunk (as allocated)."""
+        if record.error is not None:
+            return None
+        try:
+            preferred = self.shaper.preferred_custom_id(record)
+        except Exception:  # the template failed on this record: it becomes a reject
+            return None
+        candidate = preferred if preferred is not None else record.key
+        return candidate if is_valid_custom_id(candidate) else hashed_custom_id(record.key)
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
         delay = 0.5
@@ -184,24 +265,12 @@ class Packer:
 
     def _lingered(self) -> bool:
         assert self.builder is not None
+        if self.builder.follows is not None:
+            return False  # its boundary is the batch's, not the clock's
         return time.monotonic() - self.builder.started >= self.pipeline.batching.linger
 
     def _shape(self, record: Record, seq: int) -> _Pending:
-        if record.error is not None:
-            return _Pending(record, seq, None, "bad_record", record.error)
-        try:
-            params = self.shaper.params(record)
-        except ShapeError as exc:
-            return _Pending(record, seq, None, exc.error_type, str(exc))
-        body = orjson.dumps(params)
-        limit = self.max_bytes - len(BODY_OPEN) - len(BODY_CLOSE) - 100
-        if len(body) > limit:
-            return _Pending(
-                record, seq, None, "request_too_large",
-                f"request is {len(body) / 1e6:.1f} MB; a batch holds at most "
-                f"{self.max_bytes / 1e6:.0f} MB (max_bytes)",
-            )
-        return _Pending(record, seq, body)
+        return shape_record(self.shaper, self.max_bytes, record, seq)
 
     async def replay(self, source: Source, keys: set[str]) -> int:
         """
@@ -224,14 +293,19 @@ class Packer:
         await self.seal_current()
         return found
 
-    async def add(self, record: Record, *, replay: bool = False) -> None:
+    async def add(
+        self, record: Record, *, replay: bool = False, follow: tuple[str, int] | None = None
+    ) -> None:
         if not replay:
             self.seq += 1
         self.read += 1
         pending = self._shape(record, self.seq)
         size = len(pending.request) + 100 if pending.request is not None else 0
+        follows = follow[0] if follow is not None else None
         if self.builder is not None and (
-            not self.builder.fits(size) or self.builder.requests >= self.max_requests
+            self.builder.follows != follows
+            if self.builder.follows is not None or follows is not None
+            else not self.builder.fits(size) or self.builder.requests >= self.max_requests
         ):
             await self.seal_current()
             await self._room()
@@ -240,6 +314,8 @@ class Packer:
             self.builder = ChunkBuilder(
                 self.pipeline.name, self.next_chunk, self.spool_dir, self.max_bytes
             )
+            if follow is not None:
+                self.builder.follows, self.builder.target = follow
         builder = self.builder
         if not replay:
             if builder.first_seq is None:
@@ -252,6 +328,9 @@ class Packer:
             builder.pending_bytes += len(pending.request) + 100
         if len(builder.pending) >= 1000:
             self._claim(builder)
+        if builder.follows is not None and builder.requests >= builder.target:
+            await self.seal_current()  # the batch's last record: the chunk ends here too
+            await self._room()
 
     def _claim(self, builder: ChunkBuilder) -> None:
         """Check pending keys against the ledger, then write them to the spool."""
@@ -274,20 +353,33 @@ class Packer:
                     owner = duplicates.get(key, builder.id)
                     item.request, item.error_type = None, "duplicate_key"
                     item.error = f"duplicate key {key!r} (already read into chunk {owner})"
+            custom_id = ""
+            if item.request is not None:
+                try:
+                    custom_id = builder.ids.allocate(key, preferred(item.record))
+                except Exception as exc:  # the custom_id template failed on this record
+                    item.request, item.error_type = None, "shape_error"
+                    item.error = f"cannot build the custom_id: {type(exc).__name__}: {exc}"
             if item.request is None:
-                builder.writer.add_reject({
+                add_reject(builder.writer, {
                     "key": key, "position": item.record.position, "seq": item.seq,
                     "error_type": item.error_type, "error": item.error,
                 })
                 continue
+            request = request_line(custom_id, item.request)
+            try:
+                builder.writer.add_request(request, {
+                    "key": key, "position": item.record.position, "seq": item.seq,
+                    "custom_id": custom_id, "attempt": 1,
+                })
+            except (TypeError, orjson.JSONEncodeError) as exc:  # a key JSON cannot hold
+                add_reject(builder.writer, {
+                    "key": key, "position": item.record.position, "seq": item.seq,
+                    "error_type": "bad_record", "error": f"cannot store the record: {exc}",
+                })
+                continue
             keys.add(key)
-            custom_id = builder.ids.allocate(key, preferred(item.record))
-            request = b'{"custom_id":"' + custom_id.encode() + b'","params":' + item.request + b"}"
             builder.est_input_bytes += len(item.request)
-            builder.writer.add_request(request, {
-                "key": key, "position": item.record.position, "seq": item.seq,
-                "custom_id": custom_id, "attempt": 1,
-            })
 
     async def seal_current(self) -> None:
         builder = self.builder

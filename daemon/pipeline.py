@@ -8,6 +8,7 @@ the packer, the chunk driver, the poller and the collector.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ from daemon.manifest_state import ChunkState, Stage
 from daemon.packer import ChunkBuilder, Packer
 from daemon.poller import Poller
 from daemon.queue_limit import QueueLimit
+from daemon.reconcile import Reconciler
 from daemon.resume import resume_request_path
 from daemon.shaper import ModelCheck
+from daemon.sink_failures import ALARM_AFTER
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink, Source
 from plugins.errors import FatalError, RetriableError
@@ -41,6 +44,7 @@ __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
 log = structlog.get_logger("batchd.pipeline")
 _DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
+_PRUNE_EVERY = 300.0  # seconds between ledger prunes
 
 
 class PipelinePaused(FatalError):
@@ -86,6 +90,7 @@ class PipelineRunner:
         queue: QueueLimit | None = None,
         answers: AnswerReader | None = None,
         model_check: ModelCheck | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -112,6 +117,11 @@ class PipelineRunner:
         # Set once every batch that was mid-create at start-up is adopted or resent.
         self.recovered = anyio.Event()
         self.packer: Packer | None = None
+        self.reconciler = reconciler
+        self.sink_failures = 0
+        # Chunks that cannot go on until an operator acts (a spool lost beyond rebuilding).
+        self.held_chunks: set[str] = set()
+        self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
         self.dead_letter_guard = DeadLetterGuard(self)
 
@@ -151,6 +161,21 @@ class PipelineRunner:
                                        reason=reason, pause_kind=kind or alarm_kind)
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
+
+    async def sink_failed(self, error: str) -> None:
+        """A sink failed again: past ALARM_AFTER in a row, alarm and pause intake and creates."""
+        self.sink_failures += 1
+        if self.sink_failures == ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+            # Exactly once per episode (several chunks fail at the same time).
+            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed")
+
+    async def sink_recovered(self) -> None:
+        """A collect went through: a pause for a failing sink is over."""
+        self.sink_failures = 0
+        if (self.paused or "").startswith("sink_failed"):
+            await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+            self.log.warning("sink writes again; pipeline resumed")
+            self.changed.fire()
 
     async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
@@ -196,6 +221,13 @@ class PipelineRunner:
             await self.pause(refusal, alarm_kind="budget_exhausted", kind="budget")
             raise BudgetExhausted(refusal)
         builder.writer.seal()
+        position = builder.position
+        if position is not None:
+            # What the source was when these records were read (a file's inode and hashes):
+            # resuming after this position in anything else is refused at start.
+            identity = self.source.identity(position)
+            if identity is not None:
+                position = {**position, "identity": identity}
         await self.manifest.append(
             "chunk_sealed",
             pipeline=self.pipeline.name,
@@ -206,7 +238,7 @@ class PipelineRunner:
             rejects=builder.writer.rejects,
             first_seq=builder.first_seq,
             last_seq=builder.last_seq,
-            position=builder.position,
+            position=position,
             parent=None,
         )
         crash_point("after_seal")
@@ -264,7 +296,31 @@ class PipelineRunner:
                 for chunk in family:
                     await self.manifest.append("chunk_retired", chunk=chunk.chunk)
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
+            self._prune_ledger()
             self.changed.fire()
+
+    def _prune_ledger(self) -> None:
+        """Forget keys older than the ledger retention (at most every few minutes)."""
+        retention = self.ledger_retention
+        now = time.monotonic()
+        if not retention or now - self._pruned_at < _PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        live = [int(c.chunk[len(self.pipeline.name) + 1:][:6]) for c in self.live_chunks()
+                if c.chunk[len(self.pipeline.name) + 1:][:6].isdigit()]
+        below = min([*live, self.packer.next_chunk if self.packer else 0])
+        forgotten = self.ledger.prune(self.pipeline.name, retention, below)
+        if forgotten:
+            self.log.info("key ledger pruned", keys_forgotten=forgotten,
+                          retention_seconds=retention)
+
+    @property
+    def ledger_retention(self) -> float | None:
+        """Seconds keys are kept: the pipeline's setting, else the source's default."""
+        configured = self.pipeline.ledger_retention
+        if configured is not None:
+            return configured or None  # 0: forever
+        return self.source.ledger_retention
 
     async def _commit_source(self, position: dict[str, Any]) -> None:
         delay = 0.5
@@ -304,7 +360,8 @@ class PipelineRunner:
         )
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested, model_check=self.model_check)
+                             between_chunks=self.replay_requested, model_check=self.model_check,
+                             owners=self.reconciler)
         try:
             await self.source.start(resume[0])
             self.packer.started = True
@@ -348,6 +405,10 @@ class PipelineRunner:
             if until_drained:
                 tg.start_soon(self._fail_when_stuck)
             tg.start_soon(self._watch_resume_requests)
+            if self.reconciler is not None:
+                # Batches the state does not know shape the chunks rebuilt for them: read
+                # nothing until they are known (creates wait for it anyway).
+                await self.reconciler.ready.wait()
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -397,10 +458,16 @@ class PipelineRunner:
     async def _until_done(self) -> None:
         """Return once every chunk is retired; raise if a pause leaves chunks that cannot move."""
         while True:
-            live = self.live_chunks()
+            live = [c for c in self.live_chunks() if c.chunk not in self.held_chunks]
             stuck = all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live)
             if (self.submissions_blocked and stuck) or (self.paused and not live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            if not live and self.held_chunks:
+                raise PipelinePaused(
+                    f"pipeline {self.pipeline.name!r}: chunks "
+                    f"{', '.join(sorted(self.held_chunks))} are held (spool lost; see the "
+                    "spool_lost alarm)"
+                )
             if not live and not self.paused:
                 return
             with anyio.move_on_after(1.0):

@@ -115,17 +115,34 @@ class Poller:
                 await self._ended(by_batch[batch_id], batch)
 
     async def _not_found(self, chunk: ChunkState) -> None:
-        """A 404 just after create or end is a known transient; alarm only past the window."""
+        """
+        A 404 just after create or end is a known transient. Past the window the batch is
+        lost (an API that forgot it, a batch deleted elsewhere): one alarm, and the chunk
+        ends with its rows dead-lettered as ``batch_lost`` (resent only if the operator
+        says so, since sending again costs again) instead of an alarm every window.
+        """
         assert chunk.batch_id is not None
         first = self._missing_since.setdefault(chunk.batch_id, time.monotonic())
         window = self.runner.api_config.not_found_window
-        if time.monotonic() - first > window:
-            await self.runner.alarm(
-                "batch_not_found",
-                f"batch {chunk.batch_id} has answered 404 for over {window:.0f}s",
-                chunk=chunk.chunk,
-            )
-            self._missing_since[chunk.batch_id] = time.monotonic()
+        if time.monotonic() - first <= window:
+            return
+        await self.runner.alarm(
+            "batch_not_found",
+            f"batch {chunk.batch_id} has answered 404 for over {window:.0f}s: the API no "
+            f"longer knows it; its {chunk.requests} rows are dead-lettered as batch_lost "
+            "(`batchd dead-letters retry` sends them again, paid again). If the API key "
+            "changed workspace, put the old key back before restarting",
+            chunk=chunk.chunk,
+        )
+        self._missing_since.pop(chunk.batch_id, None)
+        counts = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "processing": 0,
+                  "lost": chunk.requests}
+        await self.runner.manifest.append(
+            "ended", chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts
+        )
+        event = self._events.pop(chunk.chunk, None)
+        if event is not None:
+            event.set()
 
     async def _ended(self, chunk: ChunkState, batch: Any) -> None:
         counts = _counts(batch)

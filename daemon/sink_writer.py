@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
+from daemon.sink_failures import sink_call
 from plugins.contract import Sink
 from plugins.records import ResultRow
 
@@ -47,7 +48,7 @@ async def background_puts(sinks: Sequence[Sink], group: str) -> AsyncIterator[Ha
         # fails would hand the sender a BrokenResourceError beside the put's own error.
         async for rows in receive:
             for sink in sinks:
-                await sink.put(group, rows)
+                await sink_call(sink, sink.put(group, rows))
 
     try:
         async with anyio.create_task_group() as tasks:

@@ -15,6 +15,7 @@ chunk is cut from this file, nothing is re-read from the source.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import IO, Any
 
 import aiofiles
 import orjson
+
+from daemon.storage_errors import storage_error
 
 __all__ = (
     "BODY_CLOSE",
@@ -68,7 +71,10 @@ class SpoolWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(final_path.name + ".tmp")
-        self._file: IO[bytes] = open(self.tmp_path, "wb", buffering=SPOOL_BLOCK)
+        try:
+            self._file: IO[bytes] = open(self.tmp_path, "wb", buffering=SPOOL_BLOCK)
+        except OSError as exc:
+            raise storage_error(exc, self.tmp_path, "spool file") from None
         self.requests = 0
         self.rejects = 0
         self.request_bytes = 0
@@ -77,25 +83,36 @@ class SpoolWriter:
     def body_bytes(self) -> int:
         return body_size(self.requests, self.request_bytes)
 
+    def _write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise storage_error(exc, self.tmp_path, "spool file") from None
+
     def add_request(self, request: bytes, meta: dict[str, Any]) -> None:
-        self._file.write(request + b"\t" + orjson.dumps(meta) + b"\n")
+        self._write(request + b"\t" + orjson.dumps(meta) + b"\n")
         self.requests += 1
         self.request_bytes += len(request)
 
     def add_reject(self, meta: dict[str, Any]) -> None:
-        self._file.write(b"\t" + orjson.dumps(meta) + b"\n")
+        self._write(b"\t" + orjson.dumps(meta) + b"\n")
         self.rejects += 1
 
     def seal(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp_path, self.final_path)
-        fsync_dir(self.final_path.parent)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp_path, self.final_path)
+            fsync_dir(self.final_path.parent)
+        except OSError as exc:
+            raise storage_error(exc, self.tmp_path, "spool file") from None
 
     def discard(self) -> None:
-        self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def iter_spool(path: Path) -> Iterator[tuple[bytes | None, dict[str, Any]]]:

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.config import Config
+from daemon.ledger import LEDGER_NAME, ledger_summary
 from daemon.manifest import MANIFEST_NAME, replay
 from daemon.manifest_state import ManifestState
 from daemon.progress import MeasuredSize, progress_of, source_sizes
@@ -132,6 +133,11 @@ def status_of(
         {"pipeline": a.pipeline, "chunk": a.chunk, "kind": a.kind, "message": a.message, "ts": a.ts}
         for a in list(state.alarms)[-20:]
     ]
+    names = [p.name for p in config.pipelines]
+    ledger = ledger_summary(Path(config.state_dir) / LEDGER_NAME, names)
+    for entry, pipeline in zip(pipelines, config.pipelines, strict=True):
+        entry["ledger_keys"] = ledger["keys"][pipeline.name]
+        entry["ledger_retention_seconds"] = pipeline.ledger_retention
     limit, origin = queue_limit_of(config.api)
     return {
         "state_dir": str(config.state_dir),
@@ -140,6 +146,7 @@ def status_of(
         "queue_limit_from": origin,
         "pipelines": pipelines,
         "alarms": alarms,
+        "ledger": {"path": ledger["path"], "bytes": ledger["bytes"]},
     }
 
 
@@ -193,6 +200,11 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
                 table.add_row(b["chunk"], b["batch_id"] or "-", b["stage"], str(b["requests"]),
                               str(b["attempt"]), age)
             parts.append(table)
+    ledger = status.get("ledger")
+    if ledger:
+        keys = sum(p.get("ledger_keys", 0) for p in status["pipelines"])
+        parts.append(Text(f"key ledger: {keys:,} keys, {ledger['bytes'] / 1e6:.1f} MB "
+                          f"({ledger['path']})"))
     if status["alarms"]:
         table = Table("pipeline", "chunk", "alarm", "message", title="recent alarms")
         for a in status["alarms"]:

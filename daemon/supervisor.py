@@ -36,13 +36,18 @@ from daemon.config import Config, PluginSpec, load_config
 from daemon.factories import build_sink, build_source
 from daemon.health import Health
 from daemon.ledger import KeyLedger
+from daemon.ledger_binding import open_bound_ledger
 from daemon.live_status import LiveStatus
 from daemon.manifest import Manifest
+from daemon.output_paths import check_outputs
 from daemon.pipeline import PipelineRunner
 from daemon.preflight import catalog_for, preflight, record_check
 from daemon.pricing import PriceTable
+from daemon.private_state import make_private
 from daemon.queue_limit import QueueLimit, queue_limit_of
+from daemon.reconcile import Reconciler
 from daemon.sd_notify import Notifier, watchdog_loop
+from daemon.storage_errors import storage_error
 from daemon.telemetry import Telemetry
 from plugins.contract import Sink
 from plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
@@ -81,6 +86,7 @@ class _Daemon:
         self.metrics: Any = None
         self.health = Health()
         self.live = LiveStatus()
+        self.reconciler: Reconciler
 
     async def build_runners(
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
@@ -104,11 +110,15 @@ class _Daemon:
         log.info("api", version=config.api.version, queue_limit=limit, queue_limit_from=origin)
 
         create_lock = anyio.Lock()
+        # Batches on the API that the manifest does not know (a restored backup): found
+        # before anything is created, adopted by the chunks they belong to.
+        self.reconciler = Reconciler(manifest, api, config.state_dir, config.api.poll_interval)
         spool_dir = config.state_dir / "spool"
         runners = []
         opened: list[tuple[PipelineRunner, list[tuple[Sink, PluginSpec]]]] = []
+        drained = self.until_drained
         for pipeline in config.pipelines:
-            source = build_source(config, pipeline.name, pipeline.source)
+            source = build_source(config, pipeline.name, pipeline.source, until_drained=drained)
             stack.push_async_callback(source.aclose)
             specs = [*pipeline.sinks, pipeline.dead_letter]
             sinks = [build_sink(config, pipeline.name, spec) for spec in specs]
@@ -122,12 +132,17 @@ class _Daemon:
                                           geo=pipeline.request.options.inference_geo),
                 budget=Budget(pipeline, prices),
                 telemetry=Telemetry(self.metrics, pipeline.name),
-                make_source=partial(build_source, config, pipeline.name, pipeline.source),
+                make_source=partial(build_source, config, pipeline.name, pipeline.source,
+                                    until_drained=drained),
                 queue=queue, answers=AnswerReader(pipeline, catalog),
                 model_check=record_check(pipeline, catalog=catalog,
                                          api_version=config.api.version),
+                reconciler=self.reconciler,
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
+        check_outputs(config.state_dir, [
+            (spec.where, sink) for _, pairs in opened for sink, spec in pairs
+        ])
         # Sources first: one that cannot start (a missing file) fails before any sink
         # has created a table or a directory.
         for runner, _ in opened:
@@ -144,6 +159,21 @@ class _Daemon:
                  state_dir=str(config.state_dir), api=api.base_url,
                  live_chunks=len(manifest.state.chunks))
         return runners
+
+    async def run_generation(self, until_drained: bool) -> None:
+        """The runners, and beside them the reconciler, stopped once the runners are done."""
+        reconcile = anyio.CancelScope()
+
+        async def reconciling() -> None:
+            with reconcile:
+                await self.reconciler.run()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(reconciling)
+            async with anyio.create_task_group() as runners:
+                for runner in self.runners:
+                    runners.start_soon(partial(runner.run, until_drained=until_drained))
+            reconcile.cancel()
 
     async def announce_ready(self) -> None:
         """
@@ -217,7 +247,8 @@ class _Daemon:
             await anyio.sleep(2 if interactive else 5)
             for runner in self.runners:
                 runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes(),
-                                         (runner.paused, runner.pause_kind))
+                                         (runner.paused, runner.pause_kind),
+                                         runner.ledger.size_bytes())
             if interactive:
                 for p in self.live.snapshot(self.config, manifest)["pipelines"]:
                     log.info("progress", pipeline=p["name"], **_progress(p, self.live))
@@ -279,41 +310,67 @@ async def run_daemon(config: Config, *, until_drained: bool = False) -> int:
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first error an operator can act on: a BatchdError, else a file-system error."""
+    found: BaseException | None = None
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             exc = _first_error(exc)
         if isinstance(exc, BatchdError):
             return exc
-    return group
+        if found is None and isinstance(exc, OSError):
+            found = storage_error(exc, None, "file" if exc.filename is not None else "I/O error")
+    return found if found is not None else group
+
+
+_FRESH_FILES = ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
+                "keys.sqlite-shm")
 
 
 async def _run(config: Config, until_drained: bool) -> int:
-    fresh = not (config.state_dir / "manifest.jsonl").exists()
+    try:
+        fresh = not (config.state_dir / "manifest.jsonl").exists()
+        existing = {name for name in _FRESH_FILES if (config.state_dir / name).exists()}
+        had_dir = config.state_dir.exists()
+    except OSError as exc:
+        raise storage_error(exc, config.state_dir, "state dir") from None
     try:
         return await _serve(config, until_drained)
     except BaseException as exc:
         error = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if fresh and isinstance(error, ConfigError):
-            _remove_fresh_state(config.state_dir)
+            _remove_fresh_state(config.state_dir, existing, had_dir)
         raise
 
 
-def _remove_fresh_state(state_dir: Path) -> None:
-    """A run that failed on its config before doing anything leaves nothing behind."""
-    for name in ("manifest.jsonl", "manifest.lock", "keys.sqlite", "keys.sqlite-wal",
-                 "keys.sqlite-shm"):
-        (state_dir / name).unlink(missing_ok=True)
-    for directory in (state_dir / "spool", state_dir):
+def _remove_fresh_state(state_dir: Path, existing: set[str], had_dir: bool) -> None:
+    """A run that failed on its config before doing anything leaves nothing behind
+    (and never removes what was there before it: a ledger it refused, say)."""
+    for name in _FRESH_FILES:
+        if name not in existing:
+            with contextlib.suppress(OSError):
+                (state_dir / name).unlink(missing_ok=True)
+    for directory in (state_dir / "spool", *(() if had_dir else (state_dir,))):
         with contextlib.suppress(OSError):
             directory.rmdir()  # only if empty
 
 
 async def _serve(config: Config, until_drained: bool) -> int:
     daemon = _Daemon(config, until_drained)
+    umask = make_private(config.state_dir)
+    try:
+        return await _serve_private(daemon, config, until_drained)
+    finally:
+        os.umask(umask)  # batchd run called in-process (tests) leaves the caller's as it was
+
+
+async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -> int:
     spool_dir = config.state_dir / "spool"
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in spool_dir.glob("*.tmp"):
-        leftover.unlink()
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in spool_dir.glob("*.tmp"):
+            leftover.unlink()
+    except OSError as exc:
+        raise storage_error(exc, spool_dir, "spool dir") from None
     api_key = resolve_api_key()
     if api_key:
         register_secret(api_key)
@@ -322,7 +379,7 @@ async def _serve(config: Config, until_drained: bool) -> int:
     async with AsyncExitStack() as process:
         manifest = await Manifest.open(config.state_dir, compact_bytes=compact)
         process.push_async_callback(manifest.aclose)
-        ledger = KeyLedger(config.state_dir / "keys.sqlite")
+        ledger = await open_bound_ledger(config.state_dir, manifest)
         process.callback(ledger.close)
         daemon.metrics = _start_metrics(config, process, daemon, manifest)
         async with anyio.create_task_group() as outer:
@@ -340,10 +397,7 @@ async def _serve(config: Config, until_drained: bool) -> int:
                     with anyio.CancelScope() as scope:
                         daemon.generation = scope
                         async with anyio.create_task_group() as pipelines:
-                            for runner in daemon.runners:
-                                pipelines.start_soon(
-                                    partial(runner.run, until_drained=until_drained)
-                                )
+                            pipelines.start_soon(daemon.run_generation, until_drained)
                             pipelines.start_soon(daemon.announce_ready)
                 if not daemon.reload_requested:
                     break

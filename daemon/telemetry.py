@@ -78,6 +78,7 @@ class Telemetry:
         chunks: Iterable[ChunkState],
         manifest_bytes: int,
         pause: tuple[str | None, str | None] = (None, None),
+        ledger_bytes: int | None = None,
     ) -> None:
         """Gauges from the manifest; ``pause`` is the pipeline's (reason, kind)."""
         m = self.metrics
@@ -97,3 +98,5 @@ class Telemetry:
                 continue
         m.oldest_in_flight_seconds.labels(pipeline=self.pipeline).set(max(ages, default=0.0))
         m.manifest_bytes.set(manifest_bytes)
+        if ledger_bytes is not None:
+            m.ledger_bytes.set(ledger_bytes)

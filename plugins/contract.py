@@ -17,16 +17,26 @@ from typing import Any, Protocol, Self
 
 from plugins.records import Record, ResultRow
 
-__all__ = ("PluginContext", "Sink", "SinkFactory", "Source", "SourceFactory", "SourceSize")
+__all__ = (
+    "PluginContext", "Sink", "SinkFactory", "SinkOutput", "Source", "SourceFactory",
+    "SourceSize",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class PluginContext:
-    """What the engine tells a plugin about where it runs."""
+    """
+    What the engine tells a plugin about where it runs.
+
+    ``until_drained`` is set under ``batchd run --until-drained``: the run ends once
+    the source is read, so a file source may take a last line without a newline once
+    the file stops growing (in daemon mode such a line may still be being written).
+    """
 
     pipeline: str
     state_dir: Path
     config_dir: Path
+    until_drained: bool = False
 
     def resolve_path(self, value: str | Path) -> Path:
         """Relative paths in a config file are relative to that file."""
@@ -97,6 +107,13 @@ class Source(_Closeable):
     """
 
     max_records: int = 1000
+    # Seconds the engine's duplicate-key ledger remembers a key read from this source,
+    # unless the pipeline sets ``ledger_retention``; None: forever. A file must catch a
+    # duplicate anywhere in it; a stream that runs for months would grow it without end.
+    ledger_retention: float | None = None
+    # Whether a second instance may read records again beside the running one (to rebuild
+    # a lost spool file). A consumer-group member may not: it would take partitions away.
+    rereadable: bool = True
 
     @abc.abstractmethod
     async def start(self, resume: dict[str, Any] | None) -> None:
@@ -140,6 +157,32 @@ class Source(_Closeable):
         naming what is wrong. The default does nothing: a file source has no server.
         """
 
+    def identity(self, position: dict[str, Any]) -> dict[str, Any] | None:
+        """
+        What identifies the data behind ``position`` (a file's inode, size, hashes), or None.
+
+        The engine stores it with the position it seals and hands it back inside the
+        ``resume`` position; a source that returns one checks it in :meth:`start` and
+        refuses (raising :class:`~plugins.errors.FatalError` naming what changed) to
+        resume in data that is no longer what was read. Called once per chunk.
+        """
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkOutput:
+    """
+    A local file or directory a sink writes, so the engine can refuse collisions at start.
+
+    Two outputs collide when their paths are equal and their ``scope`` is equal (a jsonl
+    directory is shared safely by pipelines with different names, a SQLite file by
+    different tables), or when one wants a directory where the other wants a file.
+    """
+
+    path: Path
+    scope: str
+    directory: bool
+
 
 class Sink(_Closeable):
     """
@@ -180,6 +223,10 @@ class Sink(_Closeable):
         ``batchd validate --connect`` calls it on a sink that was never opened; it must
         create and write nothing. The default does nothing.
         """
+
+    def outputs(self) -> Sequence[SinkOutput]:
+        """The local paths this sink writes (none for a database or a broker)."""
+        return ()
 
 
 class SourceFactory(Protocol):

@@ -103,13 +103,16 @@ class TestLoad:
         assert config.state_dir == tmp_path / "elsewhere"
 
     def test_default_dead_letter(self, tmp_path: Path) -> None:
-        """Without [pipeline.dead_letter], dead letters go to JSONL under dead-letters/<name>."""
+        """Without [pipeline.dead_letter], dead letters go to JSONL under
+        STATE/dead-letters/<name> (the state dir is where the service may write)."""
         text = write(tmp_path).read_text()
         text = text.split("\n[pipeline.dead_letter]")[0] + "\n"
         path = tmp_path / "pipeline.toml"
         path.write_text(text)
-        dead = load_config(path).pipelines[0].dead_letter
-        assert (dead.type, dead.options) == ("jsonl", {"path": "dead-letters/tickets"})
+        config = load_config(path)
+        dead = config.pipelines[0].dead_letter
+        expected = str(config.state_dir / "dead-letters" / "tickets")
+        assert (dead.type, dead.options) == ("jsonl", {"path": expected})
 
 
 class TestErrors:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import tempfile
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -21,13 +23,22 @@ from plugins.records import Record
 
 
 def _context(directory: Path) -> PluginContext:
-    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
+    # Read to the end as ``--until-drained`` does: a last line without a newline counts.
+    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory,
+                         until_drained=True)
 
 
 def _write(directory: Path, data: bytes | str, name: str = "tickets.csv") -> Path:
     path = directory / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
+    _settled(path)
     return path
+
+
+def _settled(path: Path) -> None:
+    """Date the file a minute back: it has stopped growing, so its last line is whole."""
+    old = time.time() - 60
+    os.utime(path, (old, old))
 
 
 async def _read(
@@ -204,8 +215,10 @@ class TestBadRows:
             (b"7,x,extra", "7", "expected 2 columns, got 3"),
             (b"7", "7", "expected 2 columns, got 1"),
             (b",x", "line-3", "empty key column 'id'"),
-            (b"7,caf\xe9", "line-3", "undecodable bytes for encoding utf-8"),
-            (b"7,a\x00b", "line-3", "NUL byte"),
+            # A bad byte outside the key column leaves the key usable (issue 12, case 13).
+            (b"7,caf\xe9", "7", "undecodable bytes for encoding utf-8"),
+            (b"7,a\x00b", "7", "NUL byte"),
+            (b"7\x00,ab", "line-3", "NUL byte"),
             (b"7,a\rb", "line-3", "unparseable row"),
         ],
     )
@@ -246,7 +259,7 @@ class TestBadRows:
         finally:
             tracemalloc.stop()
         assert peak < 12 << 20, f"peak {peak} bytes while skipping a 20 MB field"
-        assert [r.key for r in records] == ["1", "line-3", "3", "4"]
+        assert [r.key for r in records] == ["1", "2", "3", "4"]  # the key came before it
         assert records[1].error == (
             "tickets.csv line 3: a field is larger than max_field_bytes (1048576)"
         )

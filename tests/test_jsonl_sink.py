@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
+def parts(directory: Path) -> list[str]:
+    """The files a reader sees (the hidden ``.batchd-<pipeline>.lock`` owner file aside)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".batchd-"))
+
+
 def _sink(directory: Path, **options: Any) -> JsonlSink:
     return JsonlSink({"path": "out", **options}, _context(directory))
 
@@ -58,7 +64,7 @@ class TestPartFiles:
             assert not (tmp_path / "out" / "tickets-000001-a1.jsonl").exists()
             assert (tmp_path / "out" / ".tickets-000001-a1.jsonl.tmp").exists()
             await sink.flush("tickets-000001-a1")
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tickets-000001-a1.jsonl"]
+        assert parts(tmp_path / "out") == ["tickets-000001-a1.jsonl"]
         assert _lines(tmp_path / "out" / "tickets-000001-a1.jsonl") == [r.to_dict() for r in rows]
 
     async def test_replay_after_crash_leaves_one_copy(self, tmp_path: Path) -> None:
@@ -67,6 +73,8 @@ class TestPartFiles:
         crashed = _sink(tmp_path)
         await crashed.open()
         await crashed.put("g-1", rows[:4])  # never flushed nor closed: the process died
+        assert crashed._parts._lock_fd is not None
+        os.close(crashed._parts._lock_fd)  # ... and the kernel dropped its directory lock
         async with _sink(tmp_path) as sink:
             await sink.open()
             await sink.put("g-1", rows[:5])
@@ -75,7 +83,7 @@ class TestPartFiles:
         assert [line["key"] for line in _lines(tmp_path / "out" / "g-1.jsonl")] == [
             r.key for r in rows
         ]
-        assert [p.name for p in (tmp_path / "out").iterdir()] == ["g-1.jsonl"]
+        assert parts(tmp_path / "out") == ["g-1.jsonl"]
 
     async def test_replay_of_a_published_group_rewrites_it(self, tmp_path: Path) -> None:
         """Replaying a group that was already flushed replaces the part file whole."""
@@ -106,7 +114,7 @@ class TestPartFiles:
         async with _sink(tmp_path) as sink:
             await sink.open()
             await sink.put("g-2", _rows(2))
-        assert list((tmp_path / "out").iterdir()) == []
+        assert parts(tmp_path / "out") == []
 
     async def test_fields_option_keeps_listed_keys(self, tmp_path: Path) -> None:
         """``fields`` keeps only the listed keys of each line, in that order."""
@@ -126,7 +134,7 @@ class TestPartFiles:
             await sink.open()
             with pytest.raises(FatalError, match="not a safe file name"):
                 await sink.put(group, _rows(1))
-        assert list((tmp_path / "out").iterdir()) == []
+        assert parts(tmp_path / "out") == []
 
 
 @pytest.mark.anyio
@@ -151,7 +159,8 @@ class TestDeadLetter:
 class TestOptions:
     def test_unknown_option(self, tmp_path: Path) -> None:
         """An unknown option names the key and lists the valid ones."""
-        with pytest.raises(ConfigError, match=r"unknown option 'dir' \(valid: fields, path\)"):
+        valid = r"\(valid: fields, mode, path\)"
+        with pytest.raises(ConfigError, match=r"unknown option 'dir' " + valid):
             JsonlSink({"dir": "x"}, _context(tmp_path))
 
     def test_missing_path(self, tmp_path: Path) -> None:

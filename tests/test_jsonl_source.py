@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,19 @@ from plugins.records import Record
 
 
 def _context(directory: Path) -> PluginContext:
-    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory)
+    # Read to the end as ``--until-drained`` does: a last line without a newline counts.
+    return PluginContext(pipeline="t", state_dir=directory, config_dir=directory,
+                         until_drained=True)
 
 
 async def _read(
     directory: Path, resume: dict[str, Any] | None = None, **options: Any
 ) -> list[Record]:
     options = {"path": "items.jsonl", "key": "id", **options}
+    path = directory / options["path"]
+    if path.exists():  # it has stopped growing: a last line without newline is whole
+        old = time.time() - 60
+        os.utime(path, (old, old))
     out: list[Record] = []
     async with JsonlSource(options, _context(directory)) as source:
         await source.start(resume)
@@ -94,13 +102,32 @@ class TestBadLines:
         assert records[1].fields == {}
 
     async def test_overlong_line_is_skipped(self, tmp_path: Path) -> None:
-        """A line over max_line_bytes is one bad record and the following line parses."""
+        """A line over max_line_bytes is one bad record (under its key, read before the long
+        member) and the following line parses."""
         big = b'{"id": 9, "t": "' + b"x" * 5000 + b'"}'
         (tmp_path / "items.jsonl").write_bytes(big + b'\n{"id": 2}\n')
         records = await _read(tmp_path, max_line_bytes=1000)
-        assert [r.key for r in records] == ["line-1", "2"]
+        assert [r.key for r in records] == ["9", "2"]
         assert records[0].error == "items.jsonl line 1: line longer than max_line_bytes (1000)"
         assert records[1].position == {"line": 2, "offset": len(big) + 11}
+
+
+    @pytest.mark.parametrize(
+        ("line", "key"),
+        [
+            (b'{"id": "a-1", "body": "bad \x00 byte"}', "a-1"),  # NUL outside the key
+            (b'{"id": "a\x002", "body": "x"}', "line-1"),  # NUL in the key itself
+            (b'{"meta": {"id": 1}, "id": 2, "body": "\x00"}', "line-1"),  # two "id"s
+            (b'{"body": "no key", "x": \x00}', "line-1"),
+        ],
+    )
+    async def test_unparseable_line_keeps_an_intact_key(
+        self, tmp_path: Path, line: bytes, key: str
+    ) -> None:
+        """A line that is not valid JSON is keyed by its key member when that is intact."""
+        (tmp_path / "items.jsonl").write_bytes(line + b"\n")
+        (record,) = await _read(tmp_path)
+        assert record.key == key and record.error is not None
 
 
 @pytest.mark.anyio

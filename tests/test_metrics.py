@@ -28,6 +28,7 @@ EXPECTED_FAMILIES = {
     "batchd_budget_exhausted": "gauge",
     "batchd_paused": "gauge",
     "batchd_manifest_bytes": "gauge",
+    "batchd_ledger_bytes": "gauge",
     "batchd_oldest_in_flight_seconds": "gauge",
     "batchd_in_flight_requests": "gauge",
     "batchd_alarms": "counter",
@@ -74,6 +75,7 @@ class TestSeries:
         metrics = Metrics()
         metrics.declare_pipeline("p", budget_usd=5)
         metrics.manifest_bytes.set(1)
+        metrics.ledger_bytes.set(1)
         metrics.api_errors_total.labels(pipeline="p", type="overloaded_error").inc()
         metrics.alarms_total.labels(pipeline="p", kind="source_lost").inc()
         families = {

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
+from daemon.sink_failures import SinkFailed
 from daemon.sink_writer import background_puts
 from plugins.contract import Sink
 from plugins.errors import RetriableError
@@ -54,14 +55,16 @@ async def test_every_group_reaches_every_sink_in_order() -> None:
 
 
 async def test_put_error_comes_out_as_itself() -> None:
-    """Not an exception group: the engine's retry logic matches on the sink's error type."""
+    """Not an exception group: the engine's retry logic matches on SinkFailed, which
+    carries the sink's own error (and so its message naming the path)."""
     sink = RecordingSink(fail_on="bad")
-    with pytest.raises(RetriableError, match="disk full while writing bad"):
+    with pytest.raises(SinkFailed, match="disk full while writing bad") as raised:
         async with background_puts([sink], "g") as hand_over:
             await hand_over(rows("ok"))
             await hand_over(rows("bad"))
             for n in range(100):
                 await hand_over(rows(f"later{n}"))  # the failed put cancels the sender
+    assert isinstance(raised.value.error, RetriableError)
     assert sink.puts == [("g", ["ok"])]
 
 

@@ -14,15 +14,16 @@ from typing import Any
 import anyio
 import orjson
 
-from plugins.contract import PluginContext, Sink
+from plugins.contract import PluginContext, Sink, SinkOutput
 from plugins.errors import ConfigError
 from plugins.hookspecs import hookimpl
 from plugins.records import ResultRow
+from plugins.sinks._modes import output_mode
 from plugins.sinks._partfile import PartFiles, check_group
 
 __all__ = ("JsonlSink", "register_sinks")
 
-_OPTIONS = ("fields", "path")
+_OPTIONS = ("fields", "mode", "path")
 
 
 class JsonlSink(Sink):
@@ -51,13 +52,27 @@ class JsonlSink(Sink):
         if fields is not None and not names_ok:
             raise ConfigError(f"{what}: option 'fields' must be a non-empty list of names")
         self._fields: list[str] | None = fields
-        self._parts = PartFiles(context.resolve_path(path), ".jsonl")
+        try:
+            mode = output_mode(options.get("mode"), what)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._parts = PartFiles(context.resolve_path(path), ".jsonl", what=what, mode=mode)
+        self._pipeline = context.pipeline
+        self._owner = str(context.state_dir.resolve())
         self._keys: dict[str, set[str]] = {}
         self._limiter = anyio.CapacityLimiter(1)
 
     async def open(self) -> None:
-        """Create the output directory."""
-        await anyio.to_thread.run_sync(self._parts.prepare, limiter=self._limiter)
+        """Create the output directory and take it for this pipeline (see PartFiles.claim)."""
+        await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
+
+    def _open(self) -> None:
+        self._parts.prepare()
+        self._parts.claim(self._pipeline, self._owner)
+
+    def outputs(self) -> Sequence[SinkOutput]:
+        """The directory; pipelines with other names may share it (their part files differ)."""
+        return (SinkOutput(self._parts.directory, f"pipeline {self._pipeline}", directory=True),)
 
     async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
         """Append rows to the group's hidden temp file (truncated on the group's first put)."""
@@ -72,13 +87,19 @@ class JsonlSink(Sink):
             seen.add(row.key)
             lines.append(orjson.dumps(self._shape(row)))
         data = b"\n".join(lines) + b"\n" if lines else b""
-        await anyio.to_thread.run_sync(self._parts.write, group, data, limiter=self._limiter)
+        try:
+            await anyio.to_thread.run_sync(self._parts.write, group, data, limiter=self._limiter)
+        except BaseException:
+            self._keys.pop(group, None)  # the replay starts the group over
+            raise
 
     async def flush(self, group: str) -> None:
         """fsync the group's rows and publish them as ``<group>.jsonl``."""
         check_group(group)
-        await anyio.to_thread.run_sync(self._parts.publish, group, limiter=self._limiter)
-        self._keys.pop(group, None)
+        try:
+            await anyio.to_thread.run_sync(self._parts.publish, group, limiter=self._limiter)
+        finally:
+            self._keys.pop(group, None)
 
     async def aclose(self) -> None:
         """Drop unpublished temp files: their groups were never committed and will be replayed."""

@@ -18,15 +18,16 @@ from typing import Any
 import anyio
 import orjson
 
-from plugins.contract import PluginContext, Sink
+from plugins.contract import PluginContext, Sink, SinkOutput
 from plugins.errors import ConfigError, FatalError, RetriableError
 from plugins.hookspecs import hookimpl
 from plugins.records import ResultRow
+from plugins.sinks._modes import output_mode
 
 __all__ = ("DEAD_LETTER_COLUMNS", "RESULT_COLUMNS", "SqliteSink", "register_sinks")
 
 _WHAT = "sqlite sink"
-_OPTIONS = ("journal_mode", "kind", "message", "path", "table")
+_OPTIONS = ("journal_mode", "kind", "message", "mode", "path", "table")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
 
@@ -125,6 +126,10 @@ class SqliteSink(Sink):
             raise ConfigError(
                 f"{_WHAT}: option 'journal_mode' must be one of {', '.join(_JOURNAL_MODES)}"
             )
+        try:
+            self._mode = output_mode(options.get("mode"), _WHAT)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._path = context.resolve_path(path)
         self._table = table
         self._journal = journal.lower()
@@ -149,6 +154,10 @@ class SqliteSink(Sink):
         """Create the parent directory, connect, set pragmas, create or check the table."""
         await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
 
+    def outputs(self) -> Sequence[SinkOutput]:
+        """The database file; two sinks may share it with different tables."""
+        return (SinkOutput(self._path, f"table {self._table}", directory=False),)
+
     async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
         """Upsert rows inside the open transaction (begun if needed)."""
         await anyio.to_thread.run_sync(self._put, group, rows, limiter=self._limiter)
@@ -169,9 +178,13 @@ class SqliteSink(Sink):
         return self._db
 
     def _open(self) -> None:
+        if self._path.is_dir():
+            raise ConfigError(f"{_WHAT}: {self._path} is a directory, not a database file")
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            if self._mode is not None:
+                self._path.chmod(self._mode)  # SQLite gives its -wal/-shm files the same
         except (OSError, sqlite3.Error) as exc:
             raise FatalError(f"{_WHAT}: cannot open {self._path}: {exc}") from None
         try:
