@@ -209,13 +209,15 @@ def _where(config: Config, pipeline: PipelineConfig) -> str:
 
 
 def preflight_problems(
-    config: Config, *, today: dt.date | None = None
+    config: Config, *, today: dt.date | None = None, params: bool = True
 ) -> tuple[list[ConfigError], list[tuple[str, str]]]:
     """
     Every broken model rule of every pipeline's constant model, and the warnings.
 
     ``batchd validate`` lists them all; ``run`` and ``estimate`` stop at the first.
-    Warnings are ``(pipeline, message)``.
+    Warnings are ``(pipeline, message)``. ``params``: also judge each request's constant
+    params as the API would (:mod:`daemon.request_check`, which imports the SDK: ``run``
+    leaves it to :func:`preflight`, after its logging is set up).
     """
     catalog = catalog_for(config)
     prices = PriceTable(config.prices, catalog=catalog, source=str(config.path))
@@ -246,6 +248,10 @@ def preflight_problems(
             else:
                 warnings.append((pipeline.name, f"no price known for {model}: its cost is "
                                  "reported as unknown, never guessed"))
+    if params:
+        from daemon.request_check import request_problems
+
+        problems.extend(request_problems(config))
     return problems, warnings
 
 

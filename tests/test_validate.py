@@ -61,6 +61,15 @@ def _drop_file(config: dict[str, Any], root: Path) -> None:
     (root / "tickets.csv").unlink()
 
 
+def _cache_1h_after_5m(config: dict[str, Any], root: Path) -> None:
+    """A tool cached for 5 minutes, then `cache = "1h"` on the system prompt after it."""
+    request = config["pipeline"][0]["request"]
+    request["system"] = "Classify."
+    request["cache"] = "1h"
+    request["tools"] = [{"name": "label", "input_schema": {"type": "object"},
+                         "cache_control": {"type": "ephemeral", "ttl": "5m"}}]
+
+
 # (case id, edit, the key the message must name, a phrase it must contain)
 BAD: list[tuple[str, Edit, str, str]] = [
     ("log_level typo", _set("log_level", value="verbose"), "log_level", "'verbose'"),
@@ -97,6 +106,24 @@ BAD: list[tuple[str, Edit, str, str]] = [
      "cannot be written"),
     ("sink path under a file", _pipe("sink", 1, "path", value="tickets.csv/out"), "path",
      "cannot be written"),
+    # What the API would reject in every row (the SDK's params types, batch-only rules):
+    # without these checks, every row came back invalid_request_error after the batch ran.
+    ("extra unknown field", _pipe("request", "extra", value={"foo": 1}), "extra.foo",
+     "Extra inputs are not permitted"),
+    ("extra stream", _pipe("request", "extra", value={"stream": True}), "extra.stream",
+     "not supported in Message Batches"),
+    ("extra speed", _pipe("request", "extra", value={"speed": "fast"}), "extra.speed",
+     "not available in Message Batches"),
+    ("extra service_tier", _pipe("request", "extra", value={"service_tier": "priority"}),
+     "extra.service_tier", "'priority'"),
+    ("extra metadata key", _pipe("request", "extra", value={"metadata": {"user": "etl"}}),
+     "extra.metadata", "metadata.user"),
+    ("server tool type", _pipe("request", "tools", value=[
+        {"name": "web_search", "type": "web_searchzz"}]), "tools", "'web_searchzz'"),
+    ("tool cache ttl", _pipe("request", "tools", value=[
+        {"name": "label", "input_schema": {"type": "object"},
+         "cache_control": {"type": "ephemeral", "ttl": "10m"}}]), "tools", "'10m'"),
+    ("cache breakpoints out of order", _cache_1h_after_5m, "cache", "1h cache breakpoint"),
 ]
 
 
