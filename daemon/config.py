@@ -18,9 +18,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from daemon.durations import parse_duration, parse_size
 from daemon.request_options import (
+    API_VERSIONS,
     SDK_API_VERSION,
     RequestOptions,
     check_extra,
@@ -404,6 +406,16 @@ def _api(table: _Table) -> ApiConfig:
     if not _VERSION.fullmatch(result.version):
         raise table.error("version", f"must be an API version date like {SDK_API_VERSION!r} "
                           f"(the installed SDK's), got {result.version!r}")
+    known = sorted({*API_VERSIONS, SDK_API_VERSION})
+    if result.version not in known:
+        # The API answers an unknown anthropic-version with 400 on every call.
+        raise table.error("version", f"unknown API version {result.version!r}; batchd knows "
+                          f"{', '.join(known)} (the installed SDK sends {SDK_API_VERSION})")
+    if result.base_url is not None:
+        url = urlsplit(result.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise table.error("base_url", f"{result.base_url!r} is not an http:// or https:// "
+                              "URL with a host (e.g. https://api.anthropic.com)")
     if result.tier is not None and result.tier not in TIER_QUEUE_LIMITS:
         raise table.error("tier", f"must be one of {', '.join(TIER_QUEUE_LIMITS)}, "
                           f"got {result.tier!r}")

@@ -124,6 +124,13 @@ BAD: list[tuple[str, Edit, str, str]] = [
         {"name": "label", "input_schema": {"type": "object"},
          "cache_control": {"type": "ephemeral", "ttl": "10m"}}]), "tools", "'10m'"),
     ("cache breakpoints out of order", _cache_1h_after_5m, "cache", "1h cache breakpoint"),
+    # Every call of the run would fail (400 unknown anthropic-version), or never connect.
+    ("api version unknown", _set("api", "version", value="2026-10-22"), "version",
+     "'2026-10-22'"),
+    ("api base_url not a URL", _set("api", "base_url", value="not a url"), "base_url",
+     "'not a url'"),
+    ("api base_url no scheme", _set("api", "base_url", value="127.0.0.1:8765"), "base_url",
+     "http://"),
 ]
 
 
