@@ -186,11 +186,16 @@ def _check_sampling(
 def _advise(verdict: Verdict, request: RequestConfig, info: ModelInfo) -> None:
     """Warnings: what will work, but not as the operator probably means it."""
     options = request.options
-    if options.thinking is None and info.thinks_by_default() and request.max_tokens < 1024:
+    adaptive = options.thinking is not None and options.thinking.type == "adaptive"
+    if (adaptive or (options.thinking is None and info.thinks_by_default())) and (
+        request.max_tokens < 1024
+    ):
         advice = ('set thinking = "disabled"' if "disabled" in info.thinking_types
                   else "set a lower effort or a larger max_tokens")
+        why = ("thinking is on (adaptive)" if adaptive
+               else f"{info.id} thinks unless told otherwise")
         verdict.warnings.append(
-            f"{info.id} thinks unless told otherwise, and thinking counts toward max_tokens "
+            f"{why}, and thinking counts toward max_tokens "
             f"({request.max_tokens}): answers may end with no text (dead letter no_answer); "
             f"{advice}"
         )
