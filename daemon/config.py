@@ -345,6 +345,7 @@ def _pipeline(
     output = check(lambda: _output(table.table("output")), OutputConfig())
     keep_message = check(lambda: table.get("keep_message", bool, False), False)
     template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
+    check(lambda: _text_rules_apply(table.table("output"), request, output))
     table.finish()
     if table.failed:
         return None
@@ -363,6 +364,25 @@ def _pipeline(
         max_dead_letter_ratio=ratio,
         dead_letter_min_sample=min_sample,
     )
+
+
+def _text_rules_apply(
+    table: _Table, request: RequestConfig | None, output: OutputConfig
+) -> None:
+    """``allowed``/``lowercase`` judge text: with answers that are always JSON they would
+    silently judge nothing, and every answer would reach the sinks unchecked."""
+    if request is None:
+        return
+    if request.options.output_schema is not None:
+        why = "output_schema makes every answer a JSON object"
+    elif request.options.forced_tool:
+        why = "a forced tool_choice makes every answer the tool's JSON input"
+    else:
+        return
+    for key in ("allowed", "lowercase"):
+        if key in table.data and table.data[key] not in (None, False):
+            raise table.error(key, f"applies to text answers, but {why}; put the labels in "
+                              "the schema as an enum instead")
 
 
 def _bounded_int(table: _Table, key: str, default: int, low: int, high: int | None) -> int:

@@ -61,6 +61,20 @@ def _drop_file(config: dict[str, Any], root: Path) -> None:
     (root / "tickets.csv").unlink()
 
 
+def _json_answers_with_allowed(how: str) -> Edit:
+    """Structured output (or a forced tool call) with an `allowed` list of labels."""
+    def edit(config: dict[str, Any], root: Path) -> None:
+        pipeline = config["pipeline"][0]
+        schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+        if how == "output_schema":
+            pipeline["request"]["output_schema"] = schema
+        else:
+            pipeline["request"]["tools"] = [{"name": "label", "input_schema": schema}]
+            pipeline["request"]["tool_choice"] = {"type": "tool", "name": "label"}
+        pipeline["output"] = {"allowed": ["billing", "bug"]}
+    return edit
+
+
 def _cache_1h_after_5m(config: dict[str, Any], root: Path) -> None:
     """A tool cached for 5 minutes, then `cache = "1h"` on the system prompt after it."""
     request = config["pipeline"][0]["request"]
@@ -129,6 +143,11 @@ BAD: list[tuple[str, Edit, str, str]] = [
      "'2026-10-22'"),
     ("api base_url not a URL", _set("api", "base_url", value="not a url"), "base_url",
      "'not a url'"),
+    # Text rules cannot apply to JSON answers: the labels would silently not be enforced.
+    ("allowed with output_schema", _json_answers_with_allowed("output_schema"), "allowed",
+     "output_schema"),
+    ("allowed with a forced tool", _json_answers_with_allowed("tool_choice"), "allowed",
+     "tool_choice"),
     ("api base_url no scheme", _set("api", "base_url", value="127.0.0.1:8765"), "base_url",
      "http://"),
 ]
