@@ -296,7 +296,12 @@ def _check_sink_path(
     directory = target if kind == "directory" else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
-    if not ok:
+    if kind == "file" and target.is_dir():
+        report.problems.append(Problem(
+            f"{spec.where}: path: {target} is a directory; name the database file",
+            file, table, "path",
+        ))
+    elif not ok:
         report.problems.append(Problem(
             f"{spec.where}: path: {target} cannot be written ({where} is not a writable "
             "directory for this user)", file, table, "path",

@@ -75,6 +75,11 @@ def _json_answers_with_allowed(how: str) -> Edit:
     return edit
 
 
+def _sqlite_path_is_a_directory(config: dict[str, Any], root: Path) -> None:
+    (root / "labels.sqlite").mkdir()
+    config["pipeline"][0]["sink"][0]["path"] = "labels.sqlite"
+
+
 def _cache_1h_after_5m(config: dict[str, Any], root: Path) -> None:
     """A tool cached for 5 minutes, then `cache = "1h"` on the system prompt after it."""
     request = config["pipeline"][0]["request"]
@@ -120,6 +125,8 @@ BAD: list[tuple[str, Edit, str, str]] = [
      "cannot be written"),
     ("sink path under a file", _pipe("sink", 1, "path", value="tickets.csv/out"), "path",
      "cannot be written"),
+    ("sqlite sink path is a directory", _sqlite_path_is_a_directory, "path",
+     "is a directory"),
     # What the API would reject in every row (the SDK's params types, batch-only rules):
     # without these checks, every row came back invalid_request_error after the batch ran.
     ("extra unknown field", _pipe("request", "extra", value={"foo": 1}), "extra.foo",

@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from plugins.contract import PluginContext, Sink
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, FatalError
 from plugins.hookspecs import hookimpl
 from plugins.records import ResultRow
 from plugins.sinks._partfile import PartFiles, check_group
@@ -57,7 +57,11 @@ class JsonlSink(Sink):
 
     async def open(self) -> None:
         """Create the output directory."""
-        await anyio.to_thread.run_sync(self._parts.prepare, limiter=self._limiter)
+        try:
+            await anyio.to_thread.run_sync(self._parts.prepare, limiter=self._limiter)
+        except OSError as exc:
+            raise FatalError(f"jsonl sink: cannot create {self._parts.directory}: "
+                             f"{exc.strerror or exc}") from None
 
     async def put(self, group: str, rows: Sequence[ResultRow]) -> None:
         """Append rows to the group's hidden temp file (truncated on the group's first put)."""
