@@ -37,6 +37,7 @@ __all__ = (
     "batch_cost",
     "estimate_request_tokens",
     "estimate_tokens",
+    "format_budget",
     "projected_cost",
 )
 
@@ -319,6 +320,18 @@ def _count(usage: Mapping[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ValueError(f"usage.{key} must be a non-negative token count, got {value!r}")
     return int(value)
+
+
+def format_budget(usd: float) -> str:
+    """
+    A budget as the operator set it: ``$25.00``, ``$0.12``, but ``$0.004`` (not ``$0.00``).
+
+    Cents are enough for budgets of whole cents; a smaller one keeps up to four decimals,
+    as costs are shown, so a test budget of a fraction of a cent does not read as zero.
+    """
+    if round(usd, 2) == usd:
+        return f"${usd:,.2f}"
+    return f"${usd:,.4f}".rstrip("0")
 
 
 def estimate_tokens(text: str) -> int:

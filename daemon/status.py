@@ -23,6 +23,7 @@ from rich.text import Text
 from daemon.config import Config
 from daemon.manifest import MANIFEST_NAME, replay
 from daemon.manifest_state import ManifestState
+from daemon.pricing import format_budget
 from daemon.progress import MeasuredSize, progress_of, source_sizes
 from daemon.queue_limit import queue_limit_of
 
@@ -177,7 +178,7 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
             summary.add_column(col, justify="right")
         cost = f"${p['cost_usd']:.4f}"
         if p["budget_usd"]:
-            cost += f" / ${p['budget_usd']:.2f}"
+            cost += f" / {format_budget(p['budget_usd'])}"
         if p["unpriced"]:
             cost += f" + {p['unpriced']:,} answers of unpriced models"
         summary.add_row(
