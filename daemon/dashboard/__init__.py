@@ -196,6 +196,10 @@ def render_key(history: dict[str, Any], *, title: str, pipelines: list[str]) -> 
         body.append("</table>")
     else:
         body.append("<p class=none>none</p>")
+    for dup in history.get("duplicates", ()):
+        where = ", ".join(f"{k} {v}" for k, v in (dup["position"] or {}).items()) or "-"
+        body.append(f"<p class=duplicate>duplicate: read again at {_e(where)}, not sent "
+                    f"({_e(dup['error_type'])}: {_e(dup['error_message'])})</p>")
     body.append("<h3>Where it landed</h3>")
     if history["landed"]:
         body.append("<table><tr><th>sink</th><th>where</th><th>value</th></tr>")
