@@ -334,6 +334,8 @@ class TestEmulatorFlags:
         (["--port", "-1"], "--port"),
         (["--latency", "soon"], "--latency"),
         (["--rules", "/nonexistent/rules.toml"], "rules"),
+        (["--queue-limit", "0"], "--queue-limit"),  # every create would be refused forever
+        (["--queue-limit", "-5"], "--queue-limit"),
     ])
     def test_bad_flag(self, flags: list[str], named: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", *flags],
