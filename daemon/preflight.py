@@ -243,7 +243,8 @@ def preflight_problems(
             ConfigError(f"{where}: {key}: {rule} (model catalog)") for key, rule in verdict.errors
         )
         warnings.extend((pipeline.name, warning) for warning in verdict.warnings)
-        if not prices.known(model):
+        retired = any(key == "model" for key, _ in verdict.errors)
+        if not retired and not prices.known(model):  # a retired model's price is moot
             if pipeline.budget_usd is not None:
                 problems.append(ConfigError(
                     f"{where}: model: {model} has no price (neither in the model catalog nor "

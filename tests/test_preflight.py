@@ -225,3 +225,13 @@ def test_help_lists_resume() -> None:
     proc = subprocess.run([*__import__("tests.fixtures.engine", fromlist=["BATCHD"]).BATCHD,
                            "--help"], capture_output=True, text=True, timeout=60)
     assert "resume" in proc.stdout
+
+
+def test_a_retired_model_is_one_error_without_a_price_warning(tmp_path: Path) -> None:
+    """Its retirement is the whole story: no 'no price known' beside it (nor a budget one)."""
+    from daemon.preflight import preflight_problems
+
+    config = load_config(config_with(tmp_path, {"model": "claude-opus-4-1"}, budget=5.0))
+    problems, warnings = preflight_problems(config, today=TODAY, params=False)
+    assert len(problems) == 1 and "retired on 2026-08-05" in str(problems[0])
+    assert warnings == []
