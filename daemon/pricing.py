@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from daemon.model_catalog import Catalog, Prices, default_catalog
 from plugins.errors import ConfigError
 
@@ -37,6 +39,7 @@ __all__ = (
     "batch_cost",
     "estimate_request_tokens",
     "estimate_tokens",
+    "estimate_tool_tokens",
     "format_budget",
     "projected_cost",
 )
@@ -347,16 +350,25 @@ def estimate_tokens(text: str) -> int:
 
 def estimate_request_tokens(params: Mapping[str, Any]) -> int:
     """
-    :func:`estimate_tokens` over the text of a Messages request (``system`` and messages).
+    :func:`estimate_tokens` over a Messages request: tool definitions (as JSON: they are
+    sent, and billed, with every request), ``system`` and the messages.
 
-    Images, documents and tool definitions are not counted, so this is a lower estimate
-    for requests that carry them.
+    Images and documents are not counted, so this is a lower estimate for requests that
+    carry them.
     """
-    total = _text_tokens(params.get("system"))
+    total = estimate_tool_tokens(params.get("tools"))
+    total += _text_tokens(params.get("system"))
     for message in params.get("messages") or ():
         if isinstance(message, Mapping):
             total += _text_tokens(message.get("content"))
     return total
+
+
+def estimate_tool_tokens(tools: Any) -> int:
+    """:func:`estimate_tokens` over each tool definition's compact JSON."""
+    if not isinstance(tools, list | tuple):
+        return 0
+    return sum(estimate_tokens(orjson.dumps(tool).decode()) for tool in tools)
 
 
 def _text_tokens(content: Any) -> int:
