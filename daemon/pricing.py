@@ -135,10 +135,11 @@ class PriceTable:
             return self._resolved[model]
         found = self._overrides.get(model) or self._overrides.get(_SUFFIX.sub("", model))
         if found is None:
+            # An alias answer priced by an override under the dated id it stands for.
+            target = self.catalog.aliases.get(model)
+            found = self._overrides.get(target) if target else None
+        if found is None:
             found = self._catalog_pricing(model)
-            if found is None:
-                target = self.catalog.aliases.get(model)
-                found = self._overrides.get(target) if target else None
         self._resolved[model] = found
         return found
 
