@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from daemon.config import PipelineConfig
 from daemon.manifest_state import ChunkState, PipelineState, Stage
 from daemon.model_catalog import Prices
-from daemon.pricing import BATCH_DISCOUNT, CHARS_PER_TOKEN, GEO_US_FACTOR, ModelPricing, PriceTable
+from daemon.pricing import (
+    BATCH_DISCOUNT,
+    CHARS_PER_TOKEN,
+    GEO_US_FACTOR,
+    ModelPricing,
+    PriceTable,
+    format_budget,
+)
 
 __all__ = ("Budget",)
 
@@ -87,5 +94,6 @@ class Budget:
             return None
         return (
             f"budget exhausted: spent ${spent:.4f} + in flight up to ${pending:.4f} + next chunk "
-            f"up to ${projected - spent - pending:.4f} would pass budget_usd ${self.limit:.2f}"
+            f"up to ${projected - spent - pending:.4f} would pass budget_usd "
+            f"{format_budget(self.limit)}"
         )

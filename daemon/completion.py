@@ -34,7 +34,7 @@ def _values(action: argparse.Action) -> str | None:
     dest = action.dest or ""
     if "dir" in dest:
         return "dirs"
-    if dest in ("rules", "path", "config"):
+    if dest in ("rules", "path", "config") or "FILE" in str(action.metavar or ""):
         return "files"
     if action.nargs == 0:
         return None

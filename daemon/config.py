@@ -18,9 +18,11 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from daemon.durations import parse_duration, parse_size
 from daemon.request_options import (
+    API_VERSIONS,
     SDK_API_VERSION,
     RequestOptions,
     check_extra,
@@ -358,6 +360,7 @@ def _pipeline(
     keep_message = check(lambda: table.get("keep_message", bool, False), False)
     retention = check(lambda: table.convert("ledger_retention", _retention, None))
     template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
+    check(lambda: _text_rules_apply(table.table("output"), request, output))
     table.finish()
     if table.failed:
         return None
@@ -377,6 +380,25 @@ def _pipeline(
         dead_letter_min_sample=min_sample,
         ledger_retention=retention,
     )
+
+
+def _text_rules_apply(
+    table: _Table, request: RequestConfig | None, output: OutputConfig
+) -> None:
+    """``allowed``/``lowercase`` judge text: with answers that are always JSON they would
+    silently judge nothing, and every answer would reach the sinks unchecked."""
+    if request is None:
+        return
+    if request.options.output_schema is not None:
+        why = "output_schema makes every answer a JSON object"
+    elif request.options.forced_tool:
+        why = "a forced tool_choice makes every answer the tool's JSON input"
+    else:
+        return
+    for key in ("allowed", "lowercase"):
+        if key in table.data and table.data[key] not in (None, False):
+            raise table.error(key, f"applies to text answers, but {why}; put the labels in "
+                              "the schema as an enum instead")
 
 
 def _bounded_int(table: _Table, key: str, default: int, low: int, high: int | None) -> int:
@@ -420,6 +442,16 @@ def _api(table: _Table) -> ApiConfig:
     if not _VERSION.fullmatch(result.version):
         raise table.error("version", f"must be an API version date like {SDK_API_VERSION!r} "
                           f"(the installed SDK's), got {result.version!r}")
+    known = sorted({*API_VERSIONS, SDK_API_VERSION})
+    if result.version not in known:
+        # The API answers an unknown anthropic-version with 400 on every call.
+        raise table.error("version", f"unknown API version {result.version!r}; batchd knows "
+                          f"{', '.join(known)} (the installed SDK sends {SDK_API_VERSION})")
+    if result.base_url is not None:
+        url = urlsplit(result.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise table.error("base_url", f"{result.base_url!r} is not an http:// or https:// "
+                              "URL with a host (e.g. https://api.anthropic.com)")
     if result.tier is not None and result.tier not in TIER_QUEUE_LIMITS:
         raise table.error("tier", f"must be one of {', '.join(TIER_QUEUE_LIMITS)}, "
                           f"got {result.tier!r}")

@@ -34,6 +34,7 @@ from daemon.pricing import (
     PriceTable,
     estimate_request_tokens,
     estimate_tokens,
+    estimate_tool_tokens,
 )
 from daemon.shaper import ShapeError, Shaper
 
@@ -108,7 +109,9 @@ async def estimate_pipeline(config: Config, pipeline: PipelineConfig) -> Estimat
     shaper = Shaper(pipeline, check)
     options = pipeline.request.options
     factor = (GEO_US_FACTOR if options.inference_geo == "us" else 1.0) * BATCH_DISCOUNT / _MTOK
-    cached_per_row = estimate_tokens(pipeline.request.system or "") if options.cache else 0
+    # `cache` marks the last tool and the system prompt: the prefix is both.
+    cached_per_row = (estimate_tokens(pipeline.request.system or "")
+                      + estimate_tool_tokens(list(options.tools))) if options.cache else 0
     result = Estimate(pipeline.name)
     models: dict[str, _Accumulator] = {}
     source = build_source(config, pipeline.name, pipeline.source, until_drained=True)

@@ -194,6 +194,8 @@ def key_history(
         "attempts": [],
         "cost_usd": None,
         "landed": [],
+        # Later rows of the source with the same key: dead-lettered unsent, not attempts.
+        "duplicates": [],
         "notes": [],
     }
     attempts: dict[tuple[int, str | None], dict[str, Any]] = {}
@@ -238,6 +240,11 @@ def key_history(
         history["landed"].append({"sink": "[pipeline.dead_letter]",
                                   "type": pipeline.dead_letter.type,
                                   "where": row.pop("_where"), "row": row})
+        if row.get("error_type") == "duplicate_key":
+            history["duplicates"].append({"position": row.get("source"),
+                                          "error_type": "duplicate_key",
+                                          "error_message": row.get("error_message")})
+            continue
         for past in row.get("history") or []:
             attempt(int(past.get("attempt") or 1), past.get("batch_id"), "retried",
                     past.get("error_type"), past.get("error_message"))
@@ -270,7 +277,7 @@ def key_history(
         history["outcome"] = str(finals[-1].get("status") or "succeeded")
     elif any(a["outcome"].startswith(("in flight", "waiting")) for a in history["attempts"]):
         history["outcome"] = "in flight"
-    elif dead_rows:
+    elif dead_rows := [r for r in dead_rows if r.get("error_type") != "duplicate_key"]:
         latest = dead_rows[-1]
         history["outcome"] = "dead_letter"
         history["reason"] = f"{latest.get('error_type')}: {latest.get('error_message')}"

@@ -29,6 +29,10 @@ def history_lines(history: dict[str, Any]) -> list[str]:
             error = "  (its error is not kept once the retry chunk has retired)"
         lines.append(f"  attempt {a['attempt']}:  {a['outcome']:<12} batch {a['batch_id'] or '-'}"
                      f" (chunk {a['chunk'] or '-'}){error}")
+    for dup in history.get("duplicates", ()):
+        where = ", ".join(f"{k} {v}" for k, v in (dup["position"] or {}).items()) or "-"
+        lines.append(f"  duplicate:  read again at {where}, not sent  {dup['error_type']}: "
+                     f"{dup['error_message']}")
     for landed in history["landed"]:
         row = landed["row"]
         what = row.get("output") if "output" in row else row.get("error_type")

@@ -349,11 +349,30 @@ def load_catalog(*extra: str | Path) -> Catalog:
     return catalog
 
 
+def _corrections(
+    tables: Mapping[str, Any], bundled: Mapping[str, Any], aliases: Mapping[str, str]
+) -> dict[str, Any]:
+    """
+    ``tables`` with each table for a bundled model (or its alias) and no ``like`` laid over
+    that model's own table: a correction names only what it corrects.
+    """
+    out: dict[str, Any] = {}
+    for model_id, table in tables.items():
+        target = aliases.get(model_id, model_id)
+        if target in bundled and isinstance(table, Mapping) and "like" not in table:
+            out[target] = {**bundled[target], **table}
+        else:
+            out[model_id] = table
+    return out
+
+
 def _parse_extra(path: Path, base: Catalog) -> Catalog:
     """An extra file may say ``like = "<bundled id>"`` and name only what differs."""
     data = _read(path)
     tables = dict(data.get("models", {})) if isinstance(data.get("models", {}), Mapping) else {}
-    bundled = _read(_DATA).get("models", {})
+    bundled_data = _read(_DATA)
+    bundled = bundled_data.get("models", {})
+    tables = _corrections(tables, bundled, bundled_data.get("aliases", {}))
     # Make bundled models visible to `like` chains in the extra file.
     merged_tables = {**bundled, **tables}
     data = {**data, "models": merged_tables}
@@ -379,6 +398,7 @@ def with_models(models: Mapping[str, Any], where: str) -> Catalog:
         if isinstance(table, Mapping) and isinstance(table.get("like"), str) else table
         for model_id, table in models.items()
     }
+    models = _corrections(models, bundled, aliases)
     full = parse_catalog({"models": {**bundled, **models}}, where)
     keep = {model_id: full.models[model_id] for model_id in models}
     return default_catalog().merged(Catalog(keep, {}, {}, None))

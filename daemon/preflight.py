@@ -186,11 +186,16 @@ def _check_sampling(
 def _advise(verdict: Verdict, request: RequestConfig, info: ModelInfo) -> None:
     """Warnings: what will work, but not as the operator probably means it."""
     options = request.options
-    if options.thinking is None and info.thinks_by_default() and request.max_tokens < 1024:
+    adaptive = options.thinking is not None and options.thinking.type == "adaptive"
+    if (adaptive or (options.thinking is None and info.thinks_by_default())) and (
+        request.max_tokens < 1024
+    ):
         advice = ('set thinking = "disabled"' if "disabled" in info.thinking_types
                   else "set a lower effort or a larger max_tokens")
+        why = ("thinking is on (adaptive)" if adaptive
+               else f"{info.id} thinks unless told otherwise")
         verdict.warnings.append(
-            f"{info.id} thinks unless told otherwise, and thinking counts toward max_tokens "
+            f"{why}, and thinking counts toward max_tokens "
             f"({request.max_tokens}): answers may end with no text (dead letter no_answer); "
             f"{advice}"
         )
@@ -209,13 +214,15 @@ def _where(config: Config, pipeline: PipelineConfig) -> str:
 
 
 def preflight_problems(
-    config: Config, *, today: dt.date | None = None
+    config: Config, *, today: dt.date | None = None, params: bool = True
 ) -> tuple[list[ConfigError], list[tuple[str, str]]]:
     """
     Every broken model rule of every pipeline's constant model, and the warnings.
 
     ``batchd validate`` lists them all; ``run`` and ``estimate`` stop at the first.
-    Warnings are ``(pipeline, message)``.
+    Warnings are ``(pipeline, message)``. ``params``: also judge each request's constant
+    params as the API would (:mod:`daemon.request_check`, which imports the SDK: ``run``
+    leaves it to :func:`preflight`, after its logging is set up).
     """
     catalog = catalog_for(config)
     prices = PriceTable(config.prices, catalog=catalog, source=str(config.path))
@@ -236,7 +243,8 @@ def preflight_problems(
             ConfigError(f"{where}: {key}: {rule} (model catalog)") for key, rule in verdict.errors
         )
         warnings.extend((pipeline.name, warning) for warning in verdict.warnings)
-        if not prices.known(model):
+        retired = any(key == "model" for key, _ in verdict.errors)
+        if not retired and not prices.known(model):  # a retired model's price is moot
             if pipeline.budget_usd is not None:
                 problems.append(ConfigError(
                     f"{where}: model: {model} has no price (neither in the model catalog nor "
@@ -246,6 +254,10 @@ def preflight_problems(
             else:
                 warnings.append((pipeline.name, f"no price known for {model}: its cost is "
                                  "reported as unknown, never guessed"))
+    if params:
+        from daemon.request_check import request_problems
+
+        problems.extend(request_problems(config))
     return problems, warnings
 
 

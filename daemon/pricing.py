@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from daemon.model_catalog import Catalog, Prices, default_catalog
 from plugins.errors import ConfigError
 
@@ -37,6 +39,8 @@ __all__ = (
     "batch_cost",
     "estimate_request_tokens",
     "estimate_tokens",
+    "estimate_tool_tokens",
+    "format_budget",
     "projected_cost",
 )
 
@@ -131,10 +135,11 @@ class PriceTable:
             return self._resolved[model]
         found = self._overrides.get(model) or self._overrides.get(_SUFFIX.sub("", model))
         if found is None:
+            # An alias answer priced by an override under the dated id it stands for.
+            target = self.catalog.aliases.get(model)
+            found = self._overrides.get(target) if target else None
+        if found is None:
             found = self._catalog_pricing(model)
-            if found is None:
-                target = self.catalog.aliases.get(model)
-                found = self._overrides.get(target) if target else None
         self._resolved[model] = found
         return found
 
@@ -321,6 +326,18 @@ def _count(usage: Mapping[str, Any], key: str) -> int:
     return int(value)
 
 
+def format_budget(usd: float) -> str:
+    """
+    A budget as the operator set it: ``$25.00``, ``$0.12``, but ``$0.004`` (not ``$0.00``).
+
+    Cents are enough for budgets of whole cents; a smaller one keeps up to four decimals,
+    as costs are shown, so a test budget of a fraction of a cent does not read as zero.
+    """
+    if round(usd, 2) == usd:
+        return f"${usd:,.2f}"
+    return f"${usd:,.4f}".rstrip("0")
+
+
 def estimate_tokens(text: str) -> int:
     """
     A rough token count for ``text``: one token per four characters, rounded up.
@@ -334,16 +351,25 @@ def estimate_tokens(text: str) -> int:
 
 def estimate_request_tokens(params: Mapping[str, Any]) -> int:
     """
-    :func:`estimate_tokens` over the text of a Messages request (``system`` and messages).
+    :func:`estimate_tokens` over a Messages request: tool definitions (as JSON: they are
+    sent, and billed, with every request), ``system`` and the messages.
 
-    Images, documents and tool definitions are not counted, so this is a lower estimate
-    for requests that carry them.
+    Images and documents are not counted, so this is a lower estimate for requests that
+    carry them.
     """
-    total = _text_tokens(params.get("system"))
+    total = estimate_tool_tokens(params.get("tools"))
+    total += _text_tokens(params.get("system"))
     for message in params.get("messages") or ():
         if isinstance(message, Mapping):
             total += _text_tokens(message.get("content"))
     return total
+
+
+def estimate_tool_tokens(tools: Any) -> int:
+    """:func:`estimate_tokens` over each tool definition's compact JSON."""
+    if not isinstance(tools, list | tuple):
+        return 0
+    return sum(estimate_tokens(orjson.dumps(tool).decode()) for tool in tools)
 
 
 def _text_tokens(content: Any) -> int:

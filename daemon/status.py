@@ -24,6 +24,7 @@ from daemon.config import Config
 from daemon.ledger import LEDGER_NAME, ledger_summary
 from daemon.manifest import MANIFEST_NAME, replay
 from daemon.manifest_state import ManifestState
+from daemon.pricing import format_budget
 from daemon.progress import MeasuredSize, progress_of, source_sizes
 from daemon.queue_limit import queue_limit_of
 
@@ -184,7 +185,7 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
             summary.add_column(col, justify="right")
         cost = f"${p['cost_usd']:.4f}"
         if p["budget_usd"]:
-            cost += f" / ${p['budget_usd']:.2f}"
+            cost += f" / {format_budget(p['budget_usd'])}"
         if p["unpriced"]:
             cost += f" + {p['unpriced']:,} answers of unpriced models"
         summary.add_row(

@@ -1,7 +1,7 @@
 """
 ``{field}`` templates for custom_ids, models and user messages.
 
-Only plain field names are allowed (no ``{a.b}`` or ``{a[0]}``): the config
+Field names are plain (any column header, but no ``{a.b}`` or ``{a[0]}``): the config
 is compiled once, and a record missing a field is that record's error, never
 the pipeline's.
 """
@@ -40,6 +40,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _plain(name: str) -> bool:
+    """
+    A field name as sources write them: any column header ("Body Text", "ticket-id", "é"),
+    but no attribute or index access and no positional ``{}``/``{0}``; the value is looked
+    up by the exact name, never through ``str.format``.
+    """
+    return bool(name.strip()) and not name.isdigit() and not any(c in name for c in ".[]")
+
+
 class Template:
     """A compiled template; ``render`` joins literals and field values."""
 
@@ -51,8 +60,9 @@ class Template:
         fields: list[str] = []
         for literal, name, spec, conversion in string.Formatter().parse(source):
             if name is not None:
-                if not name.isidentifier():
-                    raise ValueError(f"template {source!r}: {{{name}}} must be a plain field name")
+                if not _plain(name):
+                    raise ValueError(f"template {source!r}: {{{name}}} must be a plain field "
+                                     "name (no '.', '[', ']', not blank or a bare number)")
                 if spec or conversion:
                     raise ValueError(f"template {source!r}: format specs are not supported")
                 fields.append(name)

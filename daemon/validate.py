@@ -171,7 +171,7 @@ def check_config(
     report.problems.extend(_problem(e) for e in errors)
     report.checked.append(f"config: {len(config.pipelines)} pipeline(s)")
     anyio.run(_check_pipelines, config, report, connect, for_run)
-    _check_models(config, report)
+    _check_models(config, report, params=not for_run)
     _check_state_dir(config, report)
     if not for_run:
         _check_metrics(config, report)
@@ -296,7 +296,12 @@ def _check_sink_path(
     directory = target if kind == "directory" else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
-    if not ok:
+    if kind == "file" and target.is_dir():
+        report.problems.append(Problem(
+            f"{spec.where}: path: {target} is a directory; name the database file",
+            file, table, "path",
+        ))
+    elif not ok:
         report.problems.append(Problem(
             f"{spec.where}: path: {target} cannot be written ({where} is not a writable "
             "directory for this user)", file, table, "path",
@@ -329,12 +334,17 @@ def _check_state_dir(config: Config, report: Report) -> None:
         ))
 
 
-def _check_models(config: Config, report: Report) -> None:
-    """The model catalog's rules and prices, as ``run``'s pre-flight applies them."""
+def _check_models(config: Config, report: Report, *, params: bool) -> None:
+    """
+    The model catalog's rules and prices, as ``run``'s pre-flight applies them.
+
+    ``params`` (validate): also the request params as the API judges them; ``run`` checks
+    those in its pre-flight once logging is set up (they need the SDK's types).
+    """
     from daemon.preflight import preflight_problems
 
     try:
-        problems, warnings = preflight_problems(config)
+        problems, warnings = preflight_problems(config, params=params)
     except ConfigError as exc:  # a bad [prices] or [models] table
         report.problems.append(_problem(exc))
         return

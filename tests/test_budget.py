@@ -250,3 +250,24 @@ class TestBudgetEndToEnd:
         received = budget_run.stats["received"]
         assert len(received) == ROWS and set(received.values()) == {1}
         assert budget_run.stats["batches_created"] == ROWS // PER_CHUNK
+
+
+class TestSmallBudgets:
+    """A budget under a cent is shown as set, not rounded to "$0.00"."""
+
+    def test_refusal_names_the_budget_as_set(self, tmp_path: Path) -> None:
+        pipeline, prices = _pipeline(tmp_path, max_tokens=100_000, budget=0.004)
+        reason = Budget(pipeline, prices).refusal(None, [], 10, 4000)
+        assert reason is not None and reason.endswith("budget_usd $0.004"), reason
+
+    def test_status_shows_the_budget_as_set(self, tmp_path: Path) -> None:
+        from rich.console import Console
+
+        from daemon.status import collect_status, render_status
+
+        _pipeline(tmp_path, budget=0.004)
+        (tmp_path / "in.csv").write_text("id,body\n1,x\n")
+        config = load_config(tmp_path / "budget.toml")
+        console = Console(record=True, width=120)
+        render_status(collect_status(config), console)
+        assert "$0.0000 / $0.004" in console.export_text()

@@ -135,6 +135,16 @@ class TestStructuredOutput:
              "$defs": {"person": {"type": "object", "properties": {
                  "email": {"type": "string", "format": "email"}}, "required": ["email"],
                  "additionalProperties": False}}},
+            # Patterns of the kind schemas carry (ids, codes, dates), which a handful of
+            # guessed strings never matched, and an object that must not be empty.
+            {"type": "object", "properties": {
+             "ticket": {"type": "string", "pattern": "^[A-Z]{3}-\\d{4}$"},
+             "sku": {"type": "string", "pattern": "^(?:SKU|PRD)_[0-9a-f]{8}$"},
+             "day": {"type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}$"},
+             "word": {"type": "string", "pattern": "^[^0-9\\s]+$", "minLength": 3},
+             "phone": {"type": "string", "pattern": "^\\+?[1-9]\\d{7,14}$"},
+             "extra": {"type": "object", "minProperties": 2}},
+             "required": ["ticket", "sku", "day", "word", "phone", "extra"]},
         ],
     )  # fmt: skip
     def test_text_is_valid_against_the_schema(

@@ -80,3 +80,16 @@ def test_unknown_model_is_flagged_not_priced(tmp_path: Path) -> None:
     assert "not in the model catalog" in by_model["claude-next-7"].note
     assert result.unpriced_rows == 2
     assert result.cost_low_usd == pytest.approx(by_model["claude-haiku-5-5"].cost_low_usd)
+
+
+def test_tool_definitions_are_input(tmp_path: Path) -> None:
+    """A forced tool with a long description is sent (and billed) with every request:
+    the estimate counts it, cached with the system prompt when `cache` is on."""
+    description = "Pick the label that fits the ticket best. " * 100  # 4,300 characters
+    tool = {"name": "label", "description": description,
+            "input_schema": {"type": "object", "properties": {"l": {"type": "string"}}}}
+    request = {"thinking": "disabled", "tools": [tool], "tool_choice": {"type": "any"}}
+    (plain,) = run(tmp_path, request).models
+    assert plain.input_tokens >= ROWS * (10 + len(description) // 4)
+    (cached,) = run(tmp_path, {**request, "cache": "1h", "system": "s" * 400}).models
+    assert cached.cached_tokens >= ROWS * (100 + len(description) // 4)

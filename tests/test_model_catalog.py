@@ -98,3 +98,26 @@ def test_bad_extra_file_names_the_field(tmp_path: Path, text: str, named: str) -
     with pytest.raises(CatalogError) as caught:
         load_catalog(extra)
     assert str(extra) in str(caught.value) and named in str(caught.value)
+
+
+def test_extra_file_corrects_a_bundled_model(tmp_path: Path) -> None:
+    """A table for a bundled id names only what it corrects (no `like` to itself)."""
+    extra = tmp_path / "models.toml"
+    extra.write_text('[models."claude-sonnet-5-5"]\nthinking_types = ["adaptive", "disabled"]\n'
+                     '[models."claude-haiku-4-5"]\nmax_output = 32000\n')
+    catalog = load_catalog(extra)
+    sonnet = catalog.get("claude-sonnet-5-5")
+    assert sonnet is not None and "disabled" in sonnet.thinking_types
+    assert sonnet.max_output == 128000 and sonnet.price is not None  # the rest is kept
+    haiku = catalog.get("claude-haiku-4-5")  # an alias names the model it stands for
+    assert haiku is not None and haiku.id == "claude-haiku-4-5-20251001"
+    assert haiku.max_output == 32000 and haiku.efforts == ()
+
+
+def test_config_models_correct_a_bundled_model(tmp_path: Path) -> None:
+    """[models."<bundled id>"] in a config corrects that model the same way."""
+    from daemon.model_catalog import with_models
+
+    catalog = with_models({"claude-haiku-5-5": {"max_output": 50}}, "pipeline.toml: [models]")
+    info = catalog.get("claude-haiku-5-5")
+    assert info is not None and info.max_output == 50 and info.thinking_default == "adaptive"

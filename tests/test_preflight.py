@@ -151,6 +151,24 @@ class TestRules:
         assert not verdict.errors
         assert any('thinking = "disabled"' in w and "no_answer" in w for w in verdict.warnings)
 
+    @pytest.mark.parametrize(("model", "advice"), [
+        ("claude-haiku-5-5", 'thinking = "disabled"'),
+        ("claude-opus-5-5", "larger max_tokens"),
+        ("claude-sonnet-4-6", 'thinking = "disabled"'),
+    ])
+    def test_thinking_asked_for_with_a_tight_max_tokens_is_warned_about(
+        self, tmp_path: Path, model: str, advice: str
+    ) -> None:
+        """thinking = "adaptive" said out loud is no safer than the default: every answer
+        can end as no_answer (the emulator's do, at effort low: 32 thinking tokens > 8)."""
+        request = load_config(config_with(tmp_path, {
+            "model": model, "max_tokens": 8, "thinking": "adaptive", "effort": "low",
+        })).pipelines[0].request
+        verdict = check_model(model, request, catalog=default_catalog(),
+                              api_version="2026-10-21", today=TODAY)
+        assert not verdict.errors
+        assert any(advice in w and "no_answer" in w for w in verdict.warnings), verdict.warnings
+
 
 class TestRunStopsBeforeReading:
     def test_exit_2_and_nothing_touched(
@@ -207,3 +225,13 @@ def test_help_lists_resume() -> None:
     proc = subprocess.run([*__import__("tests.fixtures.engine", fromlist=["BATCHD"]).BATCHD,
                            "--help"], capture_output=True, text=True, timeout=60)
     assert "resume" in proc.stdout
+
+
+def test_a_retired_model_is_one_error_without_a_price_warning(tmp_path: Path) -> None:
+    """Its retirement is the whole story: no 'no price known' beside it (nor a budget one)."""
+    from daemon.preflight import preflight_problems
+
+    config = load_config(config_with(tmp_path, {"model": "claude-opus-4-1"}, budget=5.0))
+    problems, warnings = preflight_problems(config, today=TODAY, params=False)
+    assert len(problems) == 1 and "retired on 2026-08-05" in str(problems[0])
+    assert warnings == []

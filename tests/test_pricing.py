@@ -188,6 +188,14 @@ class TestOverrides:
         assert (pricing.base.cache_write_5m, pricing.base.cache_write_1h,
                 pricing.base.cache_read) == pytest.approx((10.0, 16.0, 0.40))
 
+    @pytest.mark.parametrize("key", ["claude-haiku-4-5", "claude-haiku-4-5-20251001"])
+    @pytest.mark.parametrize("answered", ["claude-haiku-4-5", "claude-haiku-4-5-20251001"])
+    def test_override_by_alias_or_dated_id_prices_both(self, key: str, answered: str) -> None:
+        """Whether answers echo the alias or the dated id is unverified: an override under
+        either name prices both (it was ignored for alias answers under the dated id)."""
+        pricing = PriceTable({key: {"input": 2.0, "output": 10.0}}).pricing(answered)
+        assert pricing is not None and (pricing.base.input, pricing.base.output) == (2.0, 10.0)
+
     def test_legacy_cache_write_key_is_the_five_minute_write(self) -> None:
         pricing = PriceTable({"claude-haiku-4-5": {"cache_write": 9.0}}).pricing(
             "claude-haiku-4-5")

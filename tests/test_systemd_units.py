@@ -220,7 +220,7 @@ except OSError:
 else:
     sys.exit(3)  # the guard is not in force: the probe proves nothing
 import ssl, asyncio
-import anyio, orjson, structlog, prometheus_client, httpx, anthropic, asyncpg, aiokafka
+import anyio, orjson, structlog, prometheus_client, httpx2, anthropic, asyncpg, aiokafka
 ssl.create_default_context()
 async def main():
     await anyio.sleep(0)

@@ -44,6 +44,19 @@ class TestRender:
         """A JSON source's objects, arrays and booleans reach the prompt as JSON."""
         assert Template("v={v}").render({"v": value}) == f"v={text}"
 
+    def test_column_names_as_spreadsheets_write_them(self) -> None:
+        """CSV headers such as "Body Text", "ticket-id" or "2nd note" are field names too
+        (they were refused as not "plain", leaving no way to use the column)."""
+        template = Template("{Body Text} / {ticket-id} / {2nd note} / {é}")
+        assert template.fields == ("Body Text", "ticket-id", "2nd note", "é")
+        values = {"Body Text": "hi", "ticket-id": "T1", "2nd note": "n", "é": "e"}
+        assert template.render(values) == "hi / T1 / n / e"
+
+    @pytest.mark.parametrize("source", ["{a.b}", "{a[0]}", "{}", "{0}", "{ }"])
+    def test_attribute_index_and_positional_fields_are_refused(self, source: str) -> None:
+        with pytest.raises(ValueError, match="field name"):
+            Template(source)
+
     def test_missing_and_null_fields_are_told_apart(self) -> None:
         with pytest.raises(MissingField, match="record has no field 'body'"):
             Template("{body}").render({})

@@ -61,6 +61,34 @@ def _drop_file(config: dict[str, Any], root: Path) -> None:
     (root / "tickets.csv").unlink()
 
 
+def _json_answers_with_allowed(how: str) -> Edit:
+    """Structured output (or a forced tool call) with an `allowed` list of labels."""
+    def edit(config: dict[str, Any], root: Path) -> None:
+        pipeline = config["pipeline"][0]
+        schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+        if how == "output_schema":
+            pipeline["request"]["output_schema"] = schema
+        else:
+            pipeline["request"]["tools"] = [{"name": "label", "input_schema": schema}]
+            pipeline["request"]["tool_choice"] = {"type": "tool", "name": "label"}
+        pipeline["output"] = {"allowed": ["billing", "bug"]}
+    return edit
+
+
+def _sqlite_path_is_a_directory(config: dict[str, Any], root: Path) -> None:
+    (root / "labels.sqlite").mkdir()
+    config["pipeline"][0]["sink"][0]["path"] = "labels.sqlite"
+
+
+def _cache_1h_after_5m(config: dict[str, Any], root: Path) -> None:
+    """A tool cached for 5 minutes, then `cache = "1h"` on the system prompt after it."""
+    request = config["pipeline"][0]["request"]
+    request["system"] = "Classify."
+    request["cache"] = "1h"
+    request["tools"] = [{"name": "label", "input_schema": {"type": "object"},
+                         "cache_control": {"type": "ephemeral", "ttl": "5m"}}]
+
+
 # (case id, edit, the key the message must name, a phrase it must contain)
 BAD: list[tuple[str, Edit, str, str]] = [
     ("log_level typo", _set("log_level", value="verbose"), "log_level", "'verbose'"),
@@ -97,6 +125,38 @@ BAD: list[tuple[str, Edit, str, str]] = [
      "cannot be written"),
     ("sink path under a file", _pipe("sink", 1, "path", value="tickets.csv/out"), "path",
      "cannot be written"),
+    ("sqlite sink path is a directory", _sqlite_path_is_a_directory, "path",
+     "is a directory"),
+    # What the API would reject in every row (the SDK's params types, batch-only rules):
+    # without these checks, every row came back invalid_request_error after the batch ran.
+    ("extra unknown field", _pipe("request", "extra", value={"foo": 1}), "extra.foo",
+     "Extra inputs are not permitted"),
+    ("extra stream", _pipe("request", "extra", value={"stream": True}), "extra.stream",
+     "not supported in Message Batches"),
+    ("extra speed", _pipe("request", "extra", value={"speed": "fast"}), "extra.speed",
+     "not available in Message Batches"),
+    ("extra service_tier", _pipe("request", "extra", value={"service_tier": "priority"}),
+     "extra.service_tier", "'priority'"),
+    ("extra metadata key", _pipe("request", "extra", value={"metadata": {"user": "etl"}}),
+     "extra.metadata", "metadata.user"),
+    ("server tool type", _pipe("request", "tools", value=[
+        {"name": "web_search", "type": "web_searchzz"}]), "tools", "'web_searchzz'"),
+    ("tool cache ttl", _pipe("request", "tools", value=[
+        {"name": "label", "input_schema": {"type": "object"},
+         "cache_control": {"type": "ephemeral", "ttl": "10m"}}]), "tools", "'10m'"),
+    ("cache breakpoints out of order", _cache_1h_after_5m, "cache", "1h cache breakpoint"),
+    # Every call of the run would fail (400 unknown anthropic-version), or never connect.
+    ("api version unknown", _set("api", "version", value="2026-10-22"), "version",
+     "'2026-10-22'"),
+    ("api base_url not a URL", _set("api", "base_url", value="not a url"), "base_url",
+     "'not a url'"),
+    # Text rules cannot apply to JSON answers: the labels would silently not be enforced.
+    ("allowed with output_schema", _json_answers_with_allowed("output_schema"), "allowed",
+     "output_schema"),
+    ("allowed with a forced tool", _json_answers_with_allowed("tool_choice"), "allowed",
+     "tool_choice"),
+    ("api base_url no scheme", _set("api", "base_url", value="127.0.0.1:8765"), "base_url",
+     "http://"),
 ]
 
 
@@ -274,6 +334,8 @@ class TestEmulatorFlags:
         (["--port", "-1"], "--port"),
         (["--latency", "soon"], "--latency"),
         (["--rules", "/nonexistent/rules.toml"], "rules"),
+        (["--queue-limit", "0"], "--queue-limit"),  # every create would be refused forever
+        (["--queue-limit", "-5"], "--queue-limit"),
     ])
     def test_bad_flag(self, flags: list[str], named: str) -> None:
         proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", *flags],

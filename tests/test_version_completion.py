@@ -65,6 +65,12 @@ class TestCompletion:
         (tmp_path / "pipeline.toml").write_text("")
         assert _complete(tmp_path, "batchd", "status", "pipe") == ["pipeline.toml"]
 
+    def test_file_options_complete_files(self, tmp_path: Path) -> None:
+        """Every option that takes a file offers files (the emulator's --models too)."""
+        (tmp_path / "models.toml").write_text("")
+        for option in ("--rules", "--models"):
+            assert _complete(tmp_path, "batchd", "emulator", option, "mod") == ["models.toml"]
+
     @pytest.mark.parametrize("shell", ["bash", "zsh"])
     def test_script_parses(self, shell: str) -> None:
         """bash -n accepts both (zsh's is the bash function behind bashcompinit)."""

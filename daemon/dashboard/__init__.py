@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any
 
 from daemon._logging import redact_text
+from daemon.pricing import format_budget
 
 __all__ = ("REFRESH_SECONDS", "render_key", "render_overview")
 
@@ -108,7 +109,7 @@ def _pipeline_section(p: dict[str, Any], dead: list[dict[str, Any]]) -> str:
                  "<span>spent (batch prices)</span></div>")
     budget = p["budget_usd"]
     if budget:
-        parts.append(f'<div class=card>{_num(name, "budget_usd", budget, f"${budget:,.2f}")}'
+        parts.append(f'<div class=card>{_num(name, "budget_usd", budget, format_budget(budget))}'
                      f"<span>budget · {100 * cost / budget:.0f}% used</span></div>")
     parts.append(f'<div class=card>{_num(name, "input_tokens", p["input_tokens"])}'
                  "<span>input tokens</span></div>"
@@ -195,6 +196,10 @@ def render_key(history: dict[str, Any], *, title: str, pipelines: list[str]) -> 
         body.append("</table>")
     else:
         body.append("<p class=none>none</p>")
+    for dup in history.get("duplicates", ()):
+        where = ", ".join(f"{k} {v}" for k, v in (dup["position"] or {}).items()) or "-"
+        body.append(f"<p class=duplicate>duplicate: read again at {_e(where)}, not sent "
+                    f"({_e(dup['error_type'])}: {_e(dup['error_message'])})</p>")
     body.append("<h3>Where it landed</h3>")
     if history["landed"]:
         body.append("<table><tr><th>sink</th><th>where</th><th>value</th></tr>")

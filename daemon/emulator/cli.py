@@ -86,6 +86,9 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
             parse_tier(args.tier)
         except ValueError as exc:
             raise ValueError(f"--tier: {exc}") from None
+    if args.queue_limit is not None and args.queue_limit < 1:
+        # As --tier custom:N: a queue of 0 would refuse every create, forever.
+        raise ValueError(f"--queue-limit: must be at least 1 request, got {args.queue_limit}")
     try:
         load_catalog(*args.models)
     except CatalogError as exc:

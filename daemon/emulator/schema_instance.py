@@ -7,8 +7,9 @@ guarantee without a model. It builds the minimal instance: required
 properties only, ``minItems`` items, the lowest allowed number, enum members
 (the reply rule's text when it is one), and canned values for string formats.
 It covers the subset structured outputs accept (objects, arrays, enums,
-``anyOf``, ``$ref``/``$defs``, string formats); a ``pattern`` it cannot
-satisfy is the one case left to a rule's ``json``.
+``anyOf``, ``$ref``/``$defs``, string formats, ``pattern``: a short match is
+built from the pattern's parse tree); a pattern with back-references or
+look-arounds that no guess satisfies is the one case left to a rule's ``json``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class _Builder:
                 if name not in names:
                     names.append(name)
         extra = schema.get("additionalProperties")
+        if isinstance(minimum, int) and extra is not False:
+            while len(names) < minimum:  # more than the schema names: add some of our own
+                names.append(f"k{len(names)}")
         result: dict[str, Any] = {}
         for name in names:
             sub = properties.get(name, extra if isinstance(extra, dict) else {})
@@ -185,12 +189,117 @@ def _matching(pattern: str, text: str, low: Any, high: Any) -> str:
 
     if fits(text):
         return text
+    built = _shortest_match(pattern)
+    if built is not None:
+        for candidate in (built, _padded(built, low)):
+            if candidate is not None and fits(candidate):
+                return candidate
     for size in range(1, 17):
         for candidate in _PATTERN_TRIES:
             tried = candidate * size
             if fits(tried):
                 return tried
     return text
+
+
+def _padded(text: str, low: Any) -> str | None:
+    """``text`` lengthened to ``low`` by repeating its last character (``a+`` style)."""
+    if not isinstance(low, int) or len(text) >= low or not text:
+        return None
+    return text + text[-1] * (low - len(text))
+
+
+def _shortest_match(pattern: str) -> str | None:
+    """
+    A short string ``pattern`` matches, built from its parse tree: each repeat at its
+    minimum, the first branch of an alternation, the first member of a class. None
+    for what cannot be built that way (back-references, look-arounds); the caller
+    checks the result against the pattern anyway.
+    """
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        tree = _parser.parse(pattern)
+    except Exception:  # an odd pattern: leave it to the guesses
+        return None
+    try:
+        return _walk(tree)
+    except _Unbuildable:
+        return None
+
+
+class _Unbuildable(Exception):
+    pass
+
+
+# A character for each class escape: \d \w \s and their negations.
+_CATEGORY_CHAR = {
+    "CATEGORY_DIGIT": "0", "CATEGORY_NOT_DIGIT": "a", "CATEGORY_WORD": "a",
+    "CATEGORY_NOT_WORD": "-", "CATEGORY_SPACE": " ", "CATEGORY_NOT_SPACE": "a",
+}
+
+
+def _class_char(items: list[tuple[Any, Any]]) -> str:
+    """A character inside ``[...]`` (or outside it, for ``[^...]``)."""
+    if items and str(items[0][0]) == "NEGATE":
+        members = items[1:]
+        for candidate in "aA0_-x. ":
+            if not any(_in_item(candidate, op, arg) for op, arg in members):
+                return candidate
+        raise _Unbuildable
+    for op, arg in items:
+        name = str(op)
+        if name == "LITERAL":
+            return chr(arg)
+        if name == "RANGE":
+            return chr(arg[0])
+        if name == "CATEGORY" and str(arg) in _CATEGORY_CHAR:
+            return _CATEGORY_CHAR[str(arg)]
+    raise _Unbuildable
+
+
+def _in_item(char: str, op: Any, arg: Any) -> bool:
+    name = str(op)
+    if name == "LITERAL":
+        return char == chr(arg)
+    if name == "RANGE":
+        return arg[0] <= ord(char) <= arg[1]
+    if name == "CATEGORY":
+        return re.fullmatch(
+            {"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_WORD": r"\w",
+             "CATEGORY_NOT_WORD": r"\W", "CATEGORY_SPACE": r"\s",
+             "CATEGORY_NOT_SPACE": r"\S"}.get(str(arg), r"(?!)"), char) is not None
+    return True  # unknown member: treat as taken, to stay safe
+
+
+def _walk(tree: Any) -> str:
+    out: list[str] = []
+    for op, arg in tree:
+        name = str(op)
+        if name == "LITERAL":
+            out.append(chr(arg))
+        elif name == "NOT_LITERAL":
+            out.append("a" if arg != ord("a") else "b")
+        elif name == "ANY":
+            out.append("a")
+        elif name == "IN":
+            out.append(_class_char(list(arg)))
+        elif name == "CATEGORY":
+            out.append(_CATEGORY_CHAR.get(str(arg), "a"))
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, _, sub = arg
+            out.append(_walk(sub) * low)
+        elif name == "SUBPATTERN":
+            out.append(_walk(arg[-1]))
+        elif name == "ATOMIC_GROUP":
+            out.append(_walk(arg))
+        elif name == "BRANCH":
+            out.append(_walk(arg[1][0]))
+        elif name == "AT":
+            continue  # anchors match positions, not characters
+        else:  # back-references, look-arounds, conditionals
+            raise _Unbuildable
+    return "".join(out)
 
 
 def _number(schema: dict[str, Any], *, integer: bool, index: int) -> int | float:

@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from plugins.contract import PluginContext, Sink, SinkOutput
-from plugins.errors import ConfigError
+from plugins.errors import ConfigError, FatalError
 from plugins.hookspecs import hookimpl
 from plugins.records import ResultRow
 from plugins.sinks._modes import output_mode
@@ -64,7 +64,11 @@ class JsonlSink(Sink):
 
     async def open(self) -> None:
         """Create the output directory and take it for this pipeline (see PartFiles.claim)."""
-        await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
+        try:
+            await anyio.to_thread.run_sync(self._open, limiter=self._limiter)
+        except OSError as exc:
+            raise FatalError(f"jsonl sink: cannot create {self._parts.directory}: "
+                             f"{exc.strerror or exc}") from None
 
     def _open(self) -> None:
         self._parts.prepare()
