@@ -30,7 +30,9 @@ def storage_error(exc: OSError, path: Path | str | None, what: str) -> BatchdErr
     where = exc.filename if exc.filename is not None else path
     reason = exc.strerror or str(exc)
     message = f"{what} {where}: {reason}" if where is not None else f"{what}: {reason}"
-    if exc.errno in _SETUP:
+    # A state dir that cannot be made (a parent the kernel refuses, e.g. under /proc) is
+    # also how the host was set up.
+    if exc.errno in _SETUP or (exc.errno == errno.ENOENT and what == "state dir"):
         if exc.errno == errno.EROFS:
             message += " (mount it read-write, or point state_dir elsewhere)"
         elif exc.errno in (errno.EACCES, errno.EPERM):

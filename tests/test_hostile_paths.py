@@ -238,6 +238,14 @@ class TestOneLineErrors:
         assert "NUL" in error
         nothing_sent(emulator)
 
+    def test_state_dir_that_cannot_be_made(self, ws: Workspace, emulator: EmulatorThread) -> None:
+        """A parent the kernel refuses (under /proc): one line naming it, exit 2, nothing sent."""
+        write(ws, config(ws, state_dir="/proc/no-such-dir/state"))
+        proc = ws.run()
+        assert proc.returncode == 2, describe(proc)
+        assert "/proc/no-such-dir" in one_line(proc)
+        nothing_sent(emulator)
+
     def test_status_on_a_state_dir_it_cannot_read(
         self, ws: Workspace, emulator: EmulatorThread
     ) -> None:
