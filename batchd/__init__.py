@@ -8,25 +8,27 @@ The one import a plugin author needs::
         register("mysink", MySink)
 
 Everything here is re-exported from the engine's own packages; depend on
-these names, not on ``daemon``/``connectors``/``plugins`` internals.
+these names, not on ``batchd.daemon``/``batchd.connectors``/``batchd.plugins``
+internals.
 """
 
-from plugins import (
-    BatchdError,
-    ConfigError,
-    FatalError,
-    InvalidOutput,
+from batchd.plugins.contract import (
     PluginContext,
-    Record,
-    ResultRow,
-    RetriableError,
     Sink,
     SinkFactory,
     Source,
     SourceFactory,
     SourceSize,
-    hookimpl,
 )
+from batchd.plugins.errors import (
+    BatchdError,
+    ConfigError,
+    FatalError,
+    InvalidOutput,
+    RetriableError,
+)
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import Record, ResultRow
 
 __all__ = (
     "BatchdError",

@@ -80,7 +80,7 @@ def batchd_command(*args: str) -> list[str]:
     script = Path(sys.executable).parent / "batchd"
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "daemon.cli", *args]
+    return [sys.executable, "-m", "batchd.daemon.cli", *args]
 
 
 def write_csv(path: Path, rows: int, seed: int = 7) -> Path:

@@ -1,6 +1,6 @@
 """
 The collector alone: a results file of succeeded lines → parse → join on custom_id →
-SQLite upsert, driving ``daemon.collector.Collector.collect`` directly.
+SQLite upsert, driving ``batchd.daemon.results.collector.Collector.collect`` directly.
 
     .venv/bin/python bench/bench_collector.py [--rows 100000] [--profile]
 
@@ -40,16 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import EmulatorProcess, count_keys
 
-from daemon.api import BatchesApi
-from daemon.collector import Collector
-from daemon.config import ApiConfig, PipelineConfig, load_config
-from daemon.gc_tuning import tune_gc
-from daemon.pricing import PriceTable
-from daemon.spool import SpoolWriter
-from plugins.contract import PluginContext, Sink
-from plugins.records import ResultRow
-from plugins.sinks.jsonl import JsonlSink
-from plugins.sinks.sqlite import SqliteSink
+from batchd.daemon.batches.api import BatchesApi
+from batchd.daemon.config import ApiConfig, PipelineConfig, load_config
+from batchd.daemon.gc_tuning import tune_gc
+from batchd.daemon.intake.spool import SpoolWriter
+from batchd.daemon.models.pricing import PriceTable
+from batchd.daemon.results.collector import Collector
+from batchd.plugins.contract import PluginContext, Sink
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.jsonl import JsonlSink
+from batchd.plugins.sinks.sqlite import SqliteSink
 
 PIPELINE = """\
 [[pipeline]]

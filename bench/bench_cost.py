@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import EmulatorProcess, batchd_command, run_measured, write_csv
 
-from daemon.model_catalog import default_catalog
+from batchd.daemon.models.catalog import default_catalog
 
 SYSTEM = ("You label customer support tickets for a software company. " * 210)[:12_000]
 

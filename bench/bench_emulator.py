@@ -75,7 +75,8 @@ def main() -> int:
         body_path = Path(tmp) / "body.json"
         body_size = _write_body(body_path, args.requests, args.chars)
         process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.emulator", "--port", "0", "--state-dir", tmp + "/state"],
+            [sys.executable, "-m", "batchd.daemon.emulator", "--port", "0",
+             "--state-dir", tmp + "/state"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from plugins.contract import PluginContext
-from plugins.records import ResultRow
-from plugins.sinks.kafka import KafkaSink
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.kafka import KafkaSink
 from tests.fixtures.kafka import TansuBroker, create_topic
 
 PUT_SIZE = 1_000

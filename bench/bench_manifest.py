@@ -21,7 +21,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.manifest import Manifest, replay
+from batchd.daemon.wal.manifest import Manifest, replay
 
 
 async def appenders(state_dir: Path, concurrency: int, total: int) -> None:

@@ -27,9 +27,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.contract import PluginContext
-from plugins.records import ResultRow
-from plugins.sinks.postgres import PostgresSink
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.postgres import PostgresSink
 
 PUT_SIZE = 1_000
 

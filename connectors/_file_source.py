@@ -28,10 +28,10 @@ from typing import Any, BinaryIO
 import anyio
 import structlog
 
-from connectors._lines import LineReader
-from plugins.contract import Source, SourceSize
-from plugins.errors import FatalError
-from plugins.records import Record
+from batchd.connectors._lines import LineReader
+from batchd.plugins.contract import Source, SourceSize
+from batchd.plugins.errors import FatalError
+from batchd.plugins.records import Record
 
 __all__ = ("FileSource",)
 

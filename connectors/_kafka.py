@@ -17,8 +17,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from plugins.contract import PluginContext
-from plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
 
 __all__ = (
     "SECURITY_OPTIONS",

@@ -14,7 +14,7 @@ import codecs
 from collections.abc import Iterable, Mapping
 from typing import Any, BinaryIO
 
-from plugins.errors import ConfigError
+from batchd.plugins.errors import ConfigError
 
 __all__ = ("LineReader", "check_options", "option_int", "option_str_list", "text_codec")
 

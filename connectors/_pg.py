@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 import structlog
 
-from plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 
 __all__ = (
     "CONNECTION_ERRORS",
@@ -148,7 +148,7 @@ def _register_secret(dsn: str) -> None:
     if not password:
         return
     try:
-        from daemon._logging import register_secret
+        from batchd.daemon.ops._logging import register_secret
     except ImportError:  # used as a library without the daemon: messages are still redacted
         return
     register_secret(password)

@@ -13,12 +13,18 @@ import csv
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
-from connectors._file_source import FileSource
-from connectors._lines import LineReader, check_options, option_int, option_str_list, text_codec
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError
-from plugins.hookspecs import hookimpl
-from plugins.records import Record
+from batchd.connectors._file_source import FileSource
+from batchd.connectors._lines import (
+    LineReader,
+    check_options,
+    option_int,
+    option_str_list,
+    text_codec,
+)
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import Record
 
 __all__ = ("CsvSource", "register_sources")
 

@@ -15,9 +15,9 @@ import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from connectors._kafka import build_ssl, translate_error
-from plugins.contract import SourceSize
-from plugins.errors import ConfigError
+from batchd.connectors._kafka import build_ssl, translate_error
+from batchd.plugins.contract import SourceSize
+from batchd.plugins.errors import ConfigError
 
 __all__ = ("probe_topics", "topic_size")
 

@@ -27,7 +27,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from connectors._kafka import (
+from batchd.connectors._kafka import (
     build_ssl,
     check_known,
     client_settings,
@@ -39,10 +39,10 @@ from connectors._kafka import (
     owner_name,
     translate_error,
 )
-from plugins.contract import PluginContext, Source, SourceSize
-from plugins.errors import ConfigError
-from plugins.hookspecs import hookimpl
-from plugins.records import Record
+from batchd.plugins.contract import PluginContext, Source, SourceSize
+from batchd.plugins.errors import ConfigError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import Record
 
 __all__ = ("KafkaSource", "register_sources")
 
@@ -197,7 +197,7 @@ class KafkaSource(Source):
 
     async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
         """The topics' messages (end minus beginning offsets) and how many precede ``position``."""
-        from connectors.kafka_extent import topic_size
+        from batchd.connectors.kafka_extent import topic_size
 
         try:
             return await topic_size(self._settings, self._owner, self._topics,
@@ -207,7 +207,7 @@ class KafkaSource(Source):
 
     async def probe(self) -> None:
         """Connect without joining the group and check the topics exist."""
-        from connectors.kafka_extent import probe_topics
+        from batchd.connectors.kafka_extent import probe_topics
 
         await probe_topics(self._settings, self._owner, self._topics)
 

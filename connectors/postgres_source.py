@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import structlog
 
-from connectors._pg import (
+from batchd.connectors._pg import (
     close_quietly,
     connect,
     describe,
@@ -36,10 +36,10 @@ from connectors._pg import (
     redact,
     resolve_dsn,
 )
-from plugins import hookimpl
-from plugins.contract import PluginContext, Source, SourceSize
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.records import Record
+from batchd.plugins.contract import PluginContext, Source, SourceSize
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import Record
 
 __all__ = ("PostgresSource", "register_sources")
 

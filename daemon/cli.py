@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 import orjson
 
-from daemon._logging import configure_logging
-from daemon.config import Config, load_config
-from plugins.errors import BatchdError, ConfigError
-from plugins.manager import get_plugins, load_plugins, pm
+from batchd.daemon.config import Config, load_config
+from batchd.daemon.ops._logging import configure_logging
+from batchd.plugins.errors import BatchdError, ConfigError
+from batchd.plugins.manager import get_plugins, load_plugins, pm
 
 __all__ = ("main",)
 
@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.validate import check_config
+    from batchd.daemon.commands.validate import check_config
 
     # The preflight is `batchd validate` itself, so the two cannot disagree on a config.
     report = check_config(args.config, state_dir=args.state_dir, for_run=True)
@@ -51,12 +51,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
     # is set, which would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
-    from daemon.preflight import preflight
+    from batchd.daemon.models.preflight import preflight
 
     preflight(config)  # a request the model would reject: exit 2 before a row is read
-    from daemon.gc_tuning import tune_gc
-    from daemon.pipeline import PipelinePaused
-    from daemon.supervisor import run_daemon
+    from batchd.daemon.gc_tuning import tune_gc
+    from batchd.daemon.pipeline import PipelinePaused
+    from batchd.daemon.supervisor import run_daemon
 
     tune_gc()
     try:
@@ -75,7 +75,7 @@ def _print_problems(report: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from daemon.validate import check_config
+    from batchd.daemon.commands.validate import check_config
 
     report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
     if args.json:
@@ -102,7 +102,7 @@ def _json_flag(value: str | None) -> bool | None:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from daemon.status import collect_status, render_status, status_renderable
+    from batchd.daemon.ops.status import collect_status, render_status, status_renderable
 
     config = _load(args)
     if args.json:
@@ -126,8 +126,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from daemon.emulator.cli import run
-    from daemon.gc_tuning import tune_gc
+    from batchd.daemon.emulator.cli import run
+    from batchd.daemon.gc_tuning import tune_gc
 
     tune_gc()
     return run(args)
@@ -154,8 +154,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from daemon.estimate import estimate_pipeline
-    from daemon.preflight import preflight
+    from batchd.daemon.commands.estimate import estimate_pipeline
+    from batchd.daemon.models.preflight import preflight
 
     config = _load(args)
     configure_logging("warning", json=False, stream=sys.stderr)
@@ -191,8 +191,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from daemon.key_history import key_history
-    from daemon.key_history_text import history_lines
+    from batchd.daemon.commands.key_history_text import history_lines
+    from batchd.daemon.commands.show import key_history
 
     config = _load(args)
     if args.pipeline:
@@ -211,7 +211,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from daemon.dead_letters import iter_dead_letters, request_retry
+    from batchd.daemon.commands.dead_letters import iter_dead_letters, request_retry
 
     config = _load(args)
     pipeline = config.pipeline(args.pipeline)
@@ -269,21 +269,21 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        from daemon.version_info import version_text
+        from batchd.daemon.commands.version_info import version_text
 
         print(version_text())
         parser.exit()
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from daemon.completion import completion_script
+    from batchd.daemon.commands.completion import completion_script
 
     sys.stdout.write(completion_script(build_parser(), args.shell))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from daemon.resume import request_resume
+    from batchd.daemon.commands.resume import request_resume
 
     config = _load(args)
     _, reason, kind = request_resume(config, args.pipeline)
@@ -296,7 +296,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from daemon.repair import repair_ledger
+    from batchd.daemon.commands.repair import repair_ledger
 
     for line in repair_ledger(_load(args)):
         print(line)
@@ -304,7 +304,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from daemon.reconcile_command import adopt_batch, ignore_batch, list_unknown
+    from batchd.daemon.commands.reconcile import adopt_batch, ignore_batch, list_unknown
 
     config = _load(args)
     if args.adopt and not args.chunk:
@@ -320,7 +320,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from daemon.emulator.cli import add_arguments as emulator_arguments
+    from batchd.daemon.emulator.cli import add_arguments as emulator_arguments
 
     parser = argparse.ArgumentParser(
         prog="batchd",
@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:  # a file-system error nothing named yet: still one line
             if isinstance(exc, BrokenPipeError):
                 raise
-            from daemon.storage_errors import storage_error
+            from batchd.daemon.wal.storage_errors import storage_error
 
             raise storage_error(exc, None, "file") from None
     except ConfigError as exc:

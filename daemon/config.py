@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from daemon.durations import parse_duration, parse_size
-from daemon.request_options import (
+from batchd.daemon.durations import parse_duration, parse_size
+from batchd.daemon.intake.request_options import (
     API_VERSIONS,
     SDK_API_VERSION,
     RequestOptions,
@@ -29,8 +29,8 @@ from daemon.request_options import (
     check_sampling_version,
     parse_request_options,
 )
-from daemon.template import Template
-from plugins.errors import ConfigError
+from batchd.daemon.intake.template import Template
+from batchd.plugins.errors import ConfigError
 
 __all__ = (
     "MAX_BATCH_BYTES",
@@ -555,7 +555,7 @@ def load_config(
 
 
 def _log_level(top: _Table) -> str:
-    from daemon._logging import LEVELS
+    from batchd.daemon.ops._logging import LEVELS
 
     level: str = top.get("log_level", str, "info")
     if level.lower() not in LEVELS:

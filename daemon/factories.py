@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from daemon.config import Config, PluginSpec
-from plugins.contract import PluginContext, Sink, Source
-from plugins.errors import ConfigError
-from plugins.manager import sink_factory, source_factory
+from batchd.daemon.config import Config, PluginSpec
+from batchd.plugins.contract import PluginContext, Sink, Source
+from batchd.plugins.errors import ConfigError
+from batchd.plugins.manager import sink_factory, source_factory
 
 __all__ = ("build_sink", "build_source")
 

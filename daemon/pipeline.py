@@ -18,27 +18,27 @@ import orjson
 import structlog
 from anyio.abc import TaskGroup
 
-from daemon.answers import AnswerReader
-from daemon.api import BatchesApi
-from daemon.budget import Budget
-from daemon.chunk_driver import ChunkDriver, root_of
-from daemon.collector import CostFn
-from daemon.config import ApiConfig, PipelineConfig
-from daemon.dead_letter_guard import DeadLetterGuard
-from daemon.dead_letters import pending_retry_requests
-from daemon.ledger import KeyLedger
-from daemon.manifest import Manifest, crash_point
-from daemon.manifest_state import ChunkState, Stage
-from daemon.packer import ChunkBuilder, Packer
-from daemon.poller import Poller
-from daemon.queue_limit import QueueLimit
-from daemon.reconcile import Reconciler
-from daemon.resume import resume_request_path
-from daemon.shaper import ModelCheck
-from daemon.sink_failures import ALARM_AFTER
-from daemon.telemetry import Telemetry
-from plugins.contract import Sink, Source
-from plugins.errors import FatalError, RetriableError
+from batchd.daemon.batches.api import BatchesApi
+from batchd.daemon.batches.chunk_driver import ChunkDriver, root_of
+from batchd.daemon.batches.poller import Poller
+from batchd.daemon.batches.queue_limit import QueueLimit
+from batchd.daemon.batches.reconcile import Reconciler
+from batchd.daemon.commands.dead_letters import pending_retry_requests
+from batchd.daemon.commands.resume import resume_request_path
+from batchd.daemon.config import ApiConfig, PipelineConfig
+from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.intake.packer import ChunkBuilder, Packer
+from batchd.daemon.intake.shaper import ModelCheck
+from batchd.daemon.models.budget import Budget
+from batchd.daemon.ops.telemetry import Telemetry
+from batchd.daemon.results.answers import AnswerReader
+from batchd.daemon.results.collector import CostFn
+from batchd.daemon.results.dead_letter_guard import DeadLetterGuard
+from batchd.daemon.results.sink_failures import ALARM_AFTER
+from batchd.daemon.wal.manifest import Manifest, crash_point
+from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.plugins.contract import Sink, Source
+from batchd.plugins.errors import FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -372,7 +372,7 @@ class PipelineRunner:
 
     def _check_template_fields(self, names: Sequence[str] | None) -> None:
         """A template naming a field no record has would dead-letter every record: refuse it."""
-        from daemon.validate import template_field_errors
+        from batchd.daemon.commands.validate import template_field_errors
 
         errors = template_field_errors(self.pipeline, names)
         if errors:

@@ -28,29 +28,29 @@ from typing import Any
 import anyio
 import structlog
 
-from daemon._logging import register_secret
-from daemon.answers import AnswerReader
-from daemon.api import BatchesApi, resolve_api_key
-from daemon.budget import Budget
-from daemon.config import Config, PluginSpec, load_config
-from daemon.factories import build_sink, build_source
-from daemon.health import Health
-from daemon.ledger import KeyLedger
-from daemon.ledger_binding import open_bound_ledger
-from daemon.live_status import LiveStatus
-from daemon.manifest import Manifest
-from daemon.output_paths import check_outputs
-from daemon.pipeline import PipelineRunner
-from daemon.preflight import catalog_for, preflight, record_check
-from daemon.pricing import PriceTable
-from daemon.private_state import make_private
-from daemon.queue_limit import QueueLimit, queue_limit_of
-from daemon.reconcile import Reconciler
-from daemon.sd_notify import Notifier, watchdog_loop
-from daemon.storage_errors import storage_error
-from daemon.telemetry import Telemetry
-from plugins.contract import Sink
-from plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
+from batchd.daemon.batches.api import BatchesApi, resolve_api_key
+from batchd.daemon.batches.queue_limit import QueueLimit, queue_limit_of
+from batchd.daemon.batches.reconcile import Reconciler
+from batchd.daemon.config import Config, PluginSpec, load_config
+from batchd.daemon.factories import build_sink, build_source
+from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.intake.ledger_binding import open_bound_ledger
+from batchd.daemon.models.budget import Budget
+from batchd.daemon.models.preflight import catalog_for, preflight, record_check
+from batchd.daemon.models.pricing import PriceTable
+from batchd.daemon.ops._logging import register_secret
+from batchd.daemon.ops.health import Health
+from batchd.daemon.ops.live_status import LiveStatus
+from batchd.daemon.ops.sd_notify import Notifier, watchdog_loop
+from batchd.daemon.ops.telemetry import Telemetry
+from batchd.daemon.pipeline import PipelineRunner
+from batchd.daemon.results.answers import AnswerReader
+from batchd.daemon.results.output_paths import check_outputs
+from batchd.daemon.wal.manifest import Manifest
+from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.storage_errors import storage_error
+from batchd.plugins.contract import Sink
+from batchd.plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
 
 __all__ = ("run_daemon",)
 
@@ -258,7 +258,7 @@ class _Daemon:
 
 def _progress(p: dict[str, Any], live: LiveStatus) -> dict[str, Any]:
     """The terminal's progress line: against the whole source where its size is known."""
-    from daemon.status import progress_line
+    from batchd.daemon.ops.status import progress_line
 
     shown = live.shown_fraction(p["name"], p["progress"]["fraction"])
     filled = round(24 * shown)
@@ -414,8 +414,8 @@ def _start_metrics(config: Config, stack: AsyncExitStack, daemon: _Daemon,
         return None
     import asyncio
 
-    from daemon.metrics import Metrics
-    from daemon.web import DaemonView, LoopBridge, WebApp, start_web_server
+    from batchd.daemon.ops.metrics import Metrics
+    from batchd.daemon.ops.web import DaemonView, LoopBridge, WebApp, start_web_server
 
     metrics = Metrics()
     view = DaemonView(daemon, manifest, LoopBridge(asyncio.get_running_loop()))

@@ -30,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from examples.tickets.generate import write_tickets
 
 ROOT = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ def run_batchd(config: Path, base_url: str, port: int, console: Console,
                screenshot: Path | None) -> int:
     env = {**os.environ, "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "demo-key"}
     log = (OUT / "batchd.log").open("wb")
-    cmd = [sys.executable, "-m", "daemon.cli", "run", str(config), "--until-drained",
+    cmd = [sys.executable, "-m", "batchd.daemon.cli", "run", str(config), "--until-drained",
            "--log-format", "json"]
     console.print(f"[dim]$ ANTHROPIC_BASE_URL={base_url} batchd run {config.name} "
                   "--until-drained[/dim]")
@@ -106,7 +106,7 @@ def _screenshot(url: str, path: Path) -> None:
 
 def _terminal_rows(config: Path) -> int:
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", str(config), "--json"],
+        [sys.executable, "-m", "batchd.daemon.cli", "status", str(config), "--json"],
         capture_output=True, text=True, check=False,
     )
     if result.returncode != 0:
@@ -135,7 +135,7 @@ def examples(labels: dict[str, str], dead: list[dict], console: Console) -> None
 
 def reconcile(config: Path, stats: dict, console: Console) -> bool:
     status = json.loads(subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "status", str(config), "--json"],
+        [sys.executable, "-m", "batchd.daemon.cli", "status", str(config), "--json"],
         capture_output=True, text=True, check=True,
     ).stdout)["pipelines"][0]
     with sqlite3.connect(OUT / "out" / "labels.sqlite") as db:

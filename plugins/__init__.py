@@ -1,30 +1,7 @@
-"""The plugin contract (hookspecs, loader, source/sink contracts) and the built-in sinks."""
+"""
+The plugin contract (hookspecs, loader, source/sink contracts) and the built-in sinks.
 
-from plugins.contract import (
-    PluginContext,
-    Sink,
-    SinkFactory,
-    Source,
-    SourceFactory,
-    SourceSize,
-)
-from plugins.errors import BatchdError, ConfigError, FatalError, InvalidOutput, RetriableError
-from plugins.hookspecs import hookimpl
-from plugins.records import Record, ResultRow
-
-__all__ = (
-    "BatchdError",
-    "ConfigError",
-    "FatalError",
-    "InvalidOutput",
-    "PluginContext",
-    "Record",
-    "ResultRow",
-    "RetriableError",
-    "Sink",
-    "SinkFactory",
-    "Source",
-    "SourceFactory",
-    "SourceSize",
-    "hookimpl",
-)
+Plugin authors import the public names from ``batchd`` itself; this package holds
+the modules they are defined in and exports nothing of its own, so there is one
+list of public names, not two.
+"""

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from plugins.records import Record, ResultRow
+from batchd.plugins.records import Record, ResultRow
 
 __all__ = (
     "PluginContext", "Sink", "SinkFactory", "SinkOutput", "Source", "SourceFactory",
@@ -163,7 +163,7 @@ class Source(_Closeable):
 
         The engine stores it with the position it seals and hands it back inside the
         ``resume`` position; a source that returns one checks it in :meth:`start` and
-        refuses (raising :class:`~plugins.errors.FatalError` naming what changed) to
+        refuses (raising :class:`~batchd.plugins.errors.FatalError` naming what changed) to
         resume in data that is no longer what was read. Called once per chunk.
         """
         return None

@@ -12,21 +12,21 @@ from typing import Any
 
 import pluggy
 
-from plugins import hookspecs
-from plugins.contract import SinkFactory, SourceFactory
-from plugins.errors import ConfigError
+from batchd.plugins import hookspecs
+from batchd.plugins.contract import SinkFactory, SourceFactory
+from batchd.plugins.errors import ConfigError
 
 __all__ = ("DEFAULT_PLUGINS", "get_plugins", "load_plugins", "pm", "sink_factory", "source_factory")
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "connectors.csv_source",
-    "connectors.jsonl_source",
-    "connectors.postgres_source",
-    "connectors.kafka_source",
-    "plugins.sinks.jsonl",
-    "plugins.sinks.sqlite",
-    "plugins.sinks.postgres",
-    "plugins.sinks.kafka",
+    "batchd.connectors.csv_source",
+    "batchd.connectors.jsonl_source",
+    "batchd.connectors.postgres_source",
+    "batchd.connectors.kafka_source",
+    "batchd.plugins.sinks.jsonl",
+    "batchd.plugins.sinks.sqlite",
+    "batchd.plugins.sinks.postgres",
+    "batchd.plugins.sinks.kafka",
 )
 
 pm = pluggy.PluginManager("batchd")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.engine import Workspace
 
 RULES = Path(__file__).resolve().parent.parent / "examples" / "tickets" / "rules.toml"

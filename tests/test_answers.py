@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from daemon.answers import Answer, AnswerReader, Rejected
-from daemon.config import PipelineConfig, load_config
-from daemon.emulator import EmulatorThread
-from daemon.model_catalog import default_catalog
+from batchd.daemon.config import PipelineConfig, load_config
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.models.catalog import default_catalog
+from batchd.daemon.results.answers import Answer, AnswerReader, Rejected
 from tests.fixtures.emulator import sdk_client
 from tests.fixtures.engine import Workspace, describe, dump_toml
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from examples.tickets.generate import write_tickets
 
 RULES = Path(__file__).resolve().parent.parent / "examples" / "tickets" / "rules.toml"
@@ -39,7 +39,7 @@ path = "out.sqlite"
 
 def _run(workdir: Path, base_url: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "run", "pipeline.toml", "--until-drained",
+        [sys.executable, "-m", "batchd.daemon.cli", "run", "pipeline.toml", "--until-drained",
          "--log-format", "json"],
         cwd=workdir, env={**os.environ, "ANTHROPIC_BASE_URL": base_url, **env},
         capture_output=True, text=True, timeout=90, check=False,
@@ -69,7 +69,7 @@ class TestArchivedResults:
         assert sorted(keys) == [f"T{n:07d}" for n in range(1, 251)]
         assert emulator.stats()["batches_created"] > first
         status = json.loads(subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "status", "pipeline.toml", "--json"],
+            [sys.executable, "-m", "batchd.daemon.cli", "status", "pipeline.toml", "--json"],
             cwd=tmp_path, capture_output=True, text=True, check=True,
         ).stdout)
         assert any(a["kind"] == "results_archived" for a in status["alarms"])

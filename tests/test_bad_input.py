@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import main
-from daemon.custom_ids import hashed_custom_id, is_valid_custom_id
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.cli import main
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.intake.custom_ids import hashed_custom_id, is_valid_custom_id
 from tests.fixtures.emulator import SEED
 from tests.fixtures.engine import RULES_PATH, Workspace, describe
 

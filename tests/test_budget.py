@@ -1,5 +1,5 @@
 """
-Cost budgets: the arithmetic of ``daemon.budget`` against real price tables, and
+Cost budgets: the arithmetic of ``batchd.daemon.models.budget`` against real price tables, and
 ``budget_usd`` end to end — a real ``batchd run`` stopped by its budget, then resumed
 with a bigger one.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from daemon.budget import Budget
-from daemon.config import PipelineConfig, load_config
-from daemon.emulator import EmulatorConfig, EmulatorThread
-from daemon.manifest_state import ChunkState, PipelineState, Stage
-from daemon.pricing import PriceTable
+from batchd.daemon.config import PipelineConfig, load_config
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.models.budget import Budget
+from batchd.daemon.models.pricing import PriceTable
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState, Stage
 from tests.fixtures.service import RULES_PATH, ServiceWorkspace, describe, workspaces
 
 # Batch prices of claude-haiku-4-5: half of $1 / $5 per million tokens.
@@ -263,7 +263,7 @@ class TestSmallBudgets:
     def test_status_shows_the_budget_as_set(self, tmp_path: Path) -> None:
         from rich.console import Console
 
-        from daemon.status import collect_status, render_status
+        from batchd.daemon.ops.status import collect_status, render_status
 
         _pipeline(tmp_path, budget=0.004)
         (tmp_path / "in.csv").write_text("id,body\n1,x\n")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from daemon.config import MAX_BATCH_BYTES, load_config
-from daemon.durations import parse_duration, parse_size
-from plugins.errors import ConfigError
+from batchd.daemon.config import MAX_BATCH_BYTES, load_config
+from batchd.daemon.durations import parse_duration, parse_size
+from batchd.plugins.errors import ConfigError
 from tests.fixtures.engine import Workspace, dump_toml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tickets" / "pipeline.toml"

@@ -3,7 +3,7 @@ Crash drills: ``kill -9`` the daemon at each step the manifest announces,
 restart it, and demand the same outputs as a run that was never interrupted.
 
 ``BATCHD_CRASH_AT=<point>[:N]`` makes the daemon SIGKILL itself the N-th time
-it reaches a crash point (daemon.manifest.crash_point). Per-request faults are
+it reaches a crash point (batchd.daemon.wal.manifest.crash_point). Per-request faults are
 a pure function of (seed, custom_id, attempt), so an interrupted run that
 sends nothing twice ends exactly like the baseline: same labels, same dead
 letters, the same number of batches created and receipts per custom_id.
@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
-from daemon.manifest import MANIFEST_NAME
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.emulator import SEED
 from tests.fixtures.engine import RULES_PATH, EngineOutputs, Workspace, describe
 

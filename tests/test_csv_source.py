@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.csv_source import CsvSource
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError
-from plugins.records import Record
+from batchd.connectors.csv_source import CsvSource
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.records import Record
 
 
 def _context(directory: Path) -> PluginContext:

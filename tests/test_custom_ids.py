@@ -10,7 +10,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.custom_ids import CustomIdAllocator, hashed_custom_id, is_valid_custom_id
+from batchd.daemon.intake.custom_ids import CustomIdAllocator, hashed_custom_id, is_valid_custom_id
 
 PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # used with fullmatch: "$" accepts a final "\n"
 

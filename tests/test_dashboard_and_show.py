@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import (
     RULES_PATH,
     RunningDaemon,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import ServiceWorkspace, describe, free_port, workspaces
 
 ROWS = 200

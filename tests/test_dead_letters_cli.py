@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import RULES_PATH, ServiceWorkspace, describe, workspaces
 
 ROWS = 40

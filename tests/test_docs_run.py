@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import build_parser
+from batchd.daemon.cli import build_parser
 from tests.fixtures.service import REPO, free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -168,7 +168,7 @@ class TestServiceRecipe:
         command = [str(root / c.lstrip("/")) if c.startswith("/srv/") else c for c in command]
         (root / "srv" / "batchd").mkdir(parents=True)
         subprocess.run(command, cwd=REPO, check=True, timeout=60)
-        proc = subprocess.run([sys.executable, "-m", "daemon.cli", "validate",
+        proc = subprocess.run([sys.executable, "-m", "batchd.daemon.cli", "validate",
                                str(etc / "batchd.toml")], cwd=REPO, env=_env(),
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from anthropic.types import Message, TextBlock
 
-from daemon.emulator import EmulatorConfig, EmulatorThread, run_emulator
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread, run_emulator
 from tests.fixtures.emulator import message_requests, sdk_client
 
 

@@ -1,4 +1,4 @@
-"""``python -m daemon.emulator`` as a real subprocess, and a 100,000-request batch."""
+"""``python -m batchd.daemon.emulator`` as a real subprocess, and a 100,000-request batch."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import httpx2
 import orjson
 import pytest
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import message_requests, sdk_client
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ _LISTENING = re.compile(r"^listening on http://127\.0\.0\.1:(\d+)$")
 
 def _start(*flags: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.emulator", "--port", "0", *flags],
+        [sys.executable, "-m", "batchd.daemon.emulator", "--port", "0", *flags],
         cwd=_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -123,7 +123,7 @@ class TestCli:
     def test_bad_flags_exit_2_naming_the_flag(self, flags: tuple[str, ...], needle: str) -> None:
         """A bad flag value exits 2 with a message naming it, and prints nothing on stdout."""
         result = subprocess.run(
-            [sys.executable, "-m", "daemon.emulator", "--port", "0", *flags],
+            [sys.executable, "-m", "batchd.daemon.emulator", "--port", "0", *flags],
             cwd=_ROOT,
             capture_output=True,
             text=True,

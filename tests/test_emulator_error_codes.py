@@ -8,8 +8,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.emulator.tiers import TIERS, parse_tier
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.emulator.tiers import TIERS, parse_tier
 from tests.fixtures.emulator import message_requests, sdk_client
 
 # (fault key, status, SDK class, error type, details.error_code, has retry-after)

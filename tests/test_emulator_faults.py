@@ -11,7 +11,7 @@ import httpx2
 import orjson
 import pytest
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import message_requests, sdk_client
 
 

@@ -10,8 +10,8 @@ import anthropic
 import httpx2
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.emulator.schedule import FINISH_STEPS, finish_step
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.emulator.schedule import FINISH_STEPS, finish_step
 from tests.fixtures.emulator import SEED, message_requests, sdk_client
 
 

@@ -1,7 +1,7 @@
 """
 Every model in the catalog against every model rule, through the SDK over HTTP.
 
-The expected verdicts are read from the catalog (daemon/model_catalog.toml), so
+The expected verdicts are read from the catalog (daemon/models/catalog.toml), so
 a model added there is tested here with no new code; `TestFacts` pins a few
 verdicts to shared/BATCHES_API.md by hand, so a wrong catalog entry fails too.
 """
@@ -13,8 +13,14 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.model_catalog import EFFORTS, THINKING_TYPES, ModelInfo, default_catalog, effort_at_most
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.models.catalog import (
+    EFFORTS,
+    THINKING_TYPES,
+    ModelInfo,
+    default_catalog,
+    effort_at_most,
+)
 from tests.fixtures.emulator import ended_results, old_api_client, sdk_client
 
 _CATALOG = default_catalog()

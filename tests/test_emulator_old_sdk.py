@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import sdk_client
 from tests.fixtures.old_sdk import OLD_SDK_VERSION
 

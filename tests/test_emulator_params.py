@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
-from daemon.emulator import EmulatorThread
-from daemon.emulator.strict_params import sdk_tables
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.emulator.strict_params import sdk_tables
 from tests.fixtures.emulator import ended_results, sdk_client
 
 _GOOD: dict[str, Any] = {

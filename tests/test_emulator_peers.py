@@ -17,7 +17,7 @@ import anthropic
 import jsonschema
 import pytest
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import ended_results, sdk_client
 
 _PEERS = Path(__file__).parent / "data" / "peers"

@@ -11,9 +11,9 @@ import anthropic
 import jsonschema
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.emulator.schema_instance import schema_instance
-from daemon.emulator.thinking import ADAPTIVE_TOKENS
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.emulator.schema_instance import schema_instance
+from batchd.daemon.emulator.thinking import ADAPTIVE_TOKENS
 from tests.fixtures.emulator import ended_results, sdk_client
 
 # The support-ticket schema steadybatch sends as output_config.format.
@@ -263,7 +263,7 @@ class TestStops:
         assert refused["stop_details"]["type"] == "refusal"
 
     def test_bad_rules_name_the_rule(self, tmp_path: Path) -> None:
-        from daemon.emulator.rules import load_rules
+        from batchd.daemon.emulator.rules import load_rules
 
         rules = tmp_path / "rules.toml"
         rules.write_text('[[rules]]\npattern = "x"\nstop_reason = "bored"\n')

@@ -8,7 +8,7 @@ import anthropic
 import httpx2
 import pytest
 
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import ended_results, old_api_client, sdk_client
 
 _BATCHES = "/v1/messages/batches"

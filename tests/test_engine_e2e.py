@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.emulator import SEED
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, expected_labels, predict_fates
 

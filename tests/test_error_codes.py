@@ -16,8 +16,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.error_codes import Action, classify_error
+from batchd.daemon.batches.error_codes import Action, classify_error
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.emulator import message_requests, sdk_client
 from tests.fixtures.engine import Workspace, describe, expected_labels
 

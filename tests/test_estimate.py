@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import ServiceWorkspace, describe, workspaces
 
 ROWS = 300

@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
-from daemon.config import load_config
-from daemon.estimate import THINKING_FLOOR, Estimate, estimate_pipeline
+from batchd.daemon.commands.estimate import THINKING_FLOOR, Estimate, estimate_pipeline
+from batchd.daemon.config import load_config
 from tests.fixtures.engine import dump_toml
 
 ROWS = 10

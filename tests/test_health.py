@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
-from daemon.health import Health
-from daemon.metrics import Metrics
-from daemon.web import DaemonView, LoopBridge, WebApp, start_web_server
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.ops.health import Health
+from batchd.daemon.ops.metrics import Metrics
+from batchd.daemon.ops.web import DaemonView, LoopBridge, WebApp, start_web_server
 from tests.fixtures.service import RULES_PATH, ServiceWorkspace, free_port, wait_until, workspaces
 
 
@@ -46,7 +46,7 @@ class _Daemonish:
 
 class _Manifest:
     def __init__(self) -> None:
-        from daemon.manifest_state import ManifestState
+        from batchd.daemon.wal.manifest_state import ManifestState
 
         self.state = ManifestState()
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from connectors.csv_source import CsvSource
-from connectors.jsonl_source import JsonlSource
-from daemon.emulator import EmulatorThread
-from plugins.contract import PluginContext
+from batchd.connectors.csv_source import CsvSource
+from batchd.connectors.jsonl_source import JsonlSource
+from batchd.daemon.emulator import EmulatorThread
+from batchd.plugins.contract import PluginContext
 from tests.fixtures.engine import RULES_PATH, Workspace, describe, dump_toml
 from tests.fixtures.hostile import (
     assert_nothing_lost,

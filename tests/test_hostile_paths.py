@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
-from daemon.config import load_config
-from daemon.emulator import EmulatorThread
-from daemon.ledger import KeyLedger
-from daemon.manifest import MANIFEST_NAME
-from daemon.metrics import Metrics
-from daemon.telemetry import Telemetry
-from plugins.errors import ConfigError
+from batchd.daemon.config import load_config
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.ops.metrics import Metrics
+from batchd.daemon.ops.telemetry import Telemetry
+from batchd.daemon.wal.manifest import MANIFEST_NAME
+from batchd.plugins.errors import ConfigError
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe, dump_toml
 from tests.fixtures.hostile import (
     assert_nothing_lost,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.emulator import EmulatorThread
-from daemon.manifest import MANIFEST_NAME
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.emulator import sdk_client
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
 from tests.fixtures.hostile import (

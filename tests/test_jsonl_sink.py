@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError
-from plugins.manager import sink_factory
-from plugins.records import ResultRow
-from plugins.sinks.jsonl import JsonlSink
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.manager import sink_factory
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.jsonl import JsonlSink
 
 
 def _context(directory: Path) -> PluginContext:

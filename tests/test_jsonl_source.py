@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from connectors.jsonl_source import JsonlSource
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError
-from plugins.records import Record
+from batchd.connectors.jsonl_source import JsonlSource
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.records import Record
 
 
 def _context(directory: Path) -> PluginContext:

@@ -33,8 +33,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from daemon.emulator import EmulatorThread
-from daemon.manifest import MANIFEST_NAME
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.wal.manifest import MANIFEST_NAME
 from examples.tickets.generate import DETAILS, SUBJECTS
 from tests.fixtures.emulator import SEED
 from tests.fixtures.engine import LABELS, RULES_PATH, Workspace, dump_toml, predict_fates

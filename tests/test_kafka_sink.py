@@ -10,11 +10,11 @@ import orjson
 import pytest
 from aiokafka.partitioner import murmur2
 
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.manager import sink_factory
-from plugins.records import ResultRow
-from plugins.sinks.kafka import HEADER_CUSTOM_ID, KafkaSink
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.manager import sink_factory
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.kafka import HEADER_CUSTOM_ID, KafkaSink
 from tests.fixtures.kafka import TansuBroker, consume_all, create_topic, unique_name
 
 CONTEXT = PluginContext(pipeline="tickets", state_dir=Path("/tmp"), config_dir=Path("/tmp"))

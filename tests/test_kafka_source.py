@@ -11,11 +11,11 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from connectors.kafka_source import KafkaSource
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, RetriableError
-from plugins.manager import source_factory
-from plugins.records import Record
+from batchd.connectors.kafka_source import KafkaSource
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, RetriableError
+from batchd.plugins.manager import source_factory
+from batchd.plugins.records import Record
 from tests.fixtures.kafka import create_topic, produce_json, unique_name
 
 CONTEXT = PluginContext(pipeline="tickets", state_dir=Path("/tmp"), config_dir=Path("/tmp"))
@@ -314,8 +314,8 @@ async def poll_until(condition: Callable[[], bool], *sources: KafkaSource) -> li
 class TestExample:
     def test_example_pipeline_builds(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """examples/tickets-kafka/pipeline.toml loads and its Kafka tables validate."""
-        from daemon.config import load_config
-        from plugins.manager import sink_factory
+        from batchd.daemon.config import load_config
+        from batchd.plugins.manager import sink_factory
 
         monkeypatch.setenv("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
         path = Path(__file__).parent.parent / "examples" / "tickets-kafka" / "pipeline.toml"

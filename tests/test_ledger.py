@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon.ledger import KeyLedger, position_identity
+from batchd.daemon.intake.ledger import KeyLedger, position_identity
 
 
 def pos(line: int, **extra: Any) -> dict[str, Any]:

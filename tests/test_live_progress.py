@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import RULES_PATH, ServiceWorkspace, wait_until, workspaces
 
 LATENCY = 600.0
@@ -87,8 +87,8 @@ class TestStatusWatch:
             env = {**ws.env(), "TERM": "xterm-256color"}
             tmux = Tmux(str(ws.root), env)
             try:
-                tmux.type(f"{shlex.quote(sys.executable)} -m daemon.cli status pipeline.toml "
-                          "--watch --interval 0.3")
+                tmux.type(f"{shlex.quote(sys.executable)} -m batchd.daemon.cli status "
+                          "pipeline.toml --watch --interval 0.3")
                 screen = tmux.wait_for(r"0 of ~?60 rows terminal")
                 assert "tickets" in screen and "live chunks" in screen
                 assert screen.count("submitted") >= 3
@@ -110,7 +110,7 @@ def _run_in_pty(ws: ServiceWorkspace) -> tuple[int, list[dict[str, object]]]:
     """``batchd run --until-drained`` with a terminal as stdout; its JSON log events."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", str(ws.config_path), "--until-drained",
+        [sys.executable, "-m", "batchd.daemon.cli", "run", str(ws.config_path), "--until-drained",
          "--log-format", "json"],
         cwd=ws.root, env=ws.env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)

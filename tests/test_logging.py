@@ -16,7 +16,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from daemon._logging import MASK, configure_logging, redact_secrets, register_secret
+from batchd.daemon.ops._logging import MASK, configure_logging, redact_secrets, register_secret
 
 API_KEY = "sk-ant-api03-Zx9testKEYnotREAL_0123456789abcdef-AAAA"
 DB_PASSWORD = "s3cr3t-Pa55/word@x"
@@ -199,7 +199,7 @@ class TestRenderedOutput:
 _CHILD = textwrap.dedent(
     f"""
     import logging, structlog
-    from daemon._logging import configure_logging, register_secret
+    from batchd.daemon.ops._logging import configure_logging, register_secret
     configure_logging()  # stdout is a pipe here, as under journald
     register_secret({API_KEY!r})
     register_secret({DB_PASSWORD!r})

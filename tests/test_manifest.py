@@ -19,9 +19,9 @@ import anyio
 import orjson
 import pytest
 
-from daemon.manifest import Manifest, ManifestCorrupt, crash_point, encode_line, replay
-from daemon.manifest_state import Stage
-from plugins.errors import FatalError
+from batchd.daemon.wal.manifest import Manifest, ManifestCorrupt, crash_point, encode_line, replay
+from batchd.daemon.wal.manifest_state import Stage
+from batchd.plugins.errors import FatalError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -330,7 +330,7 @@ class TestCompaction:
             import sys, anyio, orjson
             sys.path.insert(0, {str(REPO)!r})
             from pathlib import Path
-            from daemon.manifest import Manifest
+            from batchd.daemon.wal.manifest import Manifest
             from tests.test_manifest import lifecycle
 
             async def main():
@@ -366,7 +366,8 @@ class TestLock:
     async def test_second_process_is_refused(self, tmp_path: Path) -> None:
         """A second batchd on the same state dir fails naming the holder's pid."""
         script = (
-            "import anyio, sys; from pathlib import Path; from daemon.manifest import Manifest;"
+            "import anyio, sys; from pathlib import Path; "
+            "from batchd.daemon.wal.manifest import Manifest;"
             f"anyio.run(Manifest.open, Path({str(tmp_path)!r}))"
         )
         async with await Manifest.open(tmp_path):
@@ -384,7 +385,7 @@ class TestCrashPoint:
     def test_nth_arrival_kills(self) -> None:
         """name:N kills the N-th time the point is reached, not before."""
         script = (
-            "from daemon.manifest import crash_point\n"
+            "from batchd.daemon.wal.manifest import crash_point\n"
             "for n in range(3):\n"
             "    crash_point('drill'); crash_point('other'); print(n, flush=True)\n"
         )

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon.manifest import replay
+from batchd.daemon.wal.manifest import replay
 
 DATA = Path(__file__).parent / "data" / "manifests"
 

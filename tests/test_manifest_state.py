@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.manifest import encode_line, replay
-from daemon.manifest_state import (
+from batchd.daemon.wal.manifest import encode_line, replay
+from batchd.daemon.wal.manifest_state import (
     ALARMS_KEPT,
     ManifestCorrupt,
     ManifestState,

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import BATCH_STATES, OUTCOMES, TOKEN_DIRECTIONS, Metrics, start_http_server
+from batchd.daemon.ops.metrics import (
+    BATCH_STATES,
+    OUTCOMES,
+    TOKEN_DIRECTIONS,
+    Metrics,
+    start_http_server,
+)
 
 EXPECTED_FAMILIES = {
     "batchd_batches": "gauge",
@@ -221,7 +227,7 @@ class TestDocumentation:
 class TestPaused:
     def test_pause_kind_is_a_label_and_clears_on_resume(self) -> None:
         """batchd_paused{kind} is 1 for the current pause only; 0 everywhere once resumed."""
-        from daemon.telemetry import Telemetry
+        from batchd.daemon.ops.telemetry import Telemetry
 
         metrics = Metrics(process_metrics=False)
         metrics.declare_pipeline("p")

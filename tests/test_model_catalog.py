@@ -10,7 +10,7 @@ import pytest
 from anthropic._data.deprecated_models import DEPRECATED_MODELS
 from anthropic.types.model import Model
 
-from daemon.model_catalog import CatalogError, default_catalog, load_catalog
+from batchd.daemon.models.catalog import CatalogError, default_catalog, load_catalog
 
 
 def _sdk_model_ids() -> list[str]:
@@ -116,7 +116,7 @@ def test_extra_file_corrects_a_bundled_model(tmp_path: Path) -> None:
 
 def test_config_models_correct_a_bundled_model(tmp_path: Path) -> None:
     """[models."<bundled id>"] in a config corrects that model the same way."""
-    from daemon.model_catalog import with_models
+    from batchd.daemon.models.catalog import with_models
 
     catalog = with_models({"claude-haiku-5-5": {"max_output": 50}}, "pipeline.toml: [models]")
     info = catalog.get("claude-haiku-5-5")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from daemon.config import load_config
-from daemon.ledger import KeyLedger
-from daemon.packer import _REGROW_AFTER, Packer
+from batchd.daemon.config import load_config
+from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.intake.packer import _REGROW_AFTER, Packer
 
 CONFIG = """
 [[pipeline]]

@@ -30,7 +30,7 @@ import orjson
 import pytest
 
 import batchd
-from daemon.emulator import EmulatorThread
+from batchd.daemon.emulator import EmulatorThread
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "batchd-plugin-example"
@@ -148,7 +148,7 @@ def _batchd(
     *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args],
+        [sys.executable, "-m", "batchd.daemon.cli", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -202,7 +202,7 @@ class TestDiscovery:
         assert done.returncode == 0, done.stderr
         names = {p["name"] for p in orjson.loads(done.stdout)}
         assert "example" not in names
-        assert "plugins.sinks.jsonl" in names  # the built-ins still load
+        assert "batchd.plugins.sinks.jsonl" in names  # the built-ins still load
 
     def test_register_commands_adds_a_subcommand(
         self, installed: Installed, tmp_path: Path
@@ -306,7 +306,7 @@ def _ctx(tmp_path: Path) -> batchd.PluginContext:
 class TestHooksDoc:
     def test_every_hookspec_has_a_section(self) -> None:
         """hooks.md documents exactly the hooks batchd defines, each with Python code."""
-        from plugins import hookspecs
+        from batchd.plugins import hookspecs
 
         specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "batchd_spec")}
         sections = _doc_sections()

@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from connectors.csv_source import CsvSource
-from connectors.jsonl_source import JsonlSource
-from plugins import hookspecs
-from plugins.contract import PluginContext, Sink, Source
-from plugins.errors import ConfigError, InvalidOutput
-from plugins.hookspecs import hookimpl
-from plugins.manager import get_plugins, load_plugins, pm, sink_factory, source_factory
-from plugins.records import Record, ResultRow
-from plugins.sinks.jsonl import JsonlSink
-from plugins.sinks.sqlite import SqliteSink
+from batchd.connectors.csv_source import CsvSource
+from batchd.connectors.jsonl_source import JsonlSource
+from batchd.plugins import hookspecs
+from batchd.plugins.contract import PluginContext, Sink, Source
+from batchd.plugins.errors import ConfigError, InvalidOutput
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.manager import get_plugins, load_plugins, pm, sink_factory, source_factory
+from batchd.plugins.records import Record, ResultRow
+from batchd.plugins.sinks.jsonl import JsonlSink
+from batchd.plugins.sinks.sqlite import SqliteSink
 
 
 class _ListSource(Source):
@@ -181,10 +181,10 @@ class TestBuiltins:
         """The file sources and sinks appear in get_plugins() as built-ins with their types."""
         by_name = {p["name"]: p for p in get_plugins()}
         expected = {
-            "connectors.csv_source": ("sources", ["csv"]),
-            "connectors.jsonl_source": ("sources", ["jsonl"]),
-            "plugins.sinks.jsonl": ("sinks", ["dead_letter", "jsonl"]),
-            "plugins.sinks.sqlite": ("sinks", ["sqlite"]),
+            "batchd.connectors.csv_source": ("sources", ["csv"]),
+            "batchd.connectors.jsonl_source": ("sources", ["jsonl"]),
+            "batchd.plugins.sinks.jsonl": ("sinks", ["dead_letter", "jsonl"]),
+            "batchd.plugins.sinks.sqlite": ("sinks", ["sqlite"]),
         }
         for name, (kind, types) in expected.items():
             assert by_name[name][kind] == types

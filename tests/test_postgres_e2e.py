@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.emulator import SEED
 from tests.fixtures.engine import RULES_PATH, describe, predict_fates
 from tests.fixtures.pg_e2e import (

@@ -10,12 +10,12 @@ import asyncpg
 import pytest
 import structlog
 
-from connectors._pg import redact
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, RetriableError
-from plugins.manager import sink_factory
-from plugins.records import ResultRow
-from plugins.sinks.postgres import PostgresSink
+from batchd.connectors._pg import redact
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, RetriableError
+from batchd.plugins.manager import sink_factory
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.postgres import PostgresSink
 from tests.fixtures.postgres import terminate_backends
 
 

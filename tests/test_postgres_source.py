@@ -10,11 +10,11 @@ import asyncpg
 import pytest
 import structlog
 
-from connectors.postgres_source import PostgresSource
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, RetriableError
-from plugins.manager import source_factory
-from plugins.records import Record
+from batchd.connectors.postgres_source import PostgresSource
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, RetriableError
+from batchd.plugins.manager import source_factory
+from batchd.plugins.records import Record
 from tests.fixtures.postgres import terminate_backends
 
 

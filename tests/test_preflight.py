@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from daemon.config import load_config
-from daemon.emulator import EmulatorThread
-from daemon.model_catalog import default_catalog
-from daemon.preflight import check_model, preflight
-from plugins.errors import ConfigError
+from batchd.daemon.config import load_config
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.models.catalog import default_catalog
+from batchd.daemon.models.preflight import check_model, preflight
+from batchd.plugins.errors import ConfigError
 from tests.fixtures.engine import Workspace, describe, dump_toml
 
 TODAY = dt.date(2026, 12, 1)
@@ -229,7 +229,7 @@ def test_help_lists_resume() -> None:
 
 def test_a_retired_model_is_one_error_without_a_price_warning(tmp_path: Path) -> None:
     """Its retirement is the whole story: no 'no price known' beside it (nor a budget one)."""
-    from daemon.preflight import preflight_problems
+    from batchd.daemon.models.preflight import preflight_problems
 
     config = load_config(config_with(tmp_path, {"model": "claude-opus-4-1"}, budget=5.0))
     problems, warnings = preflight_problems(config, today=TODAY, params=False)

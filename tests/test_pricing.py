@@ -11,15 +11,15 @@ import typing
 import pytest
 from anthropic.types.model import Model
 
-from daemon.model_catalog import default_catalog
-from daemon.pricing import (
+from batchd.daemon.models.catalog import default_catalog
+from batchd.daemon.models.pricing import (
     PriceTable,
     batch_cost,
     estimate_request_tokens,
     estimate_tokens,
     projected_cost,
 )
-from plugins.errors import ConfigError
+from batchd.plugins.errors import ConfigError
 
 MTOK = 1_000_000
 SDK_MODELS = [m for m in typing.get_args(typing.get_args(Model)[0])]

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from daemon.config import TIER_QUEUE_LIMITS, ApiConfig
-from daemon.emulator import EmulatorThread
-from daemon.queue_limit import queue_limit_of
+from batchd.daemon.batches.queue_limit import queue_limit_of
+from batchd.daemon.config import TIER_QUEUE_LIMITS, ApiConfig
+from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.engine import RULES_PATH, Workspace, describe, dump_toml, expected_labels
 
 

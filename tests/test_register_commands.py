@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 import batchd
-from daemon.cli import build_parser, main
-from daemon.completion import completion_script
-from plugins.manager import load_plugins, pm
+from batchd.daemon.cli import build_parser, main
+from batchd.daemon.commands.completion import completion_script
+from batchd.plugins.manager import load_plugins, pm
 
 
 class _Plugin:

@@ -14,11 +14,11 @@ import pydantic
 import pytest
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
-from daemon.config import load_config
-from daemon.request_options import SDK_API_VERSION
-from daemon.shaper import Shaper
-from plugins.errors import ConfigError
-from plugins.records import Record
+from batchd.daemon.config import load_config
+from batchd.daemon.intake.request_options import SDK_API_VERSION
+from batchd.daemon.intake.shaper import Shaper
+from batchd.plugins.errors import ConfigError
+from batchd.plugins.records import Record
 from tests.fixtures.engine import dump_toml
 
 SDK_PARAMS = frozenset(typing.get_type_hints(MessageCreateParamsNonStreaming))

@@ -7,10 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon.api import StreamCut
-from daemon.config import PipelineConfig, load_config
-from daemon.result_join import ResultJoin
-from daemon.routing import Route
+from batchd.daemon.batches.api import StreamCut
+from batchd.daemon.config import PipelineConfig, load_config
+from batchd.daemon.results.result_join import ResultJoin
+from batchd.daemon.results.routing import Route
 
 PIPELINE = """\
 [[pipeline]]

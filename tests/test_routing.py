@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.routing import PAUSING, PERMANENT, Route, error_of, route
+from batchd.daemon.results.routing import PAUSING, PERMANENT, Route, error_of, route
 
 
 def errored(inner_type: str, message: str = "boom") -> dict[str, Any]:

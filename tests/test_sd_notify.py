@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from daemon.sd_notify import Notifier, watchdog_loop
+from batchd.daemon.ops.sd_notify import Notifier, watchdog_loop
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.emulator import EmulatorConfig, EmulatorThread
+from batchd.daemon.emulator import EmulatorConfig, EmulatorThread
 from tests.fixtures.service import RULES_PATH, ServiceWorkspace, describe, workspaces
 
 
@@ -57,9 +57,9 @@ def test_text_lists_the_duplicate_after_the_attempt(drained: ServiceWorkspace) -
 
 def test_dashboard_key_page_lists_the_duplicate(drained: ServiceWorkspace) -> None:
     """The dashboard's key page reads the same story (rendered without a daemon)."""
-    from daemon.config import load_config
-    from daemon.dashboard import render_key
-    from daemon.key_history import key_history
+    from batchd.daemon.commands.show import key_history
+    from batchd.daemon.config import load_config
+    from batchd.daemon.ops.dashboard import render_key
 
     config = load_config(drained.config_path)
     history = key_history(config, config.pipelines[0], "T0000002")

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from daemon.sink_failures import SinkFailed
-from daemon.sink_writer import background_puts
-from plugins.contract import Sink
-from plugins.errors import RetriableError
-from plugins.records import ResultRow
+from batchd.daemon.results.sink_failures import SinkFailed
+from batchd.daemon.results.sink_writer import background_puts
+from batchd.plugins.contract import Sink
+from batchd.plugins.errors import RetriableError
+from batchd.plugins.records import ResultRow
 
 pytestmark = pytest.mark.anyio
 

@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from connectors.csv_source import CsvSource
-from connectors.postgres_source import PostgresSource
-from daemon.progress import MonotonicFraction, progress_of
+from batchd.connectors.csv_source import CsvSource
+from batchd.connectors.postgres_source import PostgresSource
+from batchd.daemon.ops.progress import MonotonicFraction, progress_of
+from batchd.plugins.contract import PluginContext, SourceSize
+from batchd.plugins.errors import BatchdError
 from examples.tickets.generate import write_tickets
-from plugins.contract import PluginContext, SourceSize
-from plugins.errors import BatchdError
 from tests.fixtures.kafka import unique_name
 from tests.test_kafka_source import make_source, read_until_drained, seed
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.spool import SpoolWriter, body_size, iter_spool, stream_body
+from batchd.daemon.intake.spool import SpoolWriter, body_size, iter_spool, stream_body
 
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**53), 2**53),

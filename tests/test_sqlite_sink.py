@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
-from plugins.contract import PluginContext
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.records import ResultRow
-from plugins.sinks.sqlite import SqliteSink
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks.sqlite import SqliteSink
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sinks.md"
 

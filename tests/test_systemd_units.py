@@ -121,7 +121,7 @@ class TestUnitContents:
     @pytest.mark.parametrize("unit", UNITS)
     def test_config_errors_are_not_restarted(self, unit: str) -> None:
         """The CLI's config-error exit code stops systemd's restart loop."""
-        from daemon.cli import EXIT_CONFIG
+        from batchd.daemon.cli import EXIT_CONFIG
 
         assert _service_section(unit)["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config
-from daemon.shaper import ShapeError, Shaper
-from daemon.template import MissingField, Template
-from plugins.records import Record
+from batchd.daemon.config import load_config
+from batchd.daemon.intake.shaper import ShapeError, Shaper
+from batchd.daemon.intake.template import MissingField, Template
+from batchd.plugins.records import Record
 
 PIPELINE = """\
 [[pipeline]]

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import main
-from daemon.emulator import EmulatorThread
+from batchd.daemon.cli import main
+from batchd.daemon.emulator import EmulatorThread
 from examples.tickets.generate import write_tickets
 from tests.fixtures.engine import dump_toml
 from tests.fixtures.service import REPO
@@ -260,7 +260,7 @@ class TestBadConfigs:
         """As systemd sees it: the process exits 2 with one line per problem, no traceback."""
         path = _write(workspace, _set("log_level", value="verbose"))
         for command in ("validate", "run", "status", "estimate"):
-            proc = subprocess.run([sys.executable, "-m", "daemon.cli", command, str(path)],
+            proc = subprocess.run([sys.executable, "-m", "batchd.daemon.cli", command, str(path)],
                                   capture_output=True, text=True, cwd=REPO, timeout=60)
             assert proc.returncode == 2, (command, proc.stderr, proc.stdout)
             assert "log_level" in proc.stdout + proc.stderr
@@ -338,7 +338,7 @@ class TestEmulatorFlags:
         (["--queue-limit", "-5"], "--queue-limit"),
     ])
     def test_bad_flag(self, flags: list[str], named: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", *flags],
+        proc = subprocess.run([sys.executable, "-m", "batchd.daemon.cli", "emulator", *flags],
                               capture_output=True, text=True, cwd=REPO, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert named in proc.stderr and "Traceback" not in proc.stderr
@@ -348,7 +348,7 @@ class TestEmulatorFlags:
             held.bind(("127.0.0.1", 0))
             held.listen()
             port = held.getsockname()[1]
-            proc = subprocess.run([sys.executable, "-m", "daemon.cli", "emulator", "--port",
+            proc = subprocess.run([sys.executable, "-m", "batchd.daemon.cli", "emulator", "--port",
                                    str(port)], capture_output=True, text=True, cwd=REPO,
                                   timeout=60)
         assert proc.returncode == 2, proc.stderr

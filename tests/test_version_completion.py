@@ -11,7 +11,7 @@ import pytest
 
 from tests.fixtures.service import REPO
 
-_BATCHD = [sys.executable, "-m", "daemon.cli"]
+_BATCHD = [sys.executable, "-m", "batchd.daemon.cli"]
 
 
 def _batchd(*args: str) -> subprocess.CompletedProcess[str]:

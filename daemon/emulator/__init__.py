@@ -6,8 +6,8 @@ through this emulator by the real ``anthropic`` SDK over real HTTP. It
 validates, times, answers and fails like the API (see docs/emulator.md).
 """
 
-from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration
-from daemon.emulator.runner import Emulator, EmulatorThread, run_emulator
+from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration
+from batchd.daemon.emulator.runner import Emulator, EmulatorThread, run_emulator
 
 __all__ = (
     "Emulator",

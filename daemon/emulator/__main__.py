@@ -1,16 +1,16 @@
-"""``python -m daemon.emulator``: the same as ``batchd emulator``."""
+"""``python -m batchd.daemon.emulator``: the same as ``batchd emulator``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from daemon.emulator.cli import add_arguments, run
+from batchd.daemon.emulator.cli import add_arguments, run
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m daemon.emulator", description="Serve a local Message Batches API."
+        prog="python -m batchd.daemon.emulator", description="Serve a local Message Batches API."
     )
     add_arguments(parser)
     return run(parser.parse_args())

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from daemon.emulator.wire import ApiError, json_response, rfc3339
+from batchd.daemon.emulator.wire import ApiError, json_response, rfc3339
 
 if TYPE_CHECKING:
-    from daemon.emulator.service import EmulatorService
+    from batchd.daemon.emulator.service import EmulatorService
 
 __all__ = ("add_admin_routes",)
 

@@ -18,11 +18,11 @@ from typing import IO
 import aiohttp
 from aiohttp import web
 
-from daemon.emulator.admin import add_admin_routes
-from daemon.emulator.service import EmulatorService
-from daemon.emulator.validation import BatchContext
-from daemon.emulator.versions import ApiVersion, version_from_header
-from daemon.emulator.wire import (
+from batchd.daemon.emulator.admin import add_admin_routes
+from batchd.daemon.emulator.service import EmulatorService
+from batchd.daemon.emulator.validation import BatchContext
+from batchd.daemon.emulator.versions import ApiVersion, version_from_header
+from batchd.daemon.emulator.wire import (
     ApiError,
     error_body,
     json_response,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.emulator.schedule import FINISH_STEPS, OUTCOMES, FinishTally, steps_done
-from daemon.emulator.wire import rfc3339
+from batchd.daemon.emulator.schedule import FINISH_STEPS, OUTCOMES, FinishTally, steps_done
+from batchd.daemon.emulator.wire import rfc3339
 
 __all__ = ("Batch",)
 

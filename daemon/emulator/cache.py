@@ -19,7 +19,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from daemon.emulator.prompt import PromptUnit, tokens
+from batchd.daemon.emulator.prompt import PromptUnit, tokens
 
 __all__ = ("MAX_BREAKPOINTS", "TTL_SECONDS", "CacheUse", "PromptCache", "check_breakpoints")
 

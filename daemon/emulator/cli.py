@@ -13,11 +13,16 @@ import asyncio
 import signal
 import sys
 
-from daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration, parse_fault_spec
-from daemon.emulator.rules import load_rules
-from daemon.emulator.runner import run_emulator
-from daemon.emulator.tiers import parse_tier
-from daemon.model_catalog import CatalogError, load_catalog
+from batchd.daemon.emulator.config import (
+    EmulatorConfig,
+    FaultSettings,
+    parse_duration,
+    parse_fault_spec,
+)
+from batchd.daemon.emulator.rules import load_rules
+from batchd.daemon.emulator.runner import run_emulator
+from batchd.daemon.emulator.tiers import parse_tier
+from batchd.daemon.models.catalog import CatalogError, load_catalog
 
 __all__ = ("add_arguments", "run")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.emulator.tiers import parse_tier
+from batchd.daemon.emulator.tiers import parse_tier
 
 __all__ = (
     "HTTP_FAULTS",

@@ -13,13 +13,13 @@ import hashlib
 import random
 from collections import Counter
 
-from daemon.emulator.config import (
+from batchd.daemon.emulator.config import (
     HTTP_FAULTS,
     PER_REQUEST_FAULTS,
     SUCCEEDED_TWISTS,
     FaultSettings,
 )
-from daemon.emulator.error_codes import HTTP_FAULT_ERRORS, HttpFault
+from batchd.daemon.emulator.error_codes import HTTP_FAULT_ERRORS, HttpFault
 
 __all__ = ("REQUEST_FAULT_ERRORS", "FaultInjector", "draw")
 

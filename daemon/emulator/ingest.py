@@ -18,9 +18,9 @@ from typing import IO, Any, Protocol
 import ijson
 import orjson
 
-from daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
-from daemon.emulator.schedule import FinishTally, finish_step
-from daemon.emulator.validation import check_request
+from batchd.daemon.emulator.faults import REQUEST_FAULT_ERRORS, FaultInjector
+from batchd.daemon.emulator.schedule import FinishTally, finish_step
+from batchd.daemon.emulator.validation import check_request
 
 #: The per-request verdict: ``(error_type, message)`` for a request that ends errored.
 Judge = Callable[[dict[str, Any]], tuple[str, str] | None]

@@ -1,5 +1,5 @@
 """
-What each model accepts, judged from the model catalog (daemon/model_catalog.toml).
+What each model accepts, judged from the model catalog (daemon/models/catalog.toml).
 
 Models differ in what they reject (shared/BATCHES_API.md §2): their output
 ceiling, thinking types, effort, forced tool choice, prefill, structured
@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from daemon.emulator.thinking import effective_effort, thinking_type
-from daemon.emulator.versions import SAMPLING_PARAMS
-from daemon.model_catalog import EFFORTS, Catalog, ModelInfo, effort_at_most
+from batchd.daemon.emulator.thinking import effective_effort, thinking_type
+from batchd.daemon.emulator.versions import SAMPLING_PARAMS
+from batchd.daemon.models.catalog import EFFORTS, Catalog, ModelInfo, effort_at_most
 
 __all__ = ("check_model", "max_output_for", "resolve_model")
 

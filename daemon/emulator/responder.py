@@ -19,18 +19,18 @@ from typing import Any
 
 import orjson
 
-from daemon.emulator.cache import CacheUse, PromptCache
-from daemon.emulator.prompt import (
+from batchd.daemon.emulator.cache import CacheUse, PromptCache
+from batchd.daemon.emulator.prompt import (
     has_cache_marker,
     last_user_text,
     prompt_chars,
     prompt_units,
     tokens,
 )
-from daemon.emulator.rules import Rule, load_rules
-from daemon.emulator.schema_instance import schema_instance
-from daemon.emulator.thinking import ThinkingPlan, plan_thinking, thinking_block
-from daemon.model_catalog import Catalog, ModelInfo
+from batchd.daemon.emulator.rules import Rule, load_rules
+from batchd.daemon.emulator.schema_instance import schema_instance
+from batchd.daemon.emulator.thinking import ThinkingPlan, plan_thinking, thinking_block
+from batchd.daemon.models.catalog import Catalog, ModelInfo
 
 __all__ = ("Responder", "Rule", "load_rules")
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from daemon.emulator.faults import FaultInjector
-from daemon.emulator.responder import Responder
-from daemon.emulator.schedule import finish_step, finish_time
+from batchd.daemon.emulator.faults import FaultInjector
+from batchd.daemon.emulator.responder import Responder
+from batchd.daemon.emulator.schedule import finish_step, finish_time
 
 __all__ = ("USAGE_KEYS", "ResultsPlan", "ResultsSummary", "write_results")
 

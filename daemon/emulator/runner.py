@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from daemon.emulator.app import build_app
-from daemon.emulator.config import EmulatorConfig
-from daemon.emulator.service import EmulatorService
+from batchd.daemon.emulator.app import build_app
+from batchd.daemon.emulator.config import EmulatorConfig
+from batchd.daemon.emulator.service import EmulatorService
 
 __all__ = ("Emulator", "EmulatorThread", "run_emulator")
 

@@ -14,13 +14,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from daemon.emulator.config import EmulatorConfig, FaultSettings
-from daemon.emulator.faults import FaultInjector
-from daemon.emulator.responder import Responder
-from daemon.emulator.rules import load_rules
-from daemon.emulator.store import Store
-from daemon.emulator.tiers import RpmWindow
-from daemon.model_catalog import load_catalog
+from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings
+from batchd.daemon.emulator.faults import FaultInjector
+from batchd.daemon.emulator.responder import Responder
+from batchd.daemon.emulator.rules import load_rules
+from batchd.daemon.emulator.store import Store
+from batchd.daemon.emulator.tiers import RpmWindow
+from batchd.daemon.models.catalog import load_catalog
 
 __all__ = ("EmulatorService",)
 

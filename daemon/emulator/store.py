@@ -17,20 +17,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from daemon.emulator.batch import Batch
-from daemon.emulator.config import EmulatorConfig
-from daemon.emulator.faults import FaultInjector
-from daemon.emulator.ingest import (
+from batchd.daemon.emulator.batch import Batch
+from batchd.daemon.emulator.config import EmulatorConfig
+from batchd.daemon.emulator.faults import FaultInjector
+from batchd.daemon.emulator.ingest import (
     AsyncReadable,
     BodyTooLarge,
     IngestFailed,
     IngestSummary,
     ingest_body,
 )
-from daemon.emulator.responder import Responder
-from daemon.emulator.results import USAGE_KEYS, ResultsPlan, ResultsSummary, write_results
-from daemon.emulator.validation import BatchContext, RowJudge
-from daemon.emulator.wire import ApiError, new_id, retry_after_header
+from batchd.daemon.emulator.responder import Responder
+from batchd.daemon.emulator.results import USAGE_KEYS, ResultsPlan, ResultsSummary, write_results
+from batchd.daemon.emulator.validation import BatchContext, RowJudge
+from batchd.daemon.emulator.wire import ApiError, new_id, retry_after_header
 
 __all__ = ("Store",)
 

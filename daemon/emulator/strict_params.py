@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.emulator.versions import ApiVersion
+from batchd.daemon.emulator.versions import ApiVersion
 
 __all__ = ("BATCH_REJECTED", "SdkTables", "allowed_fields", "check_strict", "sdk_tables")
 

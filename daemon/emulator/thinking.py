@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.model_catalog import ModelInfo
+from batchd.daemon.models.catalog import ModelInfo
 
 __all__ = ("ADAPTIVE_TOKENS", "ThinkingPlan", "effective_effort", "plan_thinking", "thinking_type")
 

@@ -18,12 +18,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.emulator.cache import check_breakpoints
-from daemon.emulator.model_rules import check_model, max_output_for, resolve_model
-from daemon.emulator.prompt import has_cache_marker, prompt_chars, prompt_units, tokens
-from daemon.emulator.strict_params import check_strict
-from daemon.emulator.versions import ApiVersion, check_version_rules
-from daemon.model_catalog import Catalog
+from batchd.daemon.emulator.cache import check_breakpoints
+from batchd.daemon.emulator.model_rules import check_model, max_output_for, resolve_model
+from batchd.daemon.emulator.prompt import has_cache_marker, prompt_chars, prompt_units, tokens
+from batchd.daemon.emulator.strict_params import check_strict
+from batchd.daemon.emulator.versions import ApiVersion, check_version_rules
+from batchd.daemon.models.catalog import Catalog
 
 __all__ = ("CUSTOM_ID_PATTERN", "BatchContext", "RowJudge", "check_request")
 

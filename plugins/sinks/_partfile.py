@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 import orjson
 
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.sinks._modes import directory_mode
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.sinks._modes import directory_mode
 
 __all__ = ("PartFiles", "check_group")
 

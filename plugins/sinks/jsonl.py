@@ -14,12 +14,12 @@ from typing import Any
 import anyio
 import orjson
 
-from plugins.contract import PluginContext, Sink, SinkOutput
-from plugins.errors import ConfigError, FatalError
-from plugins.hookspecs import hookimpl
-from plugins.records import ResultRow
-from plugins.sinks._modes import output_mode
-from plugins.sinks._partfile import PartFiles, check_group
+from batchd.plugins.contract import PluginContext, Sink, SinkOutput
+from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks._modes import output_mode
+from batchd.plugins.sinks._partfile import PartFiles, check_group
 
 __all__ = ("JsonlSink", "register_sinks")
 

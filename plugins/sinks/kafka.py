@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import murmur2
 
-from connectors._kafka import (
+from batchd.connectors._kafka import (
     build_ssl,
     check_known,
     client_settings,
@@ -42,10 +42,10 @@ from connectors._kafka import (
     owner_name,
     translate_error,
 )
-from plugins.contract import PluginContext, Sink
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.hookspecs import hookimpl
-from plugins.records import ResultRow
+from batchd.plugins.contract import PluginContext, Sink
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import ResultRow
 
 __all__ = ("HEADER_CUSTOM_ID", "KafkaSink", "register_sinks")
 
@@ -171,7 +171,7 @@ class KafkaSink(Sink):
 
     async def probe(self) -> None:
         """Connect and authenticate without producing anything."""
-        from connectors.kafka_extent import probe_topics
+        from batchd.connectors.kafka_extent import probe_topics
 
         await probe_topics(self._settings, self._owner, [])
 

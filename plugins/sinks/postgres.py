@@ -28,7 +28,7 @@ import asyncpg
 import orjson
 import structlog
 
-from connectors._pg import (
+from batchd.connectors._pg import (
     close_quietly,
     connect,
     describe,
@@ -42,10 +42,10 @@ from connectors._pg import (
     redact,
     resolve_dsn,
 )
-from plugins import hookimpl
-from plugins.contract import PluginContext, Sink
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.records import ResultRow
+from batchd.plugins.contract import PluginContext, Sink
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import ResultRow
 
 __all__ = ("DEAD_LETTER_COLUMNS", "RESULTS_COLUMNS", "PostgresSink", "register_sinks")
 

@@ -18,11 +18,11 @@ from typing import Any
 import anyio
 import orjson
 
-from plugins.contract import PluginContext, Sink, SinkOutput
-from plugins.errors import ConfigError, FatalError, RetriableError
-from plugins.hookspecs import hookimpl
-from plugins.records import ResultRow
-from plugins.sinks._modes import output_mode
+from batchd.plugins.contract import PluginContext, Sink, SinkOutput
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.records import ResultRow
+from batchd.plugins.sinks._modes import output_mode
 
 __all__ = ("DEAD_LETTER_COLUMNS", "RESULT_COLUMNS", "SqliteSink", "register_sinks")
 

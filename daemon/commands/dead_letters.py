@@ -1,0 +1,152 @@
+"""
+``batchd dead-letters``: the rows that could not be answered, for humans.
+
+Listing reads what the dead-letter sink wrote (JSONL part files, or a SQLite
+``dead_letter`` table). Retrying does not resend the stored request — the
+operator has usually just fixed the template or the data — but drops a
+request file in the state directory; the daemon (running, or at its next
+start) re-reads those keys from the source, shapes them with the current
+config and sends them through the normal path as new chunks: new attempt,
+same key, still idempotent in the sinks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd.daemon.config import Config, PipelineConfig
+from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
+from batchd.plugins.contract import PluginContext
+from batchd.plugins.errors import ConfigError
+
+__all__ = ("iter_dead_letters", "pending_retry_requests", "request_retry", "retry_dir")
+
+
+def retry_dir(config: Config) -> Path:
+    return config.state_dir / "retry-requests"
+
+
+def _context(config: Config, pipeline: PipelineConfig) -> PluginContext:
+    return PluginContext(pipeline.name, config.state_dir, config.path.resolve().parent)
+
+
+class _Owners:
+    """Which chunk last claimed each key (the key ledger), read-only beside a running daemon."""
+
+    def __init__(self, state_dir: Path, pipeline: str) -> None:
+        self.pipeline = pipeline
+        path = state_dir / "keys.sqlite"
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.exists() else None
+
+    def _number(self, chunk: str) -> int:
+        digits = chunk[len(self.pipeline) + 1 : len(self.pipeline) + 7]
+        return int(digits) if digits.isdigit() else -1
+
+    def superseded(self, row: dict[str, Any], group: str) -> bool:
+        """Whether the key was sent again, in a later chunk, after this dead letter."""
+        if self._db is None or row.get("error_type") == "duplicate_key":
+            return False
+        found = self._db.execute(
+            "SELECT chunk FROM keys WHERE pipeline = ? AND key = ?", (self.pipeline, row["key"])
+        ).fetchone()
+        return found is not None and self._number(found[0]) > self._number(group)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def _batch_chunks(state_dir: Path) -> dict[str, str]:
+    """batch id → chunk id for the batches the manifest still knows (live and recent)."""
+    path = state_dir / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    state, _ = replay(path, truncate=False)
+    return {**state.retired_batches, **state.live_batches}
+
+
+def iter_dead_letters(
+    config: Config, pipeline: PipelineConfig, *, include_superseded: bool = False
+) -> Iterator[dict[str, Any]]:
+    """
+    The dead letters whose key has no later outcome.
+
+    A key an operator resubmitted (``retry``) is no longer listed from its
+    old part file or table row; if it failed again, its new dead letter is
+    listed instead.
+    """
+    spec = pipeline.dead_letter
+    context = _context(config, pipeline)
+    if spec.type in ("jsonl", "dead_letter"):
+        directory = context.resolve_path(spec.options.get("path", ""))
+        owners = _Owners(config.state_dir, pipeline.name)
+        try:
+            for part in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
+                with part.open("rb") as lines:
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        row = orjson.loads(line)
+                        if include_superseded or not owners.superseded(row, part.stem):
+                            yield row
+        finally:
+            owners.close()
+        return
+    if spec.type == "sqlite":
+        path = context.resolve_path(spec.options.get("path", ""))
+        table = str(spec.options.get("table", "dead_letter"))
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", table):
+            raise ConfigError(f"{spec.where}: table {table!r} is not a plain identifier")
+        if not path.exists():
+            return
+        batch_chunks = _batch_chunks(config.state_dir)
+        owners = _Owners(config.state_dir, pipeline.name)
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                db.row_factory = sqlite3.Row
+                for found in db.execute(f'SELECT * FROM "{table}" ORDER BY key'):
+                    row = dict(found)
+                    # A table row has no part file to name its chunk: its batch does. A row
+                    # whose chunk is unknown (a bad source row, a batch long forgotten) is
+                    # always listed: hiding a real dead letter is worse than showing a stale one.
+                    group = batch_chunks.get(row.get("batch_id") or "")
+                    if include_superseded or group is None or not owners.superseded(row, group):
+                        yield row
+        finally:
+            owners.close()
+        return
+    raise ConfigError(
+        f"{spec.where}: listing dead letters is supported for jsonl and sqlite dead-letter "
+        f"sinks; read the {spec.type!r} sink's own storage instead"
+    )
+
+
+def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> Path:
+    """Write a retry request the daemon picks up; returns its path."""
+    directory = retry_dir(config)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # private, as the state dir
+    path = directory / f"{pipeline.name}-{time.time_ns()}.json"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(orjson.dumps({"pipeline": pipeline.name, "keys": sorted(set(keys))}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def pending_retry_requests(state_dir: Path, pipeline: str) -> list[Path]:
+    directory = state_dir / "retry-requests"
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob(f"{pipeline}-*.json"))

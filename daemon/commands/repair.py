@@ -1,0 +1,163 @@
+"""
+``batchd repair CONFIG``: rebuild a lost or foreign key ledger from what remains.
+
+The ledger (``keys.sqlite``) says which keys were already sent, so that a key read
+again is a duplicate, not a second payment. When it is lost, ``batchd run`` refuses
+to start (:mod:`batchd.daemon.intake.ledger_binding`); this command re-derives it:
+
+* every live chunk's keys from its spool file (with the chunk that claimed them);
+* the keys of chunks already retired by reading the source again from its start up
+  to the last record the manifest sealed, as the packer read them (file and table
+  sources can; a source that cannot is reported, and only a key repeated later is
+  then missed).
+
+The old file, if any, is kept beside it as ``keys.sqlite.replaced-<time>``; the new
+one is bound to the manifest. The daemon must be stopped (the manifest lock).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+
+from batchd.daemon.batches.chunk_driver import root_of
+from batchd.daemon.config import Config, PipelineConfig
+from batchd.daemon.factories import build_source
+from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger, ledger_files, position_identity
+from batchd.daemon.intake.packer import shape_record
+from batchd.daemon.intake.shaper import Shaper
+from batchd.daemon.intake.spool import iter_spool
+from batchd.daemon.wal.manifest import Manifest
+from batchd.daemon.wal.manifest_state import ManifestState
+from batchd.daemon.wal.private_state import make_private
+from batchd.plugins.errors import BatchdError
+
+__all__ = ("repair_ledger",)
+
+RETIRED_OWNER = "retired"  # the chunk named for keys whose chunk left the manifest
+
+
+def _chunk_no(pipeline: str, chunk: str) -> int:
+    digits = chunk[len(pipeline) + 1 : len(pipeline) + 7]
+    return int(digits) if digits.isdigit() else -1
+
+
+def repair_ledger(config: Config) -> list[str]:
+    """Rebuild ``keys.sqlite`` for ``config``'s state dir; returns what was done, line by line."""
+    umask = make_private(config.state_dir)
+    try:
+        return anyio.run(_repair, config)
+    finally:
+        os.umask(umask)
+
+
+async def _repair(config: Config) -> list[str]:
+    state_dir = config.state_dir
+    async with await Manifest.open(state_dir) as manifest:
+        path = state_dir / LEDGER_NAME
+        if path.exists():
+            current = KeyLedger(path)
+            try:
+                same = manifest.state.ledger_id in (None, current.id)
+            finally:
+                current.close()
+            if same:
+                return [f"{path} belongs with {manifest.path}; nothing to repair"]
+        report: list[str] = []
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for file in ledger_files(path):
+            if file.exists():
+                kept = file.with_name(f"{file.name}.replaced-{stamp}")
+                os.replace(file, kept)
+                report.append(f"kept the old {file.name} as {kept}")
+        building = path.with_name(LEDGER_NAME + ".rebuild")
+        for file in ledger_files(building):
+            file.unlink(missing_ok=True)
+        ledger = KeyLedger(building)
+        try:
+            for pipeline in config.pipelines:
+                report.extend(await _rebuild_pipeline(config, pipeline, manifest.state, ledger))
+            ledger_id = ledger.id
+        finally:
+            ledger.close()
+        os.replace(building, path)
+        for file in ledger_files(building)[1:]:
+            file.unlink(missing_ok=True)
+        await manifest.append("ledger_bound", ledger=ledger_id)
+        report.append(f"rebuilt {path} and bound it to {manifest.path}")
+        return report
+
+
+async def _rebuild_pipeline(
+    config: Config, pipeline: PipelineConfig, state: ManifestState, ledger: KeyLedger
+) -> list[str]:
+    name = pipeline.name
+    report: list[str] = []
+    rows: list[tuple[str, str, int, str, bytes | None]] = []
+    missing = []
+    for chunk in state.chunks.values():
+        if chunk.pipeline != name:
+            continue
+        spool = config.state_dir / "spool" / f"{chunk.chunk}.jsonl"
+        if not spool.exists():
+            missing.append(chunk.chunk)
+            continue
+        owner = root_of(name, chunk.chunk)
+        for request, meta in iter_spool(spool):
+            if request is not None:
+                rows.append((name, meta["key"], _chunk_no(name, owner), owner,
+                             position_identity(meta.get("position"))))
+    restored = ledger.restore(rows)
+    live = sum(1 for c in state.chunks.values() if c.pipeline == name)
+    report.append(f"{name}: {restored} keys from the spool of {live} live chunks")
+    if missing:
+        report.append(f"{name}: no spool for chunks {', '.join(sorted(missing))} (their rows "
+                      "are read again when the daemon drives them)")
+    pipe_state = state.pipelines.get(name)
+    last = pipe_state.last_sealed_seq if pipe_state else None
+    if not last:
+        return report
+    try:
+        count = await _reread(config, pipeline, ledger, last)
+    except BatchdError as exc:
+        report.append(f"{name}: WARNING: could not read the source again ({exc}); a key of a "
+                      "retired chunk read again later will not be caught as a duplicate")
+        return report
+    report.append(f"{name}: {count} keys of retired chunks from reading the source again "
+                  f"up to record {last}")
+    return report
+
+
+async def _reread(
+    config: Config, pipeline: PipelineConfig, ledger: KeyLedger, last: int
+) -> int:
+    """Claim, for a pseudo chunk below every real one, the keys read before ``last``."""
+    name = pipeline.name
+    shaper = Shaper(pipeline)
+    owner = f"{name}-{RETIRED_OWNER}"
+    source = build_source(config, name, pipeline.source, until_drained=True)
+    if not source.rereadable:
+        raise BatchdError(f"a {pipeline.source.type} source is not read a second time")
+    seq = restored = 0
+    try:
+        await source.start(None)
+        while seq < last:
+            records = await source.poll()
+            if records is None:
+                break
+            if not records:
+                await anyio.sleep(0.1)
+                continue
+            rows = []
+            for record in records[: last - seq]:
+                shaped = shape_record(shaper, pipeline.batching.max_bytes, record, seq)
+                if shaped.request is not None:
+                    rows.append((name, record.key, -1, owner,
+                                 position_identity(record.position)))
+            seq += len(records)
+            restored += ledger.restore(rows)
+    finally:
+        await source.aclose()
+    return restored

@@ -1,0 +1,1 @@
+"""What each model accepts and costs: the catalog, pre-flight checks, prices, budgets."""

@@ -1,0 +1,1 @@
+"""Watching it run: logs, metrics, health, the dashboard, status and systemd."""

@@ -1,0 +1,269 @@
+"""
+Streams an ended batch's results, joins them on ``custom_id`` and routes
+every row to exactly one place: a sink, the dead-letter sink, or the next
+retry chunk.
+
+Nothing here is positional: results come back in any order, and the join
+goes through the chunk's spool (custom_id → key). Every custom_id the spool
+sent must come back exactly once; a missing one is retried, an unknown one
+is an alarm. Results are parsed line by line with orjson, never held whole.
+The first pass (:mod:`batchd.daemon.results.result_join`) routes successes to the sinks
+while they write the previous group; the second pass re-reads the spool only
+when something failed, for the request bytes a retry or dead letter needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from batchd.daemon.batches.api import StreamCut
+from batchd.daemon.batches.error_codes import pause_kind_of_row
+from batchd.daemon.config import PipelineConfig
+from batchd.daemon.intake.spool import SPOOL_BLOCK, SpoolWriter, iter_spool
+from batchd.daemon.results.answers import AnswerReader
+from batchd.daemon.results.result_join import CostFn, Failure, ResultJoin
+from batchd.daemon.results.routing import Route
+from batchd.daemon.results.sink_failures import sink_call
+from batchd.daemon.results.sink_writer import background_puts
+from batchd.plugins.contract import Sink
+from batchd.plugins.records import ResultRow
+
+__all__ = ("CollectSummary", "Collector", "CostFn", "retry_chunk_id")
+
+log = structlog.get_logger("batchd.collector")
+_GROUP_ROWS = 2000
+
+
+def retry_chunk_id(chunk: str, root: str) -> str:
+    """``root-r1`` after the root, ``root-r(k+1)`` after ``root-rk``."""
+    if chunk == root:
+        return f"{root}-r1"
+    return f"{root}-r{int(chunk.rsplit('-r', 1)[1]) + 1}"
+
+
+def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
+    """custom_id → (key, attempt) for every request the chunk sent, and its count of rejects."""
+    index: dict[str, tuple[str, int]] = {}
+    rejects = 0
+    loads = orjson.loads
+    with open(spool, "rb", buffering=SPOOL_BLOCK) as lines:
+        for line in lines:
+            tab = line.find(b"\t")
+            if tab == 0:
+                rejects += 1
+                continue
+            meta = loads(line[tab + 1 :])
+            index[meta["custom_id"]] = (meta["key"], int(meta.get("attempt", 1)))
+    return index, rejects
+
+
+@dataclass(slots=True)
+class CollectSummary:
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    unknown: int = 0
+    missing: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    unpriced: int = 0
+    pause_reason: str | None = None
+    pause_kind: str | None = None
+    retry_chunk: dict[str, Any] | None = None
+    dead_types: dict[str, int] = field(default_factory=dict)
+    dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
+
+
+class Collector:
+    """Collects one chunk; a new instance per attempt, so a replay starts clean."""
+
+    def __init__(
+        self,
+        pipeline: PipelineConfig,
+        sinks: Sequence[Sink],
+        dead_letter: Sink,
+        cost: CostFn,
+        answers: AnswerReader | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.sinks = sinks
+        self.dead_letter = dead_letter
+        self.cost = cost
+        self.answers = answers
+
+    async def _put(self, sinks: Sequence[Sink], group: str, rows: list[ResultRow]) -> None:
+        if rows:
+            for sink in sinks:
+                await sink_call(sink, sink.put(group, rows))
+            rows.clear()
+
+    async def collect(
+        self,
+        *,
+        chunk: str,
+        root: str,
+        batch_id: str | None,
+        spool: Path,
+        blocks: Callable[[], AsyncIterator[list[bytes]]] | None,
+        attempts_left_for_stream: int = 8,
+        lost: tuple[str, str] | None = None,
+    ) -> CollectSummary:
+        """
+        Route every request of ``chunk`` and make the outcome durable in the sinks.
+
+        ``blocks`` opens the results stream, lists of raw lines (called again after a
+        cut stream; lines already handled are skipped). It is None for a chunk that sent
+        nothing (all rejects). ``lost`` (error type, message) says the batch's results are
+        gone for good: every request is dead-lettered with it instead of being retried
+        (sending again costs again, so that is the operator's call). Returns the summary
+        the manifest records; the retry chunk's spool is sealed before this returns.
+        """
+        index, rejects = _index(spool)
+        join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
+                          answers=self.answers)
+        if blocks is not None:
+            await self._first_pass(join, blocks, attempts_left_for_stream)
+        summary = CollectSummary(
+            succeeded=join.succeeded, truncated=join.truncated, unknown=join.unknown,
+            cost_usd=join.cost_usd, input_tokens=join.input_tokens,
+            output_tokens=join.output_tokens, unpriced=join.unpriced,
+        )  # fmt: skip
+        failures = join.failures
+        for custom_id in join.missing():
+            if lost is not None:
+                failures[custom_id] = Failure(Route.DEAD, *lost)
+                continue
+            summary.missing += 1
+            failures[custom_id] = Failure(
+                Route.RETRY, "missing_result", "custom_id absent from the batch results"
+            )
+        if summary.missing:
+            log.error("results are missing custom_ids; they will be retried",
+                      pipeline=self.pipeline.name, chunk=chunk, batch_id=batch_id,
+                      missing=summary.missing)
+        if failures or rejects:  # the second pass, skipped when there is nothing to do
+            await self._second_pass(summary, failures, chunk, root, batch_id, spool)
+
+        for sink in self.sinks:
+            await sink_call(sink, sink.flush(chunk))
+        await sink_call(self.dead_letter, self.dead_letter.flush(chunk))
+        return summary
+
+    async def _first_pass(
+        self,
+        join: ResultJoin,
+        blocks: Callable[[], AsyncIterator[list[bytes]]],
+        attempts_left_for_stream: int,
+    ) -> None:
+        """Every results line routed; successes put to the sinks while the next are parsed."""
+        stream_attempt = 0
+        async with background_puts(self.sinks, join.chunk) as hand_over:
+            while True:
+                try:
+                    async for block in blocks():
+                        join.take(block)
+                        if len(join.rows) >= _GROUP_ROWS:
+                            await hand_over(join.rows)
+                            join.rows = []
+                    break
+                except StreamCut as exc:  # resume, skipping lines already handled
+                    stream_attempt += 1
+                    if stream_attempt >= attempts_left_for_stream:
+                        raise
+                    log.warning("results stream interrupted; resuming",
+                                pipeline=self.pipeline.name, chunk=join.chunk,
+                                batch_id=join.batch_id, lines_done=join.done,
+                                error=f"{type(exc).__name__}: {exc}")
+            if join.rows:
+                await hand_over(join.rows)
+                join.rows = []
+
+    async def _second_pass(
+        self,
+        summary: CollectSummary,
+        failures: dict[str, Failure],
+        chunk: str,
+        root: str,
+        batch_id: str | None,
+        spool: Path,
+    ) -> None:
+        """Failures and rejects, with their request bytes: dead letters or the retry chunk."""
+        dead_rows: list[ResultRow] = []
+        retry_writer: SpoolWriter | None = None
+        retry_id = retry_chunk_id(chunk, root)
+        max_attempts = self.pipeline.max_attempts
+        for request, meta in iter_spool(spool):
+            if request is None:
+                dead_rows.append(self._dead(meta, meta.get("error_type", "bad_record"),
+                                            meta.get("error", ""), None, None, summary))
+            else:
+                failure = failures.get(meta["custom_id"])
+                if failure is None:
+                    continue
+                attempt = int(meta.get("attempt", 1))
+                history = [*meta.get("history", []), {
+                    "attempt": attempt, "batch_id": batch_id,
+                    "error_type": failure.error_type, "error_message": failure.message,
+                }]
+                if failure.route is Route.PAUSE:
+                    summary.pause_reason = f"{failure.error_type}: {failure.message}"
+                    summary.pause_kind = pause_kind_of_row(failure.error_type)
+                exhausted = failure.route is Route.RETRY and attempt >= max_attempts
+                if failure.route is Route.DEAD or exhausted:
+                    meta = {**meta, "history": history}
+                    dead_rows.append(self._dead(meta, failure.error_type, failure.message,
+                                                orjson.loads(request), batch_id, summary))
+                else:
+                    if retry_writer is None:
+                        retry_writer = SpoolWriter(spool.with_name(f"{retry_id}.jsonl"))
+                    next_attempt = attempt + (failure.route is Route.RETRY)
+                    retry_writer.add_request(
+                        request, {**meta, "attempt": next_attempt, "history": history}
+                    )
+                    summary.retried += 1
+            if len(dead_rows) >= _GROUP_ROWS:
+                summary.dead += len(dead_rows)
+                await self._put([self.dead_letter], chunk, dead_rows)
+        summary.dead += len(dead_rows)
+        await self._put([self.dead_letter], chunk, dead_rows)
+        if retry_writer is not None:
+            retry_writer.seal()
+            summary.retry_chunk = {
+                "chunk": retry_id,
+                "requests": retry_writer.requests,
+                "bytes": retry_writer.body_bytes,
+            }
+
+    def _dead(
+        self,
+        meta: dict[str, Any],
+        error_type: str,
+        message: str,
+        request: dict[str, Any] | None,
+        batch_id: str | None,
+        summary: CollectSummary | None = None,
+    ) -> ResultRow:
+        if summary is not None:  # what the dead-letter ratio guard reports
+            summary.dead_types[error_type] = summary.dead_types.get(error_type, 0) + 1
+            summary.dead_examples.setdefault(error_type, message)
+        return ResultRow(
+            key=meta["key"],
+            custom_id=meta.get("custom_id") or "",
+            status="dead_letter",
+            pipeline=self.pipeline.name,
+            batch_id=batch_id,
+            attempt=int(meta.get("attempt", 1)),
+            error_type=error_type,
+            error_message=message,
+            history=meta.get("history", []),
+            request=request,
+            source=meta.get("position"),
+        )

@@ -1,0 +1,1 @@
+"""The write-ahead manifest: every state change is durable before it acts."""
