@@ -25,3 +25,18 @@ class TestAllAttributes:
 
         assert batchd.hookimpl is hookspecs.hookimpl
         assert batchd.Sink is contract.Sink
+
+
+def test_nothing_imports_the_folders_by_their_top_level_names() -> None:
+    """Only ``batchd.*`` is installed: an ``import daemon`` would work here, in the checkout
+    (the folder is on the path), and fail, or import python-daemon, once installed."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "*.py"], capture_output=True, text=True,
+                           cwd=repo, check=True).stdout.split()
+    bare = re.compile(r"^\s*(from|import)\s+(daemon|connectors|plugins)\b", re.M)
+    offenders = [f for f in files if bare.search((repo / f).read_text(encoding="utf-8"))]
+    assert offenders == []
