@@ -85,7 +85,7 @@ class LeaseDeadline:
         """
         left = self.remaining()
         if left <= 0:
-            late = "never renewed" if left == float("-inf") else f"passed {-left:.3f}s ago"
+            late = "never renewed" if left == float("-inf") else f"passed {abs(left):.3f}s ago"
             raise LeaseExpired(f"lease deadline {late}; not starting or finishing {action}")
 
 
