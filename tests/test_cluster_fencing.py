@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import event_log, fencing, leases, shards, workers
+from daemon.cluster import event_log, fencing, leases, reads, shards, workers
 from daemon.cluster.errors import FencedOut, IllegalTransition
 from daemon.cluster.leases import ChunkLease
 from daemon.manifest_state import Stage
@@ -290,3 +290,23 @@ class TestFencing:
             await fencing.retire_chunk(cluster.conn, cluster.sql, other, "p-000001")
         with pytest.raises(IllegalTransition, match="retired at sealed"):
             await fencing.retire_chunk(cluster.conn, cluster.sql, shard, "p-000001")
+
+
+@pytest.mark.anyio
+class TestReads:
+    async def test_rows_read_back_as_replay_types(self, cluster: ClusterEnv) -> None:
+        """chunk(), chunks(), pipeline() and batch_owner() give what replay would."""
+        a, b = await cluster.worker("a"), await cluster.worker("b")
+        shard = await cluster.shard(a)
+        (one,) = (await cluster.seal(shard, "p-000001")).created
+        await cluster.seal(shard, "p-000002", first_seq=4, last_seq=6, position={"line": 6})
+        await drive_to_ended(cluster, one, "msgbatch_1")
+        c, sql = cluster.conn, cluster.sql
+        state = await event_log.replay(c, sql)
+        assert await reads.chunk(c, sql, "p-000001") == state.chunks["p-000001"]
+        assert await reads.chunk(c, sql, "p-000404") is None
+        assert [x.chunk for x in await reads.chunks(c, sql, "p")] == ["p-000001", "p-000002"]
+        assert await reads.chunks(c, sql, "p", owner=b) == []
+        assert await reads.pipeline(c, sql, "p") == state.pipelines["p"]
+        assert await reads.batch_owner(c, sql, "msgbatch_1") == "p-000001"
+        assert await reads.batch_owner(c, sql, "msgbatch_other") is None

@@ -16,6 +16,7 @@ transactions. See docs/cluster.md for the protocol and what remains to wire.
 ``transitions``        pure: a record's effect via ``ManifestState.apply``
 ``fencing``            fenced transitions: event + rows in one transaction
 ``event_log``          the log read back, replayed, compared to the rows
+``reads``              rows read back as ChunkState / PipelineState
 ``create_slot``        creates serialised per workspace, pending intents
 ``limits``             budget and queue counters, holds, recompute
 ``spool_blocks``       spools as checksummed compressed blocks
