@@ -33,7 +33,7 @@ from typing import Any
 from daemon.cluster.db import transaction
 from daemon.cluster.errors import FencedOut
 from daemon.cluster.fencing import Applied, apply_transition
-from daemon.cluster.leases import ChunkLease
+from daemon.cluster.leases import ALIVE, DEAD, ChunkLease
 from daemon.cluster.limits import reserve
 from daemon.cluster.schema import Sql
 from daemon.manifest_state import Stage
@@ -72,18 +72,16 @@ class CreateSlot:
     previous_holder: str | None
 
 
-_TAKE = """
-WITH current AS (
-    SELECT s.workspace, s.holder AS previous_holder FROM {s}.create_slot s
-    LEFT JOIN {s}.worker w ON w.worker_id = s.holder
-    WHERE s.workspace = $1
-      AND (s.holder IS NULL OR s.holder = $2 OR w.worker_id IS NULL OR w.stopped_at IS NOT NULL
-           OR w.heartbeat_at + w.lease_ttl + $3 * interval '1 second' < now())
-      AND EXISTS (SELECT 1 FROM {s}.worker me WHERE me.worker_id = $2
-                  AND me.stopped_at IS NULL AND me.heartbeat_at + me.lease_ttl > now())
+_TAKE = f"""
+WITH dead AS MATERIALIZED ({DEAD}),
+current AS (
+    SELECT s.workspace, s.holder AS previous_holder FROM {{s}}.create_slot s
+    WHERE s.workspace = $3
+      AND (s.holder IS NULL OR s.holder = $1 OR s.holder IN (SELECT worker_id FROM dead))
+      AND {ALIVE}
     FOR UPDATE OF s
 )
-UPDATE {s}.create_slot s SET holder = $2, epoch = s.epoch + 1, taken_at = now()
+UPDATE {{s}}.create_slot s SET holder = $1, epoch = s.epoch + 1, taken_at = now()
 FROM current WHERE s.workspace = current.workspace
 RETURNING s.epoch, s.pending_chunk, s.pending_epoch, current.previous_holder
 """
@@ -104,7 +102,7 @@ async def take(
     )
 
     async def body() -> CreateSlot | None:
-        row = await conn.fetchrow(sql(_TAKE), workspace, worker_id, grace)
+        row = await conn.fetchrow(sql(_TAKE), worker_id, grace, workspace)
         if row is None:
             return None
         pending = None

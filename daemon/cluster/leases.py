@@ -6,8 +6,10 @@ A lease is (chunk, owner, epoch). Every claim bumps the epoch, so an old owner's
 lease can never match again, whatever it believes: that is the fence the store
 checks on every transition (``daemon/cluster/fencing.py``). Liveness comes from
 the owner's heartbeat, never from the chunk's age: a chunk is claimable when it
-has no owner or its owner's last heartbeat (DB clock) is older than the owner's
-lease TTL plus the claimer's takeover grace. A claimer must itself be alive.
+has no owner, its owner stopped, or its owner's last heartbeat (DB clock) is older
+than the owner's lease TTL plus the claimer's takeover grace. A claimer must
+itself be alive. (An owner always has a worker row: purging one sets what it held
+to no owner, by foreign key.)
 
 Claims use ``FOR UPDATE OF c SKIP LOCKED``, so workers claiming at once split the
 chunks between them without waiting on each other, and a chunk whose row is
@@ -22,7 +24,7 @@ from typing import Any
 
 from daemon.cluster.schema import Sql
 
-__all__ = ("ChunkLease", "Claimed", "claim_chunk", "claim_chunks", "release")
+__all__ = ("ALIVE", "DEAD", "ChunkLease", "Claimed", "claim_chunk", "claim_chunks", "release")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,22 +46,27 @@ class Claimed:
 
 
 # The claimer must be alive (a worker past its own TTL would claim what it cannot keep).
-_ALIVE = """EXISTS (SELECT 1 FROM {s}.worker me WHERE me.worker_id = $1
-                   AND me.stopped_at IS NULL AND me.heartbeat_at + me.lease_ttl > now())"""
+ALIVE = """EXISTS (SELECT 1 FROM {s}.worker me WHERE me.worker_id = $1
+                  AND me.stopped_at IS NULL AND me.heartbeat_at + me.lease_ttl > now())"""
 
-# Claimable: no owner, an owner with no row or stopped, or one silent for TTL + grace.
-_CLAIMABLE = """(c.owner IS NULL OR w.worker_id IS NULL OR w.stopped_at IS NOT NULL
-                 OR w.heartbeat_at + w.lease_ttl + $2 * interval '1 second' < now())"""
+# Workers whose work may be taken: stopped, or silent for their TTL plus the taker's grace.
+# Computed once per statement as a set, never as an outer join on the locked row: when
+# a concurrent claim commits first, PostgreSQL re-checks the locked row's new version
+# against the same set, where its new (live) owner is absent, so the row is skipped.
+# (With a LEFT JOIN the re-check null-extends the stale join and the row looks ownerless.)
+DEAD = """SELECT worker_id FROM {s}.worker
+          WHERE stopped_at IS NOT NULL
+             OR heartbeat_at + lease_ttl + $2 * interval '1 second' < now()"""
 
 _CLAIM = f"""
-WITH candidate AS (
+WITH dead AS MATERIALIZED ({DEAD}),
+candidate AS (
     SELECT c.chunk, c.owner AS previous_owner
-    FROM {{s}}.chunk c LEFT JOIN {{s}}.worker w ON w.worker_id = c.owner
+    FROM {{s}}.chunk c
     WHERE c.pipeline = $3 AND c.stage <> 'retired'
-      AND c.owner IS DISTINCT FROM $1
+      AND (c.owner IS NULL OR c.owner IN (SELECT worker_id FROM dead))
       AND (cardinality($5::text[]) = 0 OR c.stage = ANY($5::text[]))
-      AND {_CLAIMABLE}
-      AND {_ALIVE}
+      AND {ALIVE}
     ORDER BY c.sealed_event
     LIMIT $4
     FOR UPDATE OF c SKIP LOCKED
@@ -72,12 +79,13 @@ RETURNING c.chunk, c.epoch, c.stage, candidate.previous_owner, c.sealed_event
 """
 
 _CLAIM_ONE = f"""
-WITH candidate AS (
+WITH dead AS MATERIALIZED ({DEAD}),
+candidate AS (
     SELECT c.chunk, c.owner AS previous_owner
-    FROM {{s}}.chunk c LEFT JOIN {{s}}.worker w ON w.worker_id = c.owner
-    WHERE c.chunk = $3 AND c.stage <> 'retired' AND c.owner IS DISTINCT FROM $1
-      AND {_CLAIMABLE}
-      AND {_ALIVE}
+    FROM {{s}}.chunk c
+    WHERE c.chunk = $3 AND c.stage <> 'retired'
+      AND (c.owner IS NULL OR c.owner IN (SELECT worker_id FROM dead))
+      AND {ALIVE}
     FOR UPDATE OF c
 )
 UPDATE {{s}}.chunk c

@@ -108,7 +108,7 @@ _V1 = (
     """CREATE TABLE {s}.shard (
         pipeline text NOT NULL,
         shard text NOT NULL,
-        owner text,
+        owner text REFERENCES {s}.worker (worker_id) ON DELETE SET NULL,
         epoch bigint NOT NULL DEFAULT 0,
         acquired_at timestamptz,
         next_chunk_no bigint NOT NULL DEFAULT 0,
@@ -149,7 +149,7 @@ _V1 = (
         retry_chunk text,
         shard text NOT NULL,
         root text NOT NULL,
-        owner text,
+        owner text REFERENCES {{s}}.worker (worker_id) ON DELETE SET NULL,
         epoch bigint NOT NULL DEFAULT 1,
         claimed_at timestamptz,
         sealed_event bigint NOT NULL,
@@ -208,7 +208,7 @@ _V1 = (
     "ALTER TABLE {s}.spool_block ALTER COLUMN data SET STORAGE EXTERNAL",
     """CREATE TABLE {s}.create_slot (
         workspace text PRIMARY KEY,
-        holder text,
+        holder text REFERENCES {s}.worker (worker_id) ON DELETE SET NULL,
         epoch bigint NOT NULL DEFAULT 0,
         taken_at timestamptz,
         pending_chunk text,

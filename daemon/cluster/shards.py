@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.cluster.db import from_json
+from daemon.cluster.leases import ALIVE, DEAD
 from daemon.cluster.schema import Sql
 
 __all__ = ("Frontier", "ShardLease", "acquire", "commit_frontier", "release")
@@ -47,19 +48,17 @@ class Frontier:
     position: dict[str, Any] | None
 
 
-_ACQUIRE = """
-WITH current AS (
+_ACQUIRE = f"""
+WITH dead AS MATERIALIZED ({DEAD}),
+current AS (
     SELECT h.pipeline, h.shard, h.owner AS previous_owner
-    FROM {s}.shard h LEFT JOIN {s}.worker w ON w.worker_id = h.owner
-    WHERE h.pipeline = $2 AND h.shard = $3
-      AND ($5 OR h.owner IS NULL OR h.owner = $1 OR w.worker_id IS NULL
-           OR w.stopped_at IS NOT NULL
-           OR w.heartbeat_at + w.lease_ttl + $4 * interval '1 second' < now())
-      AND EXISTS (SELECT 1 FROM {s}.worker me WHERE me.worker_id = $1
-                  AND me.stopped_at IS NULL AND me.heartbeat_at + me.lease_ttl > now())
+    FROM {{s}}.shard h
+    WHERE h.pipeline = $3 AND h.shard = $4
+      AND ($5 OR h.owner IS NULL OR h.owner = $1 OR h.owner IN (SELECT worker_id FROM dead))
+      AND {ALIVE}
     FOR UPDATE OF h
 )
-UPDATE {s}.shard h SET owner = $1, epoch = h.epoch + 1, acquired_at = now()
+UPDATE {{s}}.shard h SET owner = $1, epoch = h.epoch + 1, acquired_at = now()
 FROM current
 WHERE h.pipeline = current.pipeline AND h.shard = current.shard
 RETURNING h.*, current.previous_owner
@@ -88,7 +87,7 @@ async def acquire(
         pipeline,
         shard,
     )
-    row = await conn.fetchrow(sql(_ACQUIRE), worker_id, pipeline, shard, grace, force)
+    row = await conn.fetchrow(sql(_ACQUIRE), worker_id, grace, pipeline, shard, force)
     if row is None:
         return None
     return ShardLease(

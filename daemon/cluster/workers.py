@@ -183,14 +183,19 @@ async def workers(conn: Any, sql: Sql) -> list[WorkerInfo]:
 
 async def purge_stopped(conn: Any, sql: Sql, *, older_than: float) -> int:
     """Forget workers stopped, or silent, for *older_than* seconds that hold nothing."""
-    done = await conn.execute(
-        sql("""
-        DELETE FROM {s}.worker w
-        WHERE coalesce(w.stopped_at, w.heartbeat_at) < now() - $1 * interval '1 second'
-          AND NOT EXISTS (SELECT 1 FROM {s}.chunk c WHERE c.owner = w.worker_id
-                          AND c.stage <> 'retired')
-          AND NOT EXISTS (SELECT 1 FROM {s}.shard h WHERE h.owner = w.worker_id)
-          AND NOT EXISTS (SELECT 1 FROM {s}.create_slot s WHERE s.holder = w.worker_id)"""),
-        older_than,
-    )
+
+    async def body() -> str:
+        result: str = await conn.execute(
+            sql("""
+            DELETE FROM {s}.worker w
+            WHERE coalesce(w.stopped_at, w.heartbeat_at) < now() - $1 * interval '1 second'
+              AND NOT EXISTS (SELECT 1 FROM {s}.chunk c WHERE c.owner = w.worker_id
+                              AND c.stage <> 'retired')
+              AND NOT EXISTS (SELECT 1 FROM {s}.shard h WHERE h.owner = w.worker_id)
+              AND NOT EXISTS (SELECT 1 FROM {s}.create_slot s WHERE s.holder = w.worker_id)"""),
+            older_than,
+        )
+        return result
+
+    done = await transaction(conn, body)
     return int(done.split()[-1])
