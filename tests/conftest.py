@@ -28,4 +28,6 @@ pytest_plugins = (
     "tests.fixtures.engine",
     "tests.fixtures.pg_e2e",
     "tests.fixtures.service",
+    "tests.fixtures.cluster",
+    "tests.fixtures.tcp_proxy",
 )

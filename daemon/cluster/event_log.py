@@ -1,0 +1,109 @@
+"""
+The event log read back: records in order, their replay, and the rows' own state.
+
+Every applied transition inserted its record unchanged (``daemon/cluster/fencing.py``),
+so replaying the log through the single daemon's ``ManifestState`` must give
+exactly the materialized rows. :func:`drift` checks that; the property tests run
+it after concurrent workers, and an operator command can run it on a live
+cluster (it reads, never writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
+from daemon.cluster.db import from_json
+from daemon.cluster.schema import Sql
+from daemon.manifest_state import ALARMS_KEPT, Alarm, ManifestState
+
+__all__ = ("drift", "records", "replay", "rows_state")
+
+
+async def records(
+    conn: Any, sql: Sql, *, after: int = 0, page: int = 1000
+) -> AsyncIterator[dict[str, Any]]:
+    """Every record after seq *after*, as the manifest would hold it, a page at a time."""
+    statement = sql("SELECT seq, ts, kind, record FROM {s}.event WHERE seq > $1 ORDER BY seq"
+                    " LIMIT $2")
+    while True:
+        rows = await conn.fetch(statement, after, page)
+        for row in rows:
+            yield {"seq": row["seq"], "ts": row["ts"], "kind": row["kind"],
+                   **from_json(row["record"])}
+        if len(rows) < page:
+            return
+        after = rows[-1]["seq"]
+
+
+async def replay(conn: Any, sql: Sql) -> ManifestState:
+    """The state the event log replays to, through the manifest's own code."""
+    state = ManifestState()
+    async for record in records(conn, sql):
+        state.apply(record)
+    return state
+
+
+async def rows_state(conn: Any, sql: Sql) -> ManifestState:
+    """The materialized rows as a ManifestState (what ``batchd status`` would show)."""
+    last = await conn.fetchval(sql("SELECT coalesce(max(seq), 0) FROM {s}.event"))
+    state = ManifestState(seq=last)
+    for row in await conn.fetch(sql("SELECT * FROM {s}.chunk ORDER BY sealed_event")):
+        if row["stage"] == "retired":
+            state.retired_chunks[row["chunk"]] = row["pipeline"]
+            if row["batch_id"] is not None:
+                state.retired_batches[row["batch_id"]] = row["chunk"]
+            continue
+        chunk = chunk_from_row(row)
+        state.chunks[chunk.chunk] = chunk
+        if chunk.batch_id is not None:
+            state.live_batches[chunk.batch_id] = chunk.chunk
+    for row in await conn.fetch(sql("SELECT * FROM {s}.pipeline ORDER BY name")):
+        pipeline = pipeline_from_row(row)
+        state.pipelines[pipeline.name] = pipeline
+    alarms = await conn.fetch(
+        sql("SELECT seq, ts, record FROM {s}.event WHERE kind = 'alarm' ORDER BY seq DESC"
+            " LIMIT $1"),
+        ALARMS_KEPT,
+    )
+    for row in reversed(alarms):
+        fields = from_json(row["record"])
+        state.alarms.append(Alarm(seq=row["seq"], ts=row["ts"], pipeline=fields["pipeline"],
+                                  chunk=fields["chunk"], kind=fields["alarm_kind"],
+                                  message=fields["message"]))
+    return state
+
+
+async def drift(conn: Any, sql: Sql) -> list[str]:
+    """
+    How the rows differ from the replayed log, one line per difference; [] when equal.
+
+    Read it in one repeatable-read snapshot, so a live cluster's concurrent
+    transitions cannot show up as drift.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        replayed = await replay(conn, sql)
+        rows = await rows_state(conn, sql)
+    problems: list[str] = []
+    for chunk_id in sorted(replayed.chunks.keys() | rows.chunks.keys()):
+        a, b = replayed.chunks.get(chunk_id), rows.chunks.get(chunk_id)
+        if a is None or b is None:
+            problems.append(f"chunk {chunk_id}: only in the {'rows' if a is None else 'log'}")
+        elif asdict(a) != asdict(b):
+            diff = {k: (v, asdict(b)[k]) for k, v in asdict(a).items() if asdict(b)[k] != v}
+            problems.append(f"chunk {chunk_id}: log vs rows {diff}")
+    for name in sorted(replayed.pipelines.keys() | rows.pipelines.keys()):
+        p, q = replayed.pipelines.get(name), rows.pipelines.get(name)
+        if p is None or q is None:
+            problems.append(f"pipeline {name}: only in the {'rows' if p is None else 'log'}")
+        elif asdict(p) != asdict(q):
+            diff = {k: (v, asdict(q)[k]) for k, v in asdict(p).items() if asdict(q)[k] != v}
+            problems.append(f"pipeline {name}: log vs rows {diff}")
+    if replayed.retired_chunks != rows.retired_chunks:
+        problems.append("retired chunks differ: "
+                        f"{sorted(replayed.retired_chunks.keys() ^ rows.retired_chunks.keys())}")
+    if replayed.retired_batches != rows.retired_batches:
+        problems.append("retired batches differ")
+    return problems

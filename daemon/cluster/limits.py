@@ -1,0 +1,298 @@
+"""
+Org-wide limits as counter rows: a budget in USD, a processing queue in requests.
+
+Advisory locks carry no data, stay held by a SIGSTOPped session and break under
+transaction pooling, so a limit is a row: ``cap``, ``reserved`` (by holds not yet
+settled), ``spent`` and ``external`` (what others use: for a queue, the API's
+processing count minus ours, set by :func:`reconcile_external`). A reservation
+passes only if ``spent + reserved + external + amount <= cap`` on every scope it
+names, in one statement that is rolled back unless every scope updated: all or
+nothing, and never past a cap however many workers reserve at once (each
+counter row is updated under its row lock, and READ COMMITTED re-checks the
+condition against the committed value).
+
+Every reservation is also a hold row ``(scope, holder, amount)``, the holder
+being the chunk, so reserving twice for one chunk counts once, releasing or
+settling twice counts once, and the counters are recomputable from the holds and
+the holds from the chunks' stages (:func:`recompute`).
+
+Scopes by convention: ``budget:org``, ``budget:<pipeline>`` (reserve the chunk's
+upper bound at seal, settle its cost at results_committed), ``queue:<workspace>``
+(reserve its requests at intent, release at ended or a definite failure). Run
+them in the transition's own transaction (``on_applied`` in
+``daemon/cluster/fencing.py``), so a reservation commits exactly when the
+transition does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from daemon.cluster.errors import LimitUndefined
+from daemon.cluster.schema import Sql
+
+__all__ = (
+    "Counter",
+    "Drift",
+    "counters",
+    "define",
+    "recompute",
+    "reconcile_external",
+    "release",
+    "reserve",
+    "settle",
+)
+
+Amount = int | float | Decimal
+
+# Stages at which a chunk's hold of each kind of scope is still due.
+_HELD_AT = {
+    "queue:": ("intent", "submitted"),
+    "budget:": ("sealed", "intent", "submitted", "ended"),
+}
+
+
+@dataclass(frozen=True)
+class Counter:
+    scope: str
+    cap: Decimal | None
+    reserved: Decimal
+    spent: Decimal
+    external: Decimal
+
+    @property
+    def available(self) -> Decimal | None:
+        """What one more reservation may take; None when there is no cap."""
+        if self.cap is None:
+            return None
+        return self.cap - self.spent - self.reserved - self.external
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One way the counters disagree with what the holds and the chunks say."""
+
+    scope: str
+    what: str  # "stale_hold", "reserved" or "spent"
+    found: Decimal
+    expected: Decimal
+    holder: str | None = None
+
+
+def _amount(value: Amount, what: str) -> Decimal:
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    amount = Decimal(str(value)) if isinstance(value, float) else Decimal(value)
+    if amount < 0:
+        raise ValueError(f"{what} must not be negative, not {value!r}")
+    return amount
+
+
+async def define(conn: Any, sql: Sql, scope: str, cap: Amount | None) -> None:
+    """Create a limit or change its cap (None: no cap, only counted)."""
+    await conn.execute(
+        sql("INSERT INTO {s}.limit_counter (scope, cap) VALUES ($1, $2)"
+            " ON CONFLICT (scope) DO UPDATE SET cap = EXCLUDED.cap, updated_at = now()"),
+        scope,
+        None if cap is None else _amount(cap, f"cap of {scope}"),
+    )
+
+
+class _Refused(Exception):
+    pass
+
+
+async def _lock(conn: Any, sql: Sql, scopes: Iterable[str]) -> set[str]:
+    rows = await conn.fetch(
+        sql("SELECT scope FROM {s}.limit_counter WHERE scope = ANY($1::text[])"
+            " ORDER BY scope FOR UPDATE"),
+        sorted(set(scopes)),
+    )
+    return {r["scope"] for r in rows}
+
+
+async def reserve(conn: Any, sql: Sql, scopes: Iterable[str], amount: Amount, holder: str) -> bool:
+    """
+    Reserve *amount* on every scope for *holder*, or on none; False when a cap refuses.
+
+    A scope the holder already holds is left as it is (a retried reservation).
+
+    Raises:
+        LimitUndefined: a scope has no counter row (nothing was reserved).
+    """
+    wanted = sorted(set(scopes))
+    value = _amount(amount, f"reservation for {holder}")
+    try:
+        async with conn.transaction():
+            found = await _lock(conn, sql, wanted)
+            missing = [s for s in wanted if s not in found]
+            if missing:
+                raise LimitUndefined(f"limit scope {', '.join(missing)} is not defined")
+            held = {
+                r["scope"]
+                for r in await conn.fetch(
+                    sql("SELECT scope FROM {s}.limit_hold WHERE holder = $1"
+                        " AND scope = ANY($2::text[])"),
+                    holder, wanted,
+                )
+            }
+            new = [s for s in wanted if s not in held]
+            if not new:
+                return True
+            updated = await conn.fetch(
+                sql("UPDATE {s}.limit_counter SET reserved = reserved + $2, updated_at = now()"
+                    " WHERE scope = ANY($1::text[])"
+                    " AND (cap IS NULL OR spent + reserved + external + $2 <= cap)"
+                    " RETURNING scope"),
+                new, value,
+            )
+            if len(updated) != len(new):
+                raise _Refused
+            await conn.execute(
+                sql("INSERT INTO {s}.limit_hold (scope, holder, amount)"
+                    " SELECT unnest($1::text[]), $2, $3"),
+                new, holder, value,
+            )
+    except _Refused:
+        return False
+    return True
+
+
+async def settle(
+    conn: Any, sql: Sql, holder: str, spent: Mapping[str, Amount] | None = None,
+    *, scopes: Iterable[str] | None = None,
+) -> list[str]:
+    """
+    Drop *holder*'s holds (all, or on *scopes*); count *spent* where a hold was dropped.
+
+    Idempotent: a second call finds no hold and changes nothing. Returns the
+    scopes whose hold was dropped.
+    """
+    costs = {scope: _amount(v, f"spent on {scope}") for scope, v in (spent or {}).items()}
+    only = None if scopes is None else sorted(set(scopes))
+    async with conn.transaction():
+        holds = await conn.fetch(
+            sql("SELECT scope FROM {s}.limit_hold WHERE holder = $1"
+                " AND ($2::text[] IS NULL OR scope = ANY($2::text[]))"),
+            holder, only,
+        )
+        if not holds:
+            return []
+        await _lock(conn, sql, [r["scope"] for r in holds])
+        rows = await conn.fetch(
+            sql("""
+            WITH gone AS (
+                DELETE FROM {s}.limit_hold WHERE holder = $1
+                  AND ($2::text[] IS NULL OR scope = ANY($2::text[]))
+                RETURNING scope, amount
+            )
+            UPDATE {s}.limit_counter c
+            SET reserved = c.reserved - gone.amount,
+                spent = c.spent + coalesce(
+                    (SELECT a FROM unnest($3::text[], $4::numeric[]) AS t(scope, a)
+                     WHERE t.scope = c.scope), 0),
+                updated_at = now()
+            FROM gone WHERE c.scope = gone.scope
+            RETURNING c.scope"""),
+            holder, only, list(costs), list(costs.values()),
+        )
+    return sorted(r["scope"] for r in rows)
+
+
+async def release(
+    conn: Any, sql: Sql, holder: str, scopes: Iterable[str] | None = None
+) -> list[str]:
+    """Drop *holder*'s holds without spending (a queue slot at ``ended``); idempotent."""
+    return await settle(conn, sql, holder, None, scopes=scopes)
+
+
+async def reconcile_external(conn: Any, sql: Sql, scope: str, observed: Amount) -> Decimal:
+    """
+    Set what others use of *scope* from an observed total (the API's processing count).
+
+    The observation includes our own in-flight work, so ``external = observed −
+    reserved`` (never below zero). Returns the new value.
+    """
+    value = await conn.fetchval(
+        sql("UPDATE {s}.limit_counter SET external = greatest(0, $2 - reserved),"
+            " updated_at = now() WHERE scope = $1 RETURNING external"),
+        scope, _amount(observed, f"observed use of {scope}"),
+    )
+    if value is None:
+        raise LimitUndefined(f"limit scope {scope} is not defined")
+    result: Decimal = value
+    return result
+
+
+async def counters(conn: Any, sql: Sql) -> list[Counter]:
+    rows = await conn.fetch(
+        sql("SELECT scope, cap, reserved, spent, external FROM {s}.limit_counter ORDER BY scope")
+    )
+    return [Counter(r["scope"], r["cap"], r["reserved"], r["spent"], r["external"]) for r in rows]
+
+
+_STALE = """
+SELECT h.scope, h.holder, h.amount FROM {s}.limit_hold h
+LEFT JOIN {s}.chunk c ON c.chunk = h.holder
+WHERE c.chunk IS NULL OR c.stage = 'retired'
+   OR (h.scope LIKE 'queue:%' AND NOT c.stage = ANY($1::text[]))
+   OR (h.scope LIKE 'budget:%' AND NOT c.stage = ANY($2::text[]))
+ORDER BY h.scope, h.holder
+"""
+
+_RESERVED = """
+SELECT c.scope, c.reserved, coalesce(sum(h.amount), 0) AS held
+FROM {s}.limit_counter c LEFT JOIN {s}.limit_hold h ON h.scope = c.scope
+GROUP BY c.scope, c.reserved HAVING c.reserved <> coalesce(sum(h.amount), 0)
+ORDER BY c.scope
+"""
+
+_SPENT = """
+SELECT c.scope, c.spent, e.cost FROM {s}.limit_counter c
+JOIN (SELECT 'budget:' || name AS scope, cost_usd::numeric AS cost FROM {s}.pipeline
+      UNION ALL
+      SELECT 'budget:org', coalesce(sum(cost_usd), 0)::numeric FROM {s}.pipeline) e
+  ON e.scope = c.scope
+WHERE abs(c.spent - e.cost) > 0.000001
+ORDER BY c.scope
+"""
+
+
+async def recompute(conn: Any, sql: Sql, *, fix: bool = False) -> list[Drift]:
+    """
+    Check the counters against the holds and the chunks; with *fix*, repair what can be.
+
+    * ``stale_hold``: a hold its chunk should have given back (retired, unknown,
+      or past the stage its kind of scope is held to); fixed by dropping it.
+    * ``reserved``: a counter's ``reserved`` is not the sum of its holds; fixed
+      by setting it to that sum.
+    * ``spent``: ``budget:<pipeline>`` (or ``budget:org``) differs from the
+      pipelines' recorded cost; reported only, since a budget defined after a
+      pipeline started counts only what was settled since.
+    """
+    found: list[Drift] = []
+    async with conn.transaction():
+        stale = await conn.fetch(sql(_STALE), list(_HELD_AT["queue:"]), list(_HELD_AT["budget:"]))
+        for r in stale:
+            found.append(Drift(r["scope"], "stale_hold", r["amount"], Decimal(0), r["holder"]))
+        if fix and found:
+            await conn.execute(
+                sql("DELETE FROM {s}.limit_hold h"
+                    " USING unnest($1::text[], $2::text[]) AS t(stale_scope, stale_holder)"
+                    " WHERE h.scope = t.stale_scope AND h.holder = t.stale_holder"),
+                [d.scope for d in found], [d.holder for d in found],
+            )
+        for r in await conn.fetch(sql(_RESERVED)):
+            found.append(Drift(r["scope"], "reserved", r["reserved"], r["held"]))
+        if fix:
+            await conn.execute(
+                sql("UPDATE {s}.limit_counter c SET reserved = coalesce("
+                    "(SELECT sum(amount) FROM {s}.limit_hold h WHERE h.scope = c.scope), 0)")
+            )
+        for r in await conn.fetch(sql(_SPENT)):
+            found.append(Drift(r["scope"], "spent", r["spent"], r["cost"]))
+    return found

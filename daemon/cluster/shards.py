@@ -1,0 +1,152 @@
+"""
+Intake shards: exactly one worker reads a source shard at a time.
+
+A file or table source is one shard (or one per key range, where a source can
+be split); Kafka partitions come from the consumer group's assignment and are
+recorded here only so that a new owner knows where sealing stopped. Acquiring
+a shard bumps its epoch, which fences the previous reader: its seals, source
+commits, retirements and key claims are refused from then on.
+
+A new owner resumes reading after ``sealed_position`` (the highest position any
+sealed chunk of the shard covers), so records already sealed are never read,
+sent or paid for twice; it commits the source at :func:`commit_frontier`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.cluster.db import from_json
+from daemon.cluster.leases import ALIVE, DEAD
+from daemon.cluster.schema import Sql
+
+__all__ = ("Frontier", "ShardLease", "acquire", "commit_frontier", "release")
+
+
+@dataclass(frozen=True)
+class ShardLease:
+    """The right to read a shard, seal its chunks and commit its source position."""
+
+    pipeline: str
+    shard: str
+    owner: str
+    epoch: int
+    next_chunk_no: int
+    sealed_seq: int | None
+    sealed_position: dict[str, Any] | None
+    committed_seq: int | None
+    committed_position: dict[str, Any] | None
+    previous_owner: str | None
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """Where a shard's source may be committed: every record up to it is done."""
+
+    seq: int
+    position: dict[str, Any] | None
+
+
+_ACQUIRE = f"""
+WITH dead AS MATERIALIZED ({DEAD}),
+current AS (
+    SELECT h.pipeline, h.shard, h.owner AS previous_owner
+    FROM {{s}}.shard h
+    WHERE h.pipeline = $3 AND h.shard = $4
+      AND ($5 OR h.owner IS NULL OR h.owner = $1 OR h.owner IN (SELECT worker_id FROM dead))
+      AND {ALIVE}
+    FOR UPDATE OF h
+)
+UPDATE {{s}}.shard h SET owner = $1, epoch = h.epoch + 1, acquired_at = now()
+FROM current
+WHERE h.pipeline = current.pipeline AND h.shard = current.shard
+RETURNING h.*, current.previous_owner
+"""
+
+
+async def acquire(
+    conn: Any,
+    sql: Sql,
+    worker_id: str,
+    pipeline: str,
+    shard: str,
+    *,
+    grace: float,
+    force: bool = False,
+) -> ShardLease | None:
+    """
+    Take a shard nobody live reads, with a new epoch; None while a live worker holds it.
+
+    Re-acquiring a shard this worker holds bumps the epoch too (a restarted
+    reader must not trust its earlier reads). With *force* (an operator's
+    command) a live holder loses it as well: its epoch no longer matches.
+    """
+    await conn.execute(
+        sql("INSERT INTO {s}.shard (pipeline, shard) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
+        pipeline,
+        shard,
+    )
+    row = await conn.fetchrow(sql(_ACQUIRE), worker_id, grace, pipeline, shard, force)
+    if row is None:
+        return None
+    return ShardLease(
+        pipeline=pipeline,
+        shard=shard,
+        owner=worker_id,
+        epoch=row["epoch"],
+        next_chunk_no=row["next_chunk_no"],
+        sealed_seq=row["sealed_seq"],
+        sealed_position=from_json(row["sealed_position"]),
+        committed_seq=row["committed_seq"],
+        committed_position=from_json(row["committed_position"]),
+        previous_owner=row["previous_owner"],
+    )
+
+
+async def release(conn: Any, sql: Sql, lease: ShardLease) -> bool:
+    """Stop reading a shard; anyone may acquire it at once. False if already lost."""
+    done = await conn.execute(
+        sql("UPDATE {s}.shard SET owner = NULL"
+            " WHERE pipeline = $1 AND shard = $2 AND owner = $3 AND epoch = $4"),
+        lease.pipeline,
+        lease.shard,
+        lease.owner,
+        lease.epoch,
+    )
+    return bool(done == "UPDATE 1")
+
+
+_FRONTIER = """
+WITH family AS (
+    SELECT c.root, bool_and(c.stage IN ('committed', 'source_committed', 'retired')) AS done
+    FROM {s}.chunk c WHERE c.pipeline = $1 AND c.shard = $2
+    GROUP BY c.root
+), roots AS (
+    SELECT r.first_seq, r.last_seq, r.position, f.done
+    FROM {s}.chunk_range r JOIN family f ON f.root = r.chunk
+    WHERE r.pipeline = $1 AND r.shard = $2
+), blocker AS (
+    -- An operator's resubmission (no read sequence) sorts first, as in advance().
+    SELECT min(coalesce(first_seq, 0)) AS first_seq FROM roots WHERE NOT done
+)
+SELECT roots.last_seq, roots.position FROM roots, blocker
+WHERE roots.done AND roots.last_seq IS NOT NULL
+  AND (blocker.first_seq IS NULL OR roots.last_seq < blocker.first_seq)
+ORDER BY roots.last_seq DESC LIMIT 1
+"""
+
+
+async def commit_frontier(conn: Any, sql: Sql, pipeline: str, shard: str) -> Frontier | None:
+    """
+    The highest read position below which every chunk family of the shard is done.
+
+    A family is a root chunk and its retries; it is done once every member is
+    results-committed. This is the single daemon's ``Pipeline.advance`` rule,
+    read from the rows: commit up to the last root whose whole family is done,
+    stopping at the first that is not. None when no root is done yet.
+    """
+    row = await conn.fetchrow(sql(_FRONTIER), pipeline, shard)
+    if row is None:
+        return None
+    return Frontier(row["last_seq"], from_json(row["position"]))

@@ -1,0 +1,121 @@
+"""The cluster schema: created, upgraded, and refused when newer than the code."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from daemon.cluster.errors import SchemaVersionError
+from daemon.cluster.migrations import LATEST_VERSION, check, migrate, version
+from daemon.cluster.schema import MIGRATIONS, Migration, Sql
+from daemon.manifest_state import ChunkState, PipelineState
+from plugins.errors import ConfigError
+
+TABLES = {"worker", "pipeline", "shard", "chunk", "chunk_range", "event", "key_ledger",
+          "spool_block", "create_slot", "limit_counter", "limit_hold", "schema_version"}
+
+
+async def columns(conn: asyncpg.Connection, schema: str, table: str) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = $1 AND table_name = $2", schema, table,
+    )
+    return {r["column_name"] for r in rows}
+
+
+@pytest.mark.anyio
+class TestMigrate:
+    async def test_creates_every_table_in_the_configured_schema(
+        self, conn: asyncpg.Connection, pg_schema: str
+    ) -> None:
+        """migrate() creates the schema's tables and records the latest version."""
+        sql = Sql(pg_schema)
+        assert await version(conn, sql) is None
+        assert await migrate(conn, sql) == (None, LATEST_VERSION)
+        rows = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", pg_schema
+        )
+        assert {r["table_name"] for r in rows} == TABLES
+        assert await check(conn, sql) == LATEST_VERSION
+
+    async def test_creates_a_missing_schema(self, conn: asyncpg.Connection, pg_schema: str) -> None:
+        """A schema that does not exist yet is created (batchd cluster init on a fresh DB)."""
+        await conn.execute(f'DROP SCHEMA "{pg_schema}"')
+        await migrate(conn, Sql(pg_schema))
+        assert await check(conn, Sql(pg_schema)) == LATEST_VERSION
+
+    async def test_rows_hold_every_replay_field(
+        self, conn: asyncpg.Connection, pg_schema: str
+    ) -> None:
+        """Chunk and pipeline rows have a column for every ChunkState/PipelineState field."""
+        await migrate(conn, Sql(pg_schema))
+        assert {f for f in ChunkState.__dataclass_fields__} <= await columns(
+            conn, pg_schema, "chunk")
+        assert {f for f in PipelineState.__dataclass_fields__} <= await columns(
+            conn, pg_schema, "pipeline")
+
+    async def test_is_idempotent(self, conn: asyncpg.Connection, pg_schema: str) -> None:
+        """A second init changes nothing."""
+        sql = Sql(pg_schema)
+        await migrate(conn, sql)
+        assert await migrate(conn, sql) == (LATEST_VERSION, LATEST_VERSION)
+
+    async def test_upgrades_an_older_schema(self, conn: asyncpg.Connection, pg_schema: str) -> None:
+        """A schema at version N gets exactly the migrations after N."""
+        sql = Sql(pg_schema)
+        await migrate(conn, sql)
+        extra = Migration(LATEST_VERSION + 1, "test column",
+                          ("ALTER TABLE {s}.worker ADD COLUMN note text",))
+        with pytest.raises(SchemaVersionError, match=f"needs version {LATEST_VERSION + 1}"):
+            await check(conn, sql, known=LATEST_VERSION + 1)
+        assert await migrate(conn, sql, migrations=(*MIGRATIONS, extra)) == (
+            LATEST_VERSION, LATEST_VERSION + 1)
+        assert "note" in await columns(conn, pg_schema, "worker")
+
+    async def test_refuses_a_newer_schema_naming_both_versions(
+        self, conn: asyncpg.Connection, pg_schema: str
+    ) -> None:
+        """Code older than the schema neither migrates nor runs; the message names both."""
+        sql = Sql(pg_schema)
+        await migrate(conn, sql)
+        await conn.execute(f'INSERT INTO "{pg_schema}".schema_version VALUES (99, \'future\')')
+        want = f"version 99, newer than this batchd knows \\(version {LATEST_VERSION}\\)"
+        with pytest.raises(SchemaVersionError, match=want):
+            await migrate(conn, sql)
+        with pytest.raises(SchemaVersionError, match=want):
+            await check(conn, sql)
+
+    async def test_check_refuses_an_uninitialised_schema(
+        self, conn: asyncpg.Connection, pg_schema: str
+    ) -> None:
+        """A worker pointed at an empty schema is told to run batchd cluster init."""
+        with pytest.raises(SchemaVersionError, match="run: batchd cluster init"):
+            await check(conn, Sql(pg_schema))
+
+    async def test_concurrent_inits_apply_each_migration_once(
+        self, pg_dsn: str, pg_schema: str
+    ) -> None:
+        """Three workers initialising at once: one applies, the others see it done."""
+        import asyncio
+
+        conns = [await asyncpg.connect(pg_dsn) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(migrate(c, Sql(pg_schema)) for c in conns))
+            assert sorted(r[0] is None for r in results) == [False, False, True]
+            count = await conns[0].fetchval(f'SELECT count(*) FROM "{pg_schema}".schema_version')
+            assert count == len(MIGRATIONS)
+        finally:
+            for c in conns:
+                await c.close()
+
+
+class TestSchemaName:
+    @pytest.mark.parametrize("bad", ["", "Batchd", "a-b", 'x"; DROP', "1abc", "a" * 64])
+    def test_rejects_a_name_that_is_not_a_plain_identifier(self, bad: str) -> None:
+        """The schema name is interpolated into SQL, so anything odd is a config error."""
+        with pytest.raises(ConfigError, match="cluster schema"):
+            Sql(bad)
+
+    def test_qualifies_statements(self) -> None:
+        """{s} becomes the quoted schema."""
+        assert Sql("batchd")("SELECT * FROM {s}.chunk") == 'SELECT * FROM "batchd".chunk'
