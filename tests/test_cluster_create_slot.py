@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.cluster import create_slot, fencing, leases, limits
-from daemon.cluster.errors import FencedOut
-from daemon.cluster.leases import ChunkLease
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster import create_slot, fencing, leases, limits
+from batchd.daemon.cluster.errors import FencedOut
+from batchd.daemon.cluster.leases import ChunkLease
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import GRACE, ClusterEnv
 
 

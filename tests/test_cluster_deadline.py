@@ -14,10 +14,10 @@ import orjson
 import pytest
 from anthropic.types.messages import MessageBatch
 
-from daemon.cluster.deadline import LeaseDeadline, boottime, gated
-from daemon.cluster.errors import LeaseExpired
-from daemon.emulator import EmulatorThread
-from daemon.spool import body_size, stream_body
+from batchd.daemon.cluster.deadline import LeaseDeadline, boottime, gated
+from batchd.daemon.cluster.errors import LeaseExpired
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.intake.spool import body_size, stream_body
 from tests.fixtures.emulator import message_requests
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import event_log, fencing, leases, reads, shards, workers
-from daemon.cluster.errors import FencedOut, IllegalTransition
-from daemon.cluster.leases import ChunkLease
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster import event_log, fencing, leases, reads, shards, workers
+from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
+from batchd.daemon.cluster.leases import ChunkLease
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import GRACE, ClusterEnv
 
 

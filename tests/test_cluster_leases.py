@@ -10,9 +10,9 @@ from collections import defaultdict
 
 import pytest
 
-from daemon.cluster import leases, workers
-from daemon.cluster.deadline import LeaseDeadline
-from daemon.cluster.errors import WorkerGone
+from batchd.daemon.cluster import leases, workers
+from batchd.daemon.cluster.deadline import LeaseDeadline
+from batchd.daemon.cluster.errors import WorkerGone
 from tests.fixtures.cluster import GRACE, ClusterEnv
 
 

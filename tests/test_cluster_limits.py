@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import limits
-from daemon.cluster.errors import LimitUndefined
+from batchd.daemon.cluster import limits
+from batchd.daemon.cluster.errors import LimitUndefined
 from tests.fixtures.cluster import ClusterEnv
 
 

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from daemon.cluster import fencing, leases, workers
-from daemon.cluster.deadline import LeaseDeadline, boottime, gated
-from daemon.cluster.errors import FencedOut, LeaseExpired
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster import fencing, leases, workers
+from batchd.daemon.cluster.deadline import LeaseDeadline, boottime, gated
+from batchd.daemon.cluster.errors import FencedOut, LeaseExpired
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import ClusterEnv
 from tests.fixtures.tcp_proxy import TcpProxy, proxied_dsn
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from daemon.cluster.errors import SchemaVersionError
-from daemon.cluster.migrations import LATEST_VERSION, check, migrate, version
-from daemon.cluster.schema import MIGRATIONS, Migration, Sql
-from daemon.manifest_state import ChunkState, PipelineState
-from plugins.errors import ConfigError
+from batchd.daemon.cluster.errors import SchemaVersionError
+from batchd.daemon.cluster.migrations import LATEST_VERSION, check, migrate, version
+from batchd.daemon.cluster.schema import MIGRATIONS, Migration, Sql
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState
+from batchd.plugins.errors import ConfigError
 
 TABLES = {"worker", "pipeline", "shard", "chunk", "chunk_range", "event", "key_ledger",
           "spool_block", "create_slot", "limit_counter", "limit_hold", "schema_version"}

@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.cluster import event_log, fencing, leases, shards, spool_blocks, workers
-from daemon.cluster.errors import FencedOut
-from daemon.cluster.leases import ChunkLease
-from daemon.cluster.migrations import migrate
-from daemon.cluster.schema import Sql
-from daemon.cluster.shards import ShardLease
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster import event_log, fencing, leases, shards, spool_blocks, workers
+from batchd.daemon.cluster.errors import FencedOut
+from batchd.daemon.cluster.leases import ChunkLease
+from batchd.daemon.cluster.migrations import migrate
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.cluster.shards import ShardLease
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import sealed_fields
 
 # Weighted by repetition: enough claims and silences that takeovers and fenced

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import create_slot, leases, shards
+from batchd.daemon.cluster import create_slot, leases, shards
 from tests.fixtures.cluster import GRACE, ClusterEnv
 
 

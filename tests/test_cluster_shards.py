@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from daemon.cluster import fencing, key_ledger, shards
-from daemon.cluster.errors import FencedOut
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster import fencing, key_ledger, shards
+from batchd.daemon.cluster.errors import FencedOut
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import GRACE, ClusterEnv
 
 

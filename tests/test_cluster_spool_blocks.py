@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cluster import fencing, spool_blocks
-from daemon.cluster.errors import SpoolCorrupt
+from batchd.daemon.cluster import fencing, spool_blocks
+from batchd.daemon.cluster.errors import SpoolCorrupt
 from tests.fixtures.cluster import ClusterEnv, sealed_fields
 
 

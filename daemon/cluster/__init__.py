@@ -26,7 +26,7 @@ transactions. See docs/cluster.md for the protocol and what remains to wire.
 
 from __future__ import annotations
 
-from daemon.cluster.errors import (
+from batchd.daemon.cluster.errors import (
     ClusterError,
     FencedOut,
     IllegalTransition,
@@ -36,7 +36,7 @@ from daemon.cluster.errors import (
     SpoolCorrupt,
     WorkerGone,
 )
-from daemon.cluster.schema import DEFAULT_SCHEMA, Sql
+from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 
 __all__ = (
     "DEFAULT_SCHEMA",

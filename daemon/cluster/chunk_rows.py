@@ -1,7 +1,7 @@
 """
 ChunkState and PipelineState as rows, and back.
 
-The columns are the dataclasses' fields by name (``daemon/manifest_state.py``
+The columns are the dataclasses' fields by name (``daemon/wal/manifest_state.py``
 stays the one definition of what a chunk and a pipeline hold), so a field the
 replay code gains fails loudly at the first insert until a migration adds its
 column, rather than being dropped silently.
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
-from daemon.cluster.db import from_json, to_json
-from daemon.manifest_state import ChunkState, PipelineState, Stage
+from batchd.daemon.cluster.db import from_json, to_json
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState, Stage
 
 __all__ = (
     "CHUNK_FIELDS",

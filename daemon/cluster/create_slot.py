@@ -30,13 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.cluster.db import transaction
-from daemon.cluster.errors import FencedOut
-from daemon.cluster.fencing import Applied, apply_transition
-from daemon.cluster.leases import ALIVE, DEAD, ChunkLease
-from daemon.cluster.limits import reserve
-from daemon.cluster.schema import Sql
-from daemon.manifest_state import Stage
+from batchd.daemon.cluster.db import transaction
+from batchd.daemon.cluster.errors import FencedOut
+from batchd.daemon.cluster.fencing import Applied, apply_transition
+from batchd.daemon.cluster.leases import ALIVE, DEAD, ChunkLease
+from batchd.daemon.cluster.limits import reserve
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.wal.manifest_state import Stage
 
 __all__ = (
     "CreateSlot",

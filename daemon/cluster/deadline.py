@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-from daemon.cluster.errors import LeaseExpired
+from batchd.daemon.cluster.errors import LeaseExpired
 
 __all__ = ("LeaseDeadline", "boottime", "gated")
 

@@ -8,7 +8,7 @@ operator can act on one log line.
 
 from __future__ import annotations
 
-from plugins.errors import BatchdError, ConfigError, FatalError
+from batchd.plugins.errors import BatchdError, ConfigError, FatalError
 
 __all__ = (
     "ClusterError",

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
-from daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
-from daemon.cluster.db import from_json
-from daemon.cluster.schema import Sql
-from daemon.manifest_state import ALARMS_KEPT, Alarm, ManifestState
+from batchd.daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
+from batchd.daemon.cluster.db import from_json
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.wal.manifest_state import ALARMS_KEPT, Alarm, ManifestState
 
 __all__ = ("drift", "records", "replay", "rows_state")
 

@@ -26,7 +26,7 @@ none                      pipeline_paused, pipeline_resumed, alarm
 
 Every record that changes a pipeline's row holds that row's lock while it takes
 its event ``seq``, so per pipeline the event log's order is the commit order and
-replaying it (:mod:`daemon.cluster.event_log`) yields exactly the rows.
+replaying it (:mod:`batchd.daemon.cluster.event_log`) yields exactly the rows.
 
 *on_applied* callbacks run inside the same transaction, only when the record
 changed something: that is where a budget or queue reservation, or a create
@@ -41,7 +41,7 @@ from typing import Any
 
 import asyncpg
 
-from daemon.cluster.chunk_rows import (
+from batchd.daemon.cluster.chunk_rows import (
     CHUNK_FIELDS,
     PIPELINE_FIELDS,
     chunk_from_row,
@@ -49,13 +49,13 @@ from daemon.cluster.chunk_rows import (
     pipeline_from_row,
     pipeline_params,
 )
-from daemon.cluster.db import to_json, transaction
-from daemon.cluster.errors import FencedOut, IllegalTransition
-from daemon.cluster.leases import ChunkLease
-from daemon.cluster.schema import Sql
-from daemon.cluster.shards import ShardLease
-from daemon.cluster.spool_blocks import SpoolDigest, verify_stored
-from daemon.cluster.transitions import (
+from batchd.daemon.cluster.db import to_json, transaction
+from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
+from batchd.daemon.cluster.leases import ChunkLease
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.cluster.shards import ShardLease
+from batchd.daemon.cluster.spool_blocks import SpoolDigest, verify_stored
+from batchd.daemon.cluster.transitions import (
     CHUNK_KINDS,
     PIPELINE_KINDS,
     Loaded,
@@ -64,7 +64,7 @@ from daemon.cluster.transitions import (
     normalize,
     plan,
 )
-from daemon.manifest_state import ChunkState, PipelineState, Stage
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState, Stage
 
 __all__ = (
     "Applied",

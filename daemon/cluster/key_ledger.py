@@ -1,7 +1,7 @@
 """
 The shared key ledger: which keys a pipeline has packed, cluster-wide.
 
-The same rules as the single daemon's SQLite ledger (``daemon/ledger.py``, whose
+The same rules as the single daemon's SQLite ledger (``daemon/intake/ledger.py``, whose
 :class:`Claim` it returns), with one difference that a shared store makes
 possible: whether a claim's chunk was sealed is read from the chunk table rather
 than inferred from chunk numbers, which are per shard once several workers read.
@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from daemon.cluster.db import transaction
-from daemon.cluster.errors import FencedOut
-from daemon.cluster.schema import Sql
-from daemon.cluster.shards import ShardLease
-from daemon.ledger import Claim, position_identity
+from batchd.daemon.cluster.db import transaction
+from batchd.daemon.cluster.errors import FencedOut
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.cluster.shards import ShardLease
+from batchd.daemon.intake.ledger import Claim, position_identity
 
 __all__ = ("claim_keys", "release_keys")
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.cluster.schema import Sql
+from batchd.daemon.cluster.schema import Sql
 
 __all__ = ("ALIVE", "DEAD", "ChunkLease", "Claimed", "claim_chunk", "claim_chunks", "release")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from daemon.cluster.errors import LimitUndefined
-from daemon.cluster.schema import Sql
+from batchd.daemon.cluster.errors import LimitUndefined
+from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
     "Counter",

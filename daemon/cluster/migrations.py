@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from daemon.cluster.errors import SchemaVersionError
-from daemon.cluster.schema import MIGRATIONS, Migration, Sql
+from batchd.daemon.cluster.errors import SchemaVersionError
+from batchd.daemon.cluster.schema import MIGRATIONS, Migration, Sql
 
 __all__ = ("LATEST_VERSION", "check", "migrate", "version")
 

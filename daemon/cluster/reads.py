@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
-from daemon.cluster.schema import Sql
-from daemon.manifest_state import ChunkState, PipelineState
+from batchd.daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState
 
 __all__ = ("batch_owner", "chunk", "chunks", "pipeline")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from plugins.errors import ConfigError
+from batchd.plugins.errors import ConfigError
 
 __all__ = ("DEFAULT_SCHEMA", "MIGRATIONS", "Migration", "Sql")
 
@@ -85,7 +85,7 @@ _V1 = (
         stopped_at timestamptz,
         fenced bigint NOT NULL DEFAULT 0
     )""",
-    # Materialized PipelineState (daemon/manifest_state.py), one column per field.
+    # Materialized PipelineState (daemon/wal/manifest_state.py), one column per field.
     """CREATE TABLE {s}.pipeline (
         name text PRIMARY KEY,
         last_sealed_seq bigint,
@@ -94,6 +94,7 @@ _V1 = (
         committed_seq bigint,
         committed_position jsonb,
         paused text,
+        pause_kind text,
         requests_submitted bigint NOT NULL DEFAULT 0,
         batches_submitted bigint NOT NULL DEFAULT 0,
         succeeded bigint NOT NULL DEFAULT 0,
@@ -103,6 +104,7 @@ _V1 = (
         cost_usd double precision NOT NULL DEFAULT 0,
         input_tokens bigint NOT NULL DEFAULT 0,
         output_tokens bigint NOT NULL DEFAULT 0,
+        unpriced bigint NOT NULL DEFAULT 0,
         resubmitted bigint NOT NULL DEFAULT 0
     )""",
     """CREATE TABLE {s}.shard (

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.cluster.db import from_json
-from daemon.cluster.leases import ALIVE, DEAD
-from daemon.cluster.schema import Sql
+from batchd.daemon.cluster.db import from_json
+from batchd.daemon.cluster.leases import ALIVE, DEAD
+from batchd.daemon.cluster.schema import Sql
 
 __all__ = ("Frontier", "ShardLease", "acquire", "commit_frontier", "release")
 

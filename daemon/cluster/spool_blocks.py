@@ -31,8 +31,8 @@ from typing import IO, Any
 
 import anyio
 
-from daemon.cluster.errors import SpoolCorrupt
-from daemon.cluster.schema import Sql
+from batchd.daemon.cluster.errors import SpoolCorrupt
+from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
     "BLOCK_BYTES",

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from daemon.cluster.errors import FencedOut, IllegalTransition
-from daemon.manifest import _ALIASES, _ENVELOPE
-from daemon.manifest_state import (
+from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
+from batchd.daemon.wal.manifest import _ALIASES, _ENVELOPE
+from batchd.daemon.wal.manifest_state import (
     ChunkState,
     ManifestCorrupt,
     ManifestState,

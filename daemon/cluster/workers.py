@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from daemon.cluster.db import transaction
-from daemon.cluster.deadline import LeaseDeadline
-from daemon.cluster.errors import WorkerGone
-from daemon.cluster.schema import Sql
+from batchd.daemon.cluster.db import transaction
+from batchd.daemon.cluster.deadline import LeaseDeadline
+from batchd.daemon.cluster.errors import WorkerGone
+from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
     "Heartbeat",
