@@ -37,6 +37,7 @@ from batchd.daemon.results.dead_letter_guard import DeadLetterGuard
 from batchd.daemon.results.sink_failures import ALARM_AFTER
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
 from batchd.plugins.errors import FatalError, RetriableError
 
@@ -323,15 +324,14 @@ class PipelineRunner:
         return self.source.ledger_retention
 
     async def _commit_source(self, position: dict[str, Any]) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 await self.source.commit(position)
                 return
             except RetriableError as exc:
                 self.log.warning("source commit failed; retrying", error=str(exc))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await anyio.sleep(backoff.next_delay())
 
     # -- running ----------------------------------------------------------------
 

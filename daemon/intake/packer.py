@@ -26,6 +26,7 @@ from batchd.daemon.intake.custom_ids import CustomIdAllocator, hashed_custom_id,
 from batchd.daemon.intake.ledger import KeyLedger
 from batchd.daemon.intake.shaper import ModelCheck, ShapeError, Shaper
 from batchd.daemon.intake.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Source
 from batchd.plugins.errors import RetriableError
 from batchd.plugins.records import Record
@@ -253,15 +254,15 @@ class Packer:
         return candidate if is_valid_custom_id(candidate) else hashed_custom_id(record.key)
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 return await call()
             except RetriableError as exc:
+                delay = backoff.next_delay()
                 log.warning("source unavailable; retrying", pipeline=self.pipeline.name,
                             action=what, error=str(exc), retry_in=round(delay, 1))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     def _lingered(self) -> bool:
         assert self.builder is not None

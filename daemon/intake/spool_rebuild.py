@@ -32,6 +32,7 @@ from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import SpoolWriter
 from batchd.daemon.results.collector import Collector
 from batchd.daemon.wal.manifest_state import ChunkState, ManifestState
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Source
 from batchd.plugins.errors import BatchdError, RetriableError
 from batchd.plugins.records import Record
@@ -79,13 +80,12 @@ def _start_before(state: ManifestState, chunk: ChunkState) -> tuple[dict[str, An
 
 
 async def _poll(source: Source) -> list[Record] | None:
-    delay = 0.2
+    backoff = Backoff(0.2, 25.6)
     for _ in range(8):
         try:
             return await source.poll()
         except RetriableError:
-            await anyio.sleep(delay)
-            delay *= 2
+            await anyio.sleep(backoff.next_delay())
     return await source.poll()
 
 
