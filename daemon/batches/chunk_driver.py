@@ -26,6 +26,7 @@ from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
 from batchd.daemon.results.collector import Collector, CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
+from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
 from batchd.plugins.backoff import Backoff
@@ -34,18 +35,13 @@ from batchd.plugins.errors import FatalError
 if TYPE_CHECKING:
     from batchd.daemon.pipeline import PipelineRunner
 
-__all__ = ("ChunkDriver", "root_of")
+__all__ = ("ChunkDriver",)
 
 log = structlog.get_logger("batchd.chunk")
 
 # How far a server clock may trail ours when looking for a batch created after an intent.
 _CLOCK_SLACK = 600.0
 _SKEW_MARGIN = 3.0  # Date has whole seconds; plus the time a response takes
-
-
-def root_of(pipeline: str, chunk: str) -> str:
-    """The fresh chunk a retry chunk descends from (``tickets-000003-r2`` → ``tickets-000003``)."""
-    return chunk[: len(pipeline) + 7]
 
 
 async def _no_results() -> AsyncIterator[list[bytes]]:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from batchd.daemon.config import Config, PipelineConfig
+from batchd.daemon.wal.chunk_ids import number_of
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
 from batchd.plugins.contract import PluginContext
 from batchd.plugins.errors import ConfigError
@@ -48,8 +49,7 @@ class _Owners:
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.exists() else None
 
     def _number(self, chunk: str) -> int:
-        digits = chunk[len(self.pipeline) + 1 : len(self.pipeline) + 7]
-        return int(digits) if digits.isdigit() else -1
+        return number_of(self.pipeline, chunk)
 
     def superseded(self, row: dict[str, Any], group: str) -> bool:
         """Whether the key was sent again, in a later chunk, after this dead letter."""

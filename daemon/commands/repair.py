@@ -22,13 +22,13 @@ import time
 
 import anyio
 
-from batchd.daemon.batches.chunk_driver import root_of
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_source
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger, ledger_files, position_identity
 from batchd.daemon.intake.packer import shape_record
 from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import iter_spool
+from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.private_state import make_private
@@ -37,11 +37,6 @@ from batchd.plugins.errors import BatchdError
 __all__ = ("repair_ledger",)
 
 RETIRED_OWNER = "retired"  # the chunk named for keys whose chunk left the manifest
-
-
-def _chunk_no(pipeline: str, chunk: str) -> int:
-    digits = chunk[len(pipeline) + 1 : len(pipeline) + 7]
-    return int(digits) if digits.isdigit() else -1
 
 
 def repair_ledger(config: Config) -> list[str]:
@@ -107,7 +102,7 @@ async def _rebuild_pipeline(
         owner = root_of(name, chunk.chunk)
         for request, meta in iter_spool(spool):
             if request is not None:
-                rows.append((name, meta["key"], _chunk_no(name, owner), owner,
+                rows.append((name, meta["key"], number_of(name, owner), owner,
                              position_identity(meta.get("position"))))
     restored = ledger.restore(rows)
     live = sum(1 for c in state.chunks.values() if c.pipeline == name)
