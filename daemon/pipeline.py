@@ -38,6 +38,15 @@ from batchd.daemon.results.sink_failures import ALARM_AFTER
 from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.daemon.wal.records import (
+    AlarmRaised,
+    ChunkRetired,
+    ChunkSealed,
+    PauseKind,
+    PipelineResumed,
+    SourceCommitted,
+)
+from batchd.daemon.wal.records import PipelinePaused as PauseRecord
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
 from batchd.plugins.errors import FatalError, RetriableError
@@ -142,47 +151,49 @@ class PipelineRunner:
         state = self.manifest.state.pipelines.get(self.pipeline.name)
         return state.pause_kind if state else None
 
+    def _paused_for(self, kind: PauseKind) -> bool:
+        return self.paused is not None and self.pause_kind == kind
+
     @property
     def submissions_blocked(self) -> bool:
         """Billing/auth pauses stop every create; a budget pause only stops new chunks,
         since every chunk already sealed was admitted within the budget."""
-        reason = self.paused
-        return reason is not None and not (
-            self.pause_kind == "budget" or reason.startswith("budget")
-        )
+        return self.paused is not None and not self._paused_for(PauseKind.BUDGET)
 
     async def wait_unpaused(self) -> None:
         while self.submissions_blocked:
             await self.changed.wait()
 
     async def pause(
-        self, reason: str, *, alarm_kind: str, chunk: str | None = None, kind: str | None = None
+        self, reason: str, *, alarm_kind: str, kind: PauseKind, chunk: str | None = None
     ) -> None:
         if self.paused != reason:
-            await self.manifest.append("pipeline_paused", pipeline=self.pipeline.name,
-                                       reason=reason, pause_kind=kind or alarm_kind)
+            await self.manifest.append(
+                PauseRecord(pipeline=self.pipeline.name, reason=reason, pause_kind=kind)
+            )
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
 
     async def sink_failed(self, error: str) -> None:
         """A sink failed again: past ALARM_AFTER in a row, alarm and pause intake and creates."""
         self.sink_failures += 1
-        if self.sink_failures == ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+        if self.sink_failures == ALARM_AFTER and not self._paused_for(PauseKind.SINK_FAILED):
             # Exactly once per episode (several chunks fail at the same time).
-            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed")
+            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed",
+                             kind=PauseKind.SINK_FAILED)
 
     async def sink_recovered(self) -> None:
         """A collect went through: a pause for a failing sink is over."""
         self.sink_failures = 0
-        if (self.paused or "").startswith("sink_failed"):
-            await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        if self._paused_for(PauseKind.SINK_FAILED):
+            await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
             self.log.warning("sink writes again; pipeline resumed")
             self.changed.fire()
 
     async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
-        await self.manifest.append("alarm", pipeline=self.pipeline.name, chunk=chunk,
-                                   alarm_kind=kind, message=message)
+        await self.manifest.append(AlarmRaised(pipeline=self.pipeline.name, chunk=chunk,
+                                               alarm_kind=kind, message=message))
         self.telemetry.alarm(kind)
 
     def packer_shrink(self) -> None:
@@ -220,7 +231,7 @@ class PipelineRunner:
         if refusal is not None:
             builder.writer.discard()
             self.telemetry.budget(True)
-            await self.pause(refusal, alarm_kind="budget_exhausted", kind="budget")
+            await self.pause(refusal, alarm_kind="budget_exhausted", kind=PauseKind.BUDGET)
             raise BudgetExhausted(refusal)
         builder.writer.seal()
         position = builder.position
@@ -230,8 +241,7 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
-        await self.manifest.append(
-            "chunk_sealed",
+        await self.manifest.append(ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -242,7 +252,7 @@ class PipelineRunner:
             last_seq=builder.last_seq,
             position=position,
             parent=None,
-        )
+        ))
         crash_point("after_seal")
         self.log.info("chunk sealed", chunk=builder.id, requests=builder.writer.requests,
                       rejects=builder.writer.rejects, bytes=builder.writer.body_bytes)
@@ -289,14 +299,13 @@ class PipelineRunner:
             if last.last_seq is not None and (state.committed_seq or 0) < last.last_seq:
                 if last.position is not None:
                     await self._commit_source(last.position)
-                await self.manifest.append(
-                    "source_committed", pipeline=self.pipeline.name,
-                    position=last.position, source_seq=last.last_seq,
-                )
+                await self.manifest.append(SourceCommitted(
+                    pipeline=self.pipeline.name, position=last.position, source_seq=last.last_seq,
+                ))
                 crash_point("after_source_commit")
             for _, family in done:
                 for chunk in family:
-                    await self.manifest.append("chunk_retired", chunk=chunk.chunk)
+                    await self.manifest.append(ChunkRetired(chunk=chunk.chunk))
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
             self._prune_ledger()
             self.changed.fire()
@@ -353,7 +362,7 @@ class PipelineRunner:
             # A restart (or reload) is how an operator says "fixed": billing sorted, budget
             # raised. If the cause remains, the next create or seal pauses it again.
             self.log.warning("resuming a pipeline paused before the restart", reason=state.paused)
-            await self.manifest.append("pipeline_resumed", pipeline=name)
+            await self.manifest.append(PipelineResumed(pipeline=name))
         self.telemetry.budget(False)
         resume = (
             (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
@@ -448,12 +457,12 @@ class PipelineRunner:
         if reason is None:
             self.log.info("resume requested; the pipeline is not paused")
             return
-        if self.pause_kind == "budget" or reason.startswith("budget"):
+        if self._paused_for(PauseKind.BUDGET):
             self.log.warning("resume requested, but a budget pause lifts only with a higher "
                              "budget_usd: edit the config and reload (systemctl reload batchd)")
             return
         self.log.warning("resuming the pipeline on request", reason=reason, kind=self.pause_kind)
-        await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
         self.changed.fire()
 
     async def _until_done(self) -> None:

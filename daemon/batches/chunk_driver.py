@@ -29,6 +29,7 @@ from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.daemon.wal.records import Ended, PauseKind, ResultsCommitted, SubmitIntent, Submitted
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
@@ -163,13 +164,13 @@ class ChunkDriver:
                 adopt = await reconciler.clearance(chunk, runner.spool_path(chunk.chunk))
             except Unattributable as exc:
                 await runner.pause(f"unknown_batches: {exc}", alarm_kind="unknown_batches",
-                                   chunk=chunk.chunk)
+                                   kind=PauseKind.UNKNOWN_BATCHES, chunk=chunk.chunk)
                 return
             if adopt is not None:
                 await self._record_adoption(chunk, adopt)
                 return
         await runner.manifest.append(
-            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
         )
         crash_point("after_intent")
         try:
@@ -179,7 +180,7 @@ class ChunkDriver:
             return
         crash_point("after_create")
         await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at)
+            Submitted(chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at))
         )
         self.log.info("batch submitted", batch_id=batch.id, requests=chunk.requests,
                       bytes=chunk.bytes)
@@ -205,7 +206,8 @@ class ChunkDriver:
         if decision.action in (Action.PAUSE, Action.RETRY, Action.REJECTED):
             await runner.pause(
                 f"{decision.code}: {decision.advice} (chunk {chunk.chunk}: {error})",
-                alarm_kind=decision.alarm, kind=decision.kind, chunk=chunk.chunk,
+                alarm_kind=decision.alarm, kind=PauseKind(decision.kind or decision.alarm),
+                chunk=chunk.chunk,
             )
             return
         self.log.warning("create outcome unknown; will look for the batch before resending",
@@ -271,7 +273,7 @@ class ChunkDriver:
         if found is None:
             return False
         await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)
+            Submitted(chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at))
         )
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
@@ -281,10 +283,10 @@ class ChunkDriver:
         """Take a batch the API has and the state did not know as this chunk's batch."""
         runner = self.runner
         await runner.manifest.append(
-            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
         )
         await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at
+            Submitted(chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at)
         )
         self.log.warning("adopted a batch the state did not know (a restored backup or a "
                          "manifest cut short): its custom_ids are exactly this chunk's",
@@ -336,8 +338,8 @@ class ChunkDriver:
         runner = self.runner
         if chunk.stage is Stage.SUBMITTED:
             assert chunk.batch_id is not None
-            await runner.manifest.append("ended", chunk=chunk.chunk, batch_id=chunk.batch_id,
-                                         counts={"spool_lost": chunk.requests})
+            await runner.manifest.append(Ended(chunk=chunk.chunk, batch_id=chunk.batch_id,
+                                               counts={"spool_lost": chunk.requests}))
         current = self._chunk()
         if current is not None:
             await self.collect(current, given_up=True)
@@ -375,7 +377,7 @@ class ChunkDriver:
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
-                spool=runner.spool_path(chunk.chunk),
+                spool=runner.spool_path(chunk.chunk), attempt=chunk.attempt,
                 blocks=blocks,
                 lost=lost,
             )
@@ -396,7 +398,7 @@ class ChunkDriver:
                                       runner.cost, runner.answers)
                 summary = await collector.collect(
                     chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=batch_id,
-                    spool=runner.spool_path(chunk.chunk), blocks=None,
+                    spool=runner.spool_path(chunk.chunk), blocks=None, attempt=chunk.attempt,
                     lost=_lost_reason(batch_id, window),
                 )
                 await self._committed(chunk, summary)
@@ -413,7 +415,7 @@ class ChunkDriver:
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
-                spool=runner.spool_path(chunk.chunk),
+                spool=runner.spool_path(chunk.chunk), attempt=chunk.attempt,
                 blocks=_no_results,
             )
         await self._committed(chunk, summary)
@@ -423,20 +425,7 @@ class ChunkDriver:
         runner = self.runner
         batch_id = chunk.batch_id
         crash_point("after_flush")
-        retry = None
-        if summary.retry_chunk is not None:
-            retry = {
-                "pipeline": self.name,
-                "chunk": summary.retry_chunk["chunk"],
-                "attempt": chunk.attempt + 1,
-                "requests": summary.retry_chunk["requests"],
-                "bytes": summary.retry_chunk["bytes"],
-                "rejects": 0,
-                "first_seq": None,
-                "last_seq": None,
-                "position": None,
-                "parent": chunk.chunk,
-            }
+        retry = summary.retry_chunk
         if summary.unknown or summary.missing:
             await runner.alarm(
                 "reconciliation",
@@ -444,20 +433,10 @@ class ChunkDriver:
                 f"(retried), {summary.unknown} unknown custom_ids",
                 chunk=chunk.chunk,
             )
-        await runner.manifest.append(
-            "results_committed",
-            chunk=chunk.chunk,
-            batch_id=batch_id,
-            succeeded=summary.succeeded,
-            truncated=summary.truncated,
-            dead=summary.dead,
-            retried=summary.retried,
-            cost_usd=summary.cost_usd,
-            input_tokens=summary.input_tokens,
-            output_tokens=summary.output_tokens,
-            retry_chunk=retry,
+        await runner.manifest.append(ResultsCommitted(
+            chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
-        )
+        ))
         runner.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,
@@ -465,10 +444,11 @@ class ChunkDriver:
         await runner.sink_recovered()
         if summary.pause_reason:
             await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
-                               kind=summary.pause_kind, chunk=chunk.chunk)
+                               kind=PauseKind(summary.pause_kind or "billing_or_auth"),
+                               chunk=chunk.chunk)
         await runner.dead_letter_guard.check(summary)
         if retry is not None:
-            runner.start_chunk(retry["chunk"], active=True)
+            runner.start_chunk(retry.chunk, active=True)
 
 
 def _lost_reason(batch_id: str, window: float) -> tuple[str, str]:

@@ -20,6 +20,7 @@ import structlog
 from batchd.daemon.batches.api import timestamp
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.daemon.wal.records import Ended
 
 if TYPE_CHECKING:
     from batchd.daemon.pipeline import PipelineRunner
@@ -138,7 +139,7 @@ class Poller:
         counts = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "processing": 0,
                   "lost": chunk.requests}
         await self.runner.manifest.append(
-            "ended", chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts
+            Ended(chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts)
         )
         event = self._events.pop(chunk.chunk, None)
         if event is not None:
@@ -155,7 +156,7 @@ class Poller:
                 chunk=chunk.chunk,
             )
         await self.runner.manifest.append(
-            "ended", chunk=chunk.chunk, batch_id=batch.id, counts=counts
+            Ended(chunk=chunk.chunk, batch_id=batch.id, counts=counts)
         )
         crash_point("after_ended")
         log.info("batch ended", pipeline=self.name, chunk=chunk.chunk, batch_id=batch.id, **counts)

@@ -32,6 +32,7 @@ from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.records import LedgerBound
 from batchd.plugins.errors import BatchdError
 
 __all__ = ("repair_ledger",)
@@ -80,7 +81,7 @@ async def _repair(config: Config) -> list[str]:
         os.replace(building, path)
         for file in ledger_files(building)[1:]:
             file.unlink(missing_ok=True)
-        await manifest.append("ledger_bound", ledger=ledger_id)
+        await manifest.append(LedgerBound(ledger=ledger_id))
         report.append(f"rebuilt {path} and bound it to {manifest.path}")
         return report
 

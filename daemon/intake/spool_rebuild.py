@@ -208,11 +208,11 @@ async def _cut_retry_again(runner: PipelineRunner, chunk: ChunkState) -> str | N
                           runner.answers)
     summary = await collector.collect(
         chunk=parent.chunk, root=root_of(runner.pipeline.name, parent.chunk),
-        batch_id=batch_id, spool=parent_spool,
+        batch_id=batch_id, spool=parent_spool, attempt=parent.attempt,
         blocks=lambda: runner.api.result_blocks(batch_id),
     )
     cut = summary.retry_chunk
-    if cut is None or cut["chunk"] != chunk.chunk or cut["requests"] != chunk.requests:
+    if cut is None or cut.chunk != chunk.chunk or cut.requests != chunk.requests:
         return "its parent's results no longer give the same retries"
     return None
 

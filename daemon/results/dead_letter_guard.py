@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import TYPE_CHECKING
 
+from batchd.daemon.wal.records import PauseKind
+
 if TYPE_CHECKING:
     from batchd.daemon.pipeline import PipelineRunner
     from batchd.daemon.results.collector import CollectSummary
@@ -66,4 +68,4 @@ class DeadLetterGuard:
                   f"max_dead_letter_ratio = {self.ratio:g}{why}. Fix the cause (template, "
                   "model rules, [pipeline.output] allowed), check `batchd dead-letters list`, "
                   "then restart")
-        await self.runner.pause(reason, alarm_kind=ALARM)
+        await self.runner.pause(reason, alarm_kind=ALARM, kind=PauseKind.DEAD_LETTER_RATIO)
