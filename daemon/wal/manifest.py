@@ -31,6 +31,7 @@ import anyio
 import orjson
 import structlog
 
+from batchd.daemon.wal.manifest_damage import ManifestDamaged
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState, validate_fields
 from batchd.daemon.wal.records import Record
 from batchd.plugins.errors import FatalError
@@ -131,7 +132,7 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
                 record, problem = None, "incomplete (no newline)"
             if record is None:
                 if following:
-                    raise ManifestCorrupt(f"{path} line {lineno}: {problem}")
+                    raise ManifestDamaged(path, lineno, problem, good)
                 log.warning(
                     "manifest torn tail dropped",
                     path=str(path),
@@ -140,16 +141,15 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
                     bytes=len(line),
                 )
                 break
-            where = f"{path} line {lineno}"
             seq = record["seq"]
             if record["kind"] == "snapshot" and lineno != 1:
-                raise ManifestCorrupt(f"{where}: a snapshot may only be the first record")
+                raise ManifestDamaged(path, lineno, "a snapshot may only be the first record", good)
             if last_seq is not None and seq <= last_seq:
-                raise ManifestCorrupt(f"{where}: seq {seq} does not follow {last_seq}")
+                raise ManifestDamaged(path, lineno, f"seq {seq} does not follow {last_seq}", good)
             try:
                 state.apply(record)
             except ManifestCorrupt as exc:
-                raise ManifestCorrupt(f"{where}: {exc}") from None
+                raise ManifestDamaged(path, lineno, str(exc), good) from None
             good += len(line)
             last_seq = seq
             line, lineno = following, lineno + 1
