@@ -3,7 +3,9 @@ One pipeline at run time: its packer, its poller and a driver per live chunk.
 
 The runner owns what the drivers share (in-flight accounting, pause state,
 the source-commit watermark) and nothing else; each step's logic lives in
-the packer, the chunk driver, the poller and the collector.
+the packer, the chunk driver, the poller and the collector. Wiring goes one
+way: drivers get a :class:`DriverDeps` and the runner as their
+:class:`RunnerControl`, and the runner acts on the outcome each driver returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from anyio.abc import TaskGroup
 
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
+from batchd.daemon.batches.driver_deps import DriverDeps
+from batchd.daemon.batches.outcomes import Committed, Held, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
 from batchd.daemon.batches.reconcile import Reconciler
@@ -120,7 +124,15 @@ class PipelineRunner:
         self.queue = queue
         self.answers = answers
         self.model_check = model_check
-        self.poller = Poller(self)
+        self.poller = Poller(pipeline.name, manifest=manifest, api=api, api_config=api_config,
+                             telemetry=telemetry, alarms=self)
+        self.deps = DriverDeps(
+            pipeline=pipeline, manifest=manifest, api=api, api_config=api_config, ledger=ledger,
+            spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
+            dead_letter=dead_letter, cost=cost, telemetry=telemetry, poller=self.poller,
+            make_source=make_source, queue=queue, answers=answers, model_check=model_check,
+            reconciler=reconciler,
+        )
         self.active = 0
         self.changed = _Signal()
         self._advance_lock = anyio.Lock()
@@ -134,12 +146,12 @@ class PipelineRunner:
         self.held_chunks: set[str] = set()
         self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
-        self.dead_letter_guard = DeadLetterGuard(self)
+        self.dead_letter_guard = DeadLetterGuard(pipeline, self)
 
     # -- shared helpers the drivers call -----------------------------------------
 
     def spool_path(self, chunk: str) -> Path:
-        return self.spool_dir / f"{chunk}.jsonl"
+        return self.deps.spool_path(chunk)
 
     @property
     def paused(self) -> str | None:
@@ -196,10 +208,6 @@ class PipelineRunner:
                                                alarm_kind=kind, message=message))
         self.telemetry.alarm(kind)
 
-    def packer_shrink(self) -> None:
-        if self.packer is not None:
-            self.packer.shrink()
-
     def start_chunk(self, chunk_id: str, *, active: bool) -> None:
         assert self._tg is not None
         if active:
@@ -208,11 +216,53 @@ class PipelineRunner:
 
     async def _drive(self, chunk_id: str, active: bool) -> None:
         try:
-            await ChunkDriver(self, chunk_id).run()
+            driver = ChunkDriver(self.deps, self, chunk_id)
+            while True:
+                outcome = await driver.run()
+                if isinstance(outcome, RateLimited):
+                    if outcome.shrink and self.packer is not None:
+                        self.packer.shrink()
+                    continue  # the same driver: it counts refusals in a row
+                if isinstance(outcome, Committed):
+                    await self._committed(outcome)
+                elif isinstance(outcome, Held):
+                    # Not a retry loop, not an exit systemd would restart: the chunk waits for
+                    # an operator, and --until-drained reports it.
+                    self.held_chunks.add(outcome.chunk)
+                    self.changed.fire()
+                    await anyio.sleep_forever()
+                return
         finally:
             if active:
                 self.active -= 1
                 self.changed.fire()
+
+    async def _committed(self, outcome: Committed) -> None:
+        """A chunk's results are committed: lift or raise pauses, start its retry, advance."""
+        summary = outcome.summary
+        if summary is not None:
+            await self.sink_recovered()
+            if summary.pause_reason:
+                await self.pause(summary.pause_reason, alarm_kind="billing_or_auth",
+                                 kind=PauseKind(summary.pause_kind or "billing_or_auth"),
+                                 chunk=outcome.chunk)
+            await self.dead_letter_guard.check(summary)
+        if outcome.retry_chunk is not None:
+            self.start_chunk(outcome.retry_chunk, active=True)
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            try:
+                await self.advance()
+                return
+            except FatalError:
+                raise
+            except Exception as exc:  # as a driver's step: logged and tried again
+                self.telemetry.api_error(type(exc).__name__)
+                delay = backoff.next_delay()
+                self.log.warning("step failed; will retry", chunk=outcome.chunk,
+                                 stage="committed", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in=round(delay, 1))
+                await anyio.sleep(delay)
 
     async def room(self) -> None:
         """Backpressure: wait until a chunk slot is free and the pipeline is not paused."""

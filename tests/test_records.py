@@ -74,10 +74,17 @@ def test_a_retry_chunk_is_a_seal_one_attempt_on() -> None:
     }
 
 
-def test_figures_add_up() -> None:
-    """Totals are the field-wise sum."""
-    total = Figures(1, 0, 2, 0, 0.25, 10, 20) + Figures(3, 1, 0, 5, 0.5, 1, 2)
-    assert total == Figures(4, 1, 2, 5, 0.75, 11, 22)
+def test_figures_are_the_fields_replay_checks() -> None:
+    """One list of figures: the type's fields are the record's and the replayed chunk's."""
+    from dataclasses import fields
+
+    from batchd.daemon.wal.manifest_records import _FIGURES
+    from batchd.daemon.wal.manifest_state import ChunkState, PipelineState
+
+    names = tuple(f.name for f in fields(Figures))
+    assert names == Figures.NAMES == tuple(_FIGURES)
+    for state in (ChunkState, PipelineState):
+        assert set(names) <= {f.name for f in fields(state)}
 
 
 def test_every_pause_an_error_can_cause_has_a_kind() -> None:

@@ -99,9 +99,6 @@ class Figures:
     def from_fields(cls, values: Mapping[str, Any]) -> Figures:
         return cls(**{name: values[name] for name in cls.NAMES})
 
-    def __add__(self, other: Figures) -> Figures:
-        return Figures(*(getattr(self, n) + getattr(other, n) for n in self.NAMES))
-
 
 class Record:
     """A manifest record: a kind and its fields (the envelope, seq/ts/kind, is the log's)."""
