@@ -82,14 +82,9 @@ class BatchesApi:
             default_headers={"anthropic-version": config.version},
         )
         self.version = config.version
-        self.calls: dict[str, int] = {}
-
-    def _count(self, name: str) -> None:
-        self.calls[name] = self.calls.get(name, 0) + 1
 
     async def create(self, spool: Path, body_bytes: int) -> MessageBatch:
         """POST the spool as the create body, streamed, with SDK retries off."""
-        self._count("create")
         return await self.client.post(
             "/v1/messages/batches",
             cast_to=MessageBatch,
@@ -101,7 +96,6 @@ class BatchesApi:
         )
 
     async def retrieve(self, batch_id: str) -> MessageBatch:
-        self._count("retrieve")
         return await self.client.messages.batches.retrieve(batch_id)
 
     async def clock_skew(self) -> float | None:
@@ -109,7 +103,6 @@ class BatchesApi:
         The API's clock minus ours, in seconds (from a response's ``Date`` header, so to
         about a second), or None if the response carried no usable date.
         """
-        self._count("list")
         raw = await self.client.messages.batches.with_raw_response.list(limit=1)
         received = time.time()
         try:
@@ -122,7 +115,6 @@ class BatchesApi:
         """Batches newest first, stopping at the first one created before ``since``."""
         after: str | None = None
         while True:
-            self._count("list")
             if after is None:
                 page = await self.client.messages.batches.list(limit=page_size)
             else:
@@ -135,10 +127,6 @@ class BatchesApi:
                 return
             after = page.last_id or page.data[-1].id
 
-    async def cancel(self, batch_id: str) -> MessageBatch:
-        self._count("cancel")
-        return await self.client.messages.batches.cancel(batch_id)
-
     async def result_blocks(self, batch_id: str) -> AsyncIterator[list[bytes]]:
         """
         The results JSONL as raw lines (bytes), streamed a network block at a time.
@@ -146,7 +134,6 @@ class BatchesApi:
         Lists of lines rather than single lines: one await per network block instead of
         one per line, so the collector's join runs as a plain loop over each block.
         """
-        self._count("results")
         results = self.client.messages.batches.with_streaming_response.results(batch_id)
         try:
             async with results as response:
