@@ -5,7 +5,8 @@ real manifest, key ledger, spool files and sinks in a tmp dir.
 
 These reach paths that otherwise only a ``batchd run`` subprocess reaches: a chunk
 from seal to retirement, an expired batch cut into a retry chunk, a 429 at create,
-the poller reading many batches with one list call.
+the poller reading many batches with one list call, a typed billing pause, a
+chunk held because nothing is left to rebuild its spool from.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
-from batchd.daemon.batches.outcomes import Committed, RateLimited
+from batchd.daemon.batches.outcomes import Committed, Held, RateLimited, Retired
 from batchd.daemon.config import load_config
 from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.factories import build_sink, build_source
@@ -149,7 +150,7 @@ async def test_a_chunk_goes_from_seal_to_retirement(
         assert eng.workspace.outputs().result_keys == {f"k0-{n}" for n in range(5)}
 
         again = await eng.driver(chunk).run()  # a driver of a retired chunk has nothing to do
-        assert type(again).__name__ == "Retired"
+        assert again == Retired(chunk)
 
 
 @pytest.mark.anyio
@@ -253,3 +254,42 @@ async def test_the_collector_routes_an_ended_batch_and_a_lost_one(
         outputs = eng.workspace.outputs()
         assert outputs.result_keys == {"k0-0", "k0-1", "k0-2"}
         assert outputs.dead_keys == {"k1-0", "k1-1"}
+
+
+@pytest.mark.anyio
+async def test_a_402_at_create_pauses_with_a_typed_kind(
+    tmp_path: Path, emulator: EmulatorThread, workspace: Callable[..., Workspace]
+) -> None:
+    """Billing refuses the create: the pause record carries kind billing and creates wait."""
+    emulator.set_faults(http402=1.0, http_fault_on="create")
+    async with engine(workspace(emulator.base_url), emulator.base_url) as eng:
+        chunk = await eng.sealed_chunk(2)
+        with anyio.move_on_after(3) as waited:
+            await eng.driver(chunk).run()  # paused: the driver waits for a resume
+        assert waited.cancelled_caught
+        pipeline = eng.manifest.state.pipelines["tickets"]
+        assert pipeline.pause_kind == "billing"
+        assert pipeline.paused is not None and pipeline.paused.startswith("billing_error")
+        assert eng.runner.submissions_blocked
+        assert [a.kind for a in eng.manifest.state.alarms][-1] == "billing_or_auth"
+        assert eng.manifest.state.chunks[chunk].stage is Stage.INTENT
+
+
+@pytest.mark.anyio
+async def test_a_retry_chunk_lost_with_its_parent_spool_is_held(
+    tmp_path: Path, emulator: EmulatorThread, workspace: Callable[..., Workspace]
+) -> None:
+    """Nothing left to rebuild a retry chunk from: run() says held, after a spool_lost alarm."""
+    emulator.set_faults(expired=1.0)
+    async with engine(workspace(emulator.base_url), emulator.base_url) as eng:
+        chunk = await eng.sealed_chunk(2)
+        outcome = await _run_with_poller(eng, eng.driver(chunk).run)
+        assert isinstance(outcome, Committed) and outcome.retry_chunk is not None
+        eng.runner.spool_path(outcome.retry_chunk).unlink()
+        eng.runner.spool_path(chunk).unlink()
+        held = await eng.driver(outcome.retry_chunk).run()
+        assert isinstance(held, Held) and held.chunk == outcome.retry_chunk
+        assert "cannot be read a second time" in held.reason
+        kinds = [a.kind for a in eng.manifest.state.alarms]
+        assert kinds.count("spool_lost") >= 2
+        assert eng.manifest.state.chunks[outcome.retry_chunk].stage is Stage.SEALED
