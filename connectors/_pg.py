@@ -20,6 +20,7 @@ import anyio
 import asyncpg
 import structlog
 
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 from batchd.plugins.options import Options
 
@@ -170,7 +171,7 @@ async def connect(
     read_only: bool = False,
 ) -> asyncpg.Connection:
     """
-    A connection, retried with exponential backoff.
+    A connection, retried with jittered exponential backoff (0.2 s doubling to 5 s).
 
     Unreachable server after ``attempts`` tries: :class:`RetriableError` (the
     engine backs off further). Wrong password, missing database or a malformed
@@ -181,7 +182,7 @@ async def connect(
     settings = {"application_name": application_name[:63]}
     if read_only:
         settings["default_transaction_read_only"] = "on"
-    delay = 0.2
+    backoff = Backoff(0.2, 5.0)
     last = ""
     for attempt in range(1, attempts + 1):
         try:
@@ -203,8 +204,7 @@ async def connect(
             log.warning("postgres connect failed", owner=owner, target=describe(dsn),
                         attempt=attempt, error=last)
         if attempt < attempts:
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await anyio.sleep(backoff.next_delay())
     raise RetriableError(
         f"{owner}: cannot connect to {describe(dsn)} after {attempts} attempts: {last}"
     ) from None

@@ -164,7 +164,13 @@ class Options:
         if key in self.data:
             return True
         if default is REQUIRED:
-            raise self.error(key, "is required")
+            # A misspelt required key is reported at its finish() only: say it here.
+            close = suggestion(key, [k for k in self.data if k not in self.used])
+            if close is None:
+                raise self.error(key, "is required")
+            error = self.error(key, f"is required (is {close!r} a typo for it?)")
+            error.hint = f"did you mean {key!r} instead of {close!r}?"
+            raise error
         return False
 
     # -- typed getters -------------------------------------------------------------
@@ -288,11 +294,12 @@ class Options:
 
     def strings(
         self, key: str, default: Any = REQUIRED, *, single: bool = False, env: bool = False,
-        choices: Collection[str] | None = None,
+        choices: Collection[str] | None = None, unique: bool = False,
     ) -> Any:
         """
         A non-empty list of non-empty strings. With ``single``, one string counts as a list of
-        one; with ``env``, each may be ``"env:NAME"``; with ``choices``, each must be one of them.
+        one; with ``env``, each may be ``"env:NAME"``; with ``choices``, each must be one of
+        them; with ``unique``, none may appear twice.
         """
         if not self._present(key, default):
             return default
@@ -308,8 +315,9 @@ class Options:
                     close = suggestion(item, choices)
                     hint = f" (did you mean {close!r}?)" if close else ""
                     raise self.error(key, f"{item!r} is not one of {', '.join(choices)}{hint}")
-            if len(set(items)) != len(items):
-                raise self.error(key, f"names an item twice: {value!r}")
+        if unique and len(set(items)) != len(items):
+            twice = next(item for item in items if items.count(item) > 1)
+            raise self.error(key, f"names {twice!r} twice")
         return [self._from_env(key, item.strip()) for item in items] if env else list(items)
 
     # -- the end -------------------------------------------------------------------
