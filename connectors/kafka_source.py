@@ -83,7 +83,7 @@ class KafkaSource(Source):
         self._group_id: str = opts.text("group_id", env=True)
         self._key_field = self._parse_key(opts)
         self._fields: list[str] | None = opts.strings("fields", None, env=True)
-        self.max_records = opts.integer("batch", 1000, min=1)
+        self.max_records = opts.integer("batch", self.max_records, min=1)
         self._drain_idle: float = opts.number("drain_idle", 1.0, min=0)
         self._poll_ms: int = opts.integer("poll_timeout_ms", 500, min=1)
         self._timings = {

@@ -120,7 +120,7 @@ class PostgresSource(Source):
         self._columns = self._select_list(opts)
         where = opts.text("where", None)
         self._where = f"({where}) AND " if where else ""
-        self.max_records: int = opts.integer("page_size", 1000, min=1)
+        self.max_records = opts.integer("page_size", self.max_records, min=1)
         self._repoll: float = opts.duration("repoll", 5.0)
         opts.finish()
         self._app = f"batchd:{context.pipeline}:source"
