@@ -168,8 +168,9 @@ class Options:
             close = suggestion(key, [k for k in self.data if k not in self.used])
             if close is None:
                 raise self.error(key, "is required")
-            error = self.error(key, f"is required (is {close!r} a typo for it?)")
-            error.hint = f"did you mean {key!r} instead of {close!r}?"
+            hint = f"did you mean {key!r} instead of {close!r}?"
+            error = self.error(key, f"is required ({hint})")
+            error.hint = hint
             raise error
         return False
 
