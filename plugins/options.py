@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ("REQUIRED", "Options")
 
 T = TypeVar("T")
+D = TypeVar("D")  # a getter's default: its type joins the return type (None: "or None")
+C = TypeVar("C")
 
 
 class _Required:
@@ -44,8 +46,9 @@ class _Required:
         return "REQUIRED"
 
 
-#: Pass as ``default`` (or leave the default out) to make a key required.
-REQUIRED: Final = _Required()
+#: Pass as ``default`` (or leave the default out) to make a key required. Typed Any so a
+#: getter called without a default returns its own type (``integer("n") -> int``).
+REQUIRED: Final[Any] = _Required()
 
 
 def suggestion(word: str, candidates: Collection[str]) -> str | None:
@@ -176,7 +179,7 @@ class Options:
 
     # -- typed getters -------------------------------------------------------------
 
-    def text(self, key: str, default: Any = REQUIRED, *, env: bool = False) -> Any:
+    def text(self, key: str, default: D = REQUIRED, *, env: bool = False) -> str | D:
         """
         A non-empty string. With ``env``, ``"env:NAME"`` is read from the environment, so an
         address or a name can differ per host without editing the file.
@@ -188,7 +191,7 @@ class Options:
             raise self.error(key, f"must be a non-empty string, got {value!r}")
         return self._from_env(key, value.strip()) if env else value
 
-    def secret(self, key: str, default: Any = REQUIRED) -> Any:
+    def secret(self, key: str, default: D = REQUIRED) -> str | D:
         """
         A password, token or DSN: ``"env:NAME"`` reads the environment so the secret need not
         sit in the config file. The value is masked in every later log line and never
@@ -218,9 +221,9 @@ class Options:
         return found.strip()
 
     def integer(
-        self, key: str, default: Any = REQUIRED, *, min: int | None = None,
+        self, key: str, default: D = REQUIRED, *, min: int | None = None,
         max: int | None = None,
-    ) -> Any:
+    ) -> int | D:
         """An integer (TOML ``true`` is not one) within ``min``..``max`` when given."""
         if not self._present(key, default):
             return default
@@ -231,9 +234,9 @@ class Options:
         return value
 
     def number(
-        self, key: str, default: Any = REQUIRED, *, min: float | None = None,
+        self, key: str, default: D = REQUIRED, *, min: float | None = None,
         max: float | None = None,
-    ) -> Any:
+    ) -> float | D:
         """An integer or float within ``min``..``max`` when given, returned as a float."""
         if not self._present(key, default):
             return default
@@ -243,7 +246,7 @@ class Options:
             raise self.error(key, f"must be {_range('a number', min, max)}, got {value!r}")
         return float(value)
 
-    def flag(self, key: str, default: Any = REQUIRED) -> Any:
+    def flag(self, key: str, default: D = REQUIRED) -> bool | D:
         """``true`` or ``false`` (TOML booleans only: ``"yes"`` is a mistake, not true)."""
         if not self._present(key, default):
             return default
@@ -253,8 +256,8 @@ class Options:
         return value
 
     def duration(
-        self, key: str, default: Any = REQUIRED, *, min: float | None = None,
-    ) -> Any:
+        self, key: str, default: D = REQUIRED, *, min: float | None = None,
+    ) -> float | D:
         """Seconds, as a number (``5``, ``0.5``) or a duration (``"500ms"``, ``"30s"``)."""
         if not self._present(key, default):
             return default
@@ -267,7 +270,7 @@ class Options:
             raise self.error(key, f"must be at least {min:g}s, got {value!r}")
         return seconds
 
-    def path(self, key: str, default: Any = REQUIRED) -> Any:
+    def path(self, key: str, default: D = REQUIRED) -> Path | D:
         """A file or directory; a relative one is relative to the config file's directory."""
         if not self._present(key, default):
             return default
@@ -276,7 +279,7 @@ class Options:
             return value
         return self.base_dir / value
 
-    def choice(self, key: str, choices: Collection[Any], default: Any = REQUIRED) -> Any:
+    def choice(self, key: str, choices: Collection[C], default: D = REQUIRED) -> C | D:
         """One of ``choices`` (strings compared exactly), suggesting the closest on a typo."""
         if not self._present(key, default):
             return default
@@ -294,9 +297,9 @@ class Options:
         return value
 
     def strings(
-        self, key: str, default: Any = REQUIRED, *, single: bool = False, env: bool = False,
+        self, key: str, default: D = REQUIRED, *, single: bool = False, env: bool = False,
         choices: Collection[str] | None = None, unique: bool = False,
-    ) -> Any:
+    ) -> list[str] | D:
         """
         A non-empty list of non-empty strings. With ``single``, one string counts as a list of
         one; with ``env``, each may be ``"env:NAME"``; with ``choices``, each must be one of
