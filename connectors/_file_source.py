@@ -13,7 +13,6 @@ batch is parsed into ``self._pending`` (``_read_batch``); everything else is her
   refuses one where no line ends (the file was replaced or truncated).
 * **A line longer than** ``max_line_bytes`` is skipped in fixed-size reads, never held
   in memory, and becomes an error record (:meth:`overlong_line`).
-
 * **A last line without a newline is held back.** In daemon mode it may be a row
   still being written (``…,second appen``): it is read once its newline arrives.
   Under ``--until-drained`` it is read once the file has stopped growing for
@@ -114,6 +113,8 @@ class FileSource(Source):
         return Record(key or f"line-{line}", {}, self.position(line),
                       f"{self._label} line {line}: {reason}")
 
+    # -- the Source contract -------------------------------------------------------
+
     async def start(self, resume: dict[str, Any] | None) -> None:
         """Open the file and position it just past ``resume``."""
         await anyio.to_thread.run_sync(self._open, resume, limiter=self._limiter)
@@ -150,6 +151,7 @@ class FileSource(Source):
             self._tail_seen = (st.st_size, now)
             return False
         return now - self._tail_seen[1] >= _SETTLE
+
     async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
         """The file's bytes, and the byte offset just after ``position``'s record."""
         try:

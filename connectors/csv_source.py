@@ -133,7 +133,7 @@ class CsvSource(FileSource):
             raise opts.error("delimiter", f"must be one character, got {self._delimiter!r}")
         self._codecs = text_codec(opts, "encoding", "utf-8-sig")
         self._max_field = opts.integer("max_field_bytes", 16 * 1024 * 1024, min=1)
-        self.max_records = opts.integer("batch", 1000, min=1)
+        self.max_records = opts.integer("batch", self.max_records, min=1)
         opts.finish()
 
     # -- worker-thread side -------------------------------------------------

@@ -29,13 +29,11 @@ from typing import Any
 import anyio
 
 from batchd.daemon.config import Config, PipelineConfig, PluginSpec, load_config
-from batchd.plugins.contract import Sink, Source
+from batchd.plugins.contract import Sink, SinkOutput, Source
 from batchd.plugins.errors import BatchdError, ConfigError
 
 __all__ = ("Problem", "Report", "check_config", "template_field_errors")
 
-# Sink types whose ``path`` option is where they write (a directory or a file).
-_FILE_SINKS = {"jsonl": "directory", "dead_letter": "directory", "sqlite": "file"}
 _CONNECT_TIMEOUT = 15.0
 
 
@@ -205,11 +203,13 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
         sinks: list[tuple[Sink, PluginSpec]] = []
         for spec in (*pipeline.sinks, pipeline.dead_letter):
             try:
-                sinks.append((build_sink(config, pipeline.name, spec), spec))
+                sink = build_sink(config, pipeline.name, spec)
+                sinks.append((sink, spec))
             except BatchdError as exc:
                 report.problems.append(_problem(exc, spec))
             else:
-                _check_sink_path(config, pipeline, spec, report)
+                for output in sink.outputs():
+                    _check_sink_path(config, output, spec, report)
         if source is not None:
             ps = state.pipelines.get(pipeline.name)
             # Only a file source is started (it reads its header, where a restart would
@@ -283,20 +283,14 @@ def _writable_dir(path: Path) -> tuple[bool, Path]:
     return os.access(probe, os.W_OK | os.X_OK), probe
 
 
-def _check_sink_path(
-    config: Config, pipeline: PipelineConfig, spec: PluginSpec, report: Report
-) -> None:
-    kind = _FILE_SINKS.get(spec.type)
-    raw = spec.options.get("path")
-    if kind is None or not isinstance(raw, str):
-        return
-    target = Path(raw).expanduser()
-    if not target.is_absolute():
-        target = config.path.resolve().parent / target
-    directory = target if kind == "directory" else target.parent
+def _check_sink_path(config: Config, output: SinkOutput, spec: PluginSpec,
+                     report: Report) -> None:
+    """A local output the sink declares (``Sink.outputs``) must be writable where it is."""
+    target = output.path
+    directory = target if output.directory else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
-    if kind == "file" and target.is_dir():
+    if not output.directory and target.is_dir():
         report.problems.append(Problem(
             f"{spec.where}: path: {target} is a directory; name the database file",
             file, table, "path",
