@@ -13,11 +13,11 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-import anthropic
 import anyio
 import structlog
 
 from batchd.daemon.batches.api import timestamp
+from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
 
@@ -73,7 +73,7 @@ class Poller:
             if watched:
                 try:
                     await self.poll_once(watched)
-                except anthropic.APIError as exc:
+                except ApiError as exc:
                     kind = getattr(exc, "status_code", None) or "connection"
                     self.runner.telemetry.api_error(kind)
                     log.warning("poll failed; will poll again", pipeline=self.name,
@@ -87,7 +87,7 @@ class Poller:
         self.runner.telemetry.poll_call()
         try:
             return await self.runner.api.retrieve(chunk.batch_id)
-        except anthropic.NotFoundError:
+        except NotFoundError:
             return None
 
     async def poll_once(self, watched: list[ChunkState]) -> None:
