@@ -451,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             raise storage_error(exc, None, "file") from None
     except ConfigError as exc:
-        print(f"batchd: config error: {exc}", file=sys.stderr)
+        # A state that needs the operator (a damaged manifest) says so instead.
+        print(f"batchd: {getattr(exc, 'prefix', 'config error')}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except BatchdError as exc:
         print(f"batchd: {exc}", file=sys.stderr)

@@ -19,7 +19,6 @@ Two SDK defaults were wrong for a daemon that must never pay twice, and stay off
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -43,6 +42,7 @@ from batchd.daemon.batches.api_errors import (
 from batchd.daemon.batches.message_batch import MessageBatch
 from batchd.daemon.config import ApiConfig
 from batchd.daemon.intake.spool import stream_body
+from batchd.plugins.backoff import Backoff
 
 __all__ = (
     "BatchesApi",
@@ -55,7 +55,7 @@ __all__ = (
 
 _DEFAULT_BASE_URL = "https://api.anthropic.com"
 _CONNECT_TIMEOUT = 10.0
-# The SDK's retry pacing (anthropic/_constants.py): 0.5 s doubling to 8 s, less up to a quarter.
+# The SDK's retry pacing (anthropic/_constants.py): from 0.5 s doubling to 8 s, jittered.
 _INITIAL_RETRY_DELAY = 0.5
 _MAX_RETRY_DELAY = 8.0
 _RETRY_STATUSES = frozenset({408, 409, 429})
@@ -169,12 +169,13 @@ def _should_retry(response: httpx2.Response) -> bool:
     return response.status_code in _RETRY_STATUSES or response.status_code >= 500
 
 
-def _backoff(attempt: int, headers: Mapping[str, str] | None) -> float:
+def _delay(backoff: Backoff, headers: Mapping[str, str] | None) -> float:
+    """What the answer asks (``retry-after``), else the next jittered backoff step."""
     after = _retry_after(headers) if headers is not None else None
     if after is not None and after > 0:
+        backoff.next_delay()
         return min(after, 4_294_967.0)
-    delay = min(_INITIAL_RETRY_DELAY * 2.0 ** min(attempt, 1000), _MAX_RETRY_DELAY)
-    return delay * (1 - 0.25 * random.random())
+    return backoff.next_delay()
 
 
 class BatchesApi:
@@ -195,6 +196,7 @@ class BatchesApi:
         ``x-should-retry`` header says) up to ``retries`` times; an error answer raises.
         """
         attempt = 0
+        backoff = Backoff(_INITIAL_RETRY_DELAY, _MAX_RETRY_DELAY)
         while True:
             headers: Mapping[str, str] | None = None
             try:
@@ -216,7 +218,7 @@ class BatchesApi:
                 headers = response.headers
             if attempt >= retries:
                 raise failure
-            await anyio.sleep(_backoff(attempt, headers))
+            await anyio.sleep(_delay(backoff, headers))
             attempt += 1
 
     async def _get_json(self, path: str, params: dict[str, Any] | None = None

@@ -41,6 +41,7 @@ from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
 __all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "Unattributable", "unknown_batches")
@@ -184,16 +185,16 @@ class Reconciler:
 
     async def run(self) -> None:
         """Find the unknown batches, then read each once it has ended; set ``ready``."""
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         while True:
             try:
                 await self._scan()
                 break
             except (ApiError, StreamCut) as exc:
+                delay = backoff.next_delay()
                 log.warning("cannot list the API's batches yet; creates wait",
-                            error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                            error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 60.0)
         logged = -_WAIT_LOG_EVERY
         while True:
             for batch in self._pending():

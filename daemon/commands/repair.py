@@ -1,5 +1,6 @@
 """
-``batchd repair CONFIG``: rebuild a lost or foreign key ledger from what remains.
+``batchd repair CONFIG``: rebuild a lost or foreign key ledger from what remains, and cut
+a damaged manifest back to its last good record (:mod:`batchd.daemon.wal.manifest_damage`).
 
 The ledger (``keys.sqlite``) says which keys were already sent, so that a key read
 again is a duplicate, not a second payment. When it is lost, ``batchd run`` refuses
@@ -22,26 +23,22 @@ import time
 
 import anyio
 
-from batchd.daemon.batches.chunk_driver import root_of
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_source
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger, ledger_files, position_identity
 from batchd.daemon.intake.packer import shape_record
 from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import iter_spool
-from batchd.daemon.wal.manifest import Manifest
+from batchd.daemon.wal.chunk_ids import number_of, root_of
+from batchd.daemon.wal.manifest import Manifest, _take_lock, replay
+from batchd.daemon.wal.manifest_damage import ManifestDamaged, cut_damaged_manifest
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.private_state import make_private
-from batchd.plugins.errors import BatchdError
+from batchd.plugins.errors import BatchdError, ConfigError
 
 __all__ = ("repair_ledger",)
 
 RETIRED_OWNER = "retired"  # the chunk named for keys whose chunk left the manifest
-
-
-def _chunk_no(pipeline: str, chunk: str) -> int:
-    digits = chunk[len(pipeline) + 1 : len(pipeline) + 7]
-    return int(digits) if digits.isdigit() else -1
 
 
 def repair_ledger(config: Config) -> list[str]:
@@ -53,8 +50,36 @@ def repair_ledger(config: Config) -> list[str]:
         os.umask(umask)
 
 
+def _cut_damage(config: Config) -> list[str]:
+    """Cut a manifest damaged before its end back to its last good record (lock held)."""
+    state_dir = config.state_dir
+    if not (state_dir / "manifest.jsonl").exists():
+        return []
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = _take_lock(state_dir)
+    try:
+        try:
+            replay(state_dir / "manifest.jsonl")
+        except ManifestDamaged as damage:
+            if damage.line <= 1:
+                raise ConfigError(
+                    f"{damage.path} line 1: the manifest's first record is damaged, so "
+                    f"nothing of it can be kept: restore the state dir from a backup (the "
+                    f"next start adopts later batches from the API), or move it away to "
+                    f"start over (every row is sent, and paid, again)"
+                ) from None
+            kept, lines = cut_damaged_manifest(damage.path, damage)
+            return [f"{damage.path} was damaged at line {damage.line}: kept it as {kept} and "
+                    f"cut it to its first {lines} records; the next start adopts batches "
+                    f"created after them from the API instead of paying for them again"]
+        return []
+    finally:
+        os.close(lock_fd)
+
+
 async def _repair(config: Config) -> list[str]:
     state_dir = config.state_dir
+    cut = await anyio.to_thread.run_sync(_cut_damage, config)
     async with await Manifest.open(state_dir) as manifest:
         path = state_dir / LEDGER_NAME
         if path.exists():
@@ -64,8 +89,9 @@ async def _repair(config: Config) -> list[str]:
             finally:
                 current.close()
             if same:
-                return [f"{path} belongs with {manifest.path}; nothing to repair"]
-        report: list[str] = []
+                return [*cut, f"{path} belongs with {manifest.path}; nothing to repair"
+                        + (" (kept as it is)" if cut else "")]
+        report: list[str] = list(cut)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for file in ledger_files(path):
             if file.exists():
@@ -107,7 +133,7 @@ async def _rebuild_pipeline(
         owner = root_of(name, chunk.chunk)
         for request, meta in iter_spool(spool):
             if request is not None:
-                rows.append((name, meta["key"], _chunk_no(name, owner), owner,
+                rows.append((name, meta["key"], number_of(name, owner), owner,
                              position_identity(meta.get("position"))))
     restored = ledger.restore(rows)
     live = sum(1 for c in state.chunks.values() if c.pipeline == name)

@@ -31,8 +31,10 @@ import anyio
 import orjson
 import structlog
 
+from batchd.daemon.wal.manifest_damage import ManifestDamaged
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState, validate_fields
 from batchd.plugins.errors import FatalError
+from batchd.plugins.fsync import fsync_dir
 
 __all__ = (
     "DEFAULT_COMPACT_BYTES",
@@ -131,7 +133,7 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
                 record, problem = None, "incomplete (no newline)"
             if record is None:
                 if following:
-                    raise ManifestCorrupt(f"{path} line {lineno}: {problem}")
+                    raise ManifestDamaged(path, lineno, problem, good)
                 log.warning(
                     "manifest torn tail dropped",
                     path=str(path),
@@ -140,16 +142,15 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
                     bytes=len(line),
                 )
                 break
-            where = f"{path} line {lineno}"
             seq = record["seq"]
             if record["kind"] == "snapshot" and lineno != 1:
-                raise ManifestCorrupt(f"{where}: a snapshot may only be the first record")
+                raise ManifestDamaged(path, lineno, "a snapshot may only be the first record", good)
             if last_seq is not None and seq <= last_seq:
-                raise ManifestCorrupt(f"{where}: seq {seq} does not follow {last_seq}")
+                raise ManifestDamaged(path, lineno, f"seq {seq} does not follow {last_seq}", good)
             try:
                 state.apply(record)
             except ManifestCorrupt as exc:
-                raise ManifestCorrupt(f"{where}: {exc}") from None
+                raise ManifestDamaged(path, lineno, str(exc), good) from None
             good += len(line)
             last_seq = seq
             line, lineno = following, lineno + 1
@@ -158,14 +159,6 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
             f.truncate(good)
             os.fsync(f.fileno())
     return state, good
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _take_lock(state_dir: Path) -> int:
@@ -262,7 +255,7 @@ class Manifest:
             (state_dir / (MANIFEST_NAME + ".tmp")).unlink(missing_ok=True)
             if not path.exists():
                 path.touch()
-                _fsync_dir(state_dir)
+                fsync_dir(state_dir)
             state, size = replay(path, truncate=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except BaseException:
@@ -434,7 +427,7 @@ class Manifest:
                 tmp.unlink(missing_ok=True)
             raise
         try:
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             self._failed = exc

@@ -1,0 +1,103 @@
+"""
+Hostile host, part 4: state files damaged in place (issue 12, beyond a torn tail).
+
+A disk fault, a hand edit or a bad copy garbles a manifest line *followed by good
+ones*, or leaves garbage, nothing or a directory where a SQLite state file was. A
+restart cannot fix any of that, so each is one line naming the file and what to do,
+exit 2 (the unit does not restart it: no restart loop), and ``batchd repair`` is the
+way out, after which the run pays nothing twice and loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.wal.manifest import MANIFEST_NAME
+from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
+from tests.fixtures.hostile import assert_nothing_lost, assert_paid_once, one_line
+
+pytestmark = pytest.mark.timeout(240)
+
+ROWS = 300
+CHUNKS: dict[str, object] = {"max_requests": 50, "linger": "60s", "max_in_flight": 2}
+
+
+def custom_ids(keys: list[str]) -> list[str]:
+    return [f"t-{key}" for key in keys]
+
+
+@pytest.fixture
+def setup(
+    emulator_factory: Callable[..., EmulatorThread], workspace: Callable[..., Workspace]
+) -> tuple[EmulatorThread, Workspace, list[str]]:
+    emulator = emulator_factory(rules=RULES_PATH)
+    ws = workspace(emulator.base_url)
+    keys = csv_keys(ws.write_tickets(ROWS))
+    ws.write_config(**CHUNKS)
+    return emulator, ws, keys
+
+
+def garble_line(ws: Workspace, index: int, how: Callable[[bytes], bytes]) -> int:
+    """Replace manifest line ``index`` (0-based) in place; returns its 1-based number."""
+    path = ws.state_dir / MANIFEST_NAME
+    lines = path.read_bytes().split(b"\n")
+    assert index < len(lines) - 2, "the damaged line must have good lines after it"
+    lines[index] = how(lines[index])
+    path.write_bytes(b"\n".join(lines))
+    return index + 1
+
+
+class TestManifestDamagedInTheMiddle:
+    @pytest.mark.parametrize("how", [
+        pytest.param(lambda line: line[:40], id="cut-short"),
+        pytest.param(lambda line: line[:30] + b"\x00\xff garbled" + line[45:], id="garbled"),
+        pytest.param(lambda line: b"", id="emptied"),
+    ])
+    def test_refused_with_exit_2_then_repaired_and_nothing_paid_twice(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]],
+        how: Callable[[bytes], bytes],
+    ) -> None:
+        """A bad line with good lines after it: `run` and `status` are one line naming the
+        file and line and `batchd repair` (exit 2, not a restart loop); `repair` keeps a
+        copy and cuts the log; the next run adopts the later batches from the API."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:3")
+        lines = (ws.state_dir / MANIFEST_NAME).read_bytes().count(b"\n")
+        lineno = garble_line(ws, lines // 2, how)
+
+        for argv in ([], ["status", str(ws.config_path)]):
+            refused = ws.run(*argv) if argv else ws.run()
+            assert refused.returncode == 2, describe(refused)
+            error = one_line(refused)
+            assert f"{MANIFEST_NAME} line {lineno}" in error and "batchd repair" in error
+
+        repaired = ws.run("repair", str(ws.config_path))
+        assert repaired.returncode == 0, describe(repaired)
+        assert f"line {lineno}" in repaired.stdout
+        kept = list(ws.state_dir.glob(f"{MANIFEST_NAME}.damaged-*"))
+        assert len(kept) == 1 and kept[0].read_bytes().count(b"\n") >= lines - 1
+        assert ws.manifest_state().seq == lineno - 1
+
+        ws.run_ok()
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
+        again = ws.run("repair", str(ws.config_path))  # nothing left to cut
+        assert again.returncode == 0 and "damaged" not in again.stdout, describe(again)
+
+    def test_first_line_damaged_is_refused_by_repair_too(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]]
+    ) -> None:
+        """Nothing before line 1 can be kept: repair says to restore a backup (exit 2) and
+        leaves the file as it was."""
+        _, ws, _ = setup
+        ws.crash("after_source_commit:1")
+        garble_line(ws, 0, lambda line: line.replace(b'"seq"', b'"sEq"'))
+        before = (ws.state_dir / MANIFEST_NAME).read_bytes()
+        refused = ws.run("repair", str(ws.config_path))
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert "line 1" in error and "backup" in error
+        assert (ws.state_dir / MANIFEST_NAME).read_bytes() == before
