@@ -20,6 +20,7 @@ import anyio
 import asyncpg
 import structlog
 
+from batchd.daemon.durations import parse_duration
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 
 __all__ = (
@@ -41,8 +42,6 @@ __all__ = (
 log = structlog.get_logger("batchd.postgres")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 #: Errors that mean "the connection is gone", as opposed to "the SQL is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -113,15 +112,15 @@ def option_bool(options: Mapping[str, Any], name: str, *, owner: str, default: b
 def option_seconds(options: Mapping[str, Any], name: str, *, owner: str, default: float) -> float:
     """Seconds as a number or a duration string like ``"5s"``, ``"500ms"``, ``"2m"``."""
     value = options.get(name, default)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
+    try:
+        if not isinstance(value, str | int | float):
+            raise ValueError(value)
+        return parse_duration(value)
+    except ValueError:
         raise ConfigError(
             f"{_where(owner, name)} must be seconds (5) or a duration ('5s', '500ms', '2m'), "
             f"got {value!r}"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        ) from None
 
 
 def resolve_dsn(options: Mapping[str, Any], *, owner: str) -> str:

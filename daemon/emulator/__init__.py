@@ -6,7 +6,7 @@ through this emulator by the real ``anthropic`` SDK over real HTTP. It
 validates, times, answers and fails like the API (see docs/emulator.md).
 """
 
-from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings, parse_duration
+from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings
 from batchd.daemon.emulator.runner import Emulator, EmulatorThread, run_emulator
 
 __all__ = (
@@ -14,6 +14,5 @@ __all__ = (
     "EmulatorConfig",
     "EmulatorThread",
     "FaultSettings",
-    "parse_duration",
     "run_emulator",
 )

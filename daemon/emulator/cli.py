@@ -13,12 +13,8 @@ import asyncio
 import signal
 import sys
 
-from batchd.daemon.emulator.config import (
-    EmulatorConfig,
-    FaultSettings,
-    parse_duration,
-    parse_fault_spec,
-)
+from batchd.daemon.durations import parse_duration
+from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings, parse_fault_spec
 from batchd.daemon.emulator.rules import load_rules
 from batchd.daemon.emulator.runner import run_emulator
 from batchd.daemon.emulator.tiers import parse_tier
@@ -71,10 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _duration_flag(args: argparse.Namespace, flag: str) -> float:
-    try:
-        return parse_duration(getattr(args, flag))
-    except ValueError as exc:
-        raise ValueError(f"--{flag}: {exc}") from None
+    return parse_duration(getattr(args, flag), what=f"--{flag}")
 
 
 def _config(args: argparse.Namespace) -> EmulatorConfig:
