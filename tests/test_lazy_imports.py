@@ -142,3 +142,15 @@ def test_a_csv_pipeline_runs_without_the_extras(workspace: Callable[..., Workspa
     proc = subprocess.run(ws.command("validate", str(ws.config_path)), cwd=ws.root, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, describe(proc)
+
+
+def test_the_emulator_without_its_extra(workspace: Callable[..., Workspace],
+                                        tmp_path: Path) -> None:
+    ws = workspace()
+    env = {**ws.env(), "PYTHONPATH": os.pathsep.join(
+        (_blocking(tmp_path, "aiohttp"), ws.env()["PYTHONPATH"]))}
+    proc = subprocess.run(ws.command("emulator", "--port", "0"), cwd=ws.root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.strip().splitlines() == [
+        "batchd emulator: needs aiohttp, which is not installed: pip install 'batchd[emulator]'"]

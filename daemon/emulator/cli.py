@@ -130,6 +130,12 @@ async def _serve(config: EmulatorConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until a signal; 0 on a clean stop, 2 for bad flags or an address it cannot bind."""
     try:
+        import aiohttp  # noqa: F401  (the server; only the emulator extra installs it)
+    except ImportError:
+        print("batchd emulator: needs aiohttp, which is not installed: "
+              "pip install 'batchd[emulator]'", file=sys.stderr)
+        return 2
+    try:
         config = _config(args)
     except ValueError as exc:
         print(f"batchd emulator: {exc}", file=sys.stderr)
