@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from batchd.daemon.ops import _structlog_plain  # noqa: F401  (first: structlog without rich)
 from batchd.plugins.errors import BatchdError, ConfigError
 from batchd.plugins.manager import get_plugins, load_plugins, pm
 

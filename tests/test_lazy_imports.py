@@ -58,6 +58,9 @@ def test_status_imports_nothing_heavy(workspace: Callable[..., Workspace]) -> No
     assert proc.returncode == 0, describe(proc)
     assert "batchd.daemon.ops.status" in modules
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    # rich draws the table, but structlog was imported without its rich tracebacks
+    assert "rich.console" in modules and "structlog" in modules
+    assert not modules & {"rich.traceback", "rich.pretty"}
 
 
 @pytest.mark.parametrize("builtin", BUILTINS, ids=lambda b: b.module.rsplit(".", 1)[1])
