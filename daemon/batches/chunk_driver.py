@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import anyio
 import structlog
 
 from batchd.daemon.batches.api import created_at_ts
+from batchd.daemon.batches.api_errors import NotFoundError
 from batchd.daemon.batches.control import RunnerControl
 from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.batches.error_codes import Action, classify_error
@@ -375,7 +375,7 @@ class ChunkDriver:
         """Whether a batch's results are gone for good (past the API's retention)."""
         try:
             batch = await self.deps.api.retrieve(batch_id)
-        except anthropic.NotFoundError:
+        except NotFoundError:
             return False
         return batch.archived_at is not None
 
@@ -399,7 +399,7 @@ class ChunkDriver:
                 blocks=blocks,
                 lost=lost,
             )
-        except anthropic.NotFoundError:
+        except NotFoundError:
             assert batch_id is not None
             if not await self._archived(batch_id):
                 if not await self._batch_gone(chunk):

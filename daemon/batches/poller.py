@@ -13,11 +13,11 @@ import random
 import time
 from typing import Any
 
-import anthropic
 import anyio
 import structlog
 
 from batchd.daemon.batches.api import BatchesApi, timestamp
+from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.batches.control import Alarms
 from batchd.daemon.config import ApiConfig
 from batchd.daemon.ops.telemetry import Telemetry
@@ -82,7 +82,7 @@ class Poller:
             if watched:
                 try:
                     await self.poll_once(watched)
-                except anthropic.APIError as exc:
+                except ApiError as exc:
                     kind = getattr(exc, "status_code", None) or "connection"
                     self.telemetry.api_error(kind)
                     log.warning("poll failed; will poll again", pipeline=self.name,
@@ -94,7 +94,7 @@ class Poller:
         self.telemetry.poll_call()
         try:
             return await self.api.retrieve(chunk.batch_id)
-        except anthropic.NotFoundError:
+        except NotFoundError:
             return None
 
     async def poll_once(self, watched: list[ChunkState]) -> None:

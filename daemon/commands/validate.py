@@ -387,9 +387,14 @@ def _is_batchd(host: str, port: int) -> bool:
 
 async def _check_api(config: Config, report: Report) -> None:
     """The API (or the emulator at ANTHROPIC_BASE_URL) accepts the key: one list call."""
-    import anthropic
+    from dataclasses import replace
 
-    from batchd.daemon.batches.api import resolve_api_key
+    from batchd.daemon.batches.api import BatchesApi, resolve_api_key
+    from batchd.daemon.batches.api_errors import (
+        ApiError,
+        AuthenticationError,
+        PermissionDeniedError,
+    )
 
     key = resolve_api_key()
     if key is None:
@@ -397,20 +402,19 @@ async def _check_api(config: Config, report: Report) -> None:
             "no API key: set ANTHROPIC_API_KEY or the systemd credential anthropic-api-key",
             key="ANTHROPIC_API_KEY"))
         return
-    client = anthropic.AsyncAnthropic(api_key=key, base_url=config.api.base_url, max_retries=1,
-                                      timeout=_CONNECT_TIMEOUT)
+    api = BatchesApi(replace(config.api, max_retries=1, timeout=_CONNECT_TIMEOUT), key)
     try:
-        await client.messages.batches.list(limit=1)
-    except anthropic.AuthenticationError:
+        await api.check()
+    except AuthenticationError:
         report.problems.append(Problem("the API refused the API key (401)",
                                        key="ANTHROPIC_API_KEY"))
-    except anthropic.PermissionDeniedError as exc:
+    except PermissionDeniedError as exc:
         report.problems.append(Problem(f"the API key may not use the Batches API: {exc}",
                                        key="ANTHROPIC_API_KEY"))
-    except anthropic.APIError as exc:
-        report.problems.append(Problem(f"cannot reach the API at {client.base_url}: {exc}",
+    except ApiError as exc:
+        report.problems.append(Problem(f"cannot reach the API at {api.base_url}: {exc}",
                                        key="base_url", table="[api]"))
     else:
-        report.checked.append(f"the API at {client.base_url} accepts the key")
+        report.checked.append(f"the API at {api.base_url} accepts the key")
     finally:
-        await client.close()
+        await api.aclose()
