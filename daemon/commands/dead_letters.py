@@ -25,6 +25,7 @@ import orjson
 
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.contract import PluginContext
 from batchd.plugins.errors import ConfigError
 
@@ -45,7 +46,9 @@ class _Owners:
     def __init__(self, state_dir: Path, pipeline: str) -> None:
         self.pipeline = pipeline
         path = state_dir / "keys.sqlite"
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.exists() else None
+        check_ledger(path, allow_empty=True)
+        usable = path.exists() and path.stat().st_size > 0
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if usable else None
 
     def _number(self, chunk: str) -> int:
         digits = chunk[len(self.pipeline) + 1 : len(self.pipeline) + 7]
