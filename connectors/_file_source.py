@@ -2,8 +2,17 @@
 What the file sources share: a file opened once, read in a worker thread
 one batch at a time, and a batch that survives a cancelled poll.
 
-Subclasses say how to position the file (``_prepare``) and how to parse
-one batch into ``self._pending`` (``_read_batch``); everything else is here:
+It is public (``batchd.FileSource``) so that a plugin reading a line-per-record
+file writes only :meth:`FileSource.parse_line`. A source whose records may span
+lines (CSV) overrides how the file is positioned (``_prepare``) and how one
+batch is parsed into ``self._pending`` (``_read_batch``); everything else is here:
+
+* **Positions are byte offsets**, ``{"line": n, "offset": b}``: the file is read as
+  bytes and each line decoded by the subclass, because a text-mode ``tell()`` is an
+  opaque cookie that cannot be stored. A restart seeks straight to the offset and
+  refuses one where no line ends (the file was replaced or truncated).
+* **A line longer than** ``max_line_bytes`` is skipped in fixed-size reads, never held
+  in memory, and becomes an error record (:meth:`overlong_line`).
 
 * **A last line without a newline is held back.** In daemon mode it may be a row
   still being written (``…,second appen``): it is read once its newline arrives.
@@ -18,7 +27,6 @@ one batch into ``self._pending`` (``_read_batch``); everything else is here:
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import os
 import time
@@ -29,7 +37,7 @@ import anyio
 import structlog
 
 from batchd.connectors._lines import LineReader
-from batchd.plugins.contract import Source, SourceSize
+from batchd.plugins.contract import PluginContext, Source, SourceSize
 from batchd.plugins.errors import FatalError
 from batchd.plugins.records import Record
 
@@ -39,6 +47,8 @@ log = structlog.get_logger("batchd.source")
 
 _SETTLE = 0.5  # seconds a file must keep its size before an unterminated last line is read
 _HASHED = 4096  # bytes hashed at the head of the file and before a resume offset
+_POLL_BYTES = 4 * 1024 * 1024  # input parsed per poll, so a poll returns promptly
+_BOM = b"\xef\xbb\xbf"
 
 
 def _digest(data: bytes) -> str:
@@ -46,19 +56,63 @@ def _digest(data: bytes) -> str:
 
 
 class FileSource(Source):
-    """A file read sequentially from a resumable byte position."""
+    """
+    A file read sequentially from a resumable byte position, one line per record.
 
-    _what: str  # "csv source", named in every error
-    _lines: LineReader  # set by the subclass's _prepare
+    Subclass it and implement :meth:`parse_line`; set ``what`` (how messages name the
+    source, ``"notes source"``), and optionally ``max_line_bytes`` and ``max_records``.
+    Records are read in a worker thread, at most ``max_records`` or 4 MiB per poll.
 
-    def __init__(self, label: str, path: Path, *, until_drained: bool = False) -> None:
-        self._label = label
+    Args:
+        path: the file (resolve a config value with :meth:`batchd.Options.path`).
+        context: the factory's context; under ``--until-drained`` a last line without
+            a newline is read once the file stops growing, otherwise it is held back
+            because it may still be being written.
+        label: how messages name the file (default: ``path``); error records say
+            ``"<label> line <n>: <reason>"``.
+    """
+
+    what: str = "file source"
+    #: A longer line becomes an error record (:meth:`overlong_line`), never held in memory.
+    max_line_bytes: int = 64 * 1024 * 1024
+    _lines: LineReader  # set by _prepare
+
+    def __init__(
+        self, path: Path, context: PluginContext | None = None, *, label: str | None = None
+    ) -> None:
+        self._label = label if label is not None else str(path)
         self._path = path
-        self._until_drained = until_drained
+        self._until_drained = context.until_drained if context is not None else False
         self._limiter = anyio.CapacityLimiter(1)
         self._file: BinaryIO | None = None
         self._pending: list[Record] | None = None
         self._tail_seen: tuple[int, float] | None = None
+
+    # -- what a line-per-record subclass writes ------------------------------------
+
+    def parse_line(self, raw: bytes, line: int) -> Record | None:
+        """
+        One line as a record (worker thread); None skips it (a blank line, a comment).
+
+        ``raw`` holds the line's bytes with its line ending (and without a UTF-8
+        byte-order mark on line 1); ``line`` is its 1-based number. Give the record
+        :meth:`position` ``(line)``; for a line that cannot be used return
+        :meth:`error_record` instead of raising, so the run goes on.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement parse_line")
+
+    def overlong_line(self, head: bytes, line: int) -> Record:
+        """The record for a line over ``max_line_bytes``; ``head`` is its first part."""
+        return self.error_record(line, f"line longer than max_line_bytes ({self.max_line_bytes})")
+
+    def position(self, line: int) -> dict[str, Any]:
+        """The resume position of the line just read: its number and the offset after it."""
+        return {"line": line, "offset": self._lines.offset}
+
+    def error_record(self, line: int, reason: str, key: str | None = None) -> Record:
+        """A record batchd dead-letters with ``"<label> line <n>: <reason>"`` (never sent)."""
+        return Record(key or f"line-{line}", {}, self.position(line),
+                      f"{self._label} line {line}: {reason}")
 
     async def start(self, resume: dict[str, Any] | None) -> None:
         """Open the file and position it just past ``resume``."""
@@ -67,7 +121,7 @@ class FileSource(Source):
     async def poll(self) -> list[Record] | None:
         """Parse up to ``batch`` records in a worker thread; ``None`` at end of file."""
         if self._file is None:
-            raise FatalError(f"{self._what} {self._label}: poll() before start()")
+            raise FatalError(f"{self.what} {self._label}: poll() before start()")
         if self._pending is None:
             # The worker leaves its batch in _pending, so a poll cancelled while the
             # thread finishes loses nothing: the next poll returns it.
@@ -141,9 +195,9 @@ class FileSource(Source):
         try:
             file = open(self._path, "rb")  # kept open until aclose
         except FileNotFoundError:
-            raise FatalError(f"{self._what}: file not found: {self._path}") from None
+            raise FatalError(f"{self.what}: file not found: {self._path}") from None
         except OSError as exc:
-            raise FatalError(f"{self._what}: cannot open {self._path}: {exc.strerror}") from None
+            raise FatalError(f"{self.what}: cannot open {self._path}: {exc.strerror}") from None
         try:
             if resume is not None and isinstance(resume.get("identity"), dict):
                 self._check_identity(file, resume)
@@ -179,7 +233,7 @@ class FileSource(Source):
                           "ones it read")
         if reason is not None:
             raise FatalError(
-                f"{self._what}: {self._path} was replaced or changed since batchd read it up to "
+                f"{self.what}: {self._path} was replaced or changed since batchd read it up to "
                 f"byte {offset}: {reason}. Put the original file back to finish it; a new file "
                 "needs a new state dir (or a new pipeline name)"
             )
@@ -187,10 +241,49 @@ class FileSource(Source):
             log.warning("source file was moved or copied (new inode); its contents match what "
                         "was read, so batchd resumes in it", path=str(self._path))
 
-    @abc.abstractmethod
     def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:
         """Position ``file`` just after ``resume`` (worker thread)."""
+        self._lines = LineReader(file)
+        if resume is None:
+            return
+        try:
+            offset, line = int(resume["offset"]), int(resume["line"])
+        except (KeyError, TypeError, ValueError):
+            raise FatalError(
+                f"{self.what} {self._label}: unusable resume position {resume!r}"
+            ) from None
+        size = file.seek(0, 2)
+        ok = 0 <= offset <= size
+        if ok and offset > 0:
+            file.seek(offset - 1)
+            ok = file.read(1) == b"\n" or offset == size
+        if not ok:
+            raise FatalError(
+                f"{self.what}: cannot resume {self._label} at byte {offset} (file is {size} "
+                "bytes, and a line must end there): was the file replaced or truncated?"
+            )
+        file.seek(offset)
+        self._lines.offset, self._lines.line = offset, line + 1
 
-    @abc.abstractmethod
     def _read_batch(self) -> None:
         """Parse the next batch into ``self._pending`` (worker thread)."""
+        out: list[Record] = []
+        lines = self._lines
+        begin = lines.offset
+        limit = self.max_line_bytes
+        while len(out) < self.max_records and lines.offset - begin < _POLL_BYTES:
+            at_start = lines.offset == 0
+            line_no = lines.line
+            raw = lines.read_line(limit + 1)
+            if not raw:
+                break
+            if len(raw) > limit:
+                lines.skip_line()
+                out.append(self.overlong_line(raw, line_no))
+                continue
+            if at_start and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            record = self.parse_line(raw, line_no)
+            if record is not None:
+                out.append(record)
+        self._pending = out

@@ -1,5 +1,5 @@
 """
-Byte-exact line reading for the file sources, plus their option checks.
+Byte-exact line reading for the file sources, and the text encodings they accept.
 
 The file sources resume by seeking straight to a byte offset, so they read
 binary files and decode each line themselves: a text-mode file's ``tell()`` is
@@ -11,12 +11,11 @@ field never has to fit in memory.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable, Mapping
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from batchd.plugins.errors import ConfigError
+from batchd.plugins.options import Options
 
-__all__ = ("LineReader", "check_options", "option_int", "option_str_list", "text_codec")
+__all__ = ("LineReader", "text_codec")
 
 _SKIP_CHUNK = 1 << 20
 
@@ -112,50 +111,7 @@ class LineReader:
         self.last_line = self.line - 1 if data.endswith(b"\n") else self.line
 
 
-def check_options(
-    what: str,
-    options: Mapping[str, Any],
-    required: Iterable[str],
-    optional: Iterable[str],
-) -> None:
-    """Reject unknown and missing option keys, naming the key and listing the valid ones."""
-    required = tuple(required)
-    valid = sorted((*required, *optional))
-    for name in options:
-        if name not in valid:
-            raise ConfigError(f"{what}: unknown option {name!r} (valid: {', '.join(valid)})")
-    for name in required:
-        if options.get(name) in (None, ""):
-            raise ConfigError(
-                f"{what}: missing required option {name!r} (valid: {', '.join(valid)})"
-            )
-
-
-def option_int(what: str, options: Mapping[str, Any], name: str, default: int) -> int:
-    """A positive integer option (``True`` is not a number here)."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what}: option {name!r} must be a positive integer, got {value!r}")
-    return value
-
-
-def option_str_list(what: str, options: Mapping[str, Any], name: str) -> list[str] | None:
-    """An optional non-empty list of non-empty strings."""
-    value = options.get(name)
-    if value is None:
-        return None
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(v, str) and v for v in value)
-    ):
-        raise ConfigError(
-            f"{what}: option {name!r} must be a non-empty list of names, got {value!r}"
-        )
-    return list(value)
-
-
-def text_codec(what: str, encoding: Any) -> tuple[str, str]:
+def text_codec(opts: Options, key: str, default: str) -> tuple[str, str]:
     """
     The codec for a file's first line and the one for every later line.
 
@@ -163,19 +119,18 @@ def text_codec(what: str, encoding: Any) -> tuple[str, str]:
     because lines are split on bytes before decoding. ``utf-8-sig`` strips
     the byte-order mark on the first line only.
     """
-    if not isinstance(encoding, str) or not encoding:
-        raise ConfigError(f"{what}: option 'encoding' must be a codec name, got {encoding!r}")
+    encoding: str = opts.text(key, default)
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
-        raise ConfigError(f"{what}: unknown encoding {encoding!r}") from None
+        raise opts.error(key, f"unknown encoding {encoding!r}") from None
     rest = "utf-8" if name == "utf-8-sig" else name
     try:
         ascii_safe = "\n\r,\"\t".encode(rest) == b"\n\r,\"\t"
     except (UnicodeError, LookupError):
         ascii_safe = False
     if not ascii_safe:
-        raise ConfigError(
-            f"{what}: encoding {encoding!r} is not ASCII-compatible; convert the file to UTF-8"
+        raise opts.error(
+            key, f"encoding {encoding!r} is not ASCII-compatible; convert the file to UTF-8"
         )
     return name, rest

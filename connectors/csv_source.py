@@ -14,16 +14,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
 from batchd.connectors._file_source import FileSource
-from batchd.connectors._lines import (
-    LineReader,
-    check_options,
-    option_int,
-    option_str_list,
-    text_codec,
-)
+from batchd.connectors._lines import LineReader, text_codec
 from batchd.plugins.contract import PluginContext
-from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.errors import FatalError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import Record
 
 __all__ = ("CsvSource", "register_sources")
@@ -116,8 +111,6 @@ class _Parsed(NamedTuple):
 
 
 class CsvSource(FileSource):
-    _what = _WHAT
-
     """
     Reads a CSV file with a header row; each data row becomes one record.
 
@@ -127,35 +120,21 @@ class CsvSource(FileSource):
     resume past a multi-line record).
     """
 
+    what = _WHAT
+
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        check_options(
-            _WHAT,
-            options,
-            required=("path", "key"),
-            optional=("fields", "dialect", "delimiter", "encoding", "max_field_bytes", "batch"),
-        )
-        path, key = options["path"], options["key"]
-        if not isinstance(path, str) or not isinstance(key, str):
-            raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        super().__init__(path, context.resolve_path(path), until_drained=context.until_drained)
-        self._key = key
-        self._fields = option_str_list(_WHAT, options, "fields")
-        self._dialect_name = options.get("dialect", "excel")
-        if self._dialect_name not in _DIALECTS:
-            raise ConfigError(
-                f"{_WHAT}: option 'dialect' must be one of {', '.join(_DIALECTS)}, "
-                f"got {self._dialect_name!r}"
-            )
-        self._delimiter = options.get("delimiter")
-        if self._delimiter is not None and (
-            not isinstance(self._delimiter, str) or len(self._delimiter) != 1
-        ):
-            raise ConfigError(
-                f"{_WHAT}: option 'delimiter' must be one character, got {self._delimiter!r}"
-            )
-        self._codecs = text_codec(_WHAT, options.get("encoding", "utf-8-sig"))
-        self._max_field = option_int(_WHAT, options, "max_field_bytes", 16 * 1024 * 1024)
-        self.max_records = option_int(_WHAT, options, "batch", 1000)
+        opts = Options(options, context, what=_WHAT)
+        super().__init__(opts.path("path"), context, label=opts.text("path"))
+        self._key: str = opts.text("key")
+        self._fields: list[str] | None = opts.strings("fields", None)
+        self._dialect_name = opts.choice("dialect", _DIALECTS, "excel")
+        self._delimiter: Any = opts.get("delimiter", str)
+        if self._delimiter is not None and len(self._delimiter) != 1:
+            raise opts.error("delimiter", f"must be one character, got {self._delimiter!r}")
+        self._codecs = text_codec(opts, "encoding", "utf-8-sig")
+        self._max_field = opts.integer("max_field_bytes", 16 * 1024 * 1024, min=1)
+        self.max_records = opts.integer("batch", 1000, min=1)
+        opts.finish()
 
     # -- worker-thread side -------------------------------------------------
 

@@ -9,28 +9,22 @@ simply an error record and the next line starts clean.
 from __future__ import annotations
 
 import re
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from batchd.connectors._file_source import FileSource
-from batchd.connectors._lines import LineReader, check_options, option_int, option_str_list
 from batchd.plugins.contract import PluginContext
-from batchd.plugins.errors import ConfigError, FatalError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import Record
 
 __all__ = ("JsonlSource", "register_sources")
 
-_WHAT = "jsonl source"
-_POLL_BYTES = 4 * 1024 * 1024  # input parsed per poll, so a poll returns promptly
-_BOM = b"\xef\xbb\xbf"
 _KEY_SCAN = 64 * 1024  # bytes of a bad line searched for its key
 
 
 class JsonlSource(FileSource):
-    _what = _WHAT
-
     """
     Reads a file of JSON objects, one per line; blank lines are skipped.
 
@@ -39,18 +33,16 @@ class JsonlSource(FileSource):
     bounds memory: a longer line is an error record.
     """
 
+    what = "jsonl source"
+
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        check_options(
-            _WHAT, options, required=("path", "key"), optional=("fields", "batch", "max_line_bytes")
-        )
-        path, key = options["path"], options["key"]
-        if not isinstance(path, str) or not isinstance(key, str):
-            raise ConfigError(f"{_WHAT}: options 'path' and 'key' must be strings")
-        super().__init__(path, context.resolve_path(path), until_drained=context.until_drained)
-        self._key = key
-        self._fields = option_str_list(_WHAT, options, "fields")
-        self.max_records = option_int(_WHAT, options, "batch", 1000)
-        self._max_line = option_int(_WHAT, options, "max_line_bytes", 64 * 1024 * 1024)
+        opts = Options(options, context, what=self.what)
+        super().__init__(opts.path("path"), context, label=opts.text("path"))
+        key = self._key = opts.text("key")
+        self._fields: list[str] | None = opts.strings("fields", None)
+        self.max_records = opts.integer("batch", 1000, min=1)
+        self.max_line_bytes = opts.integer("max_line_bytes", 64 * 1024 * 1024, min=1)
+        opts.finish()
         # The key member as it appears right after "{" or ",": its value up to the next
         # "," or "}" (a string with escapes, or a number).
         name = re.escape(orjson.dumps(key))
@@ -60,59 +52,12 @@ class JsonlSource(FileSource):
 
     # -- worker-thread side -------------------------------------------------
 
-    def _prepare(self, file: BinaryIO, resume: dict[str, Any] | None) -> None:
-        self._lines = LineReader(file)
-        if resume is not None:
-            self._seek(file, resume)
-
-    def _seek(self, file: BinaryIO, resume: dict[str, Any]) -> None:
-        try:
-            offset, line = int(resume["offset"]), int(resume["line"])
-        except (KeyError, TypeError, ValueError):
-            raise FatalError(
-                f"{_WHAT} {self._label}: unusable resume position {resume!r}"
-            ) from None
-        size = file.seek(0, 2)
-        ok = 0 <= offset <= size
-        if ok and offset > 0:
-            file.seek(offset - 1)
-            ok = file.read(1) == b"\n" or offset == size
-        if not ok:
-            raise FatalError(
-                f"{_WHAT}: cannot resume {self._label} at byte {offset} (file is {size} bytes, "
-                "and a line must end there): was the file replaced or truncated?"
-            )
-        file.seek(offset)
-        self._lines.offset, self._lines.line = offset, line + 1
-
-    def _read_batch(self) -> None:
-        out: list[Record] = []
-        lines = self._lines
-        begin = lines.offset
-        while len(out) < self.max_records and lines.offset - begin < _POLL_BYTES:
-            at_start = lines.offset == 0
-            line_no = lines.line
-            raw = lines.read_line(self._max_line + 1)
-            if not raw:
-                break
-            if len(raw) > self._max_line:
-                lines.skip_line()
-                reason = f"line longer than max_line_bytes ({self._max_line})"
-                out.append(self._bad(line_no, reason, raw))
-                continue
-            if at_start and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if raw.strip():
-                out.append(self._record(raw, line_no))
-        self._pending = out
-
-    def _position(self, line: int) -> dict[str, Any]:
-        return {"line": line, "offset": self._lines.offset}
+    def overlong_line(self, head: bytes, line: int) -> Record:
+        """An error record, keyed by the line's key when its start holds it intact."""
+        return self._bad(line, f"line longer than max_line_bytes ({self.max_line_bytes})", head)
 
     def _bad(self, line: int, reason: str, raw: bytes = b"") -> Record:
-        error = f"{self._label} line {line}: {reason}"
-        key = self._key_in(raw) or f"line-{line}"
-        return Record(key, {}, self._position(line), error)
+        return self.error_record(line, reason, self._key_in(raw))
 
     def _key_in(self, raw: bytes) -> str | None:
         """
@@ -131,7 +76,10 @@ class JsonlSource(FileSource):
         key = str(key)
         return key if key and "\x00" not in key else None
 
-    def _record(self, raw: bytes, line: int) -> Record:
+    def parse_line(self, raw: bytes, line: int) -> Record | None:
+        """A JSON object line as a record; a bad one as an error record naming the line."""
+        if not raw.strip():
+            return None
         try:
             value = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -150,7 +98,7 @@ class JsonlSource(FileSource):
             fields = value
         else:
             fields = {name: value[name] for name in self._fields if name in value}
-        return Record(key, fields, self._position(line))
+        return Record(key, fields, self.position(line))
 
 
 @hookimpl

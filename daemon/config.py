@@ -31,6 +31,7 @@ from batchd.daemon.intake.request_options import (
 )
 from batchd.daemon.intake.template import Template
 from batchd.plugins.errors import ConfigError
+from batchd.plugins.options import Options
 
 __all__ = (
     "MAX_BATCH_BYTES",
@@ -145,56 +146,21 @@ class Config:
         raise ConfigError(f"{self.path}: no pipeline named {name!r} (pipelines: {known})")
 
 
-class _Table:
-    """One TOML table being read: tracks which keys were used to flag typos."""
+class _Table(Options):
+    """One TOML table of the engine's own config: :class:`Options` plus nested tables."""
+
+    noun = "key"
 
     def __init__(
         self, data: Any, where: str, path: Path, section: str = "", owner: str = "",
         problems: list[ConfigError] | None = None,
     ) -> None:
-        if not isinstance(data, dict):
-            raise _located(ConfigError(f"{path}: {where} must be a table, got "
-                                       f"{type(data).__name__}"), path, where, None)
-        # Where mistakes go when collecting every one (``batchd validate``); None: raise.
-        self.problems = problems
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.path = path
+        super().__init__(data, file=path, table=where, problems=problems)
+        self.config_path = path
         # The TOML name of this table ("pipeline.batching") and whose it is (" of 'tickets'"),
         # so nested tables are named the way the file writes them.
         self.section = section
         self.owner = owner
-        self.used: set[str] = set()
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return _located(ConfigError(f"{self.path}: {self.where}: {key}: {message}"),
-                        self.path, self.where, key)
-
-    def get(self, key: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) and kind in (int, float, (int, float)):
-            raise self.error(key, f"expected a number, got {value!r}")
-        if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise self.error(key, f"expected {names}, got {value!r}")
-        return value
-
-    def require(self, key: str, kind: type[T] | tuple[type, ...]) -> Any:
-        if key not in self.data:
-            raise self.error(key, "is required")
-        return self.get(key, kind)
-
-    def convert(self, key: str, fn: Callable[[Any], T], default: T) -> T:
-        self.used.add(key)
-        if key not in self.data:
-            return default
-        try:
-            return fn(self.data[key])
-        except (ValueError, TypeError) as exc:
-            raise self.error(key, str(exc)) from None
 
     def table(self, key: str, *, required: bool = False) -> _Table:
         self.used.add(key)
@@ -202,23 +168,9 @@ class _Table:
             raise self.error(key, "is required")
         section = f"{self.section}.{key}" if self.section else key
         return _Table(
-            self.data.get(key, {}), f"[{section}]{self.owner}", self.path, section, self.owner,
-            self.problems,
+            self.data.get(key, {}), f"[{section}]{self.owner}", self.config_path, section,
+            self.owner, self.problems,
         )
-
-    def finish(self, allow_extra: bool = False) -> dict[str, Any]:
-        extra = {k: v for k, v in self.data.items() if k not in self.used}
-        if extra and not allow_extra:
-            for key in sorted(extra):
-                hint = difflib.get_close_matches(key, sorted(self.used), n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                valid = ", ".join(sorted(self.used))
-                error = self.error(key, f"unknown key{suggestion}; valid keys: {valid}")
-                error.hint = f"did you mean {hint[0]!r}?" if hint else None
-                if self.problems is None:
-                    raise error
-                self.problems.append(error)
-        return extra
 
     def check(self, fn: Callable[[], T], default: Any = None) -> Any:
         """
@@ -237,12 +189,6 @@ class _Table:
             return default
 
     failed = False
-
-
-def _located(error: ConfigError, path: Path, table: str, key: str | None) -> ConfigError:
-    """Attach where a mistake is, for ``batchd validate --json``."""
-    error.file, error.table, error.key = str(path), table, key
-    return error
 
 
 def _template(table: _Table, key: str, value: str) -> Template:
@@ -278,7 +224,7 @@ def _request(table: _Table) -> RequestConfig:
         max_tokens=max_tokens,
         user=user,
         system=table.get("system", str),
-        options=parse_request_options(table, table.path.resolve().parent),
+        options=parse_request_options(table, table.config_path.resolve().parent),
         extra=extra,
     )
     table.finish()

@@ -19,7 +19,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from batchd.daemon.batches.api import BatchesApi
-from batchd.daemon.batches.chunk_driver import ChunkDriver, root_of
+from batchd.daemon.batches.chunk_driver import ChunkDriver
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
 from batchd.daemon.batches.reconcile import Reconciler
@@ -35,8 +35,10 @@ from batchd.daemon.results.answers import AnswerReader
 from batchd.daemon.results.collector import CostFn
 from batchd.daemon.results.dead_letter_guard import DeadLetterGuard
 from batchd.daemon.results.sink_failures import ALARM_AFTER
+from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
 from batchd.plugins.errors import FatalError, RetriableError
 
@@ -306,8 +308,8 @@ class PipelineRunner:
         if not retention or now - self._pruned_at < _PRUNE_EVERY:
             return
         self._pruned_at = now
-        live = [int(c.chunk[len(self.pipeline.name) + 1:][:6]) for c in self.live_chunks()
-                if c.chunk[len(self.pipeline.name) + 1:][:6].isdigit()]
+        numbers = (number_of(self.pipeline.name, c.chunk) for c in self.live_chunks())
+        live = [n for n in numbers if n >= 0]
         below = min([*live, self.packer.next_chunk if self.packer else 0])
         forgotten = self.ledger.prune(self.pipeline.name, retention, below)
         if forgotten:
@@ -323,15 +325,14 @@ class PipelineRunner:
         return self.source.ledger_retention
 
     async def _commit_source(self, position: dict[str, Any]) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 await self.source.commit(position)
                 return
             except RetriableError as exc:
                 self.log.warning("source commit failed; retrying", error=str(exc))
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await anyio.sleep(backoff.next_delay())
 
     # -- running ----------------------------------------------------------------
 

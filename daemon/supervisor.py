@@ -50,6 +50,7 @@ from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.private_state import make_private
 from batchd.daemon.wal.state_db import check_reconcile_cache
 from batchd.daemon.wal.storage_errors import storage_error
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink
 from batchd.plugins.errors import BatchdError, ConfigError, FatalError, RetriableError
 
@@ -273,7 +274,7 @@ def _progress(p: dict[str, Any], live: LiveStatus) -> dict[str, Any]:
 
 async def _open_sink(sink: Sink, spec: PluginSpec) -> None:
     """Open a sink, waiting out an unreachable database or broker with backoff."""
-    delay = 0.5
+    backoff = Backoff(0.5, 30.0)
     while True:
         try:
             await sink.open()
@@ -281,10 +282,10 @@ async def _open_sink(sink: Sink, spec: PluginSpec) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{spec.where}: {exc}") from None
         except RetriableError as exc:
+            delay = backoff.next_delay()
             log.warning("sink unavailable at start; retrying", sink=spec.type,
-                        error=str(exc), retry_in=delay)
+                        error=str(exc), retry_in=round(delay, 1))
             await anyio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 def _status_line(runners: list[PipelineRunner]) -> str:

@@ -9,17 +9,17 @@ makes what it wrote durable.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 from batchd.plugins.records import Record, ResultRow
 
 __all__ = (
-    "PluginContext", "Sink", "SinkFactory", "SinkOutput", "Source", "SourceFactory",
-    "SourceSize",
+    "DeadLetter", "DeadLetterReader", "PluginContext", "Sink", "SinkFactory", "SinkOutput",
+    "Source", "SourceFactory", "SourceSize",
 )
 
 
@@ -31,12 +31,18 @@ class PluginContext:
     ``until_drained`` is set under ``batchd run --until-drained``: the run ends once
     the source is read, so a file source may take a last line without a newline once
     the file stops growing (in daemon mode such a line may still be being written).
+
+    ``config_file`` and ``table`` say where the plugin's option table was written
+    (``pipeline.toml`` and ``[[pipeline.sink]] #1 of 'tickets'``) when the engine built
+    the plugin from a config file; :class:`batchd.Options` names them in every message.
     """
 
     pipeline: str
     state_dir: Path
     config_dir: Path
     until_drained: bool = False
+    config_file: Path | None = None
+    table: str | None = None
 
     def resolve_path(self, value: str | Path) -> Path:
         """Relative paths in a config file are relative to that file."""
@@ -227,6 +233,44 @@ class Sink(_Closeable):
     def outputs(self) -> Sequence[SinkOutput]:
         """The local paths this sink writes (none for a database or a broker)."""
         return ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """
+    One dead letter read back from where a sink stored it.
+
+    ``row`` is the stored row (``ResultRow.to_dict()``'s dead-letter fields at least:
+    ``key``, ``error_type``, ``error_message``, ``batch_id``). ``group`` is the group it
+    was written under (a part file's name) when the storage keeps it; None lets the
+    engine find it from ``batch_id``. The engine needs the group to hide a dead letter
+    whose key was sent again later (``batchd dead-letters retry``).
+    """
+
+    row: dict[str, Any]
+    group: str | None = None
+
+
+@runtime_checkable
+class DeadLetterReader(Protocol):
+    """
+    The optional capability of a sink that can read its dead letters back.
+
+    ``batchd dead-letters list`` and ``retry`` (and the dashboard) use it on the
+    pipeline's ``[pipeline.dead_letter]`` sink; a sink without it gets a message naming
+    its type. The engine never names a concrete sink: any plugin may offer it.
+    """
+
+    def read_dead_letters(self) -> Iterator[DeadLetter]:
+        """
+        Every stored dead letter, oldest first where the storage knows an order.
+
+        Called on a sink that was never opened, possibly beside the daemon writing to the
+        same storage, from a plain thread: it must block at most briefly, open read-only,
+        and create, lock or change nothing. Storage that does not exist yet holds no dead
+        letters (yield nothing).
+        """
+        ...
 
 
 class SourceFactory(Protocol):

@@ -318,24 +318,26 @@ class TestErrors:
 
     def test_unknown_option(self, tmp_path: Path) -> None:
         """An unknown option names the key and lists the valid ones."""
-        with pytest.raises(ConfigError, match=r"unknown option 'delimter' \(valid: batch, delim"):
+        message = (r"csv source: delimter: unknown option \(did you mean 'delimiter'\?\); "
+                   r"valid options: batch, delim")
+        with pytest.raises(ConfigError, match=message):
             CsvSource({"path": "a.csv", "key": "id", "delimter": ";"}, _context(tmp_path))
 
     def test_missing_required_option(self, tmp_path: Path) -> None:
         """A missing ``key`` option is named."""
-        with pytest.raises(ConfigError, match="missing required option 'key'"):
+        with pytest.raises(ConfigError, match="csv source: key: is required"):
             CsvSource({"path": "a.csv"}, _context(tmp_path))
 
     @pytest.mark.parametrize(
         ("option", "value", "message"),
         [
-            ("dialect", "excel2", "option 'dialect' must be one of"),
-            ("delimiter", "::", "option 'delimiter' must be one character"),
-            ("encoding", "utf-16", "not ASCII-compatible"),
-            ("encoding", "klingon", "unknown encoding"),
-            ("batch", 0, "option 'batch' must be a positive integer"),
-            ("max_field_bytes", True, "option 'max_field_bytes' must be a positive integer"),
-            ("fields", "body", "option 'fields' must be a non-empty list"),
+            ("dialect", "excel2", r"dialect: must be one of .*\(did you mean 'excel'\?\)"),
+            ("delimiter", "::", "delimiter: must be one character"),
+            ("encoding", "utf-16", "encoding: encoding 'utf-16' is not ASCII-compatible"),
+            ("encoding", "klingon", "encoding: unknown encoding"),
+            ("batch", 0, "batch: must be a positive integer, got 0"),
+            ("max_field_bytes", True, "max_field_bytes: must be a positive integer, got True"),
+            ("fields", "body", "fields: must be a non-empty list"),
         ],
     )
     def test_bad_option_values(self, tmp_path: Path, option: str, value: Any, message: str) -> None:

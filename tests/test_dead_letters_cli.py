@@ -186,3 +186,59 @@ def test_bad_source_rows_are_not_retried() -> None:
             assert not (ws.root / "state" / "retry-requests").exists()
     finally:
         emulator.stop()
+
+
+def test_a_sink_without_the_reader_capability_is_named() -> None:
+    """
+    Listing asks the dead-letter sink to read its rows back; a sink type without
+    ``read_dead_letters`` (here postgres) gets one line naming the type, exit 2.
+    """
+    with workspaces() as make:
+        ws: ServiceWorkspace = make("http://127.0.0.1:9", "nolist")
+        ws.write_tickets("tickets", 2)
+        pipeline = ws.pipeline()
+        pipeline["dead_letter"] = {"type": "postgres", "kind": "dead_letter",
+                                   "dsn": "postgresql://127.0.0.1:5432/test"}
+        ws.write_config(pipeline)
+        run = ws.run("dead-letters", "list", "@config", "tickets")
+        assert run.returncode == 2, describe(run)
+        assert "the 'postgres' dead-letter sink cannot read its dead letters back" in run.stderr
+        assert "[pipeline.dead_letter] of 'tickets'" in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_sinks_read_their_own_dead_letters_back() -> None:
+    """The jsonl and sqlite sinks have the capability; before they wrote anything they
+    read nothing back, without creating their storage."""
+    import anyio
+
+    from batchd.plugins.contract import DeadLetterReader, PluginContext
+    from batchd.plugins.records import ResultRow
+    from batchd.plugins.sinks.jsonl import JsonlSink
+    from batchd.plugins.sinks.sqlite import SqliteSink
+
+    row = ResultRow(key="k1", custom_id="c1", status="dead_letter", pipeline="p",
+                    error_type="invalid_request", error_message="bad", batch_id="b1")
+    with workspaces() as make:
+        root = make("http://127.0.0.1:9", "readers").root
+        context = PluginContext(pipeline="p", state_dir=root / "state", config_dir=root)
+        sinks = [JsonlSink({"path": "dead"}, context),
+                 SqliteSink({"path": "dead.sqlite", "kind": "dead_letter"}, context)]
+        for sink in sinks:
+            assert isinstance(sink, DeadLetterReader)
+            assert list(sink.read_dead_letters()) == []
+            assert not (root / ("dead.sqlite" if sink is sinks[1] else "dead")).exists()
+
+            async def write(sink: Any = sink) -> None:
+                async with sink:
+                    await sink.open()
+                    await sink.put("p-000001", [row])
+                    await sink.flush("p-000001")
+
+            anyio.run(write)
+            found = list(sink.read_dead_letters())
+            assert [(d.row["key"], d.row["error_type"]) for d in found] == [
+                ("k1", "invalid_request")]
+        assert [d.group for d in sinks[0].read_dead_letters()] == ["p-000001"]
+        assert [d.group for d in sinks[1].read_dead_letters()] == [None]

@@ -145,5 +145,6 @@ class TestErrors:
 
     def test_unknown_option(self, tmp_path: Path) -> None:
         """An unknown option names the key and lists the valid ones."""
-        with pytest.raises(ConfigError, match=r"unknown option 'dialect' \(valid: batch, fields"):
+        message = r"jsonl source: dialect: unknown option; valid options: batch, fields"
+        with pytest.raises(ConfigError, match=message):
             JsonlSource({"path": "a", "key": "id", "dialect": "x"}, _context(tmp_path))

@@ -185,13 +185,15 @@ class TestOptions:
     @pytest.mark.parametrize(
         ("options", "message"),
         [
-            ({"table": "results; DROP"}, "option 'table' must be a plain identifier"),
-            ({"table": "9lives"}, "option 'table' must be a plain identifier"),
-            ({"kind": "both"}, "option 'kind' must be"),
-            ({"message": "yes"}, "option 'message' must be true or false"),
-            ({"kind": "dead_letter", "message": True}, "applies to kind 'results' only"),
-            ({"journal_mode": "memory"}, "option 'journal_mode' must be one of"),
-            ({"tabel": "x"}, r"unknown option 'tabel' \(valid: journal_mode, kind"),
+            ({"table": "results; DROP"}, "sqlite sink: table: must be a plain identifier"),
+            ({"table": "9lives"}, "table: must be a plain identifier"),
+            ({"kind": "both"}, "kind: must be one of results, dead_letter, got 'both'"),
+            ({"message": "yes"}, "message: must be true or false, got 'yes'"),
+            ({"kind": "dead_letter", "message": True}, "message: applies to kind 'results' only"),
+            ({"journal_mode": "memory"}, "journal_mode: must be one of wal, delete"),
+            ({"tabel": "x"},
+             r"tabel: unknown option \(did you mean 'table'\?\); valid options: journal_mode, "
+             "kind"),
         ],
     )
     def test_bad_options(self, tmp_path: Path, options: dict[str, Any], message: str) -> None:
@@ -201,7 +203,7 @@ class TestOptions:
 
     def test_missing_path(self, tmp_path: Path) -> None:
         """``path`` is required and nothing is created before open()."""
-        with pytest.raises(ConfigError, match="missing required option 'path'"):
+        with pytest.raises(ConfigError, match="sqlite sink: path: is required"):
             SqliteSink({}, _context(tmp_path))
         _sink(tmp_path)
         assert not (tmp_path / "db").exists()

@@ -26,25 +26,22 @@ from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
 from batchd.daemon.results.collector import Collector, CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
+from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
 if TYPE_CHECKING:
     from batchd.daemon.pipeline import PipelineRunner
 
-__all__ = ("ChunkDriver", "root_of")
+__all__ = ("ChunkDriver",)
 
 log = structlog.get_logger("batchd.chunk")
 
 # How far a server clock may trail ours when looking for a batch created after an intent.
 _CLOCK_SLACK = 600.0
 _SKEW_MARGIN = 3.0  # Date has whole seconds; plus the time a response takes
-
-
-def root_of(pipeline: str, chunk: str) -> str:
-    """The fresh chunk a retry chunk descends from (``tickets-000003-r2`` → ``tickets-000003``)."""
-    return chunk[: len(pipeline) + 7]
 
 
 async def _no_results() -> AsyncIterator[list[bytes]]:
@@ -74,7 +71,7 @@ class ChunkDriver:
         return self.runner.manifest.state.chunks.get(self.chunk_id)
 
     async def run(self) -> None:
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         while True:
             chunk = self._chunk()
             if chunk is None:
@@ -96,21 +93,21 @@ class ChunkDriver:
                 else:
                     await self.runner.advance()
                     return
-                delay = 1.0
+                backoff.reset()
             except FatalError:
                 raise
             except SinkFailed as exc:
                 await self.runner.sink_failed(str(exc))
+                delay = min(backoff.next_delay(), RETRY_CAP)
                 self.log.warning("sink write failed; will retry", stage=str(chunk.stage),
-                                 error=str(exc), retry_in=min(delay, RETRY_CAP))
-                await anyio.sleep(min(delay, RETRY_CAP))
-                delay = min(delay * 2, RETRY_CAP)
+                                 error=str(exc), retry_in=round(delay, 1))
+                await anyio.sleep(delay)
             except Exception as exc:
                 self.runner.telemetry.api_error(type(exc).__name__)
+                delay = backoff.next_delay()
                 self.log.warning("step failed; will retry", stage=str(chunk.stage),
-                                 error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                                 error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 60.0)
 
     # -- submitting ------------------------------------------------------------
 

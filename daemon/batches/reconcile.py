@@ -42,6 +42,7 @@ from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
 from batchd.daemon.wal.state_db import check_reconcile_cache
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
 __all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "Unattributable", "unknown_batches")
@@ -185,16 +186,16 @@ class Reconciler:
 
     async def run(self) -> None:
         """Find the unknown batches, then read each once it has ended; set ``ready``."""
-        delay = 1.0
+        backoff = Backoff(1.0, 60.0)
         while True:
             try:
                 await self._scan()
                 break
             except (anthropic.APIError, StreamCut) as exc:
+                delay = backoff.next_delay()
                 log.warning("cannot list the API's batches yet; creates wait",
-                            error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                            error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 60.0)
         logged = -_WAIT_LOG_EVERY
         while True:
             for batch in self._pending():

@@ -1,8 +1,10 @@
 """
 ``batchd dead-letters``: the rows that could not be answered, for humans.
 
-Listing reads what the dead-letter sink wrote (JSONL part files, or a SQLite
-``dead_letter`` table). Retrying does not resend the stored request — the
+Listing asks the pipeline's dead-letter sink to read back what it wrote, through the
+optional :class:`~batchd.plugins.contract.DeadLetterReader` capability (the jsonl and
+sqlite sinks have it; any plugin sink may), so no sink's storage format is known here.
+Retrying does not resend the stored request — the
 operator has usually just fixed the template or the data — but drops a
 request file in the state directory; the daemon (running, or at its next
 start) re-reads those keys from the source, shapes them with the current
@@ -13,31 +15,30 @@ same key, still idempotent in the sinks.
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from batchd.daemon.config import Config, PipelineConfig
+from batchd.daemon.factories import build_sink
+from batchd.daemon.wal.chunk_ids import number_of
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
 from batchd.daemon.wal.state_db import check_ledger
-from batchd.plugins.contract import PluginContext
+from batchd.plugins.contract import DeadLetterReader
 from batchd.plugins.errors import ConfigError
 
-__all__ = ("iter_dead_letters", "pending_retry_requests", "request_retry", "retry_dir")
+__all__ = (
+    "dead_letter_reader", "iter_dead_letters", "pending_retry_requests", "request_retry",
+    "retry_dir",
+)
 
 
 def retry_dir(config: Config) -> Path:
     return config.state_dir / "retry-requests"
-
-
-def _context(config: Config, pipeline: PipelineConfig) -> PluginContext:
-    return PluginContext(pipeline.name, config.state_dir, config.path.resolve().parent)
 
 
 class _Owners:
@@ -51,8 +52,7 @@ class _Owners:
         self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if usable else None
 
     def _number(self, chunk: str) -> int:
-        digits = chunk[len(self.pipeline) + 1 : len(self.pipeline) + 7]
-        return int(digits) if digits.isdigit() else -1
+        return number_of(self.pipeline, chunk)
 
     def superseded(self, row: dict[str, Any], group: str) -> bool:
         """Whether the key was sent again, in a later chunk, after this dead letter."""
@@ -87,50 +87,41 @@ def iter_dead_letters(
     old part file or table row; if it failed again, its new dead letter is
     listed instead.
     """
+    reader = dead_letter_reader(config, pipeline)
+    batch_chunks: dict[str, str] | None = None
+    owners = _Owners(config.state_dir, pipeline.name)
+    try:
+        for found in reader.read_dead_letters():
+            row, group = found.row, found.group
+            if group is None:
+                # Storage without groups (a table row): the row's batch names its chunk. A
+                # row whose chunk is unknown (a bad source row, a batch long forgotten) is
+                # always listed: hiding a real dead letter is worse than showing a stale one.
+                if batch_chunks is None:
+                    batch_chunks = _batch_chunks(config.state_dir)
+                group = batch_chunks.get(row.get("batch_id") or "")
+            if include_superseded or group is None or not owners.superseded(row, group):
+                yield row
+    finally:
+        owners.close()
+
+
+def dead_letter_reader(config: Config, pipeline: PipelineConfig) -> DeadLetterReader:
+    """
+    The pipeline's dead-letter sink, built (never opened) to read its dead letters back.
+
+    Raises:
+        ConfigError: the sink's type cannot read them back (it lacks ``read_dead_letters``).
+    """
     spec = pipeline.dead_letter
-    context = _context(config, pipeline)
-    if spec.type in ("jsonl", "dead_letter"):
-        directory = context.resolve_path(spec.options.get("path", ""))
-        owners = _Owners(config.state_dir, pipeline.name)
-        try:
-            for part in sorted(directory.glob("*.jsonl")) if directory.is_dir() else []:
-                with part.open("rb") as lines:
-                    for line in lines:
-                        if not line.strip():
-                            continue
-                        row = orjson.loads(line)
-                        if include_superseded or not owners.superseded(row, part.stem):
-                            yield row
-        finally:
-            owners.close()
-        return
-    if spec.type == "sqlite":
-        path = context.resolve_path(spec.options.get("path", ""))
-        table = str(spec.options.get("table", "dead_letter"))
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", table):
-            raise ConfigError(f"{spec.where}: table {table!r} is not a plain identifier")
-        if not path.exists():
-            return
-        batch_chunks = _batch_chunks(config.state_dir)
-        owners = _Owners(config.state_dir, pipeline.name)
-        try:
-            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                db.row_factory = sqlite3.Row
-                for found in db.execute(f'SELECT * FROM "{table}" ORDER BY key'):
-                    row = dict(found)
-                    # A table row has no part file to name its chunk: its batch does. A row
-                    # whose chunk is unknown (a bad source row, a batch long forgotten) is
-                    # always listed: hiding a real dead letter is worse than showing a stale one.
-                    group = batch_chunks.get(row.get("batch_id") or "")
-                    if include_superseded or group is None or not owners.superseded(row, group):
-                        yield row
-        finally:
-            owners.close()
-        return
-    raise ConfigError(
-        f"{spec.where}: listing dead letters is supported for jsonl and sqlite dead-letter "
-        f"sinks; read the {spec.type!r} sink's own storage instead"
-    )
+    sink = build_sink(config, pipeline.name, spec)
+    if not isinstance(sink, DeadLetterReader):
+        raise ConfigError(
+            f"{spec.where}: the {spec.type!r} dead-letter sink cannot read its dead letters "
+            "back (it has no read_dead_letters); read its own storage instead, or use a "
+            "jsonl or sqlite dead-letter sink"
+        )
+    return sink
 
 
 def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> Path:

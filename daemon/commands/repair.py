@@ -24,7 +24,6 @@ from pathlib import Path
 
 import anyio
 
-from batchd.daemon.batches.chunk_driver import root_of
 from batchd.daemon.batches.reconcile import RECONCILE_NAME
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_source
@@ -32,6 +31,7 @@ from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger, ledger_files, po
 from batchd.daemon.intake.packer import shape_record
 from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import iter_spool
+from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, _take_lock, replay
 from batchd.daemon.wal.manifest_damage import ManifestDamaged, cut_damaged_manifest
 from batchd.daemon.wal.manifest_state import ManifestState
@@ -47,11 +47,6 @@ from batchd.plugins.errors import BatchdError, ConfigError
 __all__ = ("repair_ledger",)
 
 RETIRED_OWNER = "retired"  # the chunk named for keys whose chunk left the manifest
-
-
-def _chunk_no(pipeline: str, chunk: str) -> int:
-    digits = chunk[len(pipeline) + 1 : len(pipeline) + 7]
-    return int(digits) if digits.isdigit() else -1
 
 
 def repair_ledger(config: Config) -> list[str]:
@@ -165,7 +160,7 @@ async def _rebuild_pipeline(
         owner = root_of(name, chunk.chunk)
         for request, meta in iter_spool(spool):
             if request is not None:
-                rows.append((name, meta["key"], _chunk_no(name, owner), owner,
+                rows.append((name, meta["key"], number_of(name, owner), owner,
                              position_identity(meta.get("position"))))
     restored = ledger.restore(rows)
     live = sum(1 for c in state.chunks.values() if c.pipeline == name)

@@ -27,9 +27,9 @@ from typing import Any
 
 import orjson
 
-from batchd.daemon.batches.chunk_driver import root_of
 from batchd.daemon.config import Config, PipelineConfig, PluginSpec
 from batchd.daemon.intake.spool import iter_spool
+from batchd.daemon.wal.chunk_ids import attempt_of, root_of
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.contract import PluginContext
@@ -45,23 +45,17 @@ def chunk_family(state: ManifestState, pipeline: str, root: str) -> list[dict[st
     for batch_id, retired in state.retired_batches.items():
         if root_of(pipeline, retired) == root:
             family[retired] = {"chunk": retired, "batch_id": batch_id, "stage": "retired",
-                               "attempt": _attempt_of(retired)}
+                               "attempt": attempt_of(retired)}
     for chunk_id, pipeline_name in state.retired_chunks.items():
         if pipeline_name == pipeline and root_of(pipeline, chunk_id) == root:
             family.setdefault(chunk_id, {"chunk": chunk_id, "batch_id": None,
-                                         "stage": "retired", "attempt": _attempt_of(chunk_id)})
+                                         "stage": "retired", "attempt": attempt_of(chunk_id)})
     for chunk in state.chunks.values():
         if chunk.pipeline == pipeline and root_of(pipeline, chunk.chunk) == root:
             family[chunk.chunk] = {"chunk": chunk.chunk, "batch_id": chunk.batch_id,
                                    "stage": chunk.stage.value, "attempt": chunk.attempt,
                                    "created_at": chunk.created_at, "counts": chunk.counts}
     return sorted(family.values(), key=lambda c: (c["attempt"], c["chunk"]))
-
-
-def _attempt_of(chunk: str) -> int:
-    """``tickets-000003`` is attempt 1, ``tickets-000003-r2`` attempt 3."""
-    head, sep, tail = chunk.rpartition("-r")
-    return int(tail) + 1 if sep and tail.isdigit() and head else 1
 
 
 def _ledger(state_dir: Path, pipeline: str, key: str) -> dict[str, Any] | None:

@@ -26,22 +26,20 @@ from batchd.daemon.intake.custom_ids import CustomIdAllocator, hashed_custom_id,
 from batchd.daemon.intake.ledger import KeyLedger
 from batchd.daemon.intake.shaper import ModelCheck, ShapeError, Shaper
 from batchd.daemon.intake.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
+from batchd.daemon.wal.chunk_ids import fresh_id
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Source
 from batchd.plugins.errors import RetriableError
 from batchd.plugins.records import Record
 
 __all__ = (
-    "ChunkBuilder", "Packer", "add_reject", "chunk_id", "request_line", "shape_record",
+    "ChunkBuilder", "Packer", "add_reject", "request_line", "shape_record",
 )
 
 log = structlog.get_logger("batchd.packer")
 # One shrink per this many seconds of 429s; grow back after this long without one.
 _SHRINK_EPISODE = 30.0
 _REGROW_AFTER = 300.0
-
-
-def chunk_id(pipeline: str, number: int) -> str:
-    return f"{pipeline}-{number:06d}"
 
 
 @dataclass(slots=True)
@@ -109,7 +107,7 @@ class ChunkBuilder:
     def __init__(self, pipeline: str, number: int, spool_dir: Path, max_bytes: int) -> None:
         self.pipeline = pipeline
         self.number = number
-        self.id = chunk_id(pipeline, number)
+        self.id = fresh_id(pipeline, number)
         self.writer = SpoolWriter(spool_dir / f"{self.id}.jsonl")
         self.max_bytes = max_bytes
         self.ids = CustomIdAllocator()
@@ -253,15 +251,15 @@ class Packer:
         return candidate if is_valid_custom_id(candidate) else hashed_custom_id(record.key)
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 return await call()
             except RetriableError as exc:
+                delay = backoff.next_delay()
                 log.warning("source unavailable; retrying", pipeline=self.pipeline.name,
                             action=what, error=str(exc), retry_in=round(delay, 1))
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     def _lingered(self) -> bool:
         assert self.builder is not None

@@ -25,6 +25,7 @@ import aiofiles
 import orjson
 
 from batchd.daemon.wal.storage_errors import storage_error
+from batchd.plugins.fsync import fsync_dir
 
 __all__ = (
     "BODY_CLOSE",
@@ -32,7 +33,6 @@ __all__ = (
     "SPOOL_BLOCK",
     "SpoolWriter",
     "body_size",
-    "fsync_dir",
     "iter_spool",
     "stream_body",
 )
@@ -49,14 +49,6 @@ def body_size(requests: int, request_bytes: int) -> int:
     """Bytes of the create body for ``requests`` requests totalling ``request_bytes``."""
     commas = requests - 1 if requests > 1 else 0
     return len(BODY_OPEN) + request_bytes + commas + len(BODY_CLOSE)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpoolWriter:

@@ -31,7 +31,9 @@ from batchd.daemon.intake.packer import _Pending, add_reject, request_line, shap
 from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import SpoolWriter
 from batchd.daemon.results.collector import Collector
+from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest_state import ChunkState, ManifestState
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Source
 from batchd.plugins.errors import BatchdError, RetriableError
 from batchd.plugins.records import Record
@@ -79,13 +81,12 @@ def _start_before(state: ManifestState, chunk: ChunkState) -> tuple[dict[str, An
 
 
 async def _poll(source: Source) -> list[Record] | None:
-    delay = 0.2
+    backoff = Backoff(0.2, 25.6)
     for _ in range(8):
         try:
             return await source.poll()
         except RetriableError:
-            await anyio.sleep(delay)
-            delay *= 2
+            await anyio.sleep(backoff.next_delay())
     return await source.poll()
 
 
@@ -192,7 +193,6 @@ def _write(
 
 async def _cut_retry_again(runner: PipelineRunner, chunk: ChunkState) -> str | None:
     """A retry chunk's spool is cut from its parent's results: collect the parent again."""
-    from batchd.daemon.batches.chunk_driver import root_of
 
     state = runner.manifest.state
     parent = state.chunks.get(chunk.parent or "")

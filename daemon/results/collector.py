@@ -31,20 +31,14 @@ from batchd.daemon.results.result_join import CostFn, Failure, ResultJoin
 from batchd.daemon.results.routing import Route
 from batchd.daemon.results.sink_failures import sink_call
 from batchd.daemon.results.sink_writer import background_puts
+from batchd.daemon.wal import chunk_ids
 from batchd.plugins.contract import Sink
 from batchd.plugins.records import ResultRow
 
-__all__ = ("CollectSummary", "Collector", "CostFn", "retry_chunk_id")
+__all__ = ("CollectSummary", "Collector", "CostFn")
 
 log = structlog.get_logger("batchd.collector")
 _GROUP_ROWS = 2000
-
-
-def retry_chunk_id(chunk: str, root: str) -> str:
-    """``root-r1`` after the root, ``root-r(k+1)`` after ``root-rk``."""
-    if chunk == root:
-        return f"{root}-r1"
-    return f"{root}-r{int(chunk.rsplit('-r', 1)[1]) + 1}"
 
 
 def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
@@ -198,7 +192,7 @@ class Collector:
         """Failures and rejects, with their request bytes: dead letters or the retry chunk."""
         dead_rows: list[ResultRow] = []
         retry_writer: SpoolWriter | None = None
-        retry_id = retry_chunk_id(chunk, root)
+        retry_id = chunk_ids.retry_id(chunk, root)
         max_attempts = self.pipeline.max_attempts
         for request, meta in iter_spool(spool):
             if request is None:

@@ -34,6 +34,7 @@ import structlog
 from batchd.daemon.wal.manifest_damage import ManifestDamaged
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState, validate_fields
 from batchd.plugins.errors import FatalError
+from batchd.plugins.fsync import fsync_dir
 
 __all__ = (
     "DEFAULT_COMPACT_BYTES",
@@ -160,14 +161,6 @@ def replay(path: Path, *, truncate: bool = False) -> tuple[ManifestState, int]:
     return state, good
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _take_lock(state_dir: Path) -> int:
     """Hold an exclusive flock on the state dir for as long as the returned fd is open."""
     fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -262,7 +255,7 @@ class Manifest:
             (state_dir / (MANIFEST_NAME + ".tmp")).unlink(missing_ok=True)
             if not path.exists():
                 path.touch()
-                _fsync_dir(state_dir)
+                fsync_dir(state_dir)
             state, size = replay(path, truncate=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except BaseException:
@@ -434,7 +427,7 @@ class Manifest:
                 tmp.unlink(missing_ok=True)
             raise
         try:
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             self._failed = exc

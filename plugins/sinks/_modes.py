@@ -11,9 +11,11 @@ from __future__ import annotations
 __all__ = ("directory_mode", "output_mode")
 
 
-def output_mode(value: object, what: str) -> int | None:
+def output_mode(value: object) -> int | None:
     """
     A sink's ``mode`` option: an octal string (``"0640"``) or a TOML integer (``0o640``).
+
+    Read it with ``Options.convert("mode", output_mode, None)``.
 
     Raises:
         ValueError: naming what is wrong with the value.
@@ -21,20 +23,19 @@ def output_mode(value: object, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"{what}: option 'mode' must be an octal mode like \"0640\"")
+        raise ValueError(f"must be an octal mode like \"0640\", got {value!r}")
     if isinstance(value, str):
         try:
             mode = int(value, 8)
         except ValueError:
-            raise ValueError(f"{what}: option 'mode' {value!r} is not an octal mode like "
-                             "\"0640\"") from None
+            raise ValueError(f"{value!r} is not an octal mode like \"0640\"") from None
     elif isinstance(value, int):
         mode = value
     else:
-        raise ValueError(f"{what}: option 'mode' must be an octal mode like \"0640\"")
+        raise ValueError(f"must be an octal mode like \"0640\", got {value!r}")
     if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
-        raise ValueError(f"{what}: option 'mode' {oct(mode)} must be between 0o600 and 0o777 "
-                         "and let the owner read and write")
+        raise ValueError(f"{oct(mode)} must be between 0o600 and 0o777 and let the owner read "
+                         "and write")
     return mode
 
 

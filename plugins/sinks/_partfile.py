@@ -24,6 +24,7 @@ from typing import BinaryIO
 import orjson
 
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.fsync import fsync_dir
 from batchd.plugins.sinks._modes import directory_mode
 
 __all__ = ("PartFiles", "check_group")
@@ -173,11 +174,7 @@ class PartFiles:
                 with contextlib.suppress(OSError):
                     file.close()
             os.replace(path, self.final_path(group))
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.directory)
         except OSError as exc:  # the group is replayed whole; see _abandon
             raise RetriableError(f"{self.what}: cannot write {path}: {exc.strerror}") from None
         return True

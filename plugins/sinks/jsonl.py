@@ -8,22 +8,21 @@ and a replay replaces the part instead of appending to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
 import orjson
 
-from batchd.plugins.contract import PluginContext, Sink, SinkOutput
-from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.contract import DeadLetter, PluginContext, Sink, SinkOutput
+from batchd.plugins.errors import FatalError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import ResultRow
 from batchd.plugins.sinks._modes import output_mode
 from batchd.plugins.sinks._partfile import PartFiles, check_group
 
 __all__ = ("JsonlSink", "register_sinks")
-
-_OPTIONS = ("fields", "mode", "path")
 
 
 class JsonlSink(Sink):
@@ -36,27 +35,15 @@ class JsonlSink(Sink):
     duplicate rows either.
     """
 
+    what = "jsonl sink"
+
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        what = "jsonl sink"
-        for name in options:
-            if name not in _OPTIONS:
-                raise ConfigError(f"{what}: unknown option {name!r} (valid: {', '.join(_OPTIONS)})")
-        path = options.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(
-                f"{what}: missing required option 'path', the output directory "
-                f"(valid: {', '.join(_OPTIONS)})"
-            )
-        fields = options.get("fields")
-        names_ok = isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields)
-        if fields is not None and not names_ok:
-            raise ConfigError(f"{what}: option 'fields' must be a non-empty list of names")
-        self._fields: list[str] | None = fields
-        try:
-            mode = output_mode(options.get("mode"), what)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        self._parts = PartFiles(context.resolve_path(path), ".jsonl", what=what, mode=mode)
+        opts = Options(options, context, what=self.what)
+        directory = opts.path("path")
+        self._fields: list[str] | None = opts.strings("fields", None)
+        mode = opts.convert("mode", output_mode, None)
+        opts.finish()
+        self._parts = PartFiles(directory, ".jsonl", what=self.what, mode=mode)
         self._pipeline = context.pipeline
         self._owner = str(context.state_dir.resolve())
         self._keys: dict[str, set[str]] = {}
@@ -109,6 +96,28 @@ class JsonlSink(Sink):
         """Drop unpublished temp files: their groups were never committed and will be replayed."""
         await anyio.to_thread.run_sync(self._parts.discard_all, limiter=self._limiter)
         self._keys.clear()
+
+    def read_dead_letters(self) -> Iterator[DeadLetter]:
+        """The rows of every published part file, grouped by the part file's name."""
+        directory = self._parts.directory
+        parts = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+        for part in parts:
+            try:
+                with part.open("rb") as lines:
+                    for number, line in enumerate(lines, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            row = orjson.loads(line)
+                        except orjson.JSONDecodeError as exc:
+                            raise FatalError(f"{self.what}: {part} line {number}: not valid "
+                                             f"JSON ({exc})") from None
+                        if not isinstance(row, dict):
+                            raise FatalError(f"{self.what}: {part} line {number}: not a JSON "
+                                             "object")
+                        yield DeadLetter(row, part.stem)
+            except OSError as exc:
+                raise FatalError(f"{self.what}: cannot read {part}: {exc.strerror}") from None
 
     def _shape(self, row: ResultRow) -> dict[str, Any]:
         out = row.to_dict()

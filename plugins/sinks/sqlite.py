@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import orjson
 
-from batchd.plugins.contract import PluginContext, Sink, SinkOutput
+from batchd.plugins.contract import DeadLetter, PluginContext, Sink, SinkOutput
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import ResultRow
 from batchd.plugins.sinks._modes import output_mode
 
 __all__ = ("DEAD_LETTER_COLUMNS", "RESULT_COLUMNS", "SqliteSink", "register_sinks")
 
 _WHAT = "sqlite sink"
-_OPTIONS = ("journal_mode", "kind", "message", "mode", "path", "table")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
 
@@ -97,40 +98,23 @@ class SqliteSink(Sink):
     """
 
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        valid = ", ".join(_OPTIONS)
-        for name in options:
-            if name not in _OPTIONS:
-                raise ConfigError(f"{_WHAT}: unknown option {name!r} (valid: {valid})")
-        path = options.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(
-                f"{_WHAT}: missing required option 'path', the database file "
-                f"(valid: {valid})"
-            )
-        kind = options.get("kind", "results")
-        if kind not in ("results", "dead_letter"):
-            raise ConfigError(f"{_WHAT}: option 'kind' must be 'results' or 'dead_letter'")
-        table = options.get("table", "results" if kind == "results" else "dead_letter")
-        if not isinstance(table, str) or not _IDENTIFIER.fullmatch(table):
-            raise ConfigError(
-                f"{_WHAT}: option 'table' must be a plain identifier "
-                f"(letters, digits, '_', at most 63), got {table!r}"
-            )
-        message = options.get("message", False)
-        if not isinstance(message, bool):
-            raise ConfigError(f"{_WHAT}: option 'message' must be true or false")
+        opts = Options(options, context, what=_WHAT)
+        path = opts.path("path")
+        kind = opts.choice("kind", ("results", "dead_letter"), "results")
+        table = opts.text("table", "results" if kind == "results" else "dead_letter")
+        if not _IDENTIFIER.fullmatch(table):
+            raise opts.error("table", "must be a plain identifier (letters, digits, '_', at "
+                                      f"most 63), got {table!r}")
+        message = opts.flag("message", False)
         if message and kind == "dead_letter":
-            raise ConfigError(f"{_WHAT}: option 'message' applies to kind 'results' only")
-        journal = options.get("journal_mode", "wal")
-        if not isinstance(journal, str) or journal.lower() not in _JOURNAL_MODES:
-            raise ConfigError(
-                f"{_WHAT}: option 'journal_mode' must be one of {', '.join(_JOURNAL_MODES)}"
-            )
-        try:
-            self._mode = output_mode(options.get("mode"), _WHAT)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        self._path = context.resolve_path(path)
+            raise opts.error("message", "applies to kind 'results' only")
+        journal = opts.text("journal_mode", "wal").lower()
+        if journal not in _JOURNAL_MODES:
+            raise opts.error("journal_mode", f"must be one of {', '.join(_JOURNAL_MODES)}, "
+                                             f"got {journal!r}")
+        self._mode = opts.convert("mode", output_mode, None)
+        opts.finish()
+        self._path = path
         self._table = table
         self._journal = journal.lower()
         self._columns = RESULT_COLUMNS if kind == "results" else DEAD_LETTER_COLUMNS
@@ -169,6 +153,19 @@ class SqliteSink(Sink):
     async def aclose(self) -> None:
         """Roll back anything unflushed (it will be replayed) and close; safe twice."""
         await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
+
+    def read_dead_letters(self) -> Iterator[DeadLetter]:
+        """The table's rows by key, read-only (a running daemon may be writing beside)."""
+        if not self._path.exists():
+            return
+        try:
+            with closing(sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)) as db:
+                db.row_factory = sqlite3.Row
+                for found in db.execute(f'SELECT * FROM "{self._table}" ORDER BY key'):
+                    yield DeadLetter(dict(found))
+        except sqlite3.Error as exc:
+            raise FatalError(f"{_WHAT}: cannot read table {self._table!r} in {self._path}: "
+                             f"{exc}") from None
 
     # -- worker-thread side -------------------------------------------------
 
