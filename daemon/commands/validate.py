@@ -183,6 +183,7 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
     from batchd.connectors._file_source import FileSource
     from batchd.daemon.factories import build_sink, build_source
     from batchd.daemon.ops.status import read_state
+    from batchd.daemon.results.output_paths import check_outputs
     from batchd.daemon.wal.manifest_state import ManifestState
 
     try:
@@ -194,6 +195,7 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
             report.problems.append(Problem(
                 f"{config.state_dir}: the manifest cannot be read: {exc}",
                 file=str(config.state_dir)))
+    every_sink: list[tuple[str, Sink]] = []
     for pipeline in config.pipelines:
         source: Source | None = None
         try:
@@ -224,6 +226,11 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
             f"pipeline {pipeline.name!r}: {pipeline.source.type} source, "
             f"{len(pipeline.sinks)} sink(s), dead letters to {pipeline.dead_letter.type}"
         )
+        every_sink.extend((spec.where, sink) for sink, spec in sinks)
+    try:  # the collisions `run` refuses: batchd's own files (through symlinks too), one path twice
+        check_outputs(config.state_dir, every_sink)
+    except ConfigError as exc:
+        report.problems.append(_problem(exc))
 
 
 async def _check_source(

@@ -16,6 +16,7 @@ from pathlib import Path
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.records import LedgerBound
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.errors import ConfigError
 
 __all__ = ("open_bound_ledger",)
@@ -40,6 +41,8 @@ async def open_bound_ledger(state_dir: Path, manifest: Manifest) -> KeyLedger:
             f"cannot tell which keys it already sent; restore it from the same backup as "
             f"the manifest, or {_REPAIR}"
         )
+    # Garbage, a directory, or an emptied file where the ledger was: repair, not a loop.
+    check_ledger(path, allow_empty=not history)
     ledger = KeyLedger(path)
     try:
         ledger_id = ledger.id
