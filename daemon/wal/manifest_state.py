@@ -20,15 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from batchd.daemon.wal.manifest_records import (
-    _FIGURES,
-    _RANK,
-    _SEALED,
-    RECORD_FIELDS,
-    ManifestCorrupt,
-    Stage,
-    validate_fields,
-)
+from batchd.daemon.wal.manifest_records import _RANK, ManifestCorrupt, Stage
+from batchd.daemon.wal.records import RECORD_FIELDS, SEALED_FIELDS, Figures, validate_fields
 
 __all__ = (
     "ALARMS_KEPT",
@@ -298,7 +291,7 @@ class ManifestState:
         chunk_id = sealed["chunk"]
         existing = self.chunks.get(chunk_id)
         if existing is not None:
-            if all(getattr(existing, name) == sealed[name] for name in _SEALED):
+            if all(getattr(existing, name) == sealed[name] for name in SEALED_FIELDS):
                 return None
             raise self._corrupt(seq, f"chunk {chunk_id} sealed again with different fields")
         if chunk_id in self.retired_chunks:
@@ -307,7 +300,7 @@ class ManifestState:
         parent = self.chunks.get(sealed["parent"] or "")
         if covers is None and parent is not None:
             covers = parent.covers_seq
-        return ChunkState(**{name: sealed[name] for name in _SEALED}, covers_seq=covers)
+        return ChunkState(**{name: sealed[name] for name in SEALED_FIELDS}, covers_seq=covers)
 
     def _seal(self, chunk: ChunkState) -> None:
         self.chunks[chunk.chunk] = chunk
@@ -393,7 +386,7 @@ class ManifestState:
         batch_id, retry = record["batch_id"], record["retry_chunk"]
         retry_id = None if retry is None else retry.get("chunk")
         if _RANK[chunk.stage] >= _RANK[Stage.COMMITTED]:
-            same = all(getattr(chunk, name) == record[name] for name in _FIGURES)
+            same = all(getattr(chunk, name) == record[name] for name in Figures.NAMES)
             if same and (chunk.batch_id, chunk.retry_chunk) == (batch_id, retry_id):
                 return
             raise self._corrupt(seq, f"chunk {chunk.chunk} committed again with other figures")
@@ -416,7 +409,7 @@ class ManifestState:
                 raise self._corrupt(seq, f"retry_chunk {retry_id} is not a child of {chunk.chunk}")
             new_retry = self._new_chunk(seq, retry)
         pipeline = self._pipeline(chunk.pipeline)
-        for name in _FIGURES:
+        for name in Figures.NAMES:
             setattr(chunk, name, record[name])
             setattr(pipeline, name, getattr(pipeline, name) + record[name])
         unpriced = record.get("unpriced")  # optional: absent in records before it existed
