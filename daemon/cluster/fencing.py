@@ -110,7 +110,7 @@ _UPSERT_PIPELINE = (
     f"INSERT INTO {{s}}.pipeline ({', '.join(PIPELINE_FIELDS)}) VALUES "
     f"({', '.join(f'${i + 1}' for i in range(len(PIPELINE_FIELDS)))}) "
     f"ON CONFLICT (name) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in PIPELINE_FIELDS[1:])
+    + ", ".join(f"{name} = EXCLUDED.{name}" for name in PIPELINE_FIELDS if name != "name")
 )
 _INSERT_EVENT = (
     "INSERT INTO {s}.event (ts, kind, pipeline, chunk, worker, fence, epoch, record)"

@@ -21,7 +21,13 @@ from datetime import datetime
 from typing import Any
 
 from batchd.daemon.wal.manifest_records import _RANK, ManifestCorrupt, Stage
-from batchd.daemon.wal.records import RECORD_FIELDS, SEALED_FIELDS, Figures, validate_fields
+from batchd.daemon.wal.records import (
+    RECORD_FIELDS,
+    SEALED_FIELDS,
+    Figures,
+    FigureTotals,
+    validate_fields,
+)
 
 __all__ = (
     "ALARMS_KEPT",
@@ -44,8 +50,9 @@ RETIRED_KEPT = 50_000
 
 
 @dataclass
-class ChunkState:
-    """One chunk: the fields it was sealed with, its stage and what each stage recorded."""
+class ChunkState(FigureTotals):
+    """One chunk: the fields it was sealed with, its stage and what each stage recorded
+    (the figures of its collect are the inherited :class:`FigureTotals`)."""
 
     chunk: str
     pipeline: str
@@ -68,13 +75,6 @@ class ChunkState:
     batch_id: str | None = None
     created_at: str | None = None
     counts: dict[str, Any] | None = None
-    succeeded: int = 0
-    truncated: int = 0
-    dead: int = 0
-    retried: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     retry_chunk: str | None = None
 
     @property
@@ -84,8 +84,9 @@ class ChunkState:
 
 
 @dataclass
-class PipelineState:
-    """A pipeline's read/commit frontier, pause flag and totals that outlive its chunks."""
+class PipelineState(FigureTotals):
+    """A pipeline's read/commit frontier, pause flag and totals that outlive its chunks
+    (the figures summed over its chunks are the inherited :class:`FigureTotals`)."""
 
     name: str
     last_sealed_seq: int | None = None
@@ -99,13 +100,6 @@ class PipelineState:
     pause_kind: str | None = None
     requests_submitted: int = 0
     batches_submitted: int = 0
-    succeeded: int = 0
-    truncated: int = 0
-    dead: int = 0
-    retried: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     # Billed answers of models without a price: their cost is unknown, not in cost_usd.
     unpriced: int = 0
     # Rows an operator sent again from the dead letters: each already counted once in

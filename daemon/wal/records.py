@@ -32,6 +32,7 @@ __all__ = (
     "ChunkRetired",
     "ChunkSealed",
     "Ended",
+    "FigureTotals",
     "Figures",
     "LedgerBound",
     "PauseKind",
@@ -104,6 +105,29 @@ class Figures:
 
 
 Figures.NAMES = tuple(f.name for f in fields(Figures))
+
+
+@dataclass(kw_only=True, slots=True)
+class FigureTotals:
+    """
+    The figures as running totals, from zero: a chunk's, a pipeline's, a collect's.
+
+    The replayed states and the collect summary inherit these fields (keyword-only,
+    so they add to a class without moving its own positional fields);
+    :class:`Figures` is the frozen form a record carries, with the same names.
+    """
+
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def figures(self) -> Figures:
+        """These totals as the figures a ``results_committed`` record stores."""
+        return Figures(**{name: getattr(self, name) for name in Figures.NAMES})
 
 
 class Record:
