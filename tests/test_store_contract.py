@@ -16,27 +16,29 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger
 from batchd.daemon.store.contract import (
     ChunkLease,
+    Claimed,
+    FencedOut,
     LimitUndefined,
     ShardLease,
     SpoolCorrupt,
-    StateStore,
 )
-from batchd.daemon.store.local import LocalLimit, LocalStore
+from batchd.daemon.store.local import LocalStore
 from batchd.daemon.wal.manifest import replay
 from batchd.daemon.wal.manifest_state import ManifestState, Stage
 from batchd.daemon.wal.records import (
     AlarmRaised,
+    BatchDisowned,
     ChunkRetired,
     ChunkSealed,
     Ended,
@@ -48,70 +50,18 @@ from batchd.daemon.wal.records import (
     SubmitIntent,
     Submitted,
 )
+from tests.fixtures.store import BUDGET, QUEUE, Harness, local_harness, pg_harness
 
 DATA = Path(__file__).parent / "data" / "manifests"
-KINDS = ("local",)
-BUDGET = "budget:p"
-QUEUE = "queue:default"
-
-
-@dataclass
-class Harness:
-    """How one kind of store is made, reopened and damaged in these tests."""
-
-    kind: str
-    tmp: Path
-    make: Callable[..., StateStore]  # a store for one worker: make(name="a", ttl=30.0, ...)
-    corrupt_spool: Callable[[str], Awaitable[None]]
-
-    @asynccontextmanager
-    async def opened(self, **kwargs: Any) -> AsyncIterator[Any]:
-        store = self.make(**kwargs)
-        await store.open()
-        try:
-            yield store
-        finally:
-            await store.aclose()
-
-    def spool_file(self, name: str, lines: int = 3) -> Path:
-        path = self.tmp / "incoming" / f"{name}.jsonl"
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(b"".join(
-            b'{"custom_id":"%s-%d","params":{}}\t{"key":"%d"}\n' % (name.encode(), i, i)
-            for i in range(lines)
-        ))
-        return path
-
-
-def _limits_local() -> dict[str, LocalLimit]:
-    return {BUDGET: LocalLimit.budget("p", 1.0, lambda requests, size: 0.6),
-            QUEUE: LocalLimit.queue(5)}
-
-
-def _local(tmp: Path) -> Harness:
-    state = tmp / "state"
-
-    def make(name: str = "a", **_: Any) -> LocalStore:
-        return LocalStore(state, worker=name, limits=_limits_local())
-
-    async def corrupt(chunk: str) -> None:
-        path = state / "spool" / f"{chunk}.jsonl"
-        data = bytearray(path.read_bytes())
-        data[5] ^= 0x01
-        path.write_bytes(bytes(data))
-
-    return Harness("local", tmp, make, corrupt)
+KINDS = ("local", "postgres")
 
 
 @pytest.fixture(params=KINDS)
-def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     if request.param == "local":
-        yield _local(tmp_path)
-        return
-    from tests.fixtures.store import pg_harness
-
-    yield pg_harness(request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema"),
-                     tmp_path)
+        return local_harness(tmp_path)
+    return pg_harness(request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema"),
+                      tmp_path)
 
 
 # -- records the tests drive a chunk with ---------------------------------------------
@@ -442,3 +392,73 @@ def _whole_life_records() -> list[Any]:
         AlarmRaised(pipeline="p", chunk=None, alarm_kind="sink_failed", message="sink down"),
     ]
 
+
+
+# -- PgStore only: several workers on one store ------------------------------------------
+
+
+@pytest.fixture
+def pg(pg_dsn: str, pg_schema: str, tmp_path: Path) -> Harness:
+    return pg_harness(pg_dsn, pg_schema, tmp_path)
+
+
+@pytest.mark.anyio
+async def test_a_second_worker_is_fenced_then_takes_over_after_ttl_and_grace(pg: Harness) -> None:
+    """
+    B cannot record for A's chunk while A's lease holds, and takes it over only once A
+    has been silent for its TTL plus B's grace; A's late records are then fenced.
+    """
+    ttl, grace = 1.0, 0.5
+    async with pg.opened(name="a", ttl=ttl) as a, pg.opened(name="b", grace=grace) as b:
+        lease = await seal(pg, a, await a.acquire_shard("p"))
+        silent_since = time.monotonic()  # A's last heartbeat was at its open, before this
+        forged = ChunkLease(lease.chunk, b.worker_id, lease.epoch)
+        refused = await b.append(SubmitIntent(chunk=lease.chunk, at=5.5, requests=3),
+                                 lease=forged, expected=Stage.SEALED)
+        assert refused.noop and refused.fenced is not None and a.worker_id in refused.fenced
+        assert await b.claim_chunks("p", 10) == []
+        assert (await b.chunk(lease.chunk)).stage is Stage.SEALED
+        claimed: list[Claimed] = []
+        while not claimed:
+            assert time.monotonic() - silent_since < 10, "no takeover within 10 s"
+            await anyio.sleep(0.1)
+            claimed = await b.claim_chunks("p", 10)
+        assert time.monotonic() - silent_since >= ttl + grace - 0.2  # not before its time
+        (taken,) = claimed
+        assert taken.lease == ChunkLease(lease.chunk, b.worker_id, lease.epoch + 1)
+        assert (taken.stage, taken.previous_owner) == ("sealed", a.worker_id)
+        assert (await b.append(SubmitIntent(chunk=lease.chunk, at=6.5, requests=3),
+                               lease=taken.lease, expected=Stage.SEALED)).written
+        # A wakes up: its records are fenced, and its heartbeat says what it lost.
+        late = await a.append(SubmitIntent(chunk=lease.chunk, at=7.5, requests=3),
+                              lease=lease, expected=(Stage.SEALED, Stage.INTENT))
+        assert late.noop and late.fenced is not None and b.worker_id in late.fenced
+        beat = await a.heartbeat()
+        assert beat.lost_chunks({lease.chunk: lease.epoch}) == {lease.chunk}
+        chunk = await b.chunk(lease.chunk)
+        assert chunk is not None and (chunk.intent_at, chunk.intent_count) == (6.5, 1)
+
+
+@pytest.mark.anyio
+async def test_a_lost_shard_seals_nothing(pg: Harness) -> None:
+    """A reader whose shard was forced away is fenced at the seal and claims no keys."""
+    async with pg.opened(name="a") as a, pg.opened(name="b") as b:
+        old = await a.acquire_shard("p")
+        assert await b.acquire_shard("p") is None  # A reads it
+        new = await b.acquire_shard("p", force=True)
+        assert new is not None and new.epoch == old.epoch + 1
+        digest = await a.put_spool("p-000001", old.epoch, pg.spool_file("p-000001"))
+        late = await a.append(sealed("p-000001"), lease=old, spool=digest)
+        assert late.noop and late.fenced is not None
+        assert await b.chunk("p-000001") is None
+        with pytest.raises(FencedOut):
+            await a.claim_keys(old, "p-000002", [("k", None)])
+
+
+@pytest.mark.anyio
+async def test_records_the_cluster_log_cannot_keep_are_refused(pg: Harness) -> None:
+    async with pg.opened() as store:
+        with pytest.raises(ValueError, match="batch_disowned records have no place"):
+            await store.append(BatchDisowned(batch_id="msgbatch_x", reason="not ours"))
+        with pytest.raises(ValueError, match="chunk_sealed of p-000001 needs its spool"):
+            await store.append(sealed(), lease=await store.acquire_shard("p"))
