@@ -189,6 +189,20 @@ class TestRecords:
                                    expected=Stage.SEALED)
             assert comparable(await store.snapshot()) == before
 
+    async def test_a_record_under_the_wrong_lease_is_refused(self, harness: Harness) -> None:
+        async with harness.opened() as store:
+            shard = await store.acquire_shard("p")
+            lease = await seal(harness, store, shard)
+            with pytest.raises(ValueError, match="submit_intent record needs a chunk lease"):
+                await store.append(SubmitIntent(chunk=lease.chunk, at=1.0, requests=3),
+                                   lease=shard)
+            with pytest.raises(ValueError, match="for chunk p-000001 under a lease on p-000002"):
+                await store.append(SubmitIntent(chunk=lease.chunk, at=1.0, requests=3),
+                                   lease=ChunkLease("p-000002", lease.owner, lease.epoch))
+            with pytest.raises(ValueError, match="chunk_retired record needs a shard lease"):
+                await store.append(ChunkRetired(chunk=lease.chunk), lease=lease)
+            assert (await store.chunk(lease.chunk)).stage is Stage.SEALED
+
     async def test_a_stale_expected_stage_is_fenced_not_written(self, harness: Harness) -> None:
         """The caller believed the chunk was sealed; it is submitted: nothing is recorded."""
         async with harness.opened() as store:

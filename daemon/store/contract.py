@@ -22,6 +22,10 @@ Shape, and why (docs/cluster.md "The store contract" has the longer story):
   chunk, it is not an error. A transition replay refuses raises ``ValueError``
   with replay's words (``illegal <kind> record: ...``), as ``Manifest.append``
   always did.
+* A lease of the wrong sort (or for another chunk or pipeline) is a ``ValueError``
+  on both stores (:func:`check_lease`); LocalStore's leases are all at epoch 0.
+* ``claim_keys`` under a shard lease that was lost raises ``FencedOut`` (PgStore;
+  LocalStore's shard cannot be lost): nothing was claimed, stop reading.
 * Reads return the replay state's own types (``ChunkState``, ``PipelineState``,
   ``ManifestState``) as copies: mutating them changes nothing stored.
 * Spools: ``put_spool`` takes the file a packer wrote and returns its
@@ -62,6 +66,7 @@ from batchd.daemon.cluster.errors import FencedOut, LimitUndefined, SpoolCorrupt
 from batchd.daemon.cluster.leases import ChunkLease, Claimed
 from batchd.daemon.cluster.shards import ShardLease
 from batchd.daemon.cluster.spool_blocks import SpoolDigest
+from batchd.daemon.cluster.transitions import CHUNK_KINDS, SHARD_KINDS
 from batchd.daemon.cluster.workers import Heartbeat
 from batchd.daemon.intake.ledger import Claim
 from batchd.daemon.wal.manifest_state import ChunkState, ManifestState, PipelineState, Stage
@@ -82,6 +87,7 @@ __all__ = (
     "SpoolCorrupt",
     "SpoolDigest",
     "StateStore",
+    "check_lease",
     "illegal",
     "stages",
 )
@@ -124,6 +130,31 @@ class Deadline(Protocol):
 def illegal(kind: str, message: str) -> ValueError:
     """The error both stores raise for a transition replay refuses (``Manifest.append``'s)."""
     return ValueError(f"illegal {kind} record: {message}")
+
+
+def check_lease(kind: str, fields: Mapping[str, Any], lease: Lease | None) -> None:
+    """
+    Refuse a record whose lease is of the wrong sort, or for another chunk or pipeline.
+
+    Both stores call it, so a runtime that passes the wrong lease fails on LocalStore
+    (whose flock would not care) as it would on PgStore.
+
+    Raises:
+        ValueError: naming the record and the lease.
+    """
+    if kind in CHUNK_KINDS:
+        if not isinstance(lease, ChunkLease):
+            raise ValueError(f"{kind} record needs a chunk lease, not {lease!r}")
+        if lease.chunk != fields["chunk"]:
+            raise ValueError(f"{kind} record for chunk {fields['chunk']} under a lease on "
+                             f"{lease.chunk}")
+    elif kind in SHARD_KINDS:
+        if not isinstance(lease, ShardLease):
+            raise ValueError(f"{kind} record needs a shard lease, not {lease!r}")
+        pipeline = fields.get("pipeline", lease.pipeline)
+        if pipeline != lease.pipeline:
+            raise ValueError(f"{kind} record of pipeline {pipeline} under a lease on "
+                             f"{lease.pipeline}/{lease.shard}")
 
 
 def stages(expected: Expected | None) -> tuple[Stage, ...] | None:

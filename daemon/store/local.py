@@ -64,6 +64,7 @@ from batchd.daemon.store.contract import (
     SpoolCorrupt,
     SpoolDigest,
     StateStore,
+    check_lease,
     illegal,
     stages,
 )
@@ -254,6 +255,7 @@ class LocalStore:
         spool: SpoolDigest | None = None,
     ) -> Applied:
         kind, fields = record.KIND, record.to_fields()
+        check_lease(kind, fields, lease)
         state = self.manifest.state
         chunk_id = fields.get("chunk") if isinstance(fields.get("chunk"), str) else None
         if kind in _PLANNED:

@@ -54,7 +54,7 @@ from batchd.daemon.cluster import (
 from batchd.daemon.cluster.deadline import LeaseDeadline
 from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
 from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
-from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS
+from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS, SHARD_KINDS
 from batchd.daemon.store.contract import (
     Applied,
     ChunkLease,
@@ -67,6 +67,7 @@ from batchd.daemon.store.contract import (
     ShardLease,
     SpoolDigest,
     StateStore,
+    check_lease,
     illegal,
     stages,
 )
@@ -201,6 +202,7 @@ class PgStore:
         spool: SpoolDigest | None = None,
     ) -> Applied:
         kind, fields = record.KIND, record.to_fields()
+        check_lease(kind, fields, lease)
         try:
             async with self._conn() as conn:
                 result = await self._dispatch(conn, kind, fields, lease, expected, spool)
@@ -218,15 +220,13 @@ class PgStore:
     ) -> fencing.Applied:
         sql = self.sql
         if kind in CHUNK_KINDS:
-            if not isinstance(lease, ChunkLease):
-                raise ValueError(f"{kind} record needs a chunk lease, not {lease!r}")
+            assert isinstance(lease, ChunkLease)  # check_lease
             return await fencing.apply_transition(
                 conn, sql, lease, stages(expected) or _ANY_STAGE, kind, fields,
                 retry_spool=spool,
             )
-        if kind in ("chunk_sealed", "source_committed", "chunk_retired"):
-            if not isinstance(lease, ShardLease):
-                raise ValueError(f"{kind} record needs a shard lease, not {lease!r}")
+        if kind in SHARD_KINDS:
+            assert isinstance(lease, ShardLease)  # check_lease
             if kind == "chunk_sealed":
                 if spool is None:
                     raise ValueError(f"chunk_sealed of {fields['chunk']} needs its spool "
