@@ -13,7 +13,7 @@ from typing import Any
 
 from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.config import Config
-from batchd.plugins.errors import ConfigError, FatalError
+from batchd.plugins.errors import ConfigError, RetriableError
 
 __all__ = ("CONNECT_TIMEOUT", "cluster_dsn", "connect_cluster", "describe_target",
            "located", "where")
@@ -61,19 +61,32 @@ async def connect_cluster(config: Config, purpose: str) -> tuple[Any, Sql]:
         ConfigError: no DSN, a malformed one, a refused login or a missing database
             (exit 2: the config must change), or asyncpg is not installed.
         RetriableError: the server did not answer (exit 1: try again later).
+
+    Every message starts ``file: [cluster]: dsn`` and shows no password.
     """
     dsn = cluster_dsn(config)
     sql = Sql(config.cluster.schema)
     try:
-        from batchd.connectors._pg import connect
+        import asyncpg
+
+        from batchd.connectors._pg import describe, is_connection_error, redact
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] != "asyncpg":
             raise
         raise ConfigError("cluster mode needs asyncpg, which is not installed: "
                           "pip install 'batchd[postgres]'") from None
+    target = f"{where(config)}: cannot connect to {describe(dsn)}"
+    # One attempt and no log line (connectors/_pg.py's connect logs its retries, and a
+    # command's stdout may be --json): the caller reports the one failure.
     try:
-        conn = await connect(dsn, owner=where(config), application_name=f"batchd:{purpose}",
-                             attempts=1, connect_timeout=CONNECT_TIMEOUT)
-    except FatalError as exc:  # a refused login, a database that does not exist
-        raise located(config, ConfigError(str(exc)), "dsn") from None
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, server_settings={
+            "application_name": f"batchd:{purpose}"[:63]})
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError,
+            asyncpg.ClientConfigurationError, ValueError) as exc:
+        # A refused login, a database that does not exist, a malformed DSN: the config's.
+        raise located(config, ConfigError(f"{target}: {redact(str(exc), dsn)}"), "dsn") from None
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+        raise RetriableError(f"{target}: {type(exc).__name__}: {redact(str(exc), dsn)}") from None
     return conn, sql
