@@ -52,6 +52,11 @@ from batchd.daemon.cluster import (
     workers,
 )
 from batchd.daemon.cluster.deadline import LeaseDeadline
+from batchd.daemon.cluster.defaults import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_TAKEOVER_GRACE,
+    default_margin,
+)
 from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
 from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS, SHARD_KINDS
@@ -95,7 +100,7 @@ class PgStore:
         lease_ttl: seconds a heartbeat keeps this worker's leases.
         takeover_grace: seconds past another worker's TTL before taking its work.
         lease_margin: seconds before the TTL at which this worker stops acting
-            (default a quarter of the TTL).
+            (default ``cluster.defaults.default_margin``: 5 s, or a sixth of a short TTL).
         limits: scope -> cap (None: counted, not capped), defined at open.
         pool_size: connections in the pool.
     """
@@ -107,8 +112,8 @@ class PgStore:
         spool_dir: Path,
         schema: str = DEFAULT_SCHEMA,
         name: str = "batchd",
-        lease_ttl: float = 30.0,
-        takeover_grace: float = 10.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        takeover_grace: float = DEFAULT_TAKEOVER_GRACE,
         lease_margin: float | None = None,
         limits: Mapping[str, float | None] | None = None,
         pool_size: int = 4,
@@ -120,7 +125,7 @@ class PgStore:
         self.lease_ttl = lease_ttl
         self.grace = takeover_grace
         self._deadline = LeaseDeadline(
-            lease_ttl, lease_ttl / 4 if lease_margin is None else lease_margin
+            lease_ttl, default_margin(lease_ttl) if lease_margin is None else lease_margin
         )
         self._limits = dict(limits or {})
         self._pool_size = pool_size
