@@ -251,21 +251,29 @@ class FileSource(Source):
         try:
             offset, line = int(resume["offset"]), int(resume["line"])
         except (KeyError, TypeError, ValueError):
-            raise FatalError(
-                f"{self.what} {self._label}: unusable resume position {resume!r}"
-            ) from None
+            raise self._unusable(resume) from None
+        self._seek_to(file, offset, line + 1, "line")
+
+    def _unusable(self, resume: dict[str, Any]) -> FatalError:
+        return FatalError(f"{self.what} {self._label}: unusable resume position {resume!r}")
+
+    def _seek_to(self, file: BinaryIO, offset: int, line: int, unit: str) -> None:
+        """
+        Continue at ``offset`` (numbered ``line``), after checking that a ``unit`` (a line,
+        a record) ends just before it; anywhere else the file was replaced or truncated.
+        """
         size = file.seek(0, 2)
-        ok = 0 <= offset <= size
+        ok = self._lines.offset <= offset <= size
         if ok and offset > 0:
             file.seek(offset - 1)
             ok = file.read(1) == b"\n" or offset == size
         if not ok:
             raise FatalError(
                 f"{self.what}: cannot resume {self._label} at byte {offset} (file is {size} "
-                "bytes, and a line must end there): was the file replaced or truncated?"
+                f"bytes, and a {unit} must end there): was the file replaced or truncated?"
             )
         file.seek(offset)
-        self._lines.offset, self._lines.line = offset, line + 1
+        self._lines.offset, self._lines.line = offset, line
 
     def _read_batch(self) -> None:
         """Parse the next batch into ``self._pending`` (worker thread)."""

@@ -227,11 +227,7 @@ class Options:
         """An integer (TOML ``true`` is not one) within ``min``..``max`` when given."""
         if not self._present(key, default):
             return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or (
-            min is not None and value < min) or (max is not None and value > max):
-            raise self.error(key, f"must be {_int_range(min, max)}, got {value!r}")
-        return value
+        return int(self._bounded(key, int, _int_range(min, max), min, max))
 
     def number(
         self, key: str, default: D = REQUIRED, *, min: float | None = None,
@@ -240,11 +236,15 @@ class Options:
         """An integer or float within ``min``..``max`` when given, returned as a float."""
         if not self._present(key, default):
             return default
+        return float(self._bounded(key, int | float, _range("a number", min, max), min, max))
+
+    def _bounded(self, key: str, kind: Any, what: str, low: float | None,
+                 high: float | None) -> Any:
         value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-            min is not None and value < min) or (max is not None and value > max):
-            raise self.error(key, f"must be {_range('a number', min, max)}, got {value!r}")
-        return float(value)
+        if isinstance(value, bool) or not isinstance(value, kind) or (
+                low is not None and value < low) or (high is not None and value > high):
+            raise self.error(key, f"must be {what}, got {value!r}")
+        return value
 
     def flag(self, key: str, default: D = REQUIRED) -> bool | D:
         """``true`` or ``false`` (TOML booleans only: ``"yes"`` is a mistake, not true)."""

@@ -39,8 +39,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from batchd.daemon.cluster.chunk_rows import (
     CHUNK_FIELDS,
     PIPELINE_FIELDS,
@@ -292,6 +290,8 @@ async def apply_transition(
 async def _fenced(
     conn: Any, sql: Sql, worker: str, body: Callable[[], Awaitable[Applied]]
 ) -> Applied:
+    import asyncpg  # here, so that the types above import without the postgres extra
+
     try:
         return await transaction(conn, body)
     except FencedOut:
