@@ -88,13 +88,13 @@ class Figures:
 
     NAMES: ClassVar[tuple[str, ...]]  # the field names, in order (set below the class)
 
-    succeeded: int
-    truncated: int
-    dead: int
-    retried: int
-    cost_usd: float
-    input_tokens: int
-    output_tokens: int
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
 
     def to_fields(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.NAMES}
@@ -335,15 +335,15 @@ def _json_types(hint: Any) -> tuple[type, ...]:
     raise TypeError(f"no JSON type for a record field of type {hint!r}")
 
 
-def _schema(cls: type) -> dict[str, tuple[type, ...]]:
+def _schema(cls: type, *, inlined: bool = False) -> dict[str, tuple[type, ...]]:
     """A record class's required fields and their JSON types; nested Figures are inlined."""
     hints = get_type_hints(cls)
     schema: dict[str, tuple[type, ...]] = {}
     for f in fields(cls):
-        if f.default is not MISSING:
+        if f.default is not MISSING and not inlined:
             continue  # added after release 0.1: absent from older records
         if hints[f.name] is Figures:
-            schema.update(_schema(Figures))
+            schema.update(_schema(Figures, inlined=True))  # every figure is always written
         else:
             schema[f.name] = _json_types(hints[f.name])
     return schema
