@@ -14,12 +14,14 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from batchd.daemon.cluster import defaults as cluster_defaults
+from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 from batchd.daemon.durations import parse_duration, parse_size
 from batchd.daemon.intake.request_options import (
     API_VERSIONS,
@@ -39,6 +41,7 @@ __all__ = (
     "TIER_QUEUE_LIMITS",
     "ApiConfig",
     "BatchingConfig",
+    "ClusterConfig",
     "Config",
     "OutputConfig",
     "PipelineConfig",
@@ -50,6 +53,7 @@ __all__ = (
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1000 * 1000
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_WORKSPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # The processing queue each documented tier grants (requests not yet processed, all batches).
 TIER_QUEUE_LIMITS = {"start": 200_000, "build": 300_000, "scale": 500_000}
@@ -126,6 +130,31 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """
+    ``[cluster]``: where the state lives, and the lease timings of cluster mode.
+
+    ``store = "local"`` (the default) is today's state directory; ``"postgres"``
+    is the shared store of docs/cluster.md, which ``batchd cluster`` commands use
+    and ``batchd run`` refuses until the runtime is wired to it.
+    """
+
+    store: str = "local"
+    # A secret (``env:NAME`` read at load): kept out of repr, so no log line shows it.
+    dsn: str | None = field(default=None, repr=False)
+    schema: str = DEFAULT_SCHEMA
+    workspace: str = cluster_defaults.DEFAULT_WORKSPACE
+    lease_ttl: float = cluster_defaults.DEFAULT_LEASE_TTL
+    takeover_grace: float = cluster_defaults.DEFAULT_TAKEOVER_GRACE
+    lease_margin: float = cluster_defaults.DEFAULT_LEASE_MARGIN
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is in the cluster's PostgreSQL store."""
+        return self.store == "postgres"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -137,6 +166,7 @@ class Config:
     metrics_address: str = "127.0.0.1"
     # Models the bundled catalog lacks, or corrections to it (``[models."id"] like = …``).
     models: dict[str, Any] = field(default_factory=dict)
+    cluster: ClusterConfig = ClusterConfig()
 
     def pipeline(self, name: str) -> PipelineConfig:
         for pipeline in self.pipelines:
@@ -212,6 +242,17 @@ def _plugin(data: Any, where: str, path: Path) -> PluginSpec:
     return PluginSpec(type=type_name, options=options, where=f"{path}: {where}")
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's field defaults: declared once there, read by the parsing here."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+_API = _defaults(ApiConfig)
+_BATCHING = _defaults(BatchingConfig)
+_OUTPUT = _defaults(OutputConfig)
+_PIPELINE = _defaults(PipelineConfig)
+
+
 def _request(table: _Table) -> RequestConfig:
     model = _template(table, "model", table.require("model", str))
     max_tokens = table.require("max_tokens", int)
@@ -232,12 +273,14 @@ def _request(table: _Table) -> RequestConfig:
 
 
 def _batching(table: _Table) -> BatchingConfig:
-    max_requests = table.get("max_requests", int, 10_000)
+    max_requests = table.get("max_requests", int, _BATCHING["max_requests"])
     _positive(table, "max_requests", max_requests, MAX_BATCH_REQUESTS)
-    max_bytes = table.convert("max_bytes", lambda v: parse_size(v, what="size"), 200 * 1000**2)
+    max_bytes = table.convert("max_bytes", lambda v: parse_size(v, what="size"),
+                              _BATCHING["max_bytes"])
     _positive(table, "max_bytes", max_bytes, MAX_BATCH_BYTES)
-    linger = table.convert("linger", lambda v: parse_duration(v, what="duration"), 60.0)
-    max_in_flight = table.get("max_in_flight", int, 4)
+    linger = table.convert("linger", lambda v: parse_duration(v, what="duration"),
+                           _BATCHING["linger"])
+    max_in_flight = table.get("max_in_flight", int, _BATCHING["max_in_flight"])
     _positive(table, "max_in_flight", max_in_flight)
     table.finish()
     return BatchingConfig(max_requests, max_bytes, linger, max_in_flight)
@@ -249,8 +292,8 @@ def _output(table: _Table) -> OutputConfig:
         raise table.error("allowed", "must be a list of strings")
     out = OutputConfig(
         allowed=tuple(allowed) if allowed is not None else None,
-        strip=table.get("strip", bool, True),
-        lowercase=table.get("lowercase", bool, False),
+        strip=table.get("strip", bool, _OUTPUT["strip"]),
+        lowercase=table.get("lowercase", bool, _OUTPUT["lowercase"]),
     )
     table.finish()
     return out
@@ -296,14 +339,18 @@ def _pipeline(
         f"[pipeline.dead_letter] of {name!r}", path,
     ))
     custom_id = check(lambda: table.get("custom_id", str))
-    max_attempts = check(lambda: _bounded_int(table, "max_attempts", 3, 1, 20), 3)
+    attempts = _PIPELINE["max_attempts"]
+    max_attempts = check(lambda: _bounded_int(table, "max_attempts", attempts, 1, 20), attempts)
     budget = check(lambda: _budget(table))
     ratio = check(lambda: _ratio(table, "max_dead_letter_ratio"))
-    min_sample = check(lambda: _bounded_int(table, "dead_letter_min_sample", 100, 1, None), 100)
+    sample = _PIPELINE["dead_letter_min_sample"]
+    min_sample = check(lambda: _bounded_int(table, "dead_letter_min_sample", sample, 1, None),
+                       sample)
     request = check(lambda: _request(table.table("request", required=True)))
     batching = check(lambda: _batching(table.table("batching")))
     output = check(lambda: _output(table.table("output")), OutputConfig())
-    keep_message = check(lambda: table.get("keep_message", bool, False), False)
+    keep = _PIPELINE["keep_message"]
+    keep_message = check(lambda: table.get("keep_message", bool, keep), keep)
     retention = check(lambda: table.convert("ledger_retention", _retention, None))
     template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
     check(lambda: _text_rules_apply(table.table("output"), request, output))
@@ -376,13 +423,13 @@ def _api(table: _Table) -> ApiConfig:
 
     result = ApiConfig(
         base_url=table.get("base_url", str),
-        poll_interval=duration("poll_interval", 45.0),
-        poll_jitter=float(table.get("poll_jitter", (int, float), 1 / 3)),
-        max_retries=table.get("max_retries", int, 4),
-        timeout=duration("timeout", 600.0),
-        not_found_window=duration("not_found_window", 120.0),
+        poll_interval=duration("poll_interval", _API["poll_interval"]),
+        poll_jitter=float(table.get("poll_jitter", (int, float), _API["poll_jitter"])),
+        max_retries=table.get("max_retries", int, _API["max_retries"]),
+        timeout=duration("timeout", _API["timeout"]),
+        not_found_window=duration("not_found_window", _API["not_found_window"]),
         queue_limit=table.get("queue_limit", int),
-        version=table.get("version", str, SDK_API_VERSION),
+        version=table.get("version", str, _API["version"]),
         tier=table.get("tier", str),
     )
     if not _VERSION.fullmatch(result.version):
@@ -491,6 +538,7 @@ def load_config(
         log_level=top.check(lambda: _log_level(top), "info"),
         prices=top.check(lambda: top.get("prices", dict, {}), {}),
         models=top.check(lambda: top.get("models", dict, {}), {}),
+        cluster=top.check(lambda: _cluster(top.table("cluster")), ClusterConfig()),
     )
     for pipeline in config.pipelines:
         top.check(partial(check_sampling_version, pipeline.request.options.sampling,
@@ -527,3 +575,52 @@ def _metrics(table: _Table) -> tuple[int | None, str]:
             ) from None
     table.finish()
     return port, address
+
+
+def _cluster(table: _Table) -> ClusterConfig:
+    """
+    ``[cluster]``: the store, its DSN (a secret) and schema, and the lease timings.
+
+    The DSN is read (``env:NAME`` from the environment) whenever it is given, so a
+    ``batchd cluster`` command can use it before the workers switch stores.
+    """
+    store = table.choice("store", ("local", "postgres"), "local")
+    dsn = table.secret("dsn", None)
+    if store == "postgres" and dsn is None:
+        raise table.error("dsn", 'is required when store = "postgres" (a PostgreSQL DSN, '
+                          'best as "env:NAME" so the password stays out of the file)')
+    schema = table.text("schema", DEFAULT_SCHEMA)
+    try:
+        Sql(schema)
+    except ConfigError:
+        raise table.error("schema", f"{schema!r} is not a plain lowercase identifier "
+                          "(a-z, 0-9 and _, not starting with a digit; at most 63)") from None
+    workspace = table.text("workspace", cluster_defaults.DEFAULT_WORKSPACE)
+    if not _WORKSPACE.fullmatch(workspace):
+        raise table.error("workspace", f"{workspace!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                          "(it names the workspace's create slot and queue limit)")
+    ttl = _bounded_duration(table, "lease_ttl", cluster_defaults.DEFAULT_LEASE_TTL,
+                            cluster_defaults.LEASE_TTL_BOUNDS)
+    grace = _bounded_duration(table, "takeover_grace", cluster_defaults.DEFAULT_TAKEOVER_GRACE,
+                              cluster_defaults.TAKEOVER_GRACE_BOUNDS)
+    margin = table.duration("lease_margin", cluster_defaults.default_margin(ttl), min=0)
+    table.finish()  # first: a misspelt lease_ttl explains a margin refused against the default
+    share = cluster_defaults.MARGIN_SHARE_OF_TTL
+    if margin >= ttl * share:
+        raise table.error("lease_margin", f"must be less than {share:g} of lease_ttl "
+                          f"({ttl * share:g}s; heartbeats go out every lease_ttl/3 and the "
+                          "deadline must not lapse between them), "
+                          f"got {table.data['lease_margin']!r}")
+    return ClusterConfig(store=store, dsn=dsn, schema=schema, workspace=workspace,
+                         lease_ttl=ttl, takeover_grace=grace, lease_margin=margin)
+
+
+def _bounded_duration(
+    table: _Table, key: str, default: float, bounds: tuple[float, float]
+) -> float:
+    low, high = bounds
+    value: float = table.duration(key, default)
+    if not low <= value <= high:
+        raise table.error(key, f"must be between {low:g}s and {high:g}s, "
+                          f"got {table.data[key]!r}")
+    return value

@@ -30,7 +30,7 @@ import structlog
 
 from batchd.daemon.batches.api import BatchesApi, resolve_api_key
 from batchd.daemon.batches.queue_limit import QueueLimit, queue_limit_of
-from batchd.daemon.batches.reconcile import Reconciler
+from batchd.daemon.batches.reconcile import RECONCILE_NAME, Reconciler
 from batchd.daemon.config import Config, PluginSpec, load_config
 from batchd.daemon.factories import build_sink, build_source
 from batchd.daemon.intake.ledger import KeyLedger
@@ -48,6 +48,7 @@ from batchd.daemon.results.answers import AnswerReader
 from batchd.daemon.results.output_paths import check_outputs
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.state_db import check_reconcile_cache
 from batchd.daemon.wal.storage_errors import storage_error
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink
@@ -382,6 +383,7 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
         process.push_async_callback(manifest.aclose)
         ledger = await open_bound_ledger(config.state_dir, manifest)
         process.callback(ledger.close)
+        check_reconcile_cache(config.state_dir / RECONCILE_NAME)
         daemon.metrics = _start_metrics(config, process, daemon, manifest)
         async with anyio.create_task_group() as outer:
             outer.start_soon(daemon.on_signals, outer.cancel_scope)

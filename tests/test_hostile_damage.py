@@ -10,14 +10,23 @@ way out, after which the run pays nothing twice and loses nothing.
 
 from __future__ import annotations
 
+import csv
+import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
-from tests.fixtures.hostile import assert_nothing_lost, assert_paid_once, one_line
+from tests.fixtures.hostile import (
+    assert_nothing_lost,
+    assert_paid_once,
+    copy_state,
+    one_line,
+    restore_state,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,3 +110,91 @@ class TestManifestDamagedInTheMiddle:
         error = one_line(refused)
         assert "line 1" in error and "backup" in error
         assert (ws.state_dir / MANIFEST_NAME).read_bytes() == before
+
+
+def damage_file(path: Path, how: str) -> None:
+    """Put garbage, nothing, or a directory where a state file was."""
+    for companion in ("-wal", "-shm"):
+        path.with_name(path.name + companion).unlink(missing_ok=True)
+    if how == "garbage":
+        path.write_bytes(random.Random(12).randbytes(8192))
+    elif how == "emptied":
+        path.write_bytes(b"")
+    else:
+        path.unlink(missing_ok=True)
+        path.mkdir()
+        (path / "x").write_text("not a database")
+
+
+class TestDamagedSqliteStateFiles:
+    @pytest.mark.parametrize("how", ["garbage", "emptied", "directory"])
+    def test_damaged_key_ledger_is_exit_2_and_repair_rebuilds_it(
+        self, emulator_factory: Callable[..., EmulatorThread],
+        workspace: Callable[..., Workspace], how: str,
+    ) -> None:
+        """keys.sqlite garbled, emptied or replaced by a directory mid-run: `run`, `status`,
+        `show` and `dead-letters list` are one line naming it and `batchd repair` (exit 2);
+        repair sets it aside and rebuilds it, and a key repeated later is still caught."""
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        path = ws.write_tickets(200)
+        with path.open("a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(["T0000003", "A second ticket under an old id: refund me"])
+        ws.write_config(**CHUNKS)
+        ws.crash("after_source_commit:2")
+        ledger = ws.state_dir / "keys.sqlite"
+        damage_file(ledger, how)
+
+        config = str(ws.config_path)
+        for argv in ([], ["status", config], ["show", config, "T0000003"],
+                     ["dead-letters", "list", config, "tickets"]):
+            refused = ws.run(*argv)
+            if argv and how == "emptied":  # reads as no keys yet; only `run` must refuse
+                assert refused.returncode == 0 and "Traceback" not in refused.stderr
+                continue
+            assert refused.returncode == 2, describe(refused)
+            error = one_line(refused)
+            assert str(ledger) in error and "batchd repair" in error, error
+
+        repaired = ws.run("repair", config)
+        assert repaired.returncode == 0, describe(repaired)
+        assert "keys.sqlite.replaced-" in repaired.stdout
+        assert ledger.is_file()
+        ws.run_ok()
+        out = ws.outputs()
+        assert out.dead["T0000003"]["error_type"] == "duplicate_key"
+        keys = csv_keys(path)
+        assert_paid_once(emulator, expected=custom_ids(sorted(set(keys))))
+        assert_nothing_lost(ws, keys)
+
+    @pytest.mark.parametrize("how", ["garbage", "directory"])
+    def test_damaged_reconcile_cache_is_exit_2_and_repair_sets_it_aside(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]], how: str,
+    ) -> None:
+        """reconcile.sqlite garbled or a directory after a restored backup: `run` and
+        `batchd reconcile` are one line naming it (exit 2); after `batchd repair` the run
+        reads the API's batches again and adopts them, paying nothing twice."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:2")
+        backup = copy_state(ws)
+        ws.run_ok()
+        restore_state(ws, backup)
+        cache = ws.state_dir / "reconcile.sqlite"
+        damage_file(cache, how)
+
+        config = str(ws.config_path)
+        for argv in ([], ["reconcile", config]):
+            refused = ws.run(*argv)
+            assert refused.returncode == 2, describe(refused)
+            error = one_line(refused)
+            assert str(cache) in error and "batchd repair" in error, error
+
+        repaired = ws.run("repair", config)
+        assert repaired.returncode == 0, describe(repaired)
+        assert "reconcile.sqlite.replaced-" in repaired.stdout
+        created = emulator.stats()["batches_created"]
+        proc = ws.run_ok()
+        assert "adopted" in proc.stdout
+        assert emulator.stats()["batches_created"] == created
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)

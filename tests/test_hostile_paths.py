@@ -115,6 +115,29 @@ class TestCollidingPaths:
         manifest = ws.state_dir / MANIFEST_NAME
         assert not manifest.exists() or manifest.read_bytes()[:8] != b"SQLite f"
 
+    @pytest.mark.parametrize("link", [None, "out", "out/labels.sqlite"])
+    def test_validate_refuses_the_collisions_run_refuses(
+        self, ws: Workspace, emulator: EmulatorThread, link: str | None
+    ) -> None:
+        """A sink on the key ledger, named directly or reached through a symlink (a whole
+        `out` pointing into the state dir, or the file itself): `validate` lists what `run`
+        would refuse, instead of saying OK."""
+        (ws.state_dir / "spool").mkdir(parents=True)
+        sinks = [{"type": "sqlite", "path": "out/labels.sqlite" if link else "state/keys.sqlite"}]
+        if link == "out":
+            (ws.root / "out").symlink_to("state")
+            sinks = [{"type": "sqlite", "path": "out/keys.sqlite"}]
+        elif link:
+            (ws.root / "out").mkdir()
+            (ws.root / link).symlink_to("../state/keys.sqlite")
+        write(ws, config(ws, sink=sinks, dead_letter={"type": "jsonl", "path": "dead"}))
+        checked = ws.run("validate", str(ws.config_path))
+        assert checked.returncode == 2, describe(checked)
+        assert "batchd's own keys.sqlite" in checked.stdout + checked.stderr
+        refused = ws.run()
+        assert refused.returncode == 2 and "keys.sqlite" in one_line(refused)
+        nothing_sent(emulator)
+
     def test_jsonl_path_that_is_a_file(self, ws: Workspace, emulator: EmulatorThread) -> None:
         (ws.root / "out").mkdir()
         (ws.root / "out" / "labels").write_text("not a directory\n")

@@ -41,6 +41,7 @@ from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
+from batchd.daemon.wal.state_db import check_reconcile_cache
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
@@ -349,7 +350,8 @@ class Reconciler:
 def unknown_batches(state_dir: Path) -> list[FoundBatch]:
     """The batches ``reconcile.sqlite`` holds (for ``batchd reconcile`` to list)."""
     path = state_dir / RECONCILE_NAME
-    if not path.exists():
+    check_reconcile_cache(path)
+    if not path.exists() or path.stat().st_size == 0:
         return []
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return [FoundBatch(b, c, r) for b, c, r in db.execute(

@@ -27,6 +27,7 @@ from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_sink
 from batchd.daemon.wal.chunk_ids import number_of
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.contract import DeadLetterReader
 from batchd.plugins.errors import ConfigError
 
@@ -46,7 +47,9 @@ class _Owners:
     def __init__(self, state_dir: Path, pipeline: str) -> None:
         self.pipeline = pipeline
         path = state_dir / "keys.sqlite"
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if path.exists() else None
+        check_ledger(path, allow_empty=True)
+        usable = path.exists() and path.stat().st_size > 0
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if usable else None
 
     def _number(self, chunk: str) -> int:
         return number_of(self.pipeline, chunk)

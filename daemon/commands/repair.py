@@ -19,10 +19,12 @@ one is bound to the manifest. The daemon must be stopped (the manifest lock).
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 
+from batchd.daemon.batches.reconcile import RECONCILE_NAME
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_source
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger, ledger_files, position_identity
@@ -34,6 +36,13 @@ from batchd.daemon.wal.manifest import Manifest, _take_lock, replay
 from batchd.daemon.wal.manifest_damage import ManifestDamaged, cut_damaged_manifest
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.records import LedgerBound
+from batchd.daemon.wal.state_db import (
+    StateFileDamaged,
+    check_ledger,
+    check_reconcile_cache,
+    set_aside,
+)
 from batchd.plugins.errors import BatchdError, ConfigError
 
 __all__ = ("repair_ledger",)
@@ -77,27 +86,46 @@ def _cut_damage(config: Config) -> list[str]:
         os.close(lock_fd)
 
 
+def _damage(check: Callable[[], None]) -> str | None:
+    """What a state-file check found wrong, or None."""
+    try:
+        check()
+    except StateFileDamaged as exc:
+        return str(exc).partition(": stop batchd")[0]
+    return None
+
+
+def _set_aside_damaged_cache(state_dir: Path) -> list[str]:
+    """A damaged reconcile cache is derived data: keep it aside, the next start refills it."""
+    path = state_dir / RECONCILE_NAME
+    damage = _damage(lambda: check_reconcile_cache(path))
+    if damage is None:
+        return []
+    kept = set_aside(path)
+    return [f"{damage}: kept it as {kept[0]}; the next start reads the API's batches into a "
+            f"new one"]
+
+
 async def _repair(config: Config) -> list[str]:
     state_dir = config.state_dir
     cut = await anyio.to_thread.run_sync(_cut_damage, config)
     async with await Manifest.open(state_dir) as manifest:
+        report: list[str] = [*cut, *_set_aside_damaged_cache(state_dir)]
         path = state_dir / LEDGER_NAME
-        if path.exists():
+        damage = _damage(lambda: check_ledger(path))
+        if path.exists() and damage is None:
             current = KeyLedger(path)
             try:
                 same = manifest.state.ledger_id in (None, current.id)
             finally:
                 current.close()
             if same:
-                return [*cut, f"{path} belongs with {manifest.path}; nothing to repair"
+                return [*report, f"{path} belongs with {manifest.path}; nothing to repair"
                         + (" (kept as it is)" if cut else "")]
-        report: list[str] = list(cut)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for file in ledger_files(path):
-            if file.exists():
-                kept = file.with_name(f"{file.name}.replaced-{stamp}")
-                os.replace(file, kept)
-                report.append(f"kept the old {file.name} as {kept}")
+        if damage is not None:
+            report.append(damage)
+        for kept in set_aside(path):
+            report.append(f"kept the old {kept.name.partition('.replaced-')[0]} as {kept}")
         building = path.with_name(LEDGER_NAME + ".rebuild")
         for file in ledger_files(building):
             file.unlink(missing_ok=True)
@@ -111,7 +139,7 @@ async def _repair(config: Config) -> list[str]:
         os.replace(building, path)
         for file in ledger_files(building)[1:]:
             file.unlink(missing_ok=True)
-        await manifest.append("ledger_bound", ledger=ledger_id)
+        await manifest.append(LedgerBound(ledger=ledger_id))
         report.append(f"rebuilt {path} and bound it to {manifest.path}")
         return report
 

@@ -31,6 +31,7 @@ from batchd.daemon.config import Config, PipelineConfig, PluginSpec
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.chunk_ids import attempt_of, root_of
 from batchd.daemon.wal.manifest_state import ManifestState
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.contract import PluginContext
 
 __all__ = ("chunk_family", "key_history")
@@ -59,7 +60,8 @@ def chunk_family(state: ManifestState, pipeline: str, root: str) -> list[dict[st
 
 def _ledger(state_dir: Path, pipeline: str, key: str) -> dict[str, Any] | None:
     path = state_dir / "keys.sqlite"
-    if not path.exists():
+    check_ledger(path, allow_empty=True)
+    if not path.exists() or path.stat().st_size == 0:
         return None
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         found = db.execute("SELECT chunk, position FROM keys WHERE pipeline = ? AND key = ?",

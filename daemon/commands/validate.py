@@ -29,13 +29,11 @@ from typing import Any
 import anyio
 
 from batchd.daemon.config import Config, PipelineConfig, PluginSpec, load_config
-from batchd.plugins.contract import Sink, Source
+from batchd.plugins.contract import Sink, SinkOutput, Source
 from batchd.plugins.errors import BatchdError, ConfigError
 
 __all__ = ("Problem", "Report", "check_config", "template_field_errors")
 
-# Sink types whose ``path`` option is where they write (a directory or a file).
-_FILE_SINKS = {"jsonl": "directory", "dead_letter": "directory", "sqlite": "file"}
 _CONNECT_TIMEOUT = 15.0
 
 
@@ -175,9 +173,59 @@ def check_config(
     _check_state_dir(config, report)
     if not for_run:
         _check_metrics(config, report)
+    _check_cluster_store(config, report, for_run=for_run)
     if connect:
         anyio.run(_check_api, config, report)
+        if config.cluster.dsn is not None:
+            anyio.run(_check_cluster_db, config, report)
     return report
+
+
+def _check_cluster_store(config: Config, report: Report, *, for_run: bool) -> None:
+    """
+    ``store = "postgres"`` is not wired into ``run`` yet: ``run`` refuses it rather than
+    silently running on the local state; ``validate`` warns, and checks the rest.
+    """
+    if not config.cluster.shared:
+        return
+    found = Problem(
+        f"{config.path}: [cluster]: store: cluster mode's store is not wired into `batchd run` "
+        'yet, see docs/cluster.md (use store = "local" to run; `batchd cluster init` and '
+        "`batchd cluster status` use the database)", str(config.path), "[cluster]", "store",
+    )
+    (report.problems if for_run else report.warnings).append(found)
+
+
+async def _check_cluster_db(config: Config, report: Report) -> None:
+    """The cluster's database accepts the DSN, and its schema is the version this batchd uses."""
+    from batchd.daemon.commands.cluster_connect import connect_cluster, describe_target, located
+
+    where = (str(config.path), "[cluster]", "dsn")
+    try:
+        with anyio.fail_after(_CONNECT_TIMEOUT):
+            conn, sql = await connect_cluster(config, "validate")
+            try:
+                from batchd.daemon.cluster.migrations import check
+
+                version = await check(conn, sql)
+            finally:
+                from batchd.connectors._pg import close_quietly
+
+                await close_quietly(conn)
+    except TimeoutError:
+        report.problems.append(Problem(
+            f"{config.path}: [cluster]: dsn: {describe_target(config)}: no answer within "
+            f"{_CONNECT_TIMEOUT:.0f}s", *where))
+    except ConfigError as exc:  # a refused DSN, or the schema's version (SchemaVersionError)
+        from batchd.daemon.cluster.errors import SchemaVersionError
+
+        key = "schema" if isinstance(exc, SchemaVersionError) else "dsn"
+        report.problems.append(_problem(located(config, exc, key)))
+    except BatchdError as exc:  # the server did not answer
+        report.problems.append(Problem(str(exc), *where))
+    else:
+        report.checked.append(f"[cluster] {describe_target(config)}: schema {sql.schema!r} "
+                              f"at version {version}")
 
 
 async def _check_pipelines(config: Config, report: Report, connect: bool,
@@ -185,6 +233,7 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
     from batchd.connectors._file_source import FileSource
     from batchd.daemon.factories import build_sink, build_source
     from batchd.daemon.ops.status import read_state
+    from batchd.daemon.results.output_paths import check_outputs
     from batchd.daemon.wal.manifest_state import ManifestState
 
     try:
@@ -196,6 +245,7 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
             report.problems.append(Problem(
                 f"{config.state_dir}: the manifest cannot be read: {exc}",
                 file=str(config.state_dir)))
+    every_sink: list[tuple[str, Sink]] = []
     for pipeline in config.pipelines:
         source: Source | None = None
         try:
@@ -205,11 +255,13 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
         sinks: list[tuple[Sink, PluginSpec]] = []
         for spec in (*pipeline.sinks, pipeline.dead_letter):
             try:
-                sinks.append((build_sink(config, pipeline.name, spec), spec))
+                sink = build_sink(config, pipeline.name, spec)
+                sinks.append((sink, spec))
             except BatchdError as exc:
                 report.problems.append(_problem(exc, spec))
             else:
-                _check_sink_path(config, pipeline, spec, report)
+                for output in sink.outputs():
+                    _check_sink_path(config, output, spec, report)
         if source is not None:
             ps = state.pipelines.get(pipeline.name)
             # Only a file source is started (it reads its header, where a restart would
@@ -224,6 +276,11 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
             f"pipeline {pipeline.name!r}: {pipeline.source.type} source, "
             f"{len(pipeline.sinks)} sink(s), dead letters to {pipeline.dead_letter.type}"
         )
+        every_sink.extend((spec.where, sink) for sink, spec in sinks)
+    try:  # the collisions `run` refuses: batchd's own files (through symlinks too), one path twice
+        check_outputs(config.state_dir, every_sink)
+    except ConfigError as exc:
+        report.problems.append(_problem(exc))
 
 
 async def _check_source(
@@ -283,20 +340,14 @@ def _writable_dir(path: Path) -> tuple[bool, Path]:
     return os.access(probe, os.W_OK | os.X_OK), probe
 
 
-def _check_sink_path(
-    config: Config, pipeline: PipelineConfig, spec: PluginSpec, report: Report
-) -> None:
-    kind = _FILE_SINKS.get(spec.type)
-    raw = spec.options.get("path")
-    if kind is None or not isinstance(raw, str):
-        return
-    target = Path(raw).expanduser()
-    if not target.is_absolute():
-        target = config.path.resolve().parent / target
-    directory = target if kind == "directory" else target.parent
+def _check_sink_path(config: Config, output: SinkOutput, spec: PluginSpec,
+                     report: Report) -> None:
+    """A local output the sink declares (``Sink.outputs``) must be writable where it is."""
+    target = output.path
+    directory = target if output.directory else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
-    if kind == "file" and target.is_dir():
+    if not output.directory and target.is_dir():
         report.problems.append(Problem(
             f"{spec.where}: path: {target} is a directory; name the database file",
             file, table, "path",

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.errors import FatalError
 
 __all__ = (
@@ -282,7 +283,8 @@ def ledger_summary(path: Path, pipelines: Sequence[str]) -> dict[str, Any]:
         with contextlib.suppress(OSError):
             size += file.stat().st_size
     keys = dict.fromkeys(pipelines, 0)
-    if path.exists():
+    check_ledger(path, allow_empty=True)
+    if path.exists() and path.stat().st_size > 0:  # an emptied one is refused by `run`
         try:
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
                 for name in pipelines:

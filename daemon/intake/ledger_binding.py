@@ -15,6 +15,8 @@ from pathlib import Path
 
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger
 from batchd.daemon.wal.manifest import Manifest
+from batchd.daemon.wal.records import LedgerBound
+from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.errors import ConfigError
 
 __all__ = ("open_bound_ledger",)
@@ -39,6 +41,8 @@ async def open_bound_ledger(state_dir: Path, manifest: Manifest) -> KeyLedger:
             f"cannot tell which keys it already sent; restore it from the same backup as "
             f"the manifest, or {_REPAIR}"
         )
+    # Garbage, a directory, or an emptied file where the ledger was: repair, not a loop.
+    check_ledger(path, allow_empty=not history)
     ledger = KeyLedger(path)
     try:
         ledger_id = ledger.id
@@ -54,7 +58,7 @@ async def open_bound_ledger(state_dir: Path, manifest: Manifest) -> KeyLedger:
                 f"state dir or another backup; put back the matching one, or {_REPAIR}"
             )
         if state.ledger_id != ledger_id:  # a new state dir, or one from before ledger ids
-            await manifest.append("ledger_bound", ledger=ledger_id)
+            await manifest.append(LedgerBound(ledger=ledger_id))
     except BaseException:
         ledger.close()
         raise
