@@ -333,6 +333,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     import anyio
 
+    try:
+        import asyncpg  # noqa: F401  (the store's driver; only the postgres extra installs it)
+    except ImportError:
+        raise ConfigError("batchd cluster uses a PostgreSQL store: pip install "
+                          "'batchd[postgres]'") from None
     config = _load(args)
     if args.cluster_command == "init":
         from batchd.daemon.commands.cluster_init import init_cluster
