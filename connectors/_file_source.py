@@ -13,7 +13,6 @@ batch is parsed into ``self._pending`` (``_read_batch``); everything else is her
   refuses one where no line ends (the file was replaced or truncated).
 * **A line longer than** ``max_line_bytes`` is skipped in fixed-size reads, never held
   in memory, and becomes an error record (:meth:`overlong_line`).
-
 * **A last line without a newline is held back.** In daemon mode it may be a row
   still being written (``…,second appen``): it is read once its newline arrives.
   Under ``--until-drained`` it is read once the file has stopped growing for
@@ -117,6 +116,8 @@ class FileSource(Source):
         return Record(key or f"line-{line}", {}, self.position(line),
                       f"{self._label} line {line}: {reason}")
 
+    # -- the Source contract -------------------------------------------------------
+
     async def start(self, resume: dict[str, Any] | None) -> None:
         """Open the file and position it just past ``resume``."""
         await anyio.to_thread.run_sync(self._open, resume, limiter=self._limiter)
@@ -158,6 +159,7 @@ class FileSource(Source):
             self._tail_seen = (st.st_size, now)
             return False
         return now - self._tail_seen[1] >= _SETTLE
+
     async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
         """The file's bytes, and the byte offset just after ``position``'s record."""
         try:
@@ -257,21 +259,29 @@ class FileSource(Source):
         try:
             offset, line = int(resume["offset"]), int(resume["line"])
         except (KeyError, TypeError, ValueError):
-            raise FatalError(
-                f"{self.what} {self._label}: unusable resume position {resume!r}"
-            ) from None
+            raise self._unusable(resume) from None
+        self._seek_to(file, offset, line + 1, "line")
+
+    def _unusable(self, resume: dict[str, Any]) -> FatalError:
+        return FatalError(f"{self.what} {self._label}: unusable resume position {resume!r}")
+
+    def _seek_to(self, file: BinaryIO, offset: int, line: int, unit: str) -> None:
+        """
+        Continue at ``offset`` (numbered ``line``), after checking that a ``unit`` (a line,
+        a record) ends just before it; anywhere else the file was replaced or truncated.
+        """
         size = file.seek(0, 2)
-        ok = 0 <= offset <= size
+        ok = self._lines.offset <= offset <= size
         if ok and offset > 0:
             file.seek(offset - 1)
             ok = file.read(1) == b"\n" or offset == size
         if not ok:
             raise FatalError(
                 f"{self.what}: cannot resume {self._label} at byte {offset} (file is {size} "
-                "bytes, and a line must end there): was the file replaced or truncated?"
+                f"bytes, and a {unit} must end there): was the file replaced or truncated?"
             )
         file.seek(offset)
-        self._lines.offset, self._lines.line = offset, line + 1
+        self._lines.offset, self._lines.line = offset, line
 
     def _read_batch(self) -> None:
         """Parse the next batch into ``self._pending`` (worker thread)."""

@@ -1,7 +1,8 @@
 """
 What the PostgreSQL source and sink share: turning config values into safe SQL
-identifiers, resolving ``env:`` DSNs, connecting with backoff, and keeping the
-DSN's password out of every message.
+identifiers, reading the DSN (``env:`` allowed), connecting with backoff, and keeping
+the DSN's password out of every message. Their other options are read with
+:class:`batchd.Options`.
 
 Config is operator-owned but still goes through here, because an identifier
 pasted into SQL text is the one place a typo becomes an injection, and a DSN
@@ -10,9 +11,8 @@ in an exception becomes a leaked password in journald.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -20,18 +20,18 @@ import anyio
 import asyncpg
 import structlog
 
+from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.options import Options
 
 __all__ = (
     "CONNECTION_ERRORS",
+    "Connection",
     "close_quietly",
     "connect",
+    "connection_options",
     "describe",
     "is_connection_error",
-    "option_bool",
-    "option_int",
-    "option_seconds",
-    "option_str",
     "quote_column",
     "quote_table",
     "redact",
@@ -41,8 +41,6 @@ __all__ = (
 log = structlog.get_logger("batchd.postgres")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 #: Errors that mean "the connection is gone", as opposed to "the SQL is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -56,88 +54,44 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _where(owner: str, option: str) -> str:
-    return f"{owner}: option {option!r}"
-
-
-def quote_column(value: Any, *, owner: str, option: str) -> str:
+def quote_column(opts: Options, key: str, value: Any) -> str:
     """A validated, double-quoted column name, or ConfigError naming the option."""
     if not isinstance(value, str) or not _IDENT.match(value):
-        raise ConfigError(
-            f"{_where(owner, option)} must be a column name matching "
-            f"[A-Za-z_][A-Za-z0-9_$]*, got {value!r}"
-        )
+        raise opts.error(key, f"must be a column name matching [A-Za-z_][A-Za-z0-9_$]*, "
+                              f"got {value!r}")
     return f'"{value}"'
 
 
-def quote_table(value: Any, *, owner: str, option: str) -> str:
+def quote_table(opts: Options, key: str, value: Any) -> str:
     """``table`` or ``schema.table``, each part validated and double-quoted."""
     parts = value.split(".") if isinstance(value, str) else []
     if not 1 <= len(parts) <= 2 or not all(_IDENT.match(part) for part in parts):
-        raise ConfigError(
-            f"{_where(owner, option)} must be a table name or schema.table, each part "
-            f"matching [A-Za-z_][A-Za-z0-9_$]*, got {value!r}"
-        )
+        raise opts.error(key, "must be a table name or schema.table, each part matching "
+                              f"[A-Za-z_][A-Za-z0-9_$]*, got {value!r}")
     return ".".join(f'"{part}"' for part in parts)
 
 
-def option_str(options: Mapping[str, Any], name: str, *, owner: str, default: Any = ...) -> Any:
-    """A non-empty string option (``default=...`` means required)."""
-    if name not in options:
-        if default is ...:
-            raise ConfigError(f"{_where(owner, name)} is required")
-        return default
-    value = options[name]
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{_where(owner, name)} must be a non-empty string, got {value!r}")
-    return value
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Where and how patiently to connect: the options the source and the sink share."""
+
+    dsn: str
+    attempts: int
+    timeout: float
 
 
-def option_int(options: Mapping[str, Any], name: str, *, owner: str, default: int,
-               minimum: int = 1) -> int:
-    """An integer option of at least ``minimum``."""
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{_where(owner, name)} must be an integer >= {minimum}, got {value!r}")
-    return value
+def connection_options(opts: Options) -> Connection:
+    """``dsn``, ``connect_attempts`` (default 3) and ``connect_timeout`` (default 10 s)."""
+    return Connection(resolve_dsn(opts), opts.integer("connect_attempts", 3, min=1),
+                      opts.duration("connect_timeout", 10.0))
 
 
-def option_bool(options: Mapping[str, Any], name: str, *, owner: str, default: bool) -> bool:
-    """A true/false option."""
-    value = options.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{_where(owner, name)} must be true or false, got {value!r}")
-    return value
-
-
-def option_seconds(options: Mapping[str, Any], name: str, *, owner: str, default: float) -> float:
-    """Seconds as a number or a duration string like ``"5s"``, ``"500ms"``, ``"2m"``."""
-    value = options.get(name, default)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(
-            f"{_where(owner, name)} must be seconds (5) or a duration ('5s', '500ms', '2m'), "
-            f"got {value!r}"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def resolve_dsn(options: Mapping[str, Any], *, owner: str) -> str:
+def resolve_dsn(opts: Options) -> str:
     """
     The DSN from ``dsn``: ``"env:VAR"`` reads the environment so the secret
     never sits in the config file; anything else is taken literally.
     """
-    value = option_str(options, "dsn", owner=owner)
-    if value.startswith("env:"):
-        var = value[4:].strip()
-        dsn = os.environ.get(var, "")
-        if not var or not dsn.strip():
-            raise ConfigError(
-                f"{_where(owner, 'dsn')} names environment variable {var!r}, which is not set"
-            )
-        value = dsn.strip()
+    value: str = opts.secret("dsn")
     _register_secret(value)
     return value
 
@@ -212,12 +166,12 @@ async def connect(
     *,
     owner: str,
     application_name: str,
-    attempts: int = 3,
-    connect_timeout: float = 10.0,
+    attempts: int,
+    connect_timeout: float,
     read_only: bool = False,
 ) -> asyncpg.Connection:
     """
-    A connection, retried with exponential backoff.
+    A connection, retried with jittered exponential backoff (0.2 s doubling to 5 s).
 
     Unreachable server after ``attempts`` tries: :class:`RetriableError` (the
     engine backs off further). Wrong password, missing database or a malformed
@@ -228,7 +182,7 @@ async def connect(
     settings = {"application_name": application_name[:63]}
     if read_only:
         settings["default_transaction_read_only"] = "on"
-    delay = 0.2
+    backoff = Backoff(0.2, 5.0)
     last = ""
     for attempt in range(1, attempts + 1):
         try:
@@ -250,8 +204,7 @@ async def connect(
             log.warning("postgres connect failed", owner=owner, target=describe(dsn),
                         attempt=attempt, error=last)
         if attempt < attempts:
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await anyio.sleep(backoff.next_delay())
     raise RetriableError(
         f"{owner}: cannot connect to {describe(dsn)} after {attempts} attempts: {last}"
     ) from None

@@ -133,7 +133,7 @@ class CsvSource(FileSource):
             raise opts.error("delimiter", f"must be one character, got {self._delimiter!r}")
         self._codecs = text_codec(opts, "encoding", "utf-8-sig")
         self._max_field = opts.integer("max_field_bytes", 16 * 1024 * 1024, min=1)
-        self.max_records = opts.integer("batch", 1000, min=1)
+        self.max_records = opts.integer("batch", self.max_records, min=1)
         opts.finish()
 
     # -- worker-thread side -------------------------------------------------
@@ -210,21 +210,8 @@ class CsvSource(FileSource):
             offset, line, row = int(resume["offset"]), int(resume["line"]), int(resume["row"])
             end_line = int(resume.get("end_line", line))
         except (KeyError, TypeError, ValueError):
-            raise FatalError(
-                f"{_WHAT} {self._label}: unusable resume position {resume!r}"
-            ) from None
-        size = file.seek(0, 2)
-        ok = self._lines.offset <= offset <= size
-        if ok and offset > 0:
-            file.seek(offset - 1)
-            ok = file.read(1) == b"\n" or offset == size
-        if not ok:
-            raise FatalError(
-                f"{_WHAT}: cannot resume {self._label} at byte {offset} (file is {size} bytes, "
-                "and a record must end there): was the file replaced or truncated?"
-            )
-        file.seek(offset)
-        self._lines.offset, self._lines.line = offset, end_line + 1
+            raise self._unusable(resume) from None
+        self._seek_to(file, offset, end_line + 1, "record")  # past the header: offset >= it
         self._row = row + 1
 
     def _next_row(self) -> _Parsed | None:

@@ -40,8 +40,8 @@ class JsonlSource(FileSource):
         super().__init__(opts.path("path"), context, label=opts.text("path"))
         key = self._key = opts.text("key")
         self._fields: list[str] | None = opts.strings("fields", None)
-        self.max_records = opts.integer("batch", 1000, min=1)
-        self.max_line_bytes = opts.integer("max_line_bytes", 64 * 1024 * 1024, min=1)
+        self.max_records = opts.integer("batch", self.max_records, min=1)
+        self.max_line_bytes = opts.integer("max_line_bytes", self.max_line_bytes, min=1)
         opts.finish()
         # The key member as it appears right after "{" or ",": its value up to the next
         # "," or "}" (a string with escapes, or a number).

@@ -27,21 +27,11 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from batchd.connectors._kafka import (
-    build_ssl,
-    check_known,
-    client_settings,
-    known_client_options,
-    option_float,
-    option_int,
-    option_str,
-    option_str_list,
-    owner_name,
-    translate_error,
-)
+from batchd.connectors._kafka import build_ssl, client_settings, owner_name, translate_error
 from batchd.plugins.contract import PluginContext, Source, SourceSize
 from batchd.plugins.errors import ConfigError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import Record
 
 __all__ = ("KafkaSource", "register_sources")
@@ -50,18 +40,6 @@ log = structlog.get_logger("batchd.kafka")
 
 #: Consumer-group timings passed to aiokafka as they are (milliseconds).
 _GROUP_TIMINGS = ("session_timeout_ms", "heartbeat_interval_ms", "max_poll_interval_ms")
-_OPTIONS = (
-    *known_client_options(),
-    "topics",
-    "group_id",
-    "key",
-    "key_field",
-    "fields",
-    "batch",
-    "drain_idle",
-    "poll_timeout_ms",
-    *_GROUP_TIMINGS,
-)
 _MESSAGE_KEY = "message_key"
 
 
@@ -97,29 +75,23 @@ class KafkaSource(Source):
 
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
         owner = owner_name("source", context)
-        check_known(options, _OPTIONS, owner)
+        opts = Options(options, context, what=owner)
         self._owner = owner
-        self._settings = client_settings(options, owner, context)
-        topics = option_str_list(options, "topics", owner)
-        if topics is None:
-            raise ConfigError(f"{owner}: option 'topics' is required (a list of topic names)")
-        self._topics = topics
-        group_id = option_str(options, "group_id", owner)
-        if group_id is None:
-            raise ConfigError(
-                f"{owner}: option 'group_id' is required (offsets are committed to this group)"
-            )
-        self._group_id = group_id
-        self._key_field = self._parse_key(options, owner)
-        self._fields = option_str_list(options, "fields", owner)
-        self.max_records = option_int(options, "batch", owner, default=1000, minimum=1)
-        self._drain_idle = option_float(options, "drain_idle", owner, default=1.0)
-        self._poll_ms = option_int(options, "poll_timeout_ms", owner, default=500, minimum=1)
+        self._settings = client_settings(opts, context)
+        self._topics: list[str] = opts.strings("topics", single=True, env=True)
+        # Offsets are committed to this group.
+        self._group_id: str = opts.text("group_id", env=True)
+        self._key_field = self._parse_key(opts)
+        self._fields: list[str] | None = opts.strings("fields", None, env=True)
+        self.max_records = opts.integer("batch", self.max_records, min=1)
+        self._drain_idle: float = opts.number("drain_idle", 1.0, min=0)
+        self._poll_ms: int = opts.integer("poll_timeout_ms", 500, min=1)
         self._timings = {
-            name: option_int(options, name, owner, default=0, minimum=1)
-            for name in _GROUP_TIMINGS
-            if name in options
+            name: opts.integer(name, min=1) for name in _GROUP_TIMINGS if name in opts
         }
+        for name in _GROUP_TIMINGS:
+            opts.raw(name)  # known even when absent
+        opts.finish()
 
         self._consumer: AIOKafkaConsumer | None = None
         #: Never read below this, whoever committed what: the sealed position from
@@ -139,23 +111,21 @@ class KafkaSource(Source):
         self._idle_since: float | None = None
 
     @staticmethod
-    def _parse_key(options: dict[str, Any], owner: str) -> str | None:
+    def _parse_key(opts: Options) -> str | None:
         """``None`` for the message key, else the JSON field that holds the key."""
-        key = options.get("key", _MESSAGE_KEY)
-        key_field = option_str(options, "key_field", owner)
+        key_field: str | None = opts.text("key_field", None, env=True)
         if key_field is not None:
-            if "key" in options:
-                raise ConfigError(f"{owner}: give either 'key' or 'key_field', not both")
+            if "key" in opts:
+                raise opts.error("key", "give either 'key' or 'key_field', not both")
             return key_field
+        key = opts.get("key", (str, dict), _MESSAGE_KEY)
         if key == _MESSAGE_KEY:
             return None
         if isinstance(key, dict) and set(key) == {"field"}:
             field = key["field"]
             if isinstance(field, str) and field.strip():
                 return field.strip()
-        raise ConfigError(
-            f'{owner}: option \'key\' must be "message_key" or {{ field = "name" }}, got {key!r}'
-        )
+        raise opts.error("key", f'must be "message_key" or {{ field = "name" }}, got {key!r}')
 
     # -- lifecycle ---------------------------------------------------------------
 

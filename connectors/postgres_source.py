@@ -26,30 +26,23 @@ import structlog
 from batchd.connectors._pg import (
     close_quietly,
     connect,
+    connection_options,
     describe,
     is_connection_error,
-    option_int,
-    option_seconds,
-    option_str,
     quote_column,
     quote_table,
     redact,
-    resolve_dsn,
 )
 from batchd.plugins.contract import PluginContext, Source, SourceSize
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import Record
 
 __all__ = ("PostgresSource", "register_sources")
 
 OWNER = "postgres source"
 log = structlog.get_logger("batchd.postgres")
-
-_KNOWN_OPTIONS = frozenset(
-    {"dsn", "table", "query", "key", "fields", "where", "page_size", "repoll",
-     "connect_attempts", "connect_timeout"}
-)
 
 # key_type label -> (pg type names, JSON value -> Python value for the query parameter)
 _INT_TYPES = frozenset({"int2", "int4", "int8", "oid"})
@@ -117,20 +110,19 @@ class PostgresSource(Source):
     ledger_retention: float | None = 30 * 86400.0
 
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        unknown = sorted(set(options) - _KNOWN_OPTIONS - {"type"})
-        if unknown:
-            raise ConfigError(f"{OWNER}: unknown option(s) {', '.join(map(repr, unknown))}")
-        self._dsn = resolve_dsn(options, owner=OWNER)
-        self._from = self._relation(options)
-        self._key_name = option_str(options, "key", owner=OWNER)
-        self._key = quote_column(self._key_name, owner=OWNER, option="key")
-        self._columns = self._select_list(options.get("fields"))
-        where = option_str(options, "where", owner=OWNER, default=None)
+        opts = Options(options, context, what=OWNER)
+        connection = connection_options(opts)
+        self._dsn, self._attempts, self._timeout = (
+            connection.dsn, connection.attempts, connection.timeout)
+        self._from = self._relation(opts)
+        self._key_name: str = opts.text("key")
+        self._key = quote_column(opts, "key", self._key_name)
+        self._columns = self._select_list(opts)
+        where = opts.text("where", None)
         self._where = f"({where}) AND " if where else ""
-        self.max_records = option_int(options, "page_size", owner=OWNER, default=1000)
-        self._repoll = option_seconds(options, "repoll", owner=OWNER, default=5.0)
-        self._attempts = option_int(options, "connect_attempts", owner=OWNER, default=3)
-        self._timeout = option_seconds(options, "connect_timeout", owner=OWNER, default=10.0)
+        self.max_records = opts.integer("page_size", self.max_records, min=1)
+        self._repoll: float = opts.duration("repoll", 5.0)
+        opts.finish()
         self._app = f"batchd:{context.pipeline}:source"
         self._conn: asyncpg.Connection | None = None
         self._cursor: Any = None
@@ -139,23 +131,22 @@ class PostgresSource(Source):
         self._drained_at: float | None = None
         self._started = False
 
-    def _relation(self, options: dict[str, Any]) -> str:
-        has_table, has_query = "table" in options, "query" in options
+    def _relation(self, opts: Options) -> str:
+        has_table, has_query = "table" in opts, "query" in opts
         if has_table == has_query:
-            raise ConfigError(f"{OWNER}: set exactly one of option 'table' or option 'query'")
+            raise opts.error("table", "set exactly one of option 'table' or option 'query'")
         if has_table:
-            return quote_table(options["table"], owner=OWNER, option="table")
-        query = option_str(options, "query", owner=OWNER).strip().rstrip(";").strip()
+            return quote_table(opts, "table", opts.raw("table"))
+        query = opts.text("query").strip().rstrip(";").strip()
         if not re.match(r"(?is)^(select|with|values|table)\b", query):
-            raise ConfigError(f"{OWNER}: option 'query' must be a SELECT statement")
+            raise opts.error("query", "must be a SELECT statement")
         return f"({query})"
 
-    def _select_list(self, fields: Any) -> str:
+    def _select_list(self, opts: Options) -> str:
+        fields = opts.strings("fields", None)
         if fields is None:
             return "*"
-        if not isinstance(fields, list) or not fields:
-            raise ConfigError(f"{OWNER}: option 'fields' must be a non-empty list of column names")
-        names = [quote_column(name, owner=OWNER, option="fields") for name in fields]
+        names = [quote_column(opts, "fields", name) for name in fields]
         if self._key not in names:
             names.insert(0, self._key)
         return ", ".join(f"s.{name}" for name in names)

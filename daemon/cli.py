@@ -12,15 +12,19 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
 import orjson
 
-from batchd.daemon.config import Config, load_config
-from batchd.daemon.ops._logging import configure_logging
+from batchd.daemon.ops import _structlog_plain  # noqa: F401  (first: structlog without rich)
 from batchd.plugins.errors import BatchdError, ConfigError
 from batchd.plugins.manager import get_plugins, load_plugins, pm
+
+if TYPE_CHECKING:
+    from batchd.daemon.config import Config
+
+# Each command imports what it needs inside its function: `batchd --help` and
+# `batchd status` must not pay for the engine, the emulator's server or logging.
 
 __all__ = ("main",)
 
@@ -36,11 +40,16 @@ _NOT_RETRIABLE_WHY = (
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from batchd.daemon.config import load_config
+
     return load_config(args.config, state_dir=getattr(args, "state_dir", None))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
     from batchd.daemon.commands.validate import check_config
+    from batchd.daemon.ops._logging import configure_logging
 
     # The preflight is `batchd validate` itself, so the two cannot disagree on a config.
     report = check_config(args.config, state_dir=args.state_dir, for_run=True)
@@ -48,8 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(report)
         return EXIT_CONFIG
     config = report.config
-    # Logging first: the SDK, imported below, calls logging.basicConfig when ANTHROPIC_LOG
-    # is set, which would add a handler that bypasses secret redaction.
+    # Logging first, before anything else is imported: a library that calls
+    # logging.basicConfig would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
     from batchd.daemon.models.preflight import preflight
 
@@ -151,11 +160,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    import anyio
     from rich.console import Console
     from rich.table import Table
 
     from batchd.daemon.commands.estimate import estimate_pipeline
     from batchd.daemon.models.preflight import preflight
+    from batchd.daemon.ops._logging import configure_logging
 
     config = _load(args)
     configure_logging("warning", json=False, stream=sys.stderr)

@@ -14,7 +14,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -212,6 +212,17 @@ def _plugin(data: Any, where: str, path: Path) -> PluginSpec:
     return PluginSpec(type=type_name, options=options, where=f"{path}: {where}")
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's field defaults: declared once there, read by the parsing here."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+_API = _defaults(ApiConfig)
+_BATCHING = _defaults(BatchingConfig)
+_OUTPUT = _defaults(OutputConfig)
+_PIPELINE = _defaults(PipelineConfig)
+
+
 def _request(table: _Table) -> RequestConfig:
     model = _template(table, "model", table.require("model", str))
     max_tokens = table.require("max_tokens", int)
@@ -232,12 +243,14 @@ def _request(table: _Table) -> RequestConfig:
 
 
 def _batching(table: _Table) -> BatchingConfig:
-    max_requests = table.get("max_requests", int, 10_000)
+    max_requests = table.get("max_requests", int, _BATCHING["max_requests"])
     _positive(table, "max_requests", max_requests, MAX_BATCH_REQUESTS)
-    max_bytes = table.convert("max_bytes", lambda v: parse_size(v, what="size"), 200 * 1000**2)
+    max_bytes = table.convert("max_bytes", lambda v: parse_size(v, what="size"),
+                              _BATCHING["max_bytes"])
     _positive(table, "max_bytes", max_bytes, MAX_BATCH_BYTES)
-    linger = table.convert("linger", lambda v: parse_duration(v, what="duration"), 60.0)
-    max_in_flight = table.get("max_in_flight", int, 4)
+    linger = table.convert("linger", lambda v: parse_duration(v, what="duration"),
+                           _BATCHING["linger"])
+    max_in_flight = table.get("max_in_flight", int, _BATCHING["max_in_flight"])
     _positive(table, "max_in_flight", max_in_flight)
     table.finish()
     return BatchingConfig(max_requests, max_bytes, linger, max_in_flight)
@@ -249,8 +262,8 @@ def _output(table: _Table) -> OutputConfig:
         raise table.error("allowed", "must be a list of strings")
     out = OutputConfig(
         allowed=tuple(allowed) if allowed is not None else None,
-        strip=table.get("strip", bool, True),
-        lowercase=table.get("lowercase", bool, False),
+        strip=table.get("strip", bool, _OUTPUT["strip"]),
+        lowercase=table.get("lowercase", bool, _OUTPUT["lowercase"]),
     )
     table.finish()
     return out
@@ -296,14 +309,18 @@ def _pipeline(
         f"[pipeline.dead_letter] of {name!r}", path,
     ))
     custom_id = check(lambda: table.get("custom_id", str))
-    max_attempts = check(lambda: _bounded_int(table, "max_attempts", 3, 1, 20), 3)
+    attempts = _PIPELINE["max_attempts"]
+    max_attempts = check(lambda: _bounded_int(table, "max_attempts", attempts, 1, 20), attempts)
     budget = check(lambda: _budget(table))
     ratio = check(lambda: _ratio(table, "max_dead_letter_ratio"))
-    min_sample = check(lambda: _bounded_int(table, "dead_letter_min_sample", 100, 1, None), 100)
+    sample = _PIPELINE["dead_letter_min_sample"]
+    min_sample = check(lambda: _bounded_int(table, "dead_letter_min_sample", sample, 1, None),
+                       sample)
     request = check(lambda: _request(table.table("request", required=True)))
     batching = check(lambda: _batching(table.table("batching")))
     output = check(lambda: _output(table.table("output")), OutputConfig())
-    keep_message = check(lambda: table.get("keep_message", bool, False), False)
+    keep = _PIPELINE["keep_message"]
+    keep_message = check(lambda: table.get("keep_message", bool, keep), keep)
     retention = check(lambda: table.convert("ledger_retention", _retention, None))
     template = check(lambda: _template(table, "custom_id", custom_id) if custom_id else None)
     check(lambda: _text_rules_apply(table.table("output"), request, output))
@@ -376,13 +393,13 @@ def _api(table: _Table) -> ApiConfig:
 
     result = ApiConfig(
         base_url=table.get("base_url", str),
-        poll_interval=duration("poll_interval", 45.0),
-        poll_jitter=float(table.get("poll_jitter", (int, float), 1 / 3)),
-        max_retries=table.get("max_retries", int, 4),
-        timeout=duration("timeout", 600.0),
-        not_found_window=duration("not_found_window", 120.0),
+        poll_interval=duration("poll_interval", _API["poll_interval"]),
+        poll_jitter=float(table.get("poll_jitter", (int, float), _API["poll_jitter"])),
+        max_retries=table.get("max_retries", int, _API["max_retries"]),
+        timeout=duration("timeout", _API["timeout"]),
+        not_found_window=duration("not_found_window", _API["not_found_window"]),
         queue_limit=table.get("queue_limit", int),
-        version=table.get("version", str, SDK_API_VERSION),
+        version=table.get("version", str, _API["version"]),
         tier=table.get("tier", str),
     )
     if not _VERSION.fullmatch(result.version):

@@ -2,11 +2,13 @@
 Human durations and sizes in config files (``30s``, ``24h``, ``256MB``).
 
 Operators write these by hand; a typo must name itself instead of becoming
-a silently wrong number.
+a silently wrong number. The one duration parser: the config, the plugin
+options, the connectors and the emulator's flags and faults all read through it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ("parse_duration", "parse_size")
@@ -31,8 +33,8 @@ def parse_duration(value: str | float | int, *, what: str = "duration") -> float
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a duration like '30s', got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"{what}: must not be negative, got {value!r}")
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{what}: must be a finite number of seconds >= 0, got {value!r}")
         return float(value)
     match = _DURATION.match(str(value))
     if not match:

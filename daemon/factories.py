@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from batchd.daemon.config import Config, PluginSpec
+from batchd.plugins.builtins import MissingDriver
 from batchd.plugins.contract import PluginContext, Sink, Source
 from batchd.plugins.errors import ConfigError
 from batchd.plugins.manager import sink_factory, source_factory
@@ -32,6 +33,10 @@ def _context(
 def _build(spec: PluginSpec, factory: Callable[[], Any], context: PluginContext) -> Any:
     try:
         return factory()(dict(spec.options), context)
+    except MissingDriver as exc:
+        raise ConfigError(f"pipeline {context.pipeline!r} uses the {exc.type_name} {exc.kind}: "
+                          f"pip install 'batchd[{exc.extra}]' ({exc.driver} is not installed)"
+                          ) from None
     except ConfigError as exc:
         if exc.file is not None:
             raise  # located by batchd.Options: it already names the file, table and key

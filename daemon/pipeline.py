@@ -3,7 +3,9 @@ One pipeline at run time: its packer, its poller and a driver per live chunk.
 
 The runner owns what the drivers share (in-flight accounting, pause state,
 the source-commit watermark) and nothing else; each step's logic lives in
-the packer, the chunk driver, the poller and the collector.
+the packer, the chunk driver, the poller and the collector. Wiring goes one
+way: drivers get a :class:`DriverDeps` and the runner as their
+:class:`RunnerControl`, and the runner acts on the outcome each driver returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from anyio.abc import TaskGroup
 
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
+from batchd.daemon.batches.driver_deps import DriverDeps
+from batchd.daemon.batches.outcomes import Committed, Held, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
 from batchd.daemon.batches.reconcile import Reconciler
@@ -38,6 +42,15 @@ from batchd.daemon.results.sink_failures import ALARM_AFTER
 from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.daemon.wal.records import (
+    AlarmRaised,
+    ChunkRetired,
+    ChunkSealed,
+    PauseKind,
+    PipelineResumed,
+    SourceCommitted,
+)
+from batchd.daemon.wal.records import PipelinePaused as PauseRecord
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
 from batchd.plugins.errors import FatalError, RetriableError
@@ -111,7 +124,15 @@ class PipelineRunner:
         self.queue = queue
         self.answers = answers
         self.model_check = model_check
-        self.poller = Poller(self)
+        self.poller = Poller(pipeline.name, manifest=manifest, api=api, api_config=api_config,
+                             telemetry=telemetry, alarms=self)
+        self.deps = DriverDeps(
+            pipeline=pipeline, manifest=manifest, api=api, api_config=api_config, ledger=ledger,
+            spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
+            dead_letter=dead_letter, cost=cost, telemetry=telemetry, poller=self.poller,
+            make_source=make_source, queue=queue, answers=answers, model_check=model_check,
+            reconciler=reconciler,
+        )
         self.active = 0
         self.changed = _Signal()
         self._advance_lock = anyio.Lock()
@@ -125,12 +146,12 @@ class PipelineRunner:
         self.held_chunks: set[str] = set()
         self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
-        self.dead_letter_guard = DeadLetterGuard(self)
+        self.dead_letter_guard = DeadLetterGuard(pipeline, self)
 
     # -- shared helpers the drivers call -----------------------------------------
 
     def spool_path(self, chunk: str) -> Path:
-        return self.spool_dir / f"{chunk}.jsonl"
+        return self.deps.spool_path(chunk)
 
     @property
     def paused(self) -> str | None:
@@ -142,52 +163,50 @@ class PipelineRunner:
         state = self.manifest.state.pipelines.get(self.pipeline.name)
         return state.pause_kind if state else None
 
+    def _paused_for(self, kind: PauseKind) -> bool:
+        return self.paused is not None and self.pause_kind == kind
+
     @property
     def submissions_blocked(self) -> bool:
         """Billing/auth pauses stop every create; a budget pause only stops new chunks,
         since every chunk already sealed was admitted within the budget."""
-        reason = self.paused
-        return reason is not None and not (
-            self.pause_kind == "budget" or reason.startswith("budget")
-        )
+        return self.paused is not None and not self._paused_for(PauseKind.BUDGET)
 
     async def wait_unpaused(self) -> None:
         while self.submissions_blocked:
             await self.changed.wait()
 
     async def pause(
-        self, reason: str, *, alarm_kind: str, chunk: str | None = None, kind: str | None = None
+        self, reason: str, *, alarm_kind: str, kind: PauseKind, chunk: str | None = None
     ) -> None:
         if self.paused != reason:
-            await self.manifest.append("pipeline_paused", pipeline=self.pipeline.name,
-                                       reason=reason, pause_kind=kind or alarm_kind)
+            await self.manifest.append(
+                PauseRecord(pipeline=self.pipeline.name, reason=reason, pause_kind=kind)
+            )
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
         self.changed.fire()
 
     async def sink_failed(self, error: str) -> None:
         """A sink failed again: past ALARM_AFTER in a row, alarm and pause intake and creates."""
         self.sink_failures += 1
-        if self.sink_failures == ALARM_AFTER and not (self.paused or "").startswith("sink_failed"):
+        if self.sink_failures == ALARM_AFTER and not self._paused_for(PauseKind.SINK_FAILED):
             # Exactly once per episode (several chunks fail at the same time).
-            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed")
+            await self.pause(f"sink_failed: {error}", alarm_kind="sink_failed",
+                             kind=PauseKind.SINK_FAILED)
 
     async def sink_recovered(self) -> None:
         """A collect went through: a pause for a failing sink is over."""
         self.sink_failures = 0
-        if (self.paused or "").startswith("sink_failed"):
-            await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        if self._paused_for(PauseKind.SINK_FAILED):
+            await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
             self.log.warning("sink writes again; pipeline resumed")
             self.changed.fire()
 
     async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
-        await self.manifest.append("alarm", pipeline=self.pipeline.name, chunk=chunk,
-                                   alarm_kind=kind, message=message)
+        await self.manifest.append(AlarmRaised(pipeline=self.pipeline.name, chunk=chunk,
+                                               alarm_kind=kind, message=message))
         self.telemetry.alarm(kind)
-
-    def packer_shrink(self) -> None:
-        if self.packer is not None:
-            self.packer.shrink()
 
     def start_chunk(self, chunk_id: str, *, active: bool) -> None:
         assert self._tg is not None
@@ -197,11 +216,53 @@ class PipelineRunner:
 
     async def _drive(self, chunk_id: str, active: bool) -> None:
         try:
-            await ChunkDriver(self, chunk_id).run()
+            driver = ChunkDriver(self.deps, self, chunk_id)
+            while True:
+                outcome = await driver.run()
+                if isinstance(outcome, RateLimited):
+                    if outcome.shrink and self.packer is not None:
+                        self.packer.shrink()
+                    continue  # the same driver: it counts refusals in a row
+                if isinstance(outcome, Committed):
+                    await self._committed(outcome)
+                elif isinstance(outcome, Held):
+                    # Not a retry loop, not an exit systemd would restart: the chunk waits for
+                    # an operator, and --until-drained reports it.
+                    self.held_chunks.add(outcome.chunk)
+                    self.changed.fire()
+                    await anyio.sleep_forever()
+                return
         finally:
             if active:
                 self.active -= 1
                 self.changed.fire()
+
+    async def _committed(self, outcome: Committed) -> None:
+        """A chunk's results are committed: lift or raise pauses, start its retry, advance."""
+        summary = outcome.summary
+        if summary is not None:
+            await self.sink_recovered()
+            if summary.pause_reason:
+                await self.pause(summary.pause_reason, alarm_kind="billing_or_auth",
+                                 kind=PauseKind(summary.pause_kind or "billing_or_auth"),
+                                 chunk=outcome.chunk)
+            await self.dead_letter_guard.check(summary)
+        if outcome.retry_chunk is not None:
+            self.start_chunk(outcome.retry_chunk, active=True)
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            try:
+                await self.advance()
+                return
+            except FatalError:
+                raise
+            except Exception as exc:  # as a driver's step: logged and tried again
+                self.telemetry.api_error(type(exc).__name__)
+                delay = backoff.next_delay()
+                self.log.warning("step failed; will retry", chunk=outcome.chunk,
+                                 stage="committed", error=f"{type(exc).__name__}: {exc}",
+                                 retry_in=round(delay, 1))
+                await anyio.sleep(delay)
 
     async def room(self) -> None:
         """Backpressure: wait until a chunk slot is free and the pipeline is not paused."""
@@ -220,7 +281,7 @@ class PipelineRunner:
         if refusal is not None:
             builder.writer.discard()
             self.telemetry.budget(True)
-            await self.pause(refusal, alarm_kind="budget_exhausted", kind="budget")
+            await self.pause(refusal, alarm_kind="budget_exhausted", kind=PauseKind.BUDGET)
             raise BudgetExhausted(refusal)
         builder.writer.seal()
         position = builder.position
@@ -230,8 +291,7 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
-        await self.manifest.append(
-            "chunk_sealed",
+        await self.manifest.append(ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -242,7 +302,7 @@ class PipelineRunner:
             last_seq=builder.last_seq,
             position=position,
             parent=None,
-        )
+        ))
         crash_point("after_seal")
         self.log.info("chunk sealed", chunk=builder.id, requests=builder.writer.requests,
                       rejects=builder.writer.rejects, bytes=builder.writer.body_bytes)
@@ -289,14 +349,13 @@ class PipelineRunner:
             if last.last_seq is not None and (state.committed_seq or 0) < last.last_seq:
                 if last.position is not None:
                     await self._commit_source(last.position)
-                await self.manifest.append(
-                    "source_committed", pipeline=self.pipeline.name,
-                    position=last.position, source_seq=last.last_seq,
-                )
+                await self.manifest.append(SourceCommitted(
+                    pipeline=self.pipeline.name, position=last.position, source_seq=last.last_seq,
+                ))
                 crash_point("after_source_commit")
             for _, family in done:
                 for chunk in family:
-                    await self.manifest.append("chunk_retired", chunk=chunk.chunk)
+                    await self.manifest.append(ChunkRetired(chunk=chunk.chunk))
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
             self._prune_ledger()
             self.changed.fire()
@@ -353,7 +412,7 @@ class PipelineRunner:
             # A restart (or reload) is how an operator says "fixed": billing sorted, budget
             # raised. If the cause remains, the next create or seal pauses it again.
             self.log.warning("resuming a pipeline paused before the restart", reason=state.paused)
-            await self.manifest.append("pipeline_resumed", pipeline=name)
+            await self.manifest.append(PipelineResumed(pipeline=name))
         self.telemetry.budget(False)
         resume = (
             (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
@@ -448,12 +507,12 @@ class PipelineRunner:
         if reason is None:
             self.log.info("resume requested; the pipeline is not paused")
             return
-        if self.pause_kind == "budget" or reason.startswith("budget"):
+        if self._paused_for(PauseKind.BUDGET):
             self.log.warning("resume requested, but a budget pause lifts only with a higher "
                              "budget_usd: edit the config and reload (systemctl reload batchd)")
             return
         self.log.warning("resuming the pipeline on request", reason=reason, kind=self.pause_kind)
-        await self.manifest.append("pipeline_resumed", pipeline=self.pipeline.name)
+        await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
         self.changed.fire()
 
     async def _until_done(self) -> None:

@@ -261,14 +261,15 @@ class DeadLetterReader(Protocol):
     its type. The engine never names a concrete sink: any plugin may offer it.
     """
 
-    def read_dead_letters(self) -> Iterator[DeadLetter]:
+    def read_dead_letters(self, *, newest_first: bool = False) -> Iterator[DeadLetter]:
         """
         Every stored dead letter, oldest first where the storage knows an order.
 
-        Called on a sink that was never opened, possibly beside the daemon writing to the
-        same storage, from a plain thread: it must block at most briefly, open read-only,
-        and create, lock or change nothing. Storage that does not exist yet holds no dead
-        letters (yield nothing).
+        With ``newest_first`` the newest come first and the caller (the dashboard) stops
+        after a few, so read lazily from the newest end. Called on a sink that was never
+        opened, possibly beside the daemon writing to the same storage, from a plain
+        thread: open read-only, and create, lock or change nothing. Storage that does not
+        exist yet holds no dead letters (yield nothing).
         """
         ...
 

@@ -1,33 +1,27 @@
 """
 Loads plugins once: installed entry points (group ``batchd``), then the
 ``BATCHD_LOAD_PLUGINS`` allow-list, then the built-ins, which register
-through exactly the hooks a third-party package uses.
+through exactly the hooks a third-party package uses — by stand-ins that name
+their classes without importing them (plugins/builtins.py), so a command or a
+pipeline pays only for the sources and sinks it uses.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
 import pluggy
 
 from batchd.plugins import hookspecs
+from batchd.plugins.builtins import BUILTINS, resolve
 from batchd.plugins.contract import SinkFactory, SourceFactory
 from batchd.plugins.errors import ConfigError
 
 __all__ = ("DEFAULT_PLUGINS", "get_plugins", "load_plugins", "pm", "sink_factory", "source_factory")
 
-DEFAULT_PLUGINS: tuple[str, ...] = (
-    "batchd.connectors.csv_source",
-    "batchd.connectors.jsonl_source",
-    "batchd.connectors.postgres_source",
-    "batchd.connectors.kafka_source",
-    "batchd.plugins.sinks.jsonl",
-    "batchd.plugins.sinks.sqlite",
-    "batchd.plugins.sinks.postgres",
-    "batchd.plugins.sinks.kafka",
-)
+#: The built-in plugins' names (their modules), registered by stand-ins.
+DEFAULT_PLUGINS: tuple[str, ...] = tuple(builtin.module for builtin in BUILTINS)
 
 pm = pluggy.PluginManager("batchd")
 pm.add_hookspecs(hookspecs)
@@ -47,15 +41,9 @@ def load_plugins() -> None:
     else:
         for name in filter(None, (part.strip() for part in allow.split(","))):
             pm.load_setuptools_entrypoints("batchd", name=name)
-    for module_path in DEFAULT_PLUGINS:
-        try:
-            module = importlib.import_module(module_path)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_path:
-                continue  # built-in not written yet
-            raise
-        if not pm.is_registered(module):
-            pm.register(module, module_path)
+    for builtin in BUILTINS:
+        if pm.get_plugin(builtin.module) is None:
+            pm.register(builtin.stand_in(), builtin.module)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -85,7 +73,7 @@ def _factory(kind: str, hook: Any, type_name: str) -> Any:
     if type_name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise ConfigError(f"unknown {kind} type {type_name!r} (known: {known})")
-    return found[type_name][0]
+    return resolve(found[type_name][0])
 
 
 def source_factory(type_name: str) -> SourceFactory:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ("REQUIRED", "Options")
 
 T = TypeVar("T")
+D = TypeVar("D")  # a getter's default: its type joins the return type (None: "or None")
+C = TypeVar("C")
 
 
 class _Required:
@@ -44,8 +46,9 @@ class _Required:
         return "REQUIRED"
 
 
-#: Pass as ``default`` (or leave the default out) to make a key required.
-REQUIRED: Final = _Required()
+#: Pass as ``default`` (or leave the default out) to make a key required. Typed Any so a
+#: getter called without a default returns its own type (``integer("n") -> int``).
+REQUIRED: Final[Any] = _Required()
 
 
 def suggestion(word: str, candidates: Collection[str]) -> str | None:
@@ -164,12 +167,19 @@ class Options:
         if key in self.data:
             return True
         if default is REQUIRED:
-            raise self.error(key, "is required")
+            # A misspelt required key is reported at its finish() only: say it here.
+            close = suggestion(key, [k for k in self.data if k not in self.used])
+            if close is None:
+                raise self.error(key, "is required")
+            hint = f"did you mean {key!r} instead of {close!r}?"
+            error = self.error(key, f"is required ({hint})")
+            error.hint = hint
+            raise error
         return False
 
     # -- typed getters -------------------------------------------------------------
 
-    def text(self, key: str, default: Any = REQUIRED, *, env: bool = False) -> Any:
+    def text(self, key: str, default: D = REQUIRED, *, env: bool = False) -> str | D:
         """
         A non-empty string. With ``env``, ``"env:NAME"`` is read from the environment, so an
         address or a name can differ per host without editing the file.
@@ -181,7 +191,7 @@ class Options:
             raise self.error(key, f"must be a non-empty string, got {value!r}")
         return self._from_env(key, value.strip()) if env else value
 
-    def secret(self, key: str, default: Any = REQUIRED) -> Any:
+    def secret(self, key: str, default: D = REQUIRED) -> str | D:
         """
         A password, token or DSN: ``"env:NAME"`` reads the environment so the secret need not
         sit in the config file. The value is masked in every later log line and never
@@ -211,32 +221,32 @@ class Options:
         return found.strip()
 
     def integer(
-        self, key: str, default: Any = REQUIRED, *, min: int | None = None,
+        self, key: str, default: D = REQUIRED, *, min: int | None = None,
         max: int | None = None,
-    ) -> Any:
+    ) -> int | D:
         """An integer (TOML ``true`` is not one) within ``min``..``max`` when given."""
         if not self._present(key, default):
             return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or (
-            min is not None and value < min) or (max is not None and value > max):
-            raise self.error(key, f"must be {_int_range(min, max)}, got {value!r}")
-        return value
+        return int(self._bounded(key, int, _int_range(min, max), min, max))
 
     def number(
-        self, key: str, default: Any = REQUIRED, *, min: float | None = None,
+        self, key: str, default: D = REQUIRED, *, min: float | None = None,
         max: float | None = None,
-    ) -> Any:
+    ) -> float | D:
         """An integer or float within ``min``..``max`` when given, returned as a float."""
         if not self._present(key, default):
             return default
-        value = self.data[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-            min is not None and value < min) or (max is not None and value > max):
-            raise self.error(key, f"must be {_range('a number', min, max)}, got {value!r}")
-        return float(value)
+        return float(self._bounded(key, int | float, _range("a number", min, max), min, max))
 
-    def flag(self, key: str, default: Any = REQUIRED) -> Any:
+    def _bounded(self, key: str, kind: Any, what: str, low: float | None,
+                 high: float | None) -> Any:
+        value = self.data[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or (
+                low is not None and value < low) or (high is not None and value > high):
+            raise self.error(key, f"must be {what}, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: D = REQUIRED) -> bool | D:
         """``true`` or ``false`` (TOML booleans only: ``"yes"`` is a mistake, not true)."""
         if not self._present(key, default):
             return default
@@ -246,8 +256,8 @@ class Options:
         return value
 
     def duration(
-        self, key: str, default: Any = REQUIRED, *, min: float | None = None,
-    ) -> Any:
+        self, key: str, default: D = REQUIRED, *, min: float | None = None,
+    ) -> float | D:
         """Seconds, as a number (``5``, ``0.5``) or a duration (``"500ms"``, ``"30s"``)."""
         if not self._present(key, default):
             return default
@@ -260,7 +270,7 @@ class Options:
             raise self.error(key, f"must be at least {min:g}s, got {value!r}")
         return seconds
 
-    def path(self, key: str, default: Any = REQUIRED) -> Any:
+    def path(self, key: str, default: D = REQUIRED) -> Path | D:
         """A file or directory; a relative one is relative to the config file's directory."""
         if not self._present(key, default):
             return default
@@ -269,7 +279,7 @@ class Options:
             return value
         return self.base_dir / value
 
-    def choice(self, key: str, choices: Collection[Any], default: Any = REQUIRED) -> Any:
+    def choice(self, key: str, choices: Collection[C], default: D = REQUIRED) -> C | D:
         """One of ``choices`` (strings compared exactly), suggesting the closest on a typo."""
         if not self._present(key, default):
             return default
@@ -287,12 +297,13 @@ class Options:
         return value
 
     def strings(
-        self, key: str, default: Any = REQUIRED, *, single: bool = False, env: bool = False,
-        choices: Collection[str] | None = None,
-    ) -> Any:
+        self, key: str, default: D = REQUIRED, *, single: bool = False, env: bool = False,
+        choices: Collection[str] | None = None, unique: bool = False,
+    ) -> list[str] | D:
         """
         A non-empty list of non-empty strings. With ``single``, one string counts as a list of
-        one; with ``env``, each may be ``"env:NAME"``; with ``choices``, each must be one of them.
+        one; with ``env``, each may be ``"env:NAME"``; with ``choices``, each must be one of
+        them; with ``unique``, none may appear twice.
         """
         if not self._present(key, default):
             return default
@@ -308,8 +319,9 @@ class Options:
                     close = suggestion(item, choices)
                     hint = f" (did you mean {close!r}?)" if close else ""
                     raise self.error(key, f"{item!r} is not one of {', '.join(choices)}{hint}")
-            if len(set(items)) != len(items):
-                raise self.error(key, f"names an item twice: {value!r}")
+        if unique and len(set(items)) != len(items):
+            twice = next(item for item in items if items.count(item) > 1)
+            raise self.error(key, f"names {twice!r} twice")
         return [self._from_env(key, item.strip()) for item in items] if env else list(items)
 
     # -- the end -------------------------------------------------------------------

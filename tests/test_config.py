@@ -47,7 +47,8 @@ class TestDurations:
         """Bare numbers are seconds; ms, s, m, h and d scale them."""
         assert parse_duration(text) == pytest.approx(seconds)
 
-    @pytest.mark.parametrize("text", ["30 sec", "-1s", "1w", "", "s", True, -3])
+    @pytest.mark.parametrize("text", ["30 sec", "-1s", "1w", "", "s", True, -3, float("inf"),
+                                      float("nan")])
     def test_refuses(self, text: Any) -> None:
         """Anything else names itself in the error."""
         with pytest.raises(ValueError, match="poll_interval"):

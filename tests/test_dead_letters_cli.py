@@ -211,6 +211,8 @@ def test_a_sink_without_the_reader_capability_is_named() -> None:
 def test_sinks_read_their_own_dead_letters_back() -> None:
     """The jsonl and sqlite sinks have the capability; before they wrote anything they
     read nothing back, without creating their storage."""
+    from dataclasses import replace
+
     import anyio
 
     from batchd.plugins.contract import DeadLetterReader, PluginContext
@@ -242,3 +244,17 @@ def test_sinks_read_their_own_dead_letters_back() -> None:
                 ("k1", "invalid_request")]
         assert [d.group for d in sinks[0].read_dead_letters()] == ["p-000001"]
         assert [d.group for d in sinks[1].read_dead_letters()] == [None]
+
+        async def later(sink: Any) -> None:  # a second group, written after the first
+            async with sink:
+                await sink.open()
+                await sink.put("p-000002", [replace(row, key="k2"), replace(row, key="k3")])
+                await sink.flush("p-000002")
+
+        for sink in sinks:
+            anyio.run(later, sink)
+            assert [d.row["key"] for d in sink.read_dead_letters()] == ["k1", "k2", "k3"]
+        newest = [d.row["key"] for d in sinks[0].read_dead_letters(newest_first=True)]
+        assert newest == ["k3", "k2", "k1"]  # a part file's lines, newest part first
+        newest = [d.row["key"] for d in sinks[1].read_dead_letters(newest_first=True)]
+        assert newest[2] == "k1"  # by updated_at: the first group's row is the oldest

@@ -118,6 +118,7 @@ class TestCli:
             (("--tier", "gold"), "--tier"),
             (("--models", "/nonexistent/models.toml"), "/nonexistent/models.toml"),
             (("--faults", "http_fault_on=list"), "http_fault_on"),
+            (("--faults", "slow=5x"), "slow"),
         ],
     )
     def test_bad_flags_exit_2_naming_the_flag(self, flags: tuple[str, ...], needle: str) -> None:

@@ -1,7 +1,8 @@
 """
-Error codes decide pause, retry or dead letter (§6 of the API facts): the SDK's own
-exceptions from real HTTP answers classified; a spend limit mid-run pauses the pipeline
-with nothing lost and nothing paid twice, and ``batchd resume`` lifts the pause.
+Error codes decide pause, retry or dead letter (§6 of the API facts): the errors batchd's
+client raises for real HTTP answers classified (beside the SDK's view of the same answers);
+a spend limit mid-run pauses the pipeline with nothing lost and nothing paid twice, and
+``batchd resume`` lifts the pause.
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anthropic
+import anyio
+import orjson
 import pytest
 
+from batchd.daemon.batches.api import BatchesApi
+from batchd.daemon.batches.api_errors import ApiConnectionError, ApiStatusError, status_error
 from batchd.daemon.batches.error_codes import Action, classify_error
+from batchd.daemon.config import ApiConfig
 from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.intake.packer import request_line
+from batchd.daemon.intake.spool import SpoolWriter
 from tests.fixtures.emulator import message_requests, sdk_client
 from tests.fixtures.engine import Workspace, describe, expected_labels
 
@@ -42,11 +51,30 @@ _EXPECTED: dict[str, tuple[Action, str, str, str]] = {
 
 
 @pytest.mark.parametrize("fault", sorted(_EXPECTED))
-def test_each_sdk_error_is_classified(emulator: EmulatorThread, fault: str) -> None:
-    """The real exception of a real 4xx/5xx: the action, the pause kind, and the advice."""
+def test_each_api_error_is_classified(emulator: EmulatorThread, fault: str,
+                                      tmp_path: Path) -> None:
+    """The error batchd's client raises for a real 4xx/5xx create: the action, the pause
+    kind and the advice (the SDK, asked the same, names the same code and status)."""
     emulator.set_faults(**{fault: 1.0})
-    with pytest.raises(anthropic.APIStatusError) as caught:
+    with pytest.raises(anthropic.APIStatusError) as sdk_caught:
         sdk_client(emulator.base_url).messages.batches.create(requests=message_requests(1))
+    writer = SpoolWriter(tmp_path / "chunk.jsonl")
+    for request in message_requests(1):
+        writer.add_request(request_line(request["custom_id"], orjson.dumps(request["params"])),
+                           {})
+    writer.seal()
+    api = BatchesApi(ApiConfig(base_url=emulator.base_url, max_retries=0), "test")
+
+    async def create() -> None:
+        try:
+            await api.create(writer.final_path, writer.body_bytes)
+        finally:
+            await api.aclose()
+
+    with pytest.raises(ApiStatusError) as caught:
+        anyio.run(create)
+    assert (caught.value.status_code, caught.value.error_code, caught.value.type) == (
+        sdk_caught.value.status_code, sdk_caught.value.error_code, sdk_caught.value.type)
     decision = classify_error(caught.value)
     action, kind, code, words = _EXPECTED[fault]
     assert (decision.action, decision.kind, decision.code) == (action, kind, code)
@@ -61,16 +89,18 @@ def test_each_sdk_error_is_classified(emulator: EmulatorThread, fault: str) -> N
 
 def test_unknown_code_falls_back_to_its_status() -> None:
     """A code the daemon has never heard of is judged by its status, as the SDK does."""
-    import httpx2
-
-    request = httpx2.Request("POST", "http://x/v1/messages/batches")
     body = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down",
                                        "details": {"error_code": "brand_new_limit"}}}
-    response = httpx2.Response(429, request=request, headers={"retry-after": "3"}, json=body)
-    error = anthropic.RateLimitError("slow down", response=response, body=body)
+    error = status_error(429, orjson.dumps(body), {"retry-after": "3"})
     decision = classify_error(error)
     assert (decision.action, decision.code, decision.retry_after) == (
         Action.RETRY, "brand_new_limit", 3.0)
+
+
+def test_no_answer_is_ambiguous() -> None:
+    """No HTTP answer: the create may have been made, so the batch is looked for first."""
+    decision = classify_error(ApiConnectionError("ConnectError: refused"))
+    assert (decision.action, decision.kind) == (Action.AMBIGUOUS, "transient")
 
 
 def _status(ws: Workspace) -> dict[str, Any]:

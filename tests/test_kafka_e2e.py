@@ -24,7 +24,6 @@ import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -384,17 +383,6 @@ class TestBadMessages:
         assert "results committed" in proc.stdout
 
 
-#: Why offsets could stay behind: KafkaSource.commit() skips every partition it is
-#: not assigned (yet), the pipeline records the commit as done, and nothing commits
-#: again, so chunks that end while the consumer is (re)joining leave their offsets
-#: uncommitted for good. Since the source opens (and joins) before chunks recover,
-#: a restart no longer hits it; a rebalance mid-run still can.
-COMMIT_BEFORE_ASSIGNMENT = (
-    "engine bug: connectors/kafka_source.py KafkaSource.commit() drops a position that "
-    "arrives before the partitions are assigned (`start is None`); nothing commits it later"
-)
-
-
 class TestCommitBeforeAssignment:
     def test_chunks_recovered_on_restart_get_committed(
         self, emulator_factory: EmulatorFactory, kafka_ws: Callable[[str], KafkaWorkspace]
@@ -409,23 +397,10 @@ class TestCommitBeforeAssignment:
         ws.produce(ticket_messages(tickets))
         ws.write_kafka_config(max_in_flight=4, session_timeout_ms=6000)
         ws.crash("after_source_commit:1")
-        before = max(r["seq"] for r in ws.manifest_records())
         restart = ws.run_ok()
 
         assert "chunk sealed" not in restart.stdout, "every chunk should be sealed before the kill"
         assert_one_outcome_per_key(ws, tickets, fates(tickets, INVALID_ONLY))
-        end = read_topic(ws.bootstrap, ws.input).end
-        committed = ws.committed()
-        if committed != end and commits_before_assignment(ws, restart.stdout, before):
-            pytest.xfail(f"{COMMIT_BEFORE_ASSIGNMENT}: committed {committed}, end {end}")
-        assert committed == end
-
-
-def commits_before_assignment(ws: KafkaWorkspace, output: str, after_seq: int) -> bool:
-    """Whether the run in ``output`` (manifest records past ``after_seq``) recorded a
-    source commit before its partitions were assigned."""
-    assigned = next(orjson.loads(line) for line in output.splitlines()
-                    if "kafka partitions assigned" in line)
-    joined = datetime.fromisoformat(assigned["timestamp"].replace("Z", "+00:00")).timestamp()
-    return any(r["kind"] == "source_committed" and r["seq"] > after_seq and r["ts"] < joined
-               for r in ws.manifest_records())
+        # A position that arrives before the restarted consumer is assigned its partitions
+        # waits in KafkaSource and is committed on assignment, never dropped.
+        assert ws.committed() == read_topic(ws.bootstrap, ws.input).end

@@ -21,6 +21,7 @@ import pytest
 
 from batchd.daemon.wal.manifest import Manifest, ManifestCorrupt, crash_point, encode_line, replay
 from batchd.daemon.wal.manifest_state import Stage
+from batchd.daemon.wal.records import AlarmRaised, SourceCommitted, Submitted, record_from
 from batchd.plugins.errors import FatalError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,11 +47,11 @@ async def lifecycle(m: Manifest, n: int, *, retire: bool = True) -> None:
     """Run chunk *n* of pipeline p from sealed to (optionally) retired."""
     chunk, batch = f"p-{n:06d}", f"msgbatch_{n:06d}"
     first, last = 10 * n + 1, 10 * n + 10
-    await m.append("chunk_sealed", **sealed(chunk, first, last))
-    await m.append("submit_intent", chunk=chunk, at=1000.0 + n, requests=10)
-    await m.append("submitted", chunk=chunk, batch_id=batch, created_at="2026-01-01T00:00:00Z")
-    await m.append("ended", chunk=chunk, batch_id=batch, counts={"succeeded": 10, "errored": 0})
-    await m.append(
+    await put(m, "chunk_sealed", **sealed(chunk, first, last))
+    await put(m, "submit_intent", chunk=chunk, at=1000.0 + n, requests=10)
+    await put(m, "submitted", chunk=chunk, batch_id=batch, created_at="2026-01-01T00:00:00Z")
+    await put(m, "ended", chunk=chunk, batch_id=batch, counts={"succeeded": 10, "errored": 0})
+    await put(m,
         "results_committed",
         chunk=chunk,
         batch_id=batch,
@@ -63,9 +64,14 @@ async def lifecycle(m: Manifest, n: int, *, retire: bool = True) -> None:
         output_tokens=200,
         retry_chunk=None,
     )
-    await m.append("source_committed", pipeline="p", position={"line": last}, seq=last)
+    await put(m, "source_committed", pipeline="p", position={"line": last}, source_seq=last)
     if retire:
-        await m.append("chunk_retired", chunk=chunk)
+        await put(m, "chunk_retired", chunk=chunk)
+
+
+async def put(m: Manifest, kind: str, **fields: Any) -> dict[str, Any]:
+    """Append the typed record that a stored *kind* with *fields* stands for."""
+    return await m.append(record_from(kind, fields))
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -79,7 +85,7 @@ class TestAppendReplay:
         async with await Manifest.open(tmp_path) as m:
             for n in range(3):
                 await lifecycle(m, n, retire=n != 2)
-            await m.append("pipeline_paused", pipeline="p", reason="billing_error")
+            await put(m, "pipeline_paused", pipeline="p", reason="billing_error")
             before = m.state.to_snapshot()
             size = m.size_bytes()
         assert size == (tmp_path / "manifest.jsonl").stat().st_size
@@ -87,7 +93,7 @@ class TestAppendReplay:
             assert m.state.to_snapshot() == before
             assert m.state.chunks["p-000002"].stage is Stage.SOURCE_COMMITTED
             assert m.state.pipelines["p"].succeeded == 27
-            record = await m.append("pipeline_resumed", pipeline="p")
+            record = await put(m, "pipeline_resumed", pipeline="p")
             assert record["seq"] == before["seq"] + 1
 
     @pytest.mark.anyio
@@ -105,17 +111,18 @@ class TestAppendReplay:
     async def test_returned_record_is_applied(self, tmp_path: Path) -> None:
         """append returns the full record, already reflected in state."""
         async with await Manifest.open(tmp_path) as m:
-            record = await m.append("chunk_sealed", **sealed("c1", 1, 5))
+            record = await put(m, "chunk_sealed", **sealed("c1", 1, 5))
             assert record["kind"] == "chunk_sealed" and record["seq"] == 1
             assert isinstance(record["ts"], float)
             assert m.state.chunks["c1"].requests == 5
 
     @pytest.mark.anyio
-    async def test_envelope_aliases(self, tmp_path: Path) -> None:
-        """alarm's kind= and source_committed's seq= are stored as alarm_kind/source_seq."""
+    async def test_envelope_names_are_stored_apart(self, tmp_path: Path) -> None:
+        """An alarm's kind and a source commit's seq are stored as alarm_kind/source_seq."""
         async with await Manifest.open(tmp_path) as m:
-            alarm = await m.append("alarm", pipeline="p", chunk=None, kind="auth", message="401")
-            commit = await m.append("source_committed", pipeline="p", position={}, seq=7)
+            alarm = await m.append(AlarmRaised(pipeline="p", chunk=None, alarm_kind="auth",
+                                               message="401"))
+            commit = await m.append(SourceCommitted(pipeline="p", position={}, source_seq=7))
             assert (alarm["kind"], alarm["alarm_kind"]) == ("alarm", "auth")
             assert (commit["seq"], commit["source_seq"]) == (2, 7)
             assert m.state.alarms[0].kind == "auth"
@@ -126,15 +133,18 @@ class TestAppendReplay:
         """Unknown kinds, missing fields and illegal transitions raise without writing."""
         async with await Manifest.open(tmp_path) as m:
             with pytest.raises(ValueError, match="unknown manifest record kind 'nope'"):
-                await m.append("nope", chunk="c")
+                await put(m, "nope", chunk="c")
             with pytest.raises(ValueError, match="missing batch_id, created_at"):
-                await m.append("submitted", chunk="c")
+                await put(m, "submitted", chunk="c")
+            with pytest.raises(ValueError, match=r"submitted\.batch_id must be str, not int"):
+                await m.append(Submitted(chunk="c", batch_id=5, created_at="t"))  # type: ignore[arg-type]
             with pytest.raises(ValueError, match=r"illegal submitted record: .*unknown chunk c"):
-                await m.append("submitted", chunk="c", batch_id="b", created_at="t")
+                await put(m, "submitted", chunk="c", batch_id="b", created_at="t")
             with pytest.raises(ValueError, match="not JSON-serialisable"):
-                await m.append("pipeline_paused", pipeline="p", reason="r", extra=object())
+                await m.append(SourceCommitted(pipeline="p", position={"x": object()},
+                                               source_seq=1))
             assert m.size_bytes() == 0
-            record = await m.append("pipeline_resumed", pipeline="p")
+            record = await put(m, "pipeline_resumed", pipeline="p")
             assert record["seq"] == 1
 
     @pytest.mark.anyio
@@ -143,7 +153,7 @@ class TestAppendReplay:
         async with await Manifest.open(tmp_path) as m:
             with anyio.CancelScope() as scope:
                 scope.cancel()
-                await m.append("pipeline_paused", pipeline="p", reason="r")
+                await put(m, "pipeline_paused", pipeline="p", reason="r")
             assert m.state.pipelines["p"].paused == "r"
         assert len(lines_of(tmp_path / "manifest.jsonl")) == 1
 
@@ -156,7 +166,7 @@ class TestTornTail:
         async with await Manifest.open(source) as m:
             await lifecycle(m, 0, retire=False)
             expected = m.state.to_snapshot()
-            await m.append("chunk_retired", chunk="p-000000")
+            await put(m, "chunk_retired", chunk="p-000000")
         data = (source / "manifest.jsonl").read_bytes()
         start = data.rindex(b"\n", 0, len(data) - 1) + 1
         state_dir = tmp_path / "cut"
@@ -166,7 +176,7 @@ class TestTornTail:
             async with await Manifest.open(state_dir) as m:
                 assert m.state.to_snapshot() == expected, cut
                 assert m.size_bytes() == start == (state_dir / "manifest.jsonl").stat().st_size
-                await m.append("chunk_retired", chunk="p-000000")
+                await put(m, "chunk_retired", chunk="p-000000")
             state, size = replay(state_dir / "manifest.jsonl")
             assert "p-000000" not in state.chunks
             assert size == (state_dir / "manifest.jsonl").stat().st_size
@@ -175,8 +185,8 @@ class TestTornTail:
     async def test_bad_checksum_on_last_line_is_torn(self, tmp_path: Path) -> None:
         """A complete last line failing its checksum is dropped like a torn one."""
         async with await Manifest.open(tmp_path) as m:
-            await m.append("pipeline_paused", pipeline="p", reason="one")
-            await m.append("pipeline_paused", pipeline="p", reason="two")
+            await put(m, "pipeline_paused", pipeline="p", reason="one")
+            await put(m, "pipeline_paused", pipeline="p", reason="two")
         path = tmp_path / "manifest.jsonl"
         path.write_bytes(path.read_bytes().replace(b'"two"', b'"twx"'))
         async with await Manifest.open(tmp_path) as m:
@@ -188,7 +198,7 @@ class TestCorruption:
     async def _four_records(self, state_dir: Path) -> Path:
         async with await Manifest.open(state_dir) as m:
             for reason in ("a", "b", "c", "d"):
-                await m.append("pipeline_paused", pipeline="p", reason=reason)
+                await put(m, "pipeline_paused", pipeline="p", reason=reason)
         return state_dir / "manifest.jsonl"
 
     @pytest.mark.anyio
@@ -257,7 +267,7 @@ class TestGroupCommit:
         seqs: list[int] = []
 
         async def one(n: int) -> None:
-            record = await m.append("alarm", pipeline="p", chunk=None, kind="k", message=str(n))
+            record = await put(m, "alarm", pipeline="p", chunk=None, alarm_kind="k", message=str(n))
             seqs.append(record["seq"])
 
         async with await Manifest.open(tmp_path) as m:
@@ -285,7 +295,7 @@ class TestCompaction:
             assert m.state.to_snapshot() == before
             assert m.size_bytes() < size // 2
             assert len(lines_of(tmp_path / "manifest.jsonl")) == 1
-            await m.append("chunk_retired", chunk="p-000028")
+            await put(m, "chunk_retired", chunk="p-000028")
         async with await Manifest.open(tmp_path) as m:
             assert m.state.seq == before["seq"] + 1
             assert set(m.state.chunks) == {"p-000029"}
@@ -315,7 +325,7 @@ class TestCompaction:
             (tmp_path / "manifest.jsonl.tmp").mkdir()
             with pytest.raises(IsADirectoryError):
                 await m.compact()
-            await m.append("pipeline_paused", pipeline="p", reason="r")
+            await put(m, "pipeline_paused", pipeline="p", reason="r")
             expected = m.state.to_snapshot()
         (tmp_path / "manifest.jsonl.tmp").rmdir()
         async with await Manifest.open(tmp_path) as m:
@@ -355,7 +365,7 @@ class TestCompaction:
             assert not (tmp_path / "manifest.jsonl.tmp").exists()
             assert m.state.to_snapshot() == expected
             await m.compact()
-            await m.append("chunk_retired", chunk="p-000001")
+            await put(m, "chunk_retired", chunk="p-000001")
         async with await Manifest.open(tmp_path) as m:
             assert m.state.seq == expected["seq"] + 1
             assert "p-000001" not in m.state.chunks

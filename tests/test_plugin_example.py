@@ -326,7 +326,8 @@ class TestHooksDoc:
             while (records := await source.poll()) is not None:
                 keys += [r.key for r in records]
         assert keys == ["n-2", "n-3", "n-4", "n-5"]
-        with pytest.raises(batchd.ConfigError, match="unknown option 'cuont'"):
+        with pytest.raises(batchd.ConfigError,
+                           match=r"cuont: unknown option \(did you mean 'count'\?\)"):
             found["count"]({"cuont": 5}, _ctx(tmp_path))
 
     @pytest.mark.anyio

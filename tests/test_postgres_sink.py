@@ -233,12 +233,12 @@ class TestUpdateMode:
         [
             ({"set": {"category": "body"}}, "set.category"),
             ({"set": {"bad col": "output"}}, "set.bad col"),
-            ({"set": {}}, "'set'"),
-            ({"key": "id;--"}, "'key'"),
-            ({"table": "x y"}, "'table'"),
-            ({"key_type": "int; drop"}, "'key_type'"),
-            ({"message": True}, "'message'"),
-            ({"mode": "merge"}, "'mode'"),
+            ({"set": {}}, "set: must be a table like"),
+            ({"key": "id;--"}, "key: must be a column name"),
+            ({"table": "x y"}, "table: must be a table name"),
+            ({"key_type": "int; drop"}, "key_type: must be a type name"),
+            ({"message": True}, "message: applies only to mode = 'results'"),
+            ({"mode": "merge"}, "mode: must be one of results, update, got 'merge'"),
         ],
     )
     async def test_bad_options_name_the_option(

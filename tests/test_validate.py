@@ -221,7 +221,7 @@ class TestBadConfigs:
         path = _write(workspace, all_of)
         code, out, _ = _cli(capsys, "validate", str(path))
         assert code == 2
-        for fragment in ("log_level", "port", "poll_interval", "sqlit", "'pth'", "{bdy}",
+        for fragment in ("log_level", "port", "poll_interval", "sqlit", "pth: unknown", "{bdy}",
                          "max_attemps"):
             assert fragment in out, out
         assert "7 problems" in out

@@ -7,6 +7,11 @@ special code path: a restarted daemon simply drives every live chunk again.
 
     sealed ─submit─▶ intent ─create─▶ submitted ─poll─▶ ended ─collect─▶ committed
                         └─ ambiguous create: adopt the batch if it exists, else submit again
+
+The driver reads what it needs from :class:`DriverDeps` and changes the pipeline's
+state only through :class:`RunnerControl` (pause, alarm, wait while paused);
+:meth:`ChunkDriver.run` returns an :mod:`outcome <batchd.daemon.batches.outcomes>`
+(committed with its retry chunk, rate-limited, held, retired) for the runner to act on.
 """
 
 from __future__ import annotations
@@ -14,26 +19,27 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anthropic
 import anyio
 import structlog
 
 from batchd.daemon.batches.api import created_at_ts
+from batchd.daemon.batches.api_errors import NotFoundError
+from batchd.daemon.batches.control import RunnerControl
+from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.batches.error_codes import Action, classify_error
+from batchd.daemon.batches.outcomes import Committed, Held, Outcome, RateLimited, Retired
 from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
-from batchd.daemon.results.collector import Collector, CollectSummary
+from batchd.daemon.results.collector import CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
+from batchd.daemon.wal.records import Ended, PauseKind, ResultsCommitted, SubmitIntent, Submitted
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
-
-if TYPE_CHECKING:
-    from batchd.daemon.pipeline import PipelineRunner
 
 __all__ = ("ChunkDriver",)
 
@@ -50,6 +56,14 @@ async def _no_results() -> AsyncIterator[list[bytes]]:
     yield
 
 
+class _Stop(Exception):
+    """Ends :meth:`ChunkDriver.run` from deep in a step with an outcome for the runner."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
 def _total(counts: Any) -> int:
     return int(
         counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
@@ -57,25 +71,33 @@ def _total(counts: Any) -> int:
 
 
 class ChunkDriver:
-    """The per-chunk state machine; all shared resources live on the runner."""
+    """The per-chunk state machine: reads its deps, acts through its control."""
 
-    def __init__(self, runner: PipelineRunner, chunk_id: str) -> None:
-        self.runner = runner
+    def __init__(self, deps: DriverDeps, control: RunnerControl, chunk_id: str) -> None:
+        self.deps = deps
+        self.control = control
         self.chunk_id = chunk_id
-        self.name = runner.pipeline.name
+        self.name = deps.pipeline.name
         self.log = log.bind(pipeline=self.name, chunk=chunk_id)
         self._missing_since: float | None = None
         self._streaks: dict[str, int] = {}  # transient codes retried in a row
+        self._summary: CollectSummary | None = None  # the collect this driver committed
 
     def _chunk(self) -> ChunkState | None:
-        return self.runner.manifest.state.chunks.get(self.chunk_id)
+        return self.deps.manifest.state.chunks.get(self.chunk_id)
 
-    async def run(self) -> None:
+    async def run(self) -> Outcome:
+        """
+        Drive the chunk until its results are committed (or it is gone, held, or a
+        create is refused for now); returns what happened for the runner to act on.
+        Call again after :class:`RateLimited`: the streak of refusals is kept.
+        """
         backoff = Backoff(1.0, 60.0)
+        deps, control = self.deps, self.control
         while True:
             chunk = self._chunk()
             if chunk is None:
-                return
+                return Retired(self.chunk_id)
             try:
                 if chunk.stage is Stage.SEALED:
                     if chunk.requests == 0:
@@ -85,25 +107,28 @@ class ChunkDriver:
                 elif chunk.stage is Stage.INTENT:
                     await self.resolve_intent(chunk)
                 elif chunk.stage is Stage.SUBMITTED:
-                    await self.runner.poller.wait_ended(chunk)
-                    if self.runner.queue is not None:
-                        self.runner.queue.notify()
+                    await deps.poller.wait_ended(chunk)
+                    if deps.queue is not None:
+                        deps.queue.notify()
                 elif chunk.stage is Stage.ENDED:
                     await self.collect(chunk)
                 else:
-                    await self.runner.advance()
-                    return
+                    summary = self._summary
+                    retry = summary.retry_chunk if summary is not None else None
+                    return Committed(chunk.chunk, summary, retry.chunk if retry else None)
                 backoff.reset()
+            except _Stop as stop:
+                return stop.outcome
             except FatalError:
                 raise
             except SinkFailed as exc:
-                await self.runner.sink_failed(str(exc))
+                await control.sink_failed(str(exc))
                 delay = min(backoff.next_delay(), RETRY_CAP)
                 self.log.warning("sink write failed; will retry", stage=str(chunk.stage),
                                  error=str(exc), retry_in=round(delay, 1))
                 await anyio.sleep(delay)
             except Exception as exc:
-                self.runner.telemetry.api_error(type(exc).__name__)
+                deps.telemetry.api_error(type(exc).__name__)
                 delay = backoff.next_delay()
                 self.log.warning("step failed; will retry", stage=str(chunk.stage),
                                  error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
@@ -112,22 +137,22 @@ class ChunkDriver:
     # -- submitting ------------------------------------------------------------
 
     async def submit(self, chunk: ChunkState) -> None:
-        runner = self.runner
-        await runner.wait_unpaused()
+        deps = self.deps
+        await self.control.wait_unpaused()
         if not await self._ensure_spool(chunk):
             return
-        if runner.reconciler is not None:
-            await runner.reconciler.ready.wait()
-        queue = runner.queue
+        if deps.reconciler is not None:
+            await deps.reconciler.ready.wait()
+        queue = deps.queue
         if queue is not None:
             await queue.wait_room(chunk.requests, pipeline=self.name, chunk=chunk.chunk)
-        async with runner.create_lock:
+        async with deps.create_lock:
             current = self._chunk()
             if current is None or current.stage is not Stage.SEALED:
                 return
             if queue is not None and not queue.fits(current.requests):
                 return  # another create took the room while we waited for the lock
-            if runner.submissions_blocked:
+            if self.control.submissions_blocked:
                 return  # paused while we waited
             await self._create(current)
 
@@ -141,7 +166,7 @@ class ChunkDriver:
         returned, failed for certain, or was resolved before the next intent.
         """
         latest: ChunkState | None = None
-        for other in self.runner.manifest.state.chunks.values():
+        for other in self.deps.manifest.state.chunks.values():
             if other.last_intent_at is not None and (
                 latest is None or other.last_intent_at > (latest.last_intent_at or 0.0)
             ):
@@ -149,63 +174,62 @@ class ChunkDriver:
         return latest if latest is not None and latest.stage is Stage.INTENT else None
 
     async def _create(self, chunk: ChunkState) -> None:
-        runner = self.runner
+        deps = self.deps
         pending = self._latest_intent()
         if pending is not None and pending.chunk != chunk.chunk:
             # Settle the one create that may have an unrecorded batch before a new intent
             # makes it impossible to tell whose that batch is.
             await self._adopt(pending)
-        reconciler = runner.reconciler
+        reconciler = deps.reconciler
         if reconciler is not None:
             if not reconciler.ready.is_set():
                 return  # the caller waits for it outside the create lock, then comes back
             try:
-                adopt = await reconciler.clearance(chunk, runner.spool_path(chunk.chunk))
+                adopt = await reconciler.clearance(chunk, deps.spool_path(chunk.chunk))
             except Unattributable as exc:
-                await runner.pause(f"unknown_batches: {exc}", alarm_kind="unknown_batches",
-                                   chunk=chunk.chunk)
+                await self.control.pause(f"unknown_batches: {exc}", alarm_kind="unknown_batches",
+                                   kind=PauseKind.UNKNOWN_BATCHES, chunk=chunk.chunk)
                 return
             if adopt is not None:
                 await self._record_adoption(chunk, adopt)
                 return
-        await runner.manifest.append(
-            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+        await deps.manifest.append(
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
         )
         crash_point("after_intent")
         try:
-            batch = await runner.api.create(runner.spool_path(chunk.chunk), chunk.bytes)
+            batch = await deps.api.create(deps.spool_path(chunk.chunk), chunk.bytes)
         except Exception as exc:
             await self._create_failed(chunk, exc)
             return
         crash_point("after_create")
-        await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at)
+        await deps.manifest.append(
+            Submitted(chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at))
         )
         self.log.info("batch submitted", batch_id=batch.id, requests=chunk.requests,
                       bytes=chunk.bytes)
 
     async def _create_failed(self, chunk: ChunkState, exc: Exception) -> None:
         """Pause, wait and retry, or look for the batch: what the error's code says (§6)."""
-        runner = self.runner
         decision = classify_error(exc)
         error = f"{type(exc).__name__}: {exc}"
         status = getattr(exc, "status_code", None)
-        runner.telemetry.api_error(f"{status}:{decision.code}" if status else decision.code)
+        self.deps.telemetry.api_error(f"{status}:{decision.code}" if status else decision.code)
         if decision.action is Action.RETRY:
             streak = self._streaks[decision.code] = self._streaks.get(decision.code, 0) + 1
             if decision.pause_after is None or streak < decision.pause_after:
-                if decision.shrink:
-                    runner.packer_shrink()
                 wait = decision.retry_after if decision.retry_after is not None else 5.0
                 self.log.warning("create refused for now; waiting", code=decision.code,
                                  why=decision.advice, retry_after=wait, error=error)
+                # Waited here, under the create lock, so no other create goes out meanwhile.
                 await anyio.sleep(wait)
-                return
+                raise _Stop(RateLimited(chunk.chunk, decision.code, wait, decision.shrink))
         self._streaks.clear()
         if decision.action in (Action.PAUSE, Action.RETRY, Action.REJECTED):
-            await runner.pause(
+            await self.control.pause(
                 f"{decision.code}: {decision.advice} (chunk {chunk.chunk}: {error})",
-                alarm_kind=decision.alarm, kind=decision.kind, chunk=chunk.chunk,
+                alarm_kind=decision.alarm, kind=PauseKind(decision.kind or decision.alarm),
+                chunk=chunk.chunk,
             )
             return
         self.log.warning("create outcome unknown; will look for the batch before resending",
@@ -218,16 +242,16 @@ class ChunkDriver:
         if one exists, else send the chunk again. Under the create lock, so no
         other create of ours is in flight while we look.
         """
-        runner = self.runner
-        await runner.wait_unpaused()
-        async with runner.create_lock:
+        deps = self.deps
+        await self.control.wait_unpaused()
+        async with deps.create_lock:
             current = self._chunk()
             if current is None or current.stage is not Stage.INTENT:
                 return  # another driver adopted our batch while we waited for the lock
             latest = self._latest_intent()
             if latest is not None and latest.chunk == current.chunk and await self._adopt(current):
                 return
-            if runner.reconciler is None or runner.reconciler.ready.is_set():
+            if deps.reconciler is None or deps.reconciler.ready.is_set():
                 if not await self._ensure_spool(current):
                     return
                 self.log.info("no batch found for the earlier create; submitting again")
@@ -235,7 +259,7 @@ class ChunkDriver:
                 return
         # Batches the state does not know are still being read: wait (without holding the
         # create lock), then look again; the adopt check runs anew.
-        await runner.reconciler.ready.wait()
+        await deps.reconciler.ready.wait()
 
     async def _adopt(self, chunk: ChunkState) -> bool:
         """
@@ -247,22 +271,22 @@ class ChunkDriver:
         Only when the API sends no date does the window open ``_CLOCK_SLACK`` wider.
         """
         assert chunk.intent_at is not None
-        runner = self.runner
-        state = runner.manifest.state
-        skew = await runner.api.clock_skew()
+        deps = self.deps
+        state = deps.manifest.state
+        skew = await deps.api.clock_skew()
         since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
                  else chunk.intent_at - _CLOCK_SLACK)
         candidates = []
-        async for batch in runner.api.recent(since=since):
+        async for batch in deps.api.recent(since=since):
             if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
                 continue
             candidates.append(batch)
         found = None
-        spool = runner.spool_path(chunk.chunk)
+        spool = deps.spool_path(chunk.chunk)
         for batch in sorted(candidates, key=created_at_ts):
             # Where the reconciler has read a batch's custom_ids (a restored backup: other
             # chunks' batches of the same size exist too), take only one that matches.
-            reconciler = runner.reconciler
+            reconciler = deps.reconciler
             if reconciler is not None and spool.exists():
                 if await reconciler.holds_exactly(batch.id, chunk, spool) is False:
                     continue
@@ -270,8 +294,8 @@ class ChunkDriver:
             break
         if found is None:
             return False
-        await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)
+        await deps.manifest.append(
+            Submitted(chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at))
         )
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
@@ -279,12 +303,12 @@ class ChunkDriver:
 
     async def _record_adoption(self, chunk: ChunkState, found: FoundBatch) -> None:
         """Take a batch the API has and the state did not know as this chunk's batch."""
-        runner = self.runner
-        await runner.manifest.append(
-            "submit_intent", chunk=chunk.chunk, at=time.time(), requests=chunk.requests
+        manifest = self.deps.manifest
+        await manifest.append(
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
         )
-        await runner.manifest.append(
-            "submitted", chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at
+        await manifest.append(
+            Submitted(chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at)
         )
         self.log.warning("adopted a batch the state did not know (a restored backup or a "
                          "manifest cut short): its custom_ids are exactly this chunk's",
@@ -298,53 +322,50 @@ class ChunkDriver:
         True once the chunk's spool file exists (rebuilt if it was lost); False when it
         could not be and the chunk's rows were dead-lettered instead (it is committed).
         """
-        runner = self.runner
-        path = runner.spool_path(chunk.chunk)
+        deps, control = self.deps, self.control
+        path = deps.spool_path(chunk.chunk)
         if path.exists():
             if _given_up(path) and chunk.requests:
                 await self._commit_given_up(chunk)
                 return False
             return True
-        await runner.alarm(
+        await control.alarm(
             "spool_lost",
             f"spool file {path} of chunk {chunk.chunk} is missing; its "
             f"{chunk.requests + chunk.rejects} rows are read again from the source",
             chunk=chunk.chunk,
         )
-        reason = await rebuild_spool(runner, chunk)
+        reason = await rebuild_spool(deps, chunk)
         if reason is None:
             self.log.warning("spool rebuilt from the source", spool=str(path))
             return True
-        if not await give_up_spool(runner, chunk, reason):
+        if not await give_up_spool(deps, chunk, reason):
             # Nothing left to rebuild it from, nor keys to dead-letter: hold this chunk (not
             # a retry loop, not an exit that systemd would restart) and say what to do.
-            runner.held_chunks.add(chunk.chunk)
-            await runner.alarm(
+            await control.alarm(
                 "spool_lost",
                 f"chunk {chunk.chunk} is held: spool file {path} is lost and cannot be rebuilt "
                 f"({reason}), and only that file knew its {chunk.requests} rows' keys. "
                 "Restore it from a backup of the state dir, then restart",
                 chunk=chunk.chunk,
             )
-            runner.changed.fire()
-            await anyio.sleep_forever()
+            raise _Stop(Held(chunk.chunk, reason))
         await self._commit_given_up(chunk)
         return False
 
     async def _commit_given_up(self, chunk: ChunkState) -> None:
         """Dead-letter a given-up chunk's rows and commit it without collecting its batch."""
-        runner = self.runner
         if chunk.stage is Stage.SUBMITTED:
             assert chunk.batch_id is not None
-            await runner.manifest.append("ended", chunk=chunk.chunk, batch_id=chunk.batch_id,
-                                         counts={"spool_lost": chunk.requests})
+            await self.deps.manifest.append(Ended(chunk=chunk.chunk, batch_id=chunk.batch_id,
+                                               counts={"spool_lost": chunk.requests}))
         current = self._chunk()
         if current is not None:
             await self.collect(current, given_up=True)
 
     async def _batch_gone(self, chunk: ChunkState) -> bool:
         """Whether a 404 on an ended batch's results has lasted past the not-found window."""
-        window = self.runner.api_config.not_found_window
+        window = self.deps.api_config.not_found_window
         first = self._missing_since = self._missing_since or time.monotonic()
         return time.monotonic() - first > window
 
@@ -353,122 +374,90 @@ class ChunkDriver:
     async def _archived(self, batch_id: str) -> bool:
         """Whether a batch's results are gone for good (past the API's retention)."""
         try:
-            batch = await self.runner.api.retrieve(batch_id)
-        except anthropic.NotFoundError:
+            batch = await self.deps.api.retrieve(batch_id)
+        except NotFoundError:
             return False
         return batch.archived_at is not None
 
     async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:
-        runner = self.runner
+        deps = self.deps
         if not given_up and not await self._ensure_spool(chunk):
             return
         batch_id = chunk.batch_id
-        api = runner.api
-        collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
-                              runner.answers)
+        api = deps.api
+        collector = deps.collector()
         blocks = (lambda: api.result_blocks(batch_id)) if batch_id and not given_up else None
         lost = None
         if batch_id and chunk.counts and chunk.counts.get("lost"):
-            blocks, lost = None, _lost_reason(batch_id, runner.api_config.not_found_window)
+            blocks, lost = None, _lost_reason(batch_id, deps.api_config.not_found_window)
         try:
             summary = await collector.collect(
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
-                spool=runner.spool_path(chunk.chunk),
+                spool=deps.spool_path(chunk.chunk), attempt=chunk.attempt,
                 blocks=blocks,
                 lost=lost,
             )
-        except anthropic.NotFoundError:
+        except NotFoundError:
             assert batch_id is not None
             if not await self._archived(batch_id):
                 if not await self._batch_gone(chunk):
                     raise  # the known transient 404 just after end: retried with backoff
-                window = runner.api_config.not_found_window
-                await runner.alarm(
+                window = deps.api_config.not_found_window
+                await self.control.alarm(
                     "batch_not_found",
                     f"batch {batch_id} has answered 404 for over {window:.0f}s: its results "
                     f"are gone; its {chunk.requests} rows are dead-lettered as batch_lost "
                     "(`batchd dead-letters retry` sends them again, paid again)",
                     chunk=chunk.chunk,
                 )
-                collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter,
-                                      runner.cost, runner.answers)
+                collector = deps.collector()
                 summary = await collector.collect(
                     chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=batch_id,
-                    spool=runner.spool_path(chunk.chunk), blocks=None,
+                    spool=deps.spool_path(chunk.chunk), blocks=None, attempt=chunk.attempt,
                     lost=_lost_reason(batch_id, window),
                 )
                 await self._committed(chunk, summary)
                 return
-            await runner.alarm(
+            await self.control.alarm(
                 "results_archived",
                 f"results of batch {batch_id} were archived before they were collected; "
                 f"its {chunk.requests} requests are sent again",
                 chunk=chunk.chunk,
             )
-            collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
-                                  runner.answers)
+            collector = deps.collector()
             summary = await collector.collect(
                 chunk=chunk.chunk,
                 root=root_of(self.name, chunk.chunk),
                 batch_id=batch_id,
-                spool=runner.spool_path(chunk.chunk),
+                spool=deps.spool_path(chunk.chunk), attempt=chunk.attempt,
                 blocks=_no_results,
             )
         await self._committed(chunk, summary)
 
     async def _committed(self, chunk: ChunkState, summary: CollectSummary) -> None:
-        """Record a collect: the retry chunk it cut, the figures, alarms and pauses."""
-        runner = self.runner
+        """Record a collect: the retry chunk it cut, the figures and the alarm for gaps."""
+        deps = self.deps
         batch_id = chunk.batch_id
         crash_point("after_flush")
-        retry = None
-        if summary.retry_chunk is not None:
-            retry = {
-                "pipeline": self.name,
-                "chunk": summary.retry_chunk["chunk"],
-                "attempt": chunk.attempt + 1,
-                "requests": summary.retry_chunk["requests"],
-                "bytes": summary.retry_chunk["bytes"],
-                "rejects": 0,
-                "first_seq": None,
-                "last_seq": None,
-                "position": None,
-                "parent": chunk.chunk,
-            }
+        retry = summary.retry_chunk
         if summary.unknown or summary.missing:
-            await runner.alarm(
+            await self.control.alarm(
                 "reconciliation",
                 f"batch {batch_id}: {summary.missing} custom_ids missing from results "
                 f"(retried), {summary.unknown} unknown custom_ids",
                 chunk=chunk.chunk,
             )
-        await runner.manifest.append(
-            "results_committed",
-            chunk=chunk.chunk,
-            batch_id=batch_id,
-            succeeded=summary.succeeded,
-            truncated=summary.truncated,
-            dead=summary.dead,
-            retried=summary.retried,
-            cost_usd=summary.cost_usd,
-            input_tokens=summary.input_tokens,
-            output_tokens=summary.output_tokens,
-            retry_chunk=retry,
+        await deps.manifest.append(ResultsCommitted(
+            chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
-        )
-        runner.telemetry.committed(summary)
+        ))
+        deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,
                       retried=summary.retried, cost_usd=round(summary.cost_usd, 6))
-        await runner.sink_recovered()
-        if summary.pause_reason:
-            await runner.pause(summary.pause_reason, alarm_kind="billing_or_auth",
-                               kind=summary.pause_kind, chunk=chunk.chunk)
-        await runner.dead_letter_guard.check(summary)
-        if retry is not None:
-            runner.start_chunk(retry["chunk"], active=True)
+        self._summary = summary  # the runner acts on it once run() returns
 
 
 def _lost_reason(batch_id: str, window: float) -> tuple[str, str]:

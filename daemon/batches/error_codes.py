@@ -1,9 +1,9 @@
 """
 What an API error means for the pipeline: pause, retry, or give up on the request.
 
-The API names a cause in ``error.details.error_code`` and the SDK turns
-``(status, error_code)`` into an exception class (``anthropic._error_classes``);
-both are stable, the message is not. A 429 is not one thing: a rate limit or a
+The API names a cause in ``error.details.error_code`` (``ApiStatusError.error_code``,
+read from the body as the SDK reads it); the status and the code are stable, the
+message is not. A 429 is not one thing: a rate limit or a
 full processing queue passes within seconds (retry after ``retry-after``, make
 chunks smaller), a ramp limit passes too, but the tier's monthly spend limit
 does not lift before the 1st of next month, so retrying it only fills the log.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import anthropic
+from batchd.daemon.batches.api_errors import ApiStatusError
 
 __all__ = (
     "ACCOUNT_ROW_ERRORS",
@@ -130,12 +130,12 @@ _USER_SPEND_LIMIT = "You have reached your specified"
 
 
 def retry_after_of(exc: BaseException) -> float | None:
-    """``retry-after-ms`` or ``retry-after`` (seconds) of an API error's response."""
-    response = getattr(exc, "response", None)
-    if response is None:
+    """``retry-after-ms`` or ``retry-after`` (seconds) of an API error's answer."""
+    headers = getattr(exc, "headers", None)
+    if headers is None:
         return None
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = response.headers.get(header)
+        value = headers.get(header)
         if value:
             try:
                 return max(0.0, float(value) * scale)
@@ -144,7 +144,7 @@ def retry_after_of(exc: BaseException) -> float | None:
     return None
 
 
-def _body_field(exc: anthropic.APIStatusError, *path: str) -> Any:
+def _body_field(exc: ApiStatusError, *path: str) -> Any:
     value: Any = exc.body
     for name in path:
         if not isinstance(value, dict):
@@ -155,10 +155,10 @@ def _body_field(exc: anthropic.APIStatusError, *path: str) -> Any:
 
 def classify_error(exc: BaseException) -> Decision:
     """What a failed create means (§6 of the API facts): by error_code, then by status."""
-    if not isinstance(exc, anthropic.APIStatusError):
+    if not isinstance(exc, ApiStatusError):
         return Decision(Action.AMBIGUOUS, type(exc).__name__, "transient")
     status = exc.status_code
-    code = getattr(exc, "error_code", None) or _body_field(exc, "error", "details", "error_code")
+    code = exc.error_code
     retry_after = retry_after_of(exc)
     known = CODES.get(code) if isinstance(code, str) else None
     if known is not None:
@@ -168,14 +168,14 @@ def classify_error(exc: BaseException) -> Decision:
             advice = advice.replace("{appeal}", f" at {url}" if url else "")
         return Decision(known.action, known.code, known.kind, known.alarm, advice, retry_after,
                         known.shrink, known.pause_after)
-    kind = getattr(exc, "type", None) or _body_field(exc, "error", "type")
+    kind = exc.type
     label = code if isinstance(code, str) else kind if isinstance(kind, str) else str(status)
     if status == 429:
         return Decision(Action.RETRY, label, "rate_limited",
                         advice="rate limited or the processing queue is full; waiting "
                         "retry-after with smaller chunks",
                         retry_after=retry_after, shrink=True)
-    message = getattr(exc, "api_message", None) or _body_field(exc, "error", "message") or ""
+    message = exc.api_message or ""
     if status == 400 and str(message).startswith(_USER_SPEND_LIMIT):
         return Decision(Action.PAUSE, label, "spend_limit", "spend_limit",
                         "a spend limit set in the Console for the workspace or organization is "

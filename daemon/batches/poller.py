@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anthropic
 import anyio
 import structlog
 
-from batchd.daemon.batches.api import timestamp
-from batchd.daemon.wal.manifest import crash_point
+from batchd.daemon.batches.api import BatchesApi, timestamp
+from batchd.daemon.batches.api_errors import ApiError, NotFoundError
+from batchd.daemon.batches.control import Alarms
+from batchd.daemon.config import ApiConfig
+from batchd.daemon.ops.telemetry import Telemetry
+from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
-
-if TYPE_CHECKING:
-    from batchd.daemon.pipeline import PipelineRunner
+from batchd.daemon.wal.records import Ended
 
 __all__ = ("Poller",)
 
@@ -43,16 +44,24 @@ def _counts(batch: Any) -> dict[str, int]:
 class Poller:
     """Watches the pipeline's submitted chunks and records ``ended`` for each."""
 
-    def __init__(self, runner: PipelineRunner) -> None:
-        self.runner = runner
-        self.name = runner.pipeline.name
+    def __init__(
+        self,
+        pipeline: str,
+        *,
+        manifest: Manifest,
+        api: BatchesApi,
+        api_config: ApiConfig,
+        telemetry: Telemetry,
+        alarms: Alarms,
+    ) -> None:
+        self.name = pipeline
+        self.manifest = manifest
+        self.api = api
+        self.api_config = api_config
+        self.telemetry = telemetry
+        self.alarms = alarms
         self._events: dict[str, anyio.Event] = {}
-        self._wake = anyio.Event()
         self._missing_since: dict[str, float] = {}
-        self.calls = 0
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def wait_ended(self, chunk: ChunkState) -> None:
         event = self._events.get(chunk.chunk)
@@ -61,42 +70,40 @@ class Poller:
         await event.wait()
 
     def _interval(self) -> float:
-        api = self.runner.api_config
+        api = self.api_config
         return api.poll_interval * (1 + api.poll_jitter * random.uniform(-1, 1))
 
     async def run(self) -> None:
         while True:
             watched = [
-                c for c in self.runner.manifest.state.chunks.values()
+                c for c in self.manifest.state.chunks.values()
                 if c.pipeline == self.name and c.stage is Stage.SUBMITTED
             ]
             if watched:
                 try:
                     await self.poll_once(watched)
-                except anthropic.APIError as exc:
+                except ApiError as exc:
                     kind = getattr(exc, "status_code", None) or "connection"
-                    self.runner.telemetry.api_error(kind)
+                    self.telemetry.api_error(kind)
                     log.warning("poll failed; will poll again", pipeline=self.name,
                                 error=f"{type(exc).__name__}: {exc}")
-            with anyio.move_on_after(self._interval()):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await anyio.sleep(self._interval())
 
     async def _retrieve(self, chunk: ChunkState) -> Any | None:
         assert chunk.batch_id is not None
-        self.runner.telemetry.poll_call()
+        self.telemetry.poll_call()
         try:
-            return await self.runner.api.retrieve(chunk.batch_id)
-        except anthropic.NotFoundError:
+            return await self.api.retrieve(chunk.batch_id)
+        except NotFoundError:
             return None
 
     async def poll_once(self, watched: list[ChunkState]) -> None:
-        api = self.runner.api
+        api = self.api
         by_batch = {c.batch_id: c for c in watched if c.batch_id}
         found: dict[str, Any] = {}
         if len(by_batch) > 2:
             since = min(_ts(c) for c in watched) - 60
-            self.runner.telemetry.poll_call()
+            self.telemetry.poll_call()
             async for batch in api.recent(since=since):
                 if batch.id in by_batch:
                     found[batch.id] = batch
@@ -123,10 +130,10 @@ class Poller:
         """
         assert chunk.batch_id is not None
         first = self._missing_since.setdefault(chunk.batch_id, time.monotonic())
-        window = self.runner.api_config.not_found_window
+        window = self.api_config.not_found_window
         if time.monotonic() - first <= window:
             return
-        await self.runner.alarm(
+        await self.alarms.alarm(
             "batch_not_found",
             f"batch {chunk.batch_id} has answered 404 for over {window:.0f}s: the API no "
             f"longer knows it; its {chunk.requests} rows are dead-lettered as batch_lost "
@@ -137,8 +144,8 @@ class Poller:
         self._missing_since.pop(chunk.batch_id, None)
         counts = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "processing": 0,
                   "lost": chunk.requests}
-        await self.runner.manifest.append(
-            "ended", chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts
+        await self.manifest.append(
+            Ended(chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts)
         )
         event = self._events.pop(chunk.chunk, None)
         if event is not None:
@@ -148,14 +155,14 @@ class Poller:
         counts = _counts(batch)
         total = sum(counts.values())
         if total != chunk.requests or counts["processing"]:
-            await self.runner.alarm(
+            await self.alarms.alarm(
                 "reconciliation",
                 f"batch {batch.id} ended with counts {counts} summing to {total}, "
                 f"but chunk {chunk.chunk} sent {chunk.requests}",
                 chunk=chunk.chunk,
             )
-        await self.runner.manifest.append(
-            "ended", chunk=chunk.chunk, batch_id=batch.id, counts=counts
+        await self.manifest.append(
+            Ended(chunk=chunk.chunk, batch_id=batch.id, counts=counts)
         )
         crash_point("after_ended")
         log.info("batch ended", pipeline=self.name, chunk=chunk.chunk, batch_id=batch.id, **counts)

@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import anthropic
 import anyio
 import orjson
 import structlog
 
 from batchd.daemon.batches.api import BatchesApi, StreamCut, timestamp
+from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
@@ -191,7 +191,7 @@ class Reconciler:
             try:
                 await self._scan()
                 break
-            except (anthropic.APIError, StreamCut) as exc:
+            except (ApiError, StreamCut) as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot list the API's batches yet; creates wait",
                             error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
@@ -201,7 +201,7 @@ class Reconciler:
             for batch in self._pending():
                 try:
                     await self._read(batch)
-                except (anthropic.APIError, StreamCut) as exc:
+                except (ApiError, StreamCut) as exc:
                     log.warning("cannot read a batch the state does not know yet",
                                 batch_id=batch.batch_id, error=f"{type(exc).__name__}: {exc}")
             waiting = self._pending()
@@ -256,7 +256,7 @@ class Reconciler:
         """Cache an ended unknown batch's custom_ids; nothing yet if it is in progress."""
         try:
             current = await self.api.retrieve(batch.batch_id)
-        except anthropic.NotFoundError:
+        except NotFoundError:
             log.warning("a batch the state did not know is gone from the API; its rows, if "
                         "they were this state's, are sent again", batch_id=batch.batch_id)
             self._readable.add(batch.batch_id)

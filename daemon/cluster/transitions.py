@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
-from batchd.daemon.wal.manifest import _ALIASES, _ENVELOPE
+from batchd.daemon.wal.manifest import _ENVELOPE
 from batchd.daemon.wal.manifest_state import (
     ChunkState,
     ManifestCorrupt,
@@ -54,6 +54,8 @@ SHARD_KINDS = frozenset({"chunk_sealed", "source_committed", "chunk_retired"})
 PIPELINE_KINDS = frozenset({"pipeline_paused", "pipeline_resumed", "alarm"})
 
 _MESSAGE_SEQ = "seq 0: "
+# Spec names that collide with the envelope, accepted here and stored renamed.
+_ALIASES = {("alarm", "kind"): "alarm_kind", ("source_committed", "seq"): "source_seq"}
 
 
 def normalize(kind: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from batchd.daemon.config import Config
 from batchd.daemon.wal.manifest import MANIFEST_NAME, Manifest, replay
 from batchd.daemon.wal.manifest_state import Stage
 from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.records import BatchDisowned, SubmitIntent, Submitted
 from batchd.plugins.errors import ConfigError
 
 __all__ = ("adopt_batch", "ignore_batch", "list_unknown")
@@ -55,8 +56,8 @@ def ignore_batch(config: Config, batch_id: str) -> str:
             owner = manifest.state.batch_owner(batch_id)
             if owner is not None:
                 raise ConfigError(f"batch {batch_id} is chunk {owner}'s; it cannot be ignored")
-            await manifest.append("batch_disowned", batch_id=batch_id,
-                                  reason="ignored by the operator (batchd reconcile)")
+            await manifest.append(BatchDisowned(
+                batch_id=batch_id, reason="ignored by the operator (batchd reconcile)"))
         return (f"batch {batch_id} is recorded as not this state's; chunks sharing its "
                 "custom_ids are sent (and paid) when batchd starts")
 
@@ -86,10 +87,10 @@ def adopt_batch(config: Config, batch_id: str, chunk_id: str) -> str:
                 finally:
                     await api.aclose()
             if chunk.stage is Stage.SEALED:
-                await manifest.append("submit_intent", chunk=chunk_id, at=time.time(),
-                                      requests=chunk.requests)
-            await manifest.append("submitted", chunk=chunk_id, batch_id=batch_id,
-                                  created_at=created)
+                await manifest.append(SubmitIntent(chunk=chunk_id, at=time.time(),
+                                                   requests=chunk.requests))
+            await manifest.append(Submitted(chunk=chunk_id, batch_id=batch_id,
+                                            created_at=created))
         return (f"batch {batch_id} is recorded as chunk {chunk_id}'s; it is collected when "
                 "batchd starts")
 

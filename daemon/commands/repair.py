@@ -36,6 +36,7 @@ from batchd.daemon.wal.manifest import Manifest, _take_lock, replay
 from batchd.daemon.wal.manifest_damage import ManifestDamaged, cut_damaged_manifest
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.private_state import make_private
+from batchd.daemon.wal.records import LedgerBound
 from batchd.daemon.wal.state_db import (
     StateFileDamaged,
     check_ledger,
@@ -138,7 +139,7 @@ async def _repair(config: Config) -> list[str]:
         os.replace(building, path)
         for file in ledger_files(building)[1:]:
             file.unlink(missing_ok=True)
-        await manifest.append("ledger_bound", ledger=ledger_id)
+        await manifest.append(LedgerBound(ledger=ledger_id))
         report.append(f"rebuilt {path} and bound it to {manifest.path}")
         return report
 

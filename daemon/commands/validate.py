@@ -29,13 +29,11 @@ from typing import Any
 import anyio
 
 from batchd.daemon.config import Config, PipelineConfig, PluginSpec, load_config
-from batchd.plugins.contract import Sink, Source
+from batchd.plugins.contract import Sink, SinkOutput, Source
 from batchd.plugins.errors import BatchdError, ConfigError
 
 __all__ = ("Problem", "Report", "check_config", "template_field_errors")
 
-# Sink types whose ``path`` option is where they write (a directory or a file).
-_FILE_SINKS = {"jsonl": "directory", "dead_letter": "directory", "sqlite": "file"}
 _CONNECT_TIMEOUT = 15.0
 
 
@@ -207,11 +205,13 @@ async def _check_pipelines(config: Config, report: Report, connect: bool,
         sinks: list[tuple[Sink, PluginSpec]] = []
         for spec in (*pipeline.sinks, pipeline.dead_letter):
             try:
-                sinks.append((build_sink(config, pipeline.name, spec), spec))
+                sink = build_sink(config, pipeline.name, spec)
+                sinks.append((sink, spec))
             except BatchdError as exc:
                 report.problems.append(_problem(exc, spec))
             else:
-                _check_sink_path(config, pipeline, spec, report)
+                for output in sink.outputs():
+                    _check_sink_path(config, output, spec, report)
         if source is not None:
             ps = state.pipelines.get(pipeline.name)
             # Only a file source is started (it reads its header, where a restart would
@@ -290,20 +290,14 @@ def _writable_dir(path: Path) -> tuple[bool, Path]:
     return os.access(probe, os.W_OK | os.X_OK), probe
 
 
-def _check_sink_path(
-    config: Config, pipeline: PipelineConfig, spec: PluginSpec, report: Report
-) -> None:
-    kind = _FILE_SINKS.get(spec.type)
-    raw = spec.options.get("path")
-    if kind is None or not isinstance(raw, str):
-        return
-    target = Path(raw).expanduser()
-    if not target.is_absolute():
-        target = config.path.resolve().parent / target
-    directory = target if kind == "directory" else target.parent
+def _check_sink_path(config: Config, output: SinkOutput, spec: PluginSpec,
+                     report: Report) -> None:
+    """A local output the sink declares (``Sink.outputs``) must be writable where it is."""
+    target = output.path
+    directory = target if output.directory else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
-    if kind == "file" and target.is_dir():
+    if not output.directory and target.is_dir():
         report.problems.append(Problem(
             f"{spec.where}: path: {target} is a directory; name the database file",
             file, table, "path",
@@ -400,9 +394,14 @@ def _is_batchd(host: str, port: int) -> bool:
 
 async def _check_api(config: Config, report: Report) -> None:
     """The API (or the emulator at ANTHROPIC_BASE_URL) accepts the key: one list call."""
-    import anthropic
+    from dataclasses import replace
 
-    from batchd.daemon.batches.api import resolve_api_key
+    from batchd.daemon.batches.api import BatchesApi, resolve_api_key
+    from batchd.daemon.batches.api_errors import (
+        ApiError,
+        AuthenticationError,
+        PermissionDeniedError,
+    )
 
     key = resolve_api_key()
     if key is None:
@@ -410,20 +409,19 @@ async def _check_api(config: Config, report: Report) -> None:
             "no API key: set ANTHROPIC_API_KEY or the systemd credential anthropic-api-key",
             key="ANTHROPIC_API_KEY"))
         return
-    client = anthropic.AsyncAnthropic(api_key=key, base_url=config.api.base_url, max_retries=1,
-                                      timeout=_CONNECT_TIMEOUT)
+    api = BatchesApi(replace(config.api, max_retries=1, timeout=_CONNECT_TIMEOUT), key)
     try:
-        await client.messages.batches.list(limit=1)
-    except anthropic.AuthenticationError:
+        await api.check()
+    except AuthenticationError:
         report.problems.append(Problem("the API refused the API key (401)",
                                        key="ANTHROPIC_API_KEY"))
-    except anthropic.PermissionDeniedError as exc:
+    except PermissionDeniedError as exc:
         report.problems.append(Problem(f"the API key may not use the Batches API: {exc}",
                                        key="ANTHROPIC_API_KEY"))
-    except anthropic.APIError as exc:
-        report.problems.append(Problem(f"cannot reach the API at {client.base_url}: {exc}",
+    except ApiError as exc:
+        report.problems.append(Problem(f"cannot reach the API at {api.base_url}: {exc}",
                                        key="base_url", table="[api]"))
     else:
-        report.checked.append(f"the API at {client.base_url} accepts the key")
+        report.checked.append(f"the API at {api.base_url} accepts the key")
     finally:
-        await client.close()
+        await api.aclose()

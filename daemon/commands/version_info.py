@@ -23,16 +23,12 @@ def _version(distribution: str) -> str:
 
 
 def _api_version() -> str | None:
-    """The ``anthropic-version`` header the SDK sends (read from a client, never sent)."""
+    """The ``anthropic-version`` the installed SDK sends (read from its files, not imported)."""
     try:
-        import anthropic
-
-        client = anthropic.Anthropic(api_key="unused", base_url="http://127.0.0.1:9")
-        version = client.default_headers.get("anthropic-version")
-        client.close()
-        return str(version) if version else None
+        from batchd.daemon.intake.request_options import SDK_API_VERSION
     except Exception:
         return None
+    return SDK_API_VERSION or None
 
 
 def version_info() -> dict[str, Any]:

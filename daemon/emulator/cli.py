@@ -9,20 +9,17 @@ port it got.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from batchd.daemon.emulator.config import (
-    EmulatorConfig,
-    FaultSettings,
-    parse_duration,
-    parse_fault_spec,
-)
-from batchd.daemon.emulator.rules import load_rules
-from batchd.daemon.emulator.runner import run_emulator
-from batchd.daemon.emulator.tiers import parse_tier
-from batchd.daemon.models.catalog import CatalogError, load_catalog
+from batchd.daemon.durations import parse_duration
+
+if TYPE_CHECKING:
+    from batchd.daemon.emulator.config import EmulatorConfig
+
+# The server (aiohttp and the emulator's engine) is imported by `run` only: `batchd --help`
+# and shell completion read the flags from `add_arguments` without it.
 
 __all__ = ("add_arguments", "run")
 
@@ -71,14 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _duration_flag(args: argparse.Namespace, flag: str) -> float:
-    try:
-        return parse_duration(getattr(args, flag))
-    except ValueError as exc:
-        raise ValueError(f"--{flag}: {exc}") from None
+    return parse_duration(getattr(args, flag), what=f"--{flag}")
 
 
 def _config(args: argparse.Namespace) -> EmulatorConfig:
     """The config from parsed flags; a ValueError names the flag at fault."""
+    from batchd.daemon.emulator.config import EmulatorConfig, FaultSettings, parse_fault_spec
+    from batchd.daemon.emulator.rules import load_rules
+    from batchd.daemon.emulator.tiers import parse_tier
+    from batchd.daemon.models.catalog import CatalogError, load_catalog
+
     try:
         faults = parse_fault_spec(args.faults or "")
         FaultSettings.from_mapping(faults)
@@ -115,6 +114,10 @@ def _config(args: argparse.Namespace) -> EmulatorConfig:
 
 
 async def _serve(config: EmulatorConfig) -> None:
+    import asyncio
+
+    from batchd.daemon.emulator.runner import run_emulator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,11 +130,19 @@ async def _serve(config: EmulatorConfig) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until a signal; 0 on a clean stop, 2 for bad flags or an address it cannot bind."""
     try:
+        import aiohttp  # noqa: F401  (the server; only the emulator extra installs it)
+    except ImportError:
+        print("batchd emulator: needs aiohttp, which is not installed: "
+              "pip install 'batchd[emulator]'", file=sys.stderr)
+        return 2
+    try:
         config = _config(args)
     except ValueError as exc:
         print(f"batchd emulator: {exc}", file=sys.stderr)
         return 2
     try:
+        import asyncio
+
         asyncio.run(_serve(config))
     except OSError as exc:
         # A port in use or an address not on this host is the caller's to fix: exit 2,

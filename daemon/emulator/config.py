@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchd.daemon.durations import parse_duration
 from batchd.daemon.emulator.tiers import parse_tier
 
 __all__ = (
@@ -25,12 +25,8 @@ __all__ = (
     "SUCCEEDED_TWISTS",
     "EmulatorConfig",
     "FaultSettings",
-    "parse_duration",
     "parse_fault_spec",
 )
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 #: Per-request fault kinds, in the order their fractions are stacked.
 PER_REQUEST_FAULTS = ("api_error", "overloaded_error", "invalid_request", "expired")
@@ -54,23 +50,6 @@ HTTP_FAULTS = (
 HTTP_FAULT_TARGETS = ("all", "create")
 _DURATION_KEYS = frozenset({"retry_after", "slow", "transient_404_seconds"})
 _OPTIONAL_COUNTS = frozenset({"cut_results_after", "queue_limit", "rpm_limit"})
-
-
-def parse_duration(text: str | float | int) -> float:
-    """
-    Seconds from ``0``, ``500ms``, ``2s``, ``5m``, ``24h`` or ``29d`` (a bare number is seconds).
-
-    Raises:
-        ValueError: naming the text when it is not a duration.
-    """
-    if isinstance(text, int | float):
-        if text < 0 or not math.isfinite(text):
-            raise ValueError(f"duration must be a finite number >= 0, got {text!r}")
-        return float(text)
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 0, 500ms, 2s, 5m, 24h, 29d)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -165,7 +144,7 @@ def _coerce(key: str, raw: Any) -> Any:
                 raise ValueError("must be >= 0")
             return value
         if key in _DURATION_KEYS:
-            return parse_duration(raw if isinstance(raw, str) else float(raw))
+            return parse_duration(raw if isinstance(raw, str) else float(raw), what=key)
         number = float(raw)
         if not math.isfinite(number) or number < 0:
             raise ValueError("must be a finite number >= 0")

@@ -5,54 +5,24 @@ The API rejects a field it does not know ("Extra inputs are not permitted")
 and a value outside its enum or range; a batch reports that as the row's
 ``invalid_request_error`` when the batch ends. The allowed top-level fields
 and the enum values are read from the SDK's TypedDicts and Literals
-(``anthropic/types/message_create_params.py`` and friends), so a new SDK
-release moves the emulator with it instead of a hand-kept list going stale.
+(``anthropic/types/message_create_params.py`` and friends, see sdk_tables.py),
+so a new SDK release moves the emulator with it instead of a hand-kept list
+going stale.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from batchd.daemon.emulator.sdk_tables import SdkTables, sdk_tables
 from batchd.daemon.emulator.versions import ApiVersion
 
 __all__ = ("BATCH_REJECTED", "SdkTables", "allowed_fields", "check_strict", "sdk_tables")
 
 _CUSTOM_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 _MAX_MESSAGES = 100_000
-
-
-def _literals(tp: Any, found: set[Any] | None = None) -> set[Any]:
-    """Every Literal value inside a (possibly Optional/Union/Iterable) type hint."""
-    found = set() if found is None else found
-    if typing.get_origin(tp) is typing.Literal:
-        found.update(typing.get_args(tp))
-    else:
-        for arg in typing.get_args(tp):
-            _literals(arg, found)
-    return found
-
-
-def _hints(typed_dict: Any) -> dict[str, Any]:
-    """A TypedDict's (or a pydantic model's) field types, evaluated."""
-    fields = getattr(typed_dict, "model_fields", None)
-    if fields is not None:
-        return {name: info.annotation for name, info in fields.items()}
-    return typing.get_type_hints(typed_dict)
-
-
-def _members_by_type(union: Any) -> dict[str, dict[str, Any]]:
-    """``type`` literal → that member's field hints, for a Union of TypedDicts."""
-    members: dict[str, dict[str, Any]] = {}
-    for member in typing.get_args(union):
-        hints = _hints(member)
-        for value in _literals(hints.get("type")):
-            members[value] = hints
-    return members
 
 
 #: Params the API takes on /v1/messages but not in a batch row (BATCH), and why.
@@ -65,84 +35,6 @@ BATCH_REJECTED: dict[str, str] = {
     "research_preview_2026_02": "research previews are not available in Message Batches",
 }
 _INFERENCE_GEOS = frozenset({"global", "us"})
-
-
-@dataclass(frozen=True)
-class SdkTables:
-    """
-    What the installed SDK's types allow, read once.
-
-    Args:
-        fields: top-level fields of a batch row (MessageCreateParamsNonStreaming).
-        beta_fields: the same for a batch created through ``client.beta`` (``betas``
-            is a header parameter there, never a body field).
-        thinking, tool_choices, tools: ``type`` value → that variant's field types.
-        role_blocks: message role → the block types its list content may hold.
-    """
-
-    fields: frozenset[str]
-    beta_fields: frozenset[str]
-    thinking: dict[str, dict[str, Any]]
-    display_values: frozenset[Any]
-    tool_choices: dict[str, dict[str, Any]]
-    tools: dict[str, dict[str, Any]]
-    output_config: dict[str, Any]
-    effort_values: frozenset[Any]
-    cache_control: dict[str, Any]
-    ttl_values: frozenset[Any]
-    service_tiers: frozenset[Any]
-    role_blocks: dict[str, frozenset[str]]
-
-
-@functools.cache
-def sdk_tables() -> SdkTables:
-    """
-    The tables, derived from the SDK's TypedDicts and Literals on first use.
-
-    Imported here, not at module level: importing the SDK calls
-    ``logging.basicConfig`` when ``ANTHROPIC_LOG`` is set, and ``batchd run``
-    (which imports the emulator's CLI for its ``emulator`` subcommand) must
-    set up its own redacting logging first.
-    """
-    from anthropic.types import (
-        cache_control_ephemeral_param,
-        message_param,
-        output_config_param,
-        thinking_config_enabled_param,
-        thinking_config_param,
-        tool_choice_param,
-        tool_union_param,
-    )
-    from anthropic.types import message_create_params as params
-    from anthropic.types.beta import message_create_params as beta_params
-
-    role_blocks: dict[str, frozenset[str]] = {}
-    for member in typing.get_args(message_param.MessageParam):
-        hints = _hints(member)
-        blocks: set[str] = set()
-        for union in typing.get_args(typing.get_args(hints["content"])[1]):
-            for item in typing.get_args(union):
-                blocks.update(_literals(_hints(item).get("type")))
-        for role in _literals(hints["role"]):
-            role_blocks[role] = frozenset(blocks)
-    output_config = _hints(output_config_param.OutputConfigParam)
-    cache_control = _hints(cache_control_ephemeral_param.CacheControlEphemeralParam)
-    enabled = _hints(thinking_config_enabled_param.ThinkingConfigEnabledParam)
-    return SdkTables(
-        fields=frozenset(params.MessageCreateParamsNonStreaming.__annotations__),
-        beta_fields=frozenset(beta_params.MessageCreateParamsNonStreaming.__annotations__)
-        - {"betas"},
-        thinking=_members_by_type(thinking_config_param.ThinkingConfigParam),
-        display_values=frozenset(_literals(enabled["display"])),
-        tool_choices=_members_by_type(tool_choice_param.ToolChoiceParam),
-        tools=_members_by_type(tool_union_param.ToolUnionParam),
-        output_config=output_config,
-        effort_values=frozenset(_literals(output_config["effort"])),
-        cache_control=cache_control,
-        ttl_values=frozenset(_literals(cache_control["ttl"])),
-        service_tiers=frozenset(_literals(_hints(params.MessageCreateParamsBase)["service_tier"])),
-        role_blocks=role_blocks,
-    )
 
 
 def allowed_fields(version: ApiVersion, beta: bool) -> frozenset[str]:

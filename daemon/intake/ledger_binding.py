@@ -15,6 +15,7 @@ from pathlib import Path
 
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger
 from batchd.daemon.wal.manifest import Manifest
+from batchd.daemon.wal.records import LedgerBound
 from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.errors import ConfigError
 
@@ -57,7 +58,7 @@ async def open_bound_ledger(state_dir: Path, manifest: Manifest) -> KeyLedger:
                 f"state dir or another backup; put back the matching one, or {_REPAIR}"
             )
         if state.ledger_id != ledger_id:  # a new state dir, or one from before ledger ids
-            await manifest.append("ledger_bound", ledger=ledger_id)
+            await manifest.append(LedgerBound(ledger=ledger_id))
     except BaseException:
         ledger.close()
         raise

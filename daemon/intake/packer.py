@@ -119,7 +119,6 @@ class ChunkBuilder:
         self.last_seq: int | None = None
         self.position: dict[str, Any] | None = None
         self.started = time.monotonic()
-        self.est_input_bytes = 0
         # A chunk rebuilt to the boundaries of a batch the API already has (see
         # Packer.follow): that batch's id and how many requests it holds.
         self.follows: str | None = None
@@ -377,7 +376,6 @@ class Packer:
                 })
                 continue
             keys.add(key)
-            builder.est_input_bytes += len(item.request)
 
     async def seal_current(self) -> None:
         builder = self.builder

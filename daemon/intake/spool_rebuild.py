@@ -20,26 +20,23 @@ dead-letters retry`` can send them again when the operator decides to.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import structlog
 
+from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.intake.custom_ids import CustomIdAllocator
 from batchd.daemon.intake.ledger import position_identity
 from batchd.daemon.intake.packer import _Pending, add_reject, request_line, shape_record
 from batchd.daemon.intake.shaper import Shaper
 from batchd.daemon.intake.spool import SpoolWriter
-from batchd.daemon.results.collector import Collector
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest_state import ChunkState, ManifestState
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Source
 from batchd.plugins.errors import BatchdError, RetriableError
 from batchd.plugins.records import Record
-
-if TYPE_CHECKING:
-    from batchd.daemon.pipeline import PipelineRunner
 
 __all__ = ("give_up_spool", "rebuild_spool")
 
@@ -48,18 +45,18 @@ log = structlog.get_logger("batchd.spool")
 _EMPTY_POLLS = 300  # polls returning nothing (a source still settling) before giving up
 
 
-async def rebuild_spool(runner: PipelineRunner, chunk: ChunkState) -> str | None:
+async def rebuild_spool(deps: DriverDeps, chunk: ChunkState) -> str | None:
     """Write ``chunk``'s spool file again; None when done, else why it cannot be."""
     try:
         if chunk.parent is not None:
-            return await _cut_retry_again(runner, chunk)
-        if runner.make_source is None or not runner.source.rereadable:
+            return await _cut_retry_again(deps, chunk)
+        if deps.make_source is None or not deps.source.rereadable:
             return "the pipeline's source cannot be read a second time beside the running one"
         if chunk.first_seq is None:
-            keys = {key for key, _ in runner.ledger.keys_of(runner.pipeline.name, chunk.chunk)}
-            return await _reread(runner, chunk, None, 0, keys=keys)
-        start, start_seq = _start_before(runner.manifest.state, chunk)
-        return await _reread(runner, chunk, start, start_seq, keys=None)
+            keys = {key for key, _ in deps.ledger.keys_of(deps.pipeline.name, chunk.chunk)}
+            return await _reread(deps, chunk, None, 0, keys=keys)
+        start, start_seq = _start_before(deps.manifest.state, chunk)
+        return await _reread(deps, chunk, start, start_seq, keys=None)
     except BatchdError as exc:
         return str(exc)
 
@@ -91,7 +88,7 @@ async def _poll(source: Source) -> list[Record] | None:
 
 
 async def _reread(
-    runner: PipelineRunner,
+    deps: DriverDeps,
     chunk: ChunkState,
     start: dict[str, Any] | None,
     start_seq: int,
@@ -99,9 +96,9 @@ async def _reread(
     keys: set[str] | None,
 ) -> str | None:
     """Read the chunk's records again (a seq range, or a key set) into a new spool."""
-    assert runner.make_source is not None
+    assert deps.make_source is not None
     records: list[tuple[Record, int | None]] = []
-    source = runner.make_source()
+    source = deps.make_source()
     try:
         await source.start(start)
         seq, empty = start_seq, 0
@@ -132,23 +129,23 @@ async def _reread(
     if keys is None and len(records) != expected:
         return (f"the source now yields {len(records)} records where the chunk read "
                 f"{expected}")
-    return _write(runner, chunk, records)
+    return _write(deps, chunk, records)
 
 
 def _write(
-    runner: PipelineRunner, chunk: ChunkState, records: Sequence[tuple[Record, int | None]]
+    deps: DriverDeps, chunk: ChunkState, records: Sequence[tuple[Record, int | None]]
 ) -> str | None:
     """Shape and classify the records as the packer did, and seal them as the chunk's spool."""
-    pipeline = runner.pipeline
-    shaper = Shaper(pipeline, runner.model_check)
+    pipeline = deps.pipeline
+    shaper = Shaper(pipeline, deps.model_check)
     max_bytes = pipeline.batching.max_bytes
     shaped: list[_Pending] = [
         shape_record(shaper, max_bytes, record, seq or 0) for record, seq in records
     ]
-    owners = runner.ledger.owners(
+    owners = deps.ledger.owners(
         pipeline.name, [p.record.key for p in shaped if p.request is not None]
     )
-    writer = SpoolWriter(runner.spool_path(chunk.chunk))
+    writer = SpoolWriter(deps.spool_path(chunk.chunk))
     ids = CustomIdAllocator()
     seen: set[str] = set()
     try:
@@ -179,7 +176,7 @@ def _write(
             writer.discard()
             return (f"the rows read again make {found[0]} requests and {found[1]} rejects; "
                     f"the chunk had {chunk.requests} and {chunk.rejects}")
-        claimed = {key for key, _ in runner.ledger.keys_of(pipeline.name, chunk.chunk)}
+        claimed = {key for key, _ in deps.ledger.keys_of(pipeline.name, chunk.chunk)}
         if claimed and claimed != seen:
             writer.discard()
             return (f"the rows read again hold other keys than the chunk claimed "
@@ -191,33 +188,32 @@ def _write(
     return None
 
 
-async def _cut_retry_again(runner: PipelineRunner, chunk: ChunkState) -> str | None:
+async def _cut_retry_again(deps: DriverDeps, chunk: ChunkState) -> str | None:
     """A retry chunk's spool is cut from its parent's results: collect the parent again."""
 
-    state = runner.manifest.state
+    state = deps.manifest.state
     parent = state.chunks.get(chunk.parent or "")
     if parent is None or parent.batch_id is None:
         return f"its parent chunk {chunk.parent} is no longer known"
-    parent_spool = runner.spool_path(parent.chunk)
+    parent_spool = deps.spool_path(parent.chunk)
     if not parent_spool.exists():
-        reason = await rebuild_spool(runner, parent)
+        reason = await rebuild_spool(deps, parent)
         if reason is not None:
             return f"its parent's spool is lost too ({reason})"
     batch_id = parent.batch_id
-    collector = Collector(runner.pipeline, runner.sinks, runner.dead_letter, runner.cost,
-                          runner.answers)
+    collector = deps.collector()
     summary = await collector.collect(
-        chunk=parent.chunk, root=root_of(runner.pipeline.name, parent.chunk),
-        batch_id=batch_id, spool=parent_spool,
-        blocks=lambda: runner.api.result_blocks(batch_id),
+        chunk=parent.chunk, root=root_of(deps.pipeline.name, parent.chunk),
+        batch_id=batch_id, spool=parent_spool, attempt=parent.attempt,
+        blocks=lambda: deps.api.result_blocks(batch_id),
     )
     cut = summary.retry_chunk
-    if cut is None or cut["chunk"] != chunk.chunk or cut["requests"] != chunk.requests:
+    if cut is None or cut.chunk != chunk.chunk or cut.requests != chunk.requests:
         return "its parent's results no longer give the same retries"
     return None
 
 
-async def give_up_spool(runner: PipelineRunner, chunk: ChunkState, reason: str) -> bool:
+async def give_up_spool(deps: DriverDeps, chunk: ChunkState, reason: str) -> bool:
     """
     Replace a lost spool by dead letters (``spool_lost``) for the keys the ledger says the
     chunk held; False if even those are unknown (a retry chunk, whose keys only its spool
@@ -225,12 +221,12 @@ async def give_up_spool(runner: PipelineRunner, chunk: ChunkState, reason: str) 
     """
     if chunk.parent is not None:
         return False
-    keys = list(runner.ledger.keys_of(runner.pipeline.name, chunk.chunk))
+    keys = list(deps.ledger.keys_of(deps.pipeline.name, chunk.chunk))
     if not keys and chunk.requests:
         return False  # not even the keys are known: nothing to dead-letter under
     message = (f"the spool of chunk {chunk.chunk} is lost and its rows could not be read "
                f"again ({reason}); `batchd dead-letters retry` sends them again")
-    writer = SpoolWriter(runner.spool_path(chunk.chunk))
+    writer = SpoolWriter(deps.spool_path(chunk.chunk))
     try:
         for key, _ in keys:
             writer.add_reject({"key": key, "position": None, "seq": None,
@@ -239,6 +235,6 @@ async def give_up_spool(runner: PipelineRunner, chunk: ChunkState, reason: str) 
     except BaseException:
         writer.discard()
         raise
-    log.error("spool lost; rows dead-lettered", pipeline=runner.pipeline.name,
+    log.error("spool lost; rows dead-lettered", pipeline=deps.pipeline.name,
               chunk=chunk.chunk, rows=len(keys), reason=reason)
     return True

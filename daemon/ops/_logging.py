@@ -19,7 +19,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import orjson
 import structlog
@@ -172,6 +172,25 @@ def _renderer(json: bool, stream: TextIO) -> Callable[..., Any]:
     return structlog.dev.ConsoleRenderer(colors=colors)
 
 
+class _CurrentStdout:
+    """
+    ``sys.stdout`` as it is at each write, not as it was at set-up.
+
+    The CLI configures logging once per process, but an embedding program or a test
+    harness may swap ``sys.stdout`` afterwards (and close the old one); binding the
+    object would then write into a closed file.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
 def configure_logging(
     level: str = "info", json: bool | None = None, stream: TextIO | None = None
 ) -> None:
@@ -198,7 +217,7 @@ def configure_logging(
         raise ValueError(
             f"log level {level!r} is not one of {', '.join(LEVELS)}"
         ) from None
-    out = sys.stdout if stream is None else stream
+    out: TextIO = cast(TextIO, _CurrentStdout()) if stream is None else stream
     if json is None:
         json = not bool(getattr(out, "isatty", lambda: False)())
     renderer = _renderer(json, out)

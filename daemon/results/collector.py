@@ -32,6 +32,7 @@ from batchd.daemon.results.routing import Route
 from batchd.daemon.results.sink_failures import sink_call
 from batchd.daemon.results.sink_writer import background_puts
 from batchd.daemon.wal import chunk_ids
+from batchd.daemon.wal.records import ChunkSealed, Figures
 from batchd.plugins.contract import Sink
 from batchd.plugins.records import ResultRow
 
@@ -71,9 +72,14 @@ class CollectSummary:
     unpriced: int = 0
     pause_reason: str | None = None
     pause_kind: str | None = None
-    retry_chunk: dict[str, Any] | None = None
+    retry_chunk: ChunkSealed | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
     dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
+
+    def figures(self) -> Figures:
+        """The figures the ``results_committed`` record stores."""
+        return Figures(self.succeeded, self.truncated, self.dead, self.retried, self.cost_usd,
+                       self.input_tokens, self.output_tokens)
 
 
 class Collector:
@@ -109,6 +115,7 @@ class Collector:
         blocks: Callable[[], AsyncIterator[list[bytes]]] | None,
         attempts_left_for_stream: int = 8,
         lost: tuple[str, str] | None = None,
+        attempt: int = 1,
     ) -> CollectSummary:
         """
         Route every request of ``chunk`` and make the outcome durable in the sinks.
@@ -118,7 +125,8 @@ class Collector:
         nothing (all rejects). ``lost`` (error type, message) says the batch's results are
         gone for good: every request is dead-lettered with it instead of being retried
         (sending again costs again, so that is the operator's call). Returns the summary
-        the manifest records; the retry chunk's spool is sealed before this returns.
+        the manifest records; the retry chunk's spool is sealed before this returns
+        (``attempt`` is the chunk's, so its retry chunk's is one more).
         """
         index, rejects = _index(spool)
         join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
@@ -144,7 +152,7 @@ class Collector:
                       pipeline=self.pipeline.name, chunk=chunk, batch_id=batch_id,
                       missing=summary.missing)
         if failures or rejects:  # the second pass, skipped when there is nothing to do
-            await self._second_pass(summary, failures, chunk, root, batch_id, spool)
+            await self._second_pass(summary, failures, chunk, root, batch_id, spool, attempt)
 
         for sink in self.sinks:
             await sink_call(sink, sink.flush(chunk))
@@ -188,6 +196,7 @@ class Collector:
         root: str,
         batch_id: str | None,
         spool: Path,
+        parent_attempt: int,
     ) -> None:
         """Failures and rejects, with their request bytes: dead letters or the retry chunk."""
         dead_rows: list[ResultRow] = []
@@ -230,11 +239,10 @@ class Collector:
         await self._put([self.dead_letter], chunk, dead_rows)
         if retry_writer is not None:
             retry_writer.seal()
-            summary.retry_chunk = {
-                "chunk": retry_id,
-                "requests": retry_writer.requests,
-                "bytes": retry_writer.body_bytes,
-            }
+            summary.retry_chunk = ChunkSealed.retry(
+                pipeline=self.pipeline.name, parent=chunk, parent_attempt=parent_attempt,
+                chunk=retry_id, requests=retry_writer.requests, bytes=retry_writer.body_bytes,
+            )
 
     def _dead(
         self,

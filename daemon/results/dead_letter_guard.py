@@ -14,11 +14,11 @@ the pipeline (and starts the count afresh).
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from batchd.daemon.pipeline import PipelineRunner
-    from batchd.daemon.results.collector import CollectSummary
+from batchd.daemon.batches.control import RunnerControl
+from batchd.daemon.config import PipelineConfig
+from batchd.daemon.results.collector import CollectSummary
+from batchd.daemon.wal.records import PauseKind
 
 __all__ = ("ALARM", "DeadLetterGuard")
 
@@ -28,10 +28,10 @@ ALARM = "dead_letter_ratio"
 class DeadLetterGuard:
     """The latest committed batches' outcomes, just enough of them to judge the ratio."""
 
-    def __init__(self, runner: PipelineRunner) -> None:
-        self.runner = runner
-        self.ratio = runner.pipeline.max_dead_letter_ratio
-        self.min_sample = runner.pipeline.dead_letter_min_sample
+    def __init__(self, pipeline: PipelineConfig, control: RunnerControl) -> None:
+        self.control = control
+        self.ratio = pipeline.max_dead_letter_ratio
+        self.min_sample = pipeline.dead_letter_min_sample
         self._window: deque[tuple[int, int, Counter[str], dict[str, str]]] = deque()
 
     async def check(self, summary: CollectSummary) -> None:
@@ -48,7 +48,7 @@ class DeadLetterGuard:
             window.popleft()
         seen = sum(t for _, t, _, _ in window)
         dead = sum(d for d, _, _, _ in window)
-        if seen < self.min_sample or dead <= self.ratio * seen or self.runner.paused:
+        if seen < self.min_sample or dead <= self.ratio * seen or self.control.paused:
             return
         kinds: Counter[str] = Counter()
         examples: dict[str, str] = {}
@@ -66,4 +66,4 @@ class DeadLetterGuard:
                   f"max_dead_letter_ratio = {self.ratio:g}{why}. Fix the cause (template, "
                   "model rules, [pipeline.output] allowed), check `batchd dead-letters list`, "
                   "then restart")
-        await self.runner.pause(reason, alarm_kind=ALARM)
+        await self.control.pause(reason, alarm_kind=ALARM, kind=PauseKind.DEAD_LETTER_RATIO)

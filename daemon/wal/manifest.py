@@ -33,6 +33,7 @@ import structlog
 
 from batchd.daemon.wal.manifest_damage import ManifestDamaged
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState, validate_fields
+from batchd.daemon.wal.records import Record
 from batchd.plugins.errors import FatalError
 from batchd.plugins.fsync import fsync_dir
 
@@ -52,8 +53,6 @@ MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = "manifest.lock"
 
 _ENVELOPE = frozenset({"seq", "ts", "kind"})
-# Spec names that collide with the envelope, accepted by append() and stored renamed.
-_ALIASES = {("alarm", "kind"): "alarm_kind", ("source_committed", "seq"): "source_seq"}
 _HEX = frozenset(b"0123456789abcdef")
 _crash_counts: dict[str, int] = {}
 
@@ -183,7 +182,8 @@ class Manifest:
 
     Lifecycle:
         1. ``await Manifest.open(state_dir)``: lock the dir, replay, drop a torn tail.
-        2. ``await append(kind, **fields)`` before each action; ``state`` follows.
+        2. ``await append(record)`` (a typed record of ``wal/records.py``) before each
+           action; ``state`` follows.
         3. ``await compact()`` (or automatically past ``compact_bytes``).
         4. ``await aclose()``, or use ``async with``.
 
@@ -278,44 +278,32 @@ class Manifest:
         """Bytes in the log file, as written so far."""
         return self._size
 
-    async def append(self, kind: str, /, **fields: Any) -> dict[str, Any]:
+    async def append(self, record: Record) -> dict[str, Any]:
         """
-        Append one record and return it once it is on disk and applied to ``state``.
+        Append one record and return it (as stored, with its envelope) once it is on
+        disk and applied to ``state``.
 
         Once called, the append completes even if the caller is cancelled (the
         cancellation is delivered afterwards), so a record is never half-announced.
-        ``alarm`` takes its alarm kind as ``kind=`` or ``alarm_kind=``;
-        ``source_committed`` its read sequence as ``seq=`` or ``source_seq=``.
 
         Raises:
-            ValueError: unknown kind, missing or mistyped fields, or a transition the
-                state refuses; nothing was written.
+            ValueError: mistyped fields, or a transition the state refuses; nothing
+                was written.
             FatalError: the log could not be written; restart to replay it.
         """
         self._check_usable()
-        record, line = self._stage(kind, fields)
+        stored, line = self._stage(record.KIND, record.to_fields())
         with anyio.CancelScope(shield=True):
-            while self._durable_seq < record["seq"]:
+            while self._durable_seq < stored["seq"]:
                 async with self._io_lock:
-                    if self._durable_seq < record["seq"]:
+                    if self._durable_seq < stored["seq"]:
                         await self._flush_locked()
             if self._size >= self._next_compact_at:
                 await self._auto_compact()
         return orjson.loads(line[9:])  # a private copy: callers may mutate it freely
 
-    def _stage(self, kind: str, given: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    def _stage(self, kind: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         """Validate, number, encode and buffer a record, all without yielding."""
-        fields = dict(given)
-        for (alias_kind, alias), name in _ALIASES.items():
-            if kind == alias_kind and alias in fields:
-                if name in fields:
-                    raise ValueError(f"{kind} record got both {alias} and {name}")
-                fields[name] = fields.pop(alias)
-        if kind == "snapshot":
-            raise ValueError("snapshot records are written only by compact()")
-        reserved = _ENVELOPE & fields.keys()
-        if reserved:
-            raise ValueError(f"{kind} record may not set {', '.join(sorted(reserved))}")
         validate_fields(kind, fields)
         record = {"seq": self._next_seq, "ts": time.time(), "kind": kind, **fields}
         try:

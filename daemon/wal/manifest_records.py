@@ -30,7 +30,6 @@ class Stage(enum.StrEnum):
     ENDED = "ended"
     COMMITTED = "committed"
     SOURCE_COMMITTED = "source_committed"
-    RETIRED = "retired"
 
 
 _RANK = {stage: rank for rank, stage in enumerate(Stage)}

@@ -200,10 +200,6 @@ class ManifestState:
         """The chunk a batch id was recorded for, or None if it belongs to no known chunk."""
         return self.live_batches.get(batch_id) or self.retired_batches.get(batch_id)
 
-    def chunks_at(self, *stages: Stage) -> list[ChunkState]:
-        """Live chunks at any of *stages*, in the order they were sealed."""
-        return [c for c in self.chunks.values() if c.stage in stages]
-
     # -- snapshots -------------------------------------------------------------
 
     def to_snapshot(self) -> dict[str, Any]:

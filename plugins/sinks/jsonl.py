@@ -9,6 +9,7 @@ and a replay replaces the part instead of appending to it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -97,27 +98,35 @@ class JsonlSink(Sink):
         await anyio.to_thread.run_sync(self._parts.discard_all, limiter=self._limiter)
         self._keys.clear()
 
-    def read_dead_letters(self) -> Iterator[DeadLetter]:
-        """The rows of every published part file, grouped by the part file's name."""
+    def read_dead_letters(self, *, newest_first: bool = False) -> Iterator[DeadLetter]:
+        """
+        The rows of every published part file, each with its part file's name as its group.
+        Part files are named after chunk ids, so their names sort oldest first.
+        """
         directory = self._parts.directory
-        parts = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+        parts = sorted(directory.glob("*.jsonl"), reverse=newest_first) \
+            if directory.is_dir() else []
         for part in parts:
-            try:
-                with part.open("rb") as lines:
-                    for number, line in enumerate(lines, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            row = orjson.loads(line)
-                        except orjson.JSONDecodeError as exc:
-                            raise FatalError(f"{self.what}: {part} line {number}: not valid "
-                                             f"JSON ({exc})") from None
-                        if not isinstance(row, dict):
-                            raise FatalError(f"{self.what}: {part} line {number}: not a JSON "
-                                             "object")
-                        yield DeadLetter(row, part.stem)
-            except OSError as exc:
-                raise FatalError(f"{self.what}: cannot read {part}: {exc.strerror}") from None
+            rows = self._read_part(part)
+            yield from reversed(list(rows)) if newest_first else rows
+
+    def _read_part(self, part: Path) -> Iterator[DeadLetter]:
+        try:
+            with part.open("rb") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise FatalError(f"{self.what}: {part} line {number}: not valid "
+                                         f"JSON ({exc})") from None
+                    if not isinstance(row, dict):
+                        raise FatalError(f"{self.what}: {part} line {number}: not a JSON "
+                                         "object")
+                    yield DeadLetter(row, part.stem)
+        except OSError as exc:
+            raise FatalError(f"{self.what}: cannot read {part}: {exc.strerror}") from None
 
     def _shape(self, row: ResultRow) -> dict[str, Any]:
         out = row.to_dict()

@@ -30,21 +30,11 @@ from aiokafka import AIOKafkaProducer, codec
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import murmur2
 
-from batchd.connectors._kafka import (
-    build_ssl,
-    check_known,
-    client_settings,
-    known_client_options,
-    option_bool,
-    option_int,
-    option_str,
-    option_str_list,
-    owner_name,
-    translate_error,
-)
+from batchd.connectors._kafka import build_ssl, client_settings, owner_name, translate_error
 from batchd.plugins.contract import PluginContext, Sink
-from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.errors import FatalError, RetriableError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import ResultRow
 
 __all__ = ("HEADER_CUSTOM_ID", "KafkaSink", "register_sinks")
@@ -54,18 +44,6 @@ log = structlog.get_logger("batchd.kafka")
 #: Message header carrying the row's custom_id (the key is the message key).
 HEADER_CUSTOM_ID = "batchd-custom-id"
 
-_OPTIONS = (
-    *known_client_options(),
-    "topic",
-    "acks",
-    "idempotent",
-    "compression",
-    "fields",
-    "linger_ms",
-    "max_batch_size",
-    "max_request_size",
-    "request_timeout_ms",
-)
 _CODECS = {
     "gzip": codec.has_gzip,
     "snappy": codec.has_snappy,
@@ -102,52 +80,28 @@ class KafkaSink(Sink):
 
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
         owner = owner_name("sink", context)
-        check_known(options, _OPTIONS, owner)
+        opts = Options(options, context, what=owner)
         self._owner = owner
-        self._settings = client_settings(options, owner, context)
-        topic = option_str(options, "topic", owner)
-        if topic is None:
-            raise ConfigError(f"{owner}: option 'topic' is required")
-        self._topic = topic
-        acks = options.get("acks", "all")
-        if acks not in ("all", -1, 0, 1):
-            raise ConfigError(f"{owner}: option 'acks' must be \"all\", 1 or 0, got {acks!r}")
+        self._settings = client_settings(opts, context)
+        self._topic: str = opts.text("topic", env=True)
+        acks = opts.choice("acks", ("all", -1, 0, 1), "all")
         self._acks: str | int = "all" if acks == -1 else acks
-        self._idempotent = option_bool(options, "idempotent", owner, default=True)
+        self._idempotent: bool = opts.flag("idempotent", True)
         if self._idempotent and self._acks != "all":
-            raise ConfigError(
-                f'{owner}: idempotent = true needs acks = "all" '
-                f"(got acks = {acks!r}); set idempotent = false to use it"
-            )
-        compression = option_str(options, "compression", owner)
-        if compression is not None and compression not in _COMPRESSION:
-            raise ConfigError(
-                f"{owner}: option 'compression' must be one of "
-                f"{', '.join(_COMPRESSION)}, got {compression!r}"
-            )
+            raise opts.error("idempotent", 'idempotent = true needs acks = "all" '
+                                           f"(got acks = {acks!r}); set idempotent = false to "
+                                           "use it")
+        compression: str | None = opts.choice("compression", _COMPRESSION, None)
         if compression is not None and not _CODECS[compression]():
-            raise ConfigError(
-                f"{owner}: compression {compression!r} needs the cramjam package "
-                "(pip install cramjam), which is not installed"
-            )
+            raise opts.error("compression", f"{compression!r} needs the cramjam package "
+                                            "(pip install cramjam), which is not installed")
         self._compression = compression
-        fields = option_str_list(options, "fields", owner)
-        if fields is not None and (unknown := sorted(set(fields) - _ROW_FIELDS)):
-            raise ConfigError(
-                f"{owner}: option 'fields' names unknown row field(s) "
-                f"{', '.join(unknown)} (known: {', '.join(sorted(_ROW_FIELDS))})"
-            )
-        self._fields = fields
-        self._linger_ms = option_int(options, "linger_ms", owner, default=5)
-        self._max_request_size = option_int(
-            options, "max_request_size", owner, default=1_048_576, minimum=1024
-        )
-        self._max_batch_size = option_int(
-            options, "max_batch_size", owner, default=262_144, minimum=1024
-        )
-        self._request_timeout_ms = option_int(
-            options, "request_timeout_ms", owner, default=40_000, minimum=100
-        )
+        self._fields: list[str] | None = opts.strings("fields", None, choices=sorted(_ROW_FIELDS))
+        self._linger_ms: int = opts.integer("linger_ms", 5, min=0)
+        self._max_request_size: int = opts.integer("max_request_size", 1_048_576, min=1024)
+        self._max_batch_size: int = opts.integer("max_batch_size", 262_144, min=1024)
+        self._request_timeout_ms: int = opts.integer("request_timeout_ms", 40_000, min=100)
+        opts.finish()
         self._producer: AIOKafkaProducer | None = None
         self._groups: dict[str, _Delivery] = {}
 

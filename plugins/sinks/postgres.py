@@ -31,20 +31,17 @@ import structlog
 from batchd.connectors._pg import (
     close_quietly,
     connect,
+    connection_options,
     describe,
     is_connection_error,
-    option_bool,
-    option_int,
-    option_seconds,
-    option_str,
     quote_column,
     quote_table,
     redact,
-    resolve_dsn,
 )
 from batchd.plugins.contract import PluginContext, Sink
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 from batchd.plugins.hookspecs import hookimpl
+from batchd.plugins.options import Options
 from batchd.plugins.records import ResultRow
 
 __all__ = ("DEAD_LETTER_COLUMNS", "RESULTS_COLUMNS", "PostgresSink", "register_sinks")
@@ -74,8 +71,6 @@ UPDATE_FIELDS: dict[str, str] = {
     "attempt": "INTEGER", "custom_id": "TEXT", "output_json": "JSONB",
 }
 _TYPE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .\"]*(\(\d+(,\s*\d+)?\))?(\[\])?$")
-_KNOWN = frozenset({"type", "dsn", "mode", "table", "message", "kind", "key", "set", "key_type",
-                    "connect_attempts", "connect_timeout"})
 
 
 def _text(value: str | None) -> str | None:
@@ -123,69 +118,57 @@ class PostgresSink(Sink):
     """
 
     def __init__(self, options: dict[str, Any], context: PluginContext) -> None:
-        unknown = sorted(set(options) - _KNOWN)
-        if unknown:
-            raise ConfigError(f"{OWNER}: unknown option(s) {', '.join(map(repr, unknown))}")
-        self._dsn = resolve_dsn(options, owner=OWNER)
-        self.mode = option_str(options, "mode", owner=OWNER, default="results")
-        self._attempts = option_int(options, "connect_attempts", owner=OWNER, default=3)
-        self._timeout = option_seconds(options, "connect_timeout", owner=OWNER, default=10.0)
+        opts = Options(options, context, what=OWNER)
+        connection = connection_options(opts)
+        self._dsn, self._attempts, self._timeout = (
+            connection.dsn, connection.attempts, connection.timeout)
+        self.mode: str = opts.choice("mode", ("results", "update"), "results")
         self._app = f"batchd:{context.pipeline}:sink"
         self.missing_keys = 0
         self._groups: dict[str, _Group] = {}
         self._lost: set[str] = set()
         self._idle: list[asyncpg.Connection] = []
         if self.mode == "results":
-            self._init_results(options)
-        elif self.mode == "update":
-            self._init_update(options)
+            self._init_results(opts)
         else:
-            raise ConfigError(f"{OWNER}: option 'mode' must be 'results' or 'update', "
-                              f"got {self.mode!r}")
+            self._init_update(opts)
+        opts.finish()
 
-    def _init_results(self, options: dict[str, Any]) -> None:
+    def _init_results(self, opts: Options) -> None:
         for name in ("key", "set", "key_type"):
-            if name in options:
-                raise ConfigError(f"{OWNER}: option {name!r} applies only to mode = 'update'")
-        self.kind = option_str(options, "kind", owner=OWNER, default="results")
-        if self.kind not in ("results", "dead_letter"):
-            raise ConfigError(f"{OWNER}: option 'kind' must be 'results' or 'dead_letter', "
-                              f"got {self.kind!r}")
+            if name in opts:
+                raise opts.error(name, "applies only to mode = 'update'")
+        self.kind: str = opts.choice("kind", ("results", "dead_letter"), "results")
         default = "batchd_results" if self.kind == "results" else "batchd_dead_letters"
-        self._table = quote_table(options.get("table", default), owner=OWNER, option="table")
-        with_message = option_bool(options, "message", owner=OWNER, default=False)
+        self._table = quote_table(opts, "table", opts.text("table", default))
+        with_message = opts.flag("message", False)
         if with_message and self.kind == "dead_letter":
-            raise ConfigError(f"{OWNER}: option 'message' applies only to kind = 'results'")
+            raise opts.error("message", "applies only to kind = 'results'")
         columns = RESULTS_COLUMNS if self.kind == "results" else DEAD_LETTER_COLUMNS
         self._columns = columns + ((("message", "JSONB"),) if with_message else ())
         self._message = with_message
 
-    def _init_update(self, options: dict[str, Any]) -> None:
+    def _init_update(self, opts: Options) -> None:
         for name in ("kind", "message"):
-            if name in options:
-                raise ConfigError(f"{OWNER}: option {name!r} applies only to mode = 'results'")
+            if name in opts:
+                raise opts.error(name, "applies only to mode = 'results'")
         self.kind = "update"
-        self._table = quote_table(option_str(options, "table", owner=OWNER), owner=OWNER,
-                                  option="table")
-        self._key_name = option_str(options, "key", owner=OWNER)
-        self._key = quote_column(self._key_name, owner=OWNER, option="key")
-        mapping = options.get("set")
-        if not isinstance(mapping, dict) or not mapping:
-            raise ConfigError(f"{OWNER}: option 'set' must be a table like "
-                              "{category = \"output\"} mapping columns to row fields")
+        self._table = quote_table(opts, "table", opts.text("table"))
+        self._key_name = opts.text("key")
+        self._key = quote_column(opts, "key", self._key_name)
+        mapping = opts.get("set", dict)
+        if not mapping:
+            raise opts.error("set", "must be a table like {category = \"output\"} mapping "
+                                    "columns to row fields")
         for column, source in mapping.items():
-            quote_column(column, owner=OWNER, option=f"set.{column}")
+            quote_column(opts, f"set.{column}", column)
             if source not in UPDATE_FIELDS:
-                raise ConfigError(
-                    f"{OWNER}: option 'set.{column}' must name a row field "
-                    f"({', '.join(UPDATE_FIELDS)}), got {source!r}"
-                )
+                raise opts.error(f"set.{column}", "must name a row field "
+                                                  f"({', '.join(UPDATE_FIELDS)}), got {source!r}")
         self._set: dict[str, str] = dict(mapping)
-        key_type = options.get("key_type")
-        if key_type is not None and (not isinstance(key_type, str)
-                                     or not _TYPE_NAME.match(key_type)):
-            raise ConfigError(f"{OWNER}: option 'key_type' must be a type name like 'bigint', "
-                              f"got {key_type!r}")
+        key_type = opts.text("key_type", None)
+        if key_type is not None and not _TYPE_NAME.match(key_type):
+            raise opts.error("key_type", f"must be a type name like 'bigint', got {key_type!r}")
         self._key_type: str | None = key_type
         fields = list(dict.fromkeys(self._set.values()))
         self._columns = (("key", "TEXT"), *((name, UPDATE_FIELDS[name]) for name in fields))

@@ -154,14 +154,18 @@ class SqliteSink(Sink):
         """Roll back anything unflushed (it will be replayed) and close; safe twice."""
         await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
 
-    def read_dead_letters(self) -> Iterator[DeadLetter]:
-        """The table's rows by key, read-only (a running daemon may be writing beside)."""
+    def read_dead_letters(self, *, newest_first: bool = False) -> Iterator[DeadLetter]:
+        """
+        The table's rows by key (newest first: by ``updated_at``), read-only: a running
+        daemon may be writing beside.
+        """
         if not self._path.exists():
             return
+        order = "updated_at DESC, key" if newest_first else "key"
         try:
             with closing(sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)) as db:
                 db.row_factory = sqlite3.Row
-                for found in db.execute(f'SELECT * FROM "{self._table}" ORDER BY key'):
+                for found in db.execute(f'SELECT * FROM "{self._table}" ORDER BY {order}'):
                     yield DeadLetter(dict(found))
         except sqlite3.Error as exc:
             raise FatalError(f"{_WHAT}: cannot read table {self._table!r} in {self._path}: "

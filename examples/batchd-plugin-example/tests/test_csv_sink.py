@@ -22,6 +22,11 @@ def _row(key: str, output: str = "billing") -> batchd.ResultRow:
     )
 
 
+def _files(directory: Path) -> list[str]:
+    """The directory's files, without the lock that keeps a second batchd out."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".batchd-"))
+
+
 def _read(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as file:
         return list(csv.DictReader(file))
@@ -41,7 +46,7 @@ class TestCsvSink:
             {"key": "n1", "output": "billing"},
             {"key": "n2", "output": "bug"},
         ]
-        assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes-000001-a1.csv"]
+        assert _files(tmp_path / "out") == ["notes-000001-a1.csv"]
 
     async def test_replayed_group_is_written_once(self, tmp_path: Path) -> None:
         """A group put twice (a replay after a partial attempt) holds each key once."""
@@ -63,7 +68,7 @@ class TestCsvSink:
         async with sink:
             await sink.open()
             await sink.put("g1", [_row("a")])
-        assert list((tmp_path / "out").iterdir()) == []
+        assert _files(tmp_path / "out") == []
 
     async def test_dead_letter_columns(self, tmp_path: Path) -> None:
         """Dead-letter rows keep their error type and message."""
@@ -86,8 +91,9 @@ class TestCsvSink:
         async with CsvSink({"path": "out"}, _context(tmp_path)) as first:
             await first.open()
             second = CsvSink({"path": "out"}, _context(tmp_path))
-            with pytest.raises(batchd.ConfigError, match="already writes to"):
+            with pytest.raises(batchd.ConfigError, match="is being written by another batchd"):
                 await second.open()
+            await second.aclose()
         async with CsvSink({"path": "out"}, _context(tmp_path)) as third:
             await third.open()  # free again once the first is closed
 
@@ -98,11 +104,11 @@ class TestCsvSink:
             with pytest.raises(batchd.FatalError, match="not a safe file name"):
                 await sink.put("../escape", [_row("a")])
 
-    async def test_unwritable_directory_is_fatal(self, tmp_path: Path) -> None:
-        """A path that cannot be a directory is a FatalError naming it."""
+    async def test_unwritable_directory_is_a_setup_error(self, tmp_path: Path) -> None:
+        """A path that cannot be a directory is a ConfigError naming it (exit 2, one line)."""
         (tmp_path / "taken").write_text("a file, not a directory")
         async with CsvSink({"path": "taken/out"}, _context(tmp_path)) as sink:
-            with pytest.raises(batchd.FatalError, match=r"cannot write .*taken/out"):
+            with pytest.raises(batchd.ConfigError, match=r"cannot create .*taken/out"):
                 await sink.open()
 
 
@@ -110,11 +116,12 @@ class TestOptionsAndHooks:
     @pytest.mark.parametrize(
         ("options", "message"),
         [
-            ({}, "missing required option 'path'"),
-            ({"path": "o", "column": ["key"]}, "unknown option 'column'"),
-            ({"path": "o", "columns": []}, "'columns' must be a non-empty list"),
-            ({"path": "o", "columns": ["key", "label"]}, "unknown column 'label'"),
-            ({"path": "o", "columns": ["key", "key"]}, "names a column twice"),
+            ({}, "example-csv sink: path: is required"),
+            ({"path": "o", "column": ["key"]},
+             r"column: unknown option \(did you mean 'columns'\?\)"),
+            ({"path": "o", "columns": []}, "columns: must be a non-empty list"),
+            ({"path": "o", "columns": ["key", "label"]}, "columns: 'label' is not one of key"),
+            ({"path": "o", "columns": ["key", "key"]}, "columns: names 'key' twice"),
         ],
     )
     def test_bad_options_name_the_key(

@@ -1,0 +1,25 @@
+"""
+Import structlog without its rich integration (imported for this side effect).
+
+``import structlog`` looks for ``rich`` and, when it is installed (batchd uses it
+to draw ``status`` and ``estimate``), builds rich traceback and pretty-printing
+support at import: ~5 MB and ~0.1 s in every batchd process, for a feature batchd
+does not use (``format_exc_info`` renders exceptions as text before the console
+renderer sees them; with rich, that renderer then warned about it). Hiding
+``rich`` while structlog is first imported leaves structlog on its plain
+tracebacks; ``rich`` itself imports normally afterwards. The CLI imports this
+module first, before anything that imports structlog.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ()
+
+if "structlog" not in sys.modules and "rich" not in sys.modules:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]

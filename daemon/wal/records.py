@@ -1,0 +1,297 @@
+"""
+The manifest's records as types: one frozen dataclass per record kind.
+
+Writers build a record and hand it to :meth:`Manifest.append`; its
+:meth:`~Record.to_fields` gives the JSON fields under the names the log has
+always used, so files written by earlier releases replay unchanged and the
+validation table (:data:`RECORD_FIELDS` in ``manifest_records``) still checks
+every line. :func:`record_from` reads a stored record back into its type.
+
+The outcome figures of a collect (:class:`Figures`) are one type shared by the
+``results_committed`` record, the collect summary and the replayed totals; a
+retry chunk is a :class:`ChunkSealed` nested in the record that cut it, so its
+schema is the seal's own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from batchd.daemon.wal.manifest_records import validate_fields
+
+__all__ = (
+    "AlarmRaised",
+    "BatchDisowned",
+    "ChunkRetired",
+    "ChunkSealed",
+    "Ended",
+    "Figures",
+    "LedgerBound",
+    "PauseKind",
+    "PipelinePaused",
+    "PipelineResumed",
+    "Record",
+    "ResultsCommitted",
+    "SourceCommitted",
+    "SubmitIntent",
+    "Submitted",
+    "record_from",
+)
+
+
+class PauseKind(enum.StrEnum):
+    """
+    Why a pipeline is paused, as the ``pipeline_paused`` record stores it.
+
+    The runner decides by kind (a budget pause lets sealed chunks go on, a sink
+    pause lifts itself when the sink writes again), never by the message text.
+    The values are the create error kinds of ``batches/error_codes.py`` plus the
+    engine's own.
+    """
+
+    BUDGET = "budget"
+    DEAD_LETTER_RATIO = "dead_letter_ratio"
+    SINK_FAILED = "sink_failed"
+    UNKNOWN_BATCHES = "unknown_batches"
+    BILLING_OR_AUTH = "billing_or_auth"
+    SPEND_LIMIT = "spend_limit"
+    ORGANIZATION_ON_HOLD = "organization_on_hold"
+    ENCRYPTION_KEY = "encryption_key"
+    CREDENTIALS = "credentials"
+    WORKSPACE = "workspace"
+    BILLING = "billing"
+    AUTHENTICATION = "authentication"
+    PERMISSION = "permission"
+    CREATE_REJECTED = "create_rejected"
+    RAMP_LIMIT = "ramp_limit"
+    RATE_LIMITED = "rate_limited"
+    TRANSIENT = "transient"
+
+    @property
+    def blocks_submissions(self) -> bool:
+        """Whether sealed chunks wait too: all but a budget pause, whose chunks were admitted."""
+        return self is not PauseKind.BUDGET
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a collect produced: row outcomes, cost and tokens (summed per pipeline)."""
+
+    NAMES: ClassVar[tuple[str, ...]] = (
+        "succeeded", "truncated", "dead", "retried", "cost_usd", "input_tokens", "output_tokens",
+    )
+
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def to_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> Figures:
+        return cls(**{name: values[name] for name in cls.NAMES})
+
+
+class Record:
+    """A manifest record: a kind and its fields (the envelope, seq/ts/kind, is the log's)."""
+
+    KIND: ClassVar[str]
+    __slots__ = ()
+
+    def to_fields(self) -> dict[str, Any]:
+        """The record's JSON fields, under the names the log stores."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> Record:
+        return cls(**{f.name: values[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSealed(Record):
+    """A chunk's spool is on disk: its requests, bytes and the source range it covers."""
+
+    KIND: ClassVar[str] = "chunk_sealed"
+    pipeline: str
+    chunk: str
+    attempt: int
+    requests: int
+    bytes: int
+    rejects: int
+    first_seq: int | None
+    last_seq: int | None
+    position: dict[str, Any] | None
+    parent: str | None
+
+    @classmethod
+    def retry(cls, *, pipeline: str, parent: str, parent_attempt: int, chunk: str,
+              requests: int, bytes: int) -> ChunkSealed:
+        """The seal of a retry chunk cut from *parent*: no source range, one attempt more."""
+        return cls(pipeline=pipeline, chunk=chunk, attempt=parent_attempt + 1,
+                   requests=requests, bytes=bytes, rejects=0, first_seq=None, last_seq=None,
+                   position=None, parent=parent)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitIntent(Record):
+    """A create is about to be sent: a batch created after ``at`` may be this chunk's."""
+
+    KIND: ClassVar[str] = "submit_intent"
+    chunk: str
+    at: float
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted(Record):
+    KIND: ClassVar[str] = "submitted"
+    chunk: str
+    batch_id: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ended(Record):
+    KIND: ClassVar[str] = "ended"
+    chunk: str
+    batch_id: str
+    counts: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsCommitted(Record):
+    """A collect is durable in the sinks: its figures and the retry chunk it cut, if any."""
+
+    KIND: ClassVar[str] = "results_committed"
+    chunk: str
+    batch_id: str | None
+    figures: Figures
+    retry_chunk: ChunkSealed | None
+    unpriced: int | None = None  # absent from records written before it existed
+
+    def to_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"chunk": self.chunk, "batch_id": self.batch_id}
+        out.update(self.figures.to_fields())
+        out["retry_chunk"] = None if self.retry_chunk is None else self.retry_chunk.to_fields()
+        if self.unpriced is not None:
+            out["unpriced"] = self.unpriced
+        return out
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> ResultsCommitted:
+        retry = values["retry_chunk"]
+        unpriced = values.get("unpriced")
+        return cls(
+            chunk=values["chunk"],
+            batch_id=values["batch_id"],
+            figures=Figures.from_fields(values),
+            retry_chunk=None if retry is None else ChunkSealed.from_fields(retry),  # type: ignore[arg-type]
+            unpriced=unpriced if isinstance(unpriced, int) and not isinstance(unpriced, bool)
+            else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceCommitted(Record):
+    """The source was committed up to read sequence ``source_seq`` (``seq`` is the envelope's)."""
+
+    KIND: ClassVar[str] = "source_committed"
+    pipeline: str
+    position: dict[str, Any] | None
+    source_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRetired(Record):
+    KIND: ClassVar[str] = "chunk_retired"
+    chunk: str
+
+
+@dataclass(frozen=True, slots=True)
+class PipelinePaused(Record):
+    """A pause and its kind; ``pause_kind`` is absent from records written before it existed."""
+
+    KIND: ClassVar[str] = "pipeline_paused"
+    pipeline: str
+    reason: str
+    pause_kind: PauseKind | None = None
+
+    def to_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pipeline": self.pipeline, "reason": self.reason}
+        if self.pause_kind is not None:
+            out["pause_kind"] = self.pause_kind.value
+        return out
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any]) -> PipelinePaused:
+        kind = values.get("pause_kind")
+        try:
+            pause_kind = PauseKind(kind) if isinstance(kind, str) else None
+        except ValueError:  # a kind this release does not know: kept as text in replay
+            pause_kind = None
+        return cls(pipeline=values["pipeline"], reason=values["reason"], pause_kind=pause_kind)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResumed(Record):
+    KIND: ClassVar[str] = "pipeline_resumed"
+    pipeline: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmRaised(Record):
+    """An operator-facing alarm (stored as kind ``alarm``; its own kind is ``alarm_kind``)."""
+
+    KIND: ClassVar[str] = "alarm"
+    pipeline: str | None
+    chunk: str | None
+    alarm_kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerBound(Record):
+    """The key ledger (keys.sqlite) this log goes with."""
+
+    KIND: ClassVar[str] = "ledger_bound"
+    ledger: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDisowned(Record):
+    """An operator's decision that a batch on the API is not this state's."""
+
+    KIND: ClassVar[str] = "batch_disowned"
+    batch_id: str
+    reason: str
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.KIND: cls
+    for cls in (ChunkSealed, SubmitIntent, Submitted, Ended, ResultsCommitted, SourceCommitted,
+                ChunkRetired, PipelinePaused, PipelineResumed, AlarmRaised, LedgerBound,
+                BatchDisowned)
+}
+
+
+def record_from(kind: str, values: Mapping[str, Any]) -> Record:
+    """
+    The typed record a stored one (its kind and JSON fields) stands for.
+
+    Raises:
+        ValueError: unknown kind (a snapshot is not a record of this sort), or a
+            field missing or of the wrong JSON type; the message names it.
+    """
+    cls = RECORD_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown manifest record kind {kind!r}")
+    validate_fields(kind, values)
+    return cls.from_fields(values)
