@@ -268,9 +268,18 @@ async def test_a_402_at_create_pauses_with_a_typed_kind(
     emulator.set_faults(http402=1.0, http_fault_on="create")
     async with engine(workspace(emulator.base_url), emulator.base_url) as eng:
         chunk = await eng.sealed_chunk(2)
-        with anyio.move_on_after(3) as waited:
-            await eng.driver(chunk).run()  # paused: the driver waits for a resume
-        assert waited.cancelled_caught
+        returned: list[Any] = []
+
+        async def drive() -> None:
+            returned.append(await eng.driver(chunk).run())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            with anyio.fail_after(30):
+                await eng.runner.changed.wait()  # fired by the pause
+            await anyio.sleep(0.2)  # the driver is back waiting for a resume, not returning
+            tg.cancel_scope.cancel()
+        assert returned == []
         pipeline = eng.manifest.state.pipelines["tickets"]
         assert pipeline.pause_kind == "billing"
         assert pipeline.paused is not None and pipeline.paused.startswith("billing_error")
