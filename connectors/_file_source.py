@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import anyio
 import structlog
 
+from batchd.connectors._file_watch import FileWatch
 from batchd.connectors._lines import LineReader
 from batchd.plugins.contract import PluginContext, Source, SourceSize
 from batchd.plugins.errors import FatalError
@@ -86,6 +87,8 @@ class FileSource(Source):
         self._file: BinaryIO | None = None
         self._pending: list[Record] | None = None
         self._tail_seen: tuple[int, float] | None = None
+        self._watch = FileWatch(path, self._label)
+        self._at_end = False
 
     # -- what a line-per-record subclass writes ------------------------------------
 
@@ -124,10 +127,13 @@ class FileSource(Source):
         if self._file is None:
             raise FatalError(f"{self.what} {self._label}: poll() before start()")
         if self._pending is None:
+            if self._at_end:  # cut, replaced or rewritten since? (connectors/_file_watch)
+                self._watch.check(self._file.fileno(), self._lines.offset)
             # The worker leaves its batch in _pending, so a poll cancelled while the
             # thread finishes loses nothing: the next poll returns it.
             await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
         out, self._pending = self._pending, None
+        self._at_end = not out
         if out:
             self._tail_seen = None
             return out
@@ -137,6 +143,8 @@ class FileSource(Source):
             self._lines.hold_partial = False  # the file stopped growing: its last line is whole
             await anyio.to_thread.run_sync(self._read_batch, limiter=self._limiter)
             out, self._pending = self._pending, None
+        if not out:  # at the end: remember what was read last, or stop if it changed already
+            self._watch.check(self._file.fileno(), self._lines.offset)
         return out or None
 
     def _settled(self) -> bool:

@@ -344,6 +344,8 @@ def _check_sink_path(config: Config, output: SinkOutput, spec: PluginSpec,
                      report: Report) -> None:
     """A local output the sink declares (``Sink.outputs``) must be writable where it is."""
     target = output.path
+    if output.directory and target.exists() and not target.is_dir():
+        return  # the output-path check names it: "is not a directory (it is a file)"
     directory = target if output.directory else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)
