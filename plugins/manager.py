@@ -34,13 +34,16 @@ def load_plugins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     allow = os.environ.get("BATCHD_LOAD_PLUGINS")
     if allow is None:
-        pm.load_setuptools_entrypoints("batchd")
+        from importlib.metadata import entry_points
+
+        names = [ep.name for ep in entry_points(group="batchd")]
     else:
-        for name in filter(None, (part.strip() for part in allow.split(","))):
-            pm.load_setuptools_entrypoints("batchd", name=name)
+        names = list(filter(None, (part.strip() for part in allow.split(","))))
+    for name in names:
+        _load_entry_point(name)
+    _loaded = True
     for builtin in BUILTINS:
         if pm.get_plugin(builtin.module) is None:
             pm.register(builtin.stand_in(), builtin.module)
@@ -48,6 +51,25 @@ def load_plugins() -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise ConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+
+
+def _load_entry_point(name: str) -> None:
+    """
+    One installed plugin; one that cannot be imported is a one-line ConfigError naming
+    the plugin and its distribution (every command would otherwise end in its traceback).
+    """
+    try:
+        pm.load_setuptools_entrypoints("batchd", name=name)
+    except Exception as exc:
+        from importlib.metadata import entry_points
+
+        found = list(entry_points(group="batchd", name=name))
+        dist = found[0].dist if found else None
+        package = f"{dist.name} {dist.version}" if dist is not None else "its distribution"
+        raise ConfigError(
+            f"plugin {name!r} ({package}) cannot be imported: {type(exc).__name__}: {exc}; "
+            f"reinstall or uninstall {dist.name if dist is not None else 'it'}, or leave "
+            "it out of BATCHD_LOAD_PLUGINS") from None
 
 
 def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
