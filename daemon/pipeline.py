@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
 from batchd.daemon.batches.driver_deps import DriverDeps
-from batchd.daemon.batches.outcomes import Committed, Held, RateLimited
+from batchd.daemon.batches.outcomes import Committed, Held, Lost, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
 from batchd.daemon.batches.reconcile import Reconciler
@@ -39,6 +39,8 @@ from batchd.daemon.results.answers import AnswerReader
 from batchd.daemon.results.collector import CostFn
 from batchd.daemon.results.dead_letter_guard import DeadLetterGuard
 from batchd.daemon.results.sink_failures import ALARM_AFTER
+from batchd.daemon.store.contract import Applied, ChunkLease, ShardLease, StateStore
+from batchd.daemon.store.local import LocalStore
 from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
@@ -46,8 +48,10 @@ from batchd.daemon.wal.records import (
     AlarmRaised,
     ChunkRetired,
     ChunkSealed,
+    Ended,
     PauseKind,
     PipelineResumed,
+    Record,
     SourceCommitted,
 )
 from batchd.daemon.wal.records import PipelinePaused as PauseRecord
@@ -106,9 +110,15 @@ class PipelineRunner:
         answers: AnswerReader | None = None,
         model_check: ModelCheck | None = None,
         reconciler: Reconciler | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
+        # Every record goes through the store (leases, fencing); reads stay on
+        # ``manifest.state``, which the default LocalStore's appends update.
+        self.store: StateStore = store or LocalStore.over(manifest, ledger)
+        self.leases: dict[str, ChunkLease] = {}  # chunks this runner drives, by id
+        self.shard: ShardLease | None = None  # the right to read the source and seal
         self.api = api
         self.api_config = api_config
         self.ledger = ledger
@@ -125,13 +135,13 @@ class PipelineRunner:
         self.answers = answers
         self.model_check = model_check
         self.poller = Poller(pipeline.name, manifest=manifest, api=api, api_config=api_config,
-                             telemetry=telemetry, alarms=self)
+                             telemetry=telemetry, alarms=self, record_ended=self._record_ended)
         self.deps = DriverDeps(
             pipeline=pipeline, manifest=manifest, api=api, api_config=api_config, ledger=ledger,
             spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
             dead_letter=dead_letter, cost=cost, telemetry=telemetry, poller=self.poller,
             make_source=make_source, queue=queue, answers=answers, model_check=model_check,
-            reconciler=reconciler,
+            reconciler=reconciler, store=self.store,
         )
         self.active = 0
         self.changed = _Signal()
@@ -152,6 +162,21 @@ class PipelineRunner:
 
     def spool_path(self, chunk: str) -> Path:
         return self.deps.spool_path(chunk)
+
+    def lease_of(self, chunk: str) -> ChunkLease:
+        """The lease a chunk's records go under (epoch 0 for one this runner never claimed)."""
+        return self.leases.get(chunk) or ChunkLease(chunk, self.store.worker_id, 0)
+
+    async def _record_ended(self, record: Ended) -> bool:
+        applied = await self.store.append(record, lease=self.lease_of(record.chunk),
+                                          expected=Stage.SUBMITTED)
+        return applied.fenced is None
+
+    async def _shard_append(self, record: Record) -> Applied:
+        """A seal, a source commit or a retirement: under the shard lease."""
+        if self.shard is None:
+            self.shard = await self.store.acquire_shard(self.pipeline.name)
+        return await self.store.append(record, lease=self.shard)
 
     @property
     def paused(self) -> str | None:
@@ -180,7 +205,7 @@ class PipelineRunner:
         self, reason: str, *, alarm_kind: str, kind: PauseKind, chunk: str | None = None
     ) -> None:
         if self.paused != reason:
-            await self.manifest.append(
+            await self.store.append(
                 PauseRecord(pipeline=self.pipeline.name, reason=reason, pause_kind=kind)
             )
         await self.alarm(alarm_kind, f"pipeline paused: {reason}", chunk=chunk)
@@ -198,13 +223,13 @@ class PipelineRunner:
         """A collect went through: a pause for a failing sink is over."""
         self.sink_failures = 0
         if self._paused_for(PauseKind.SINK_FAILED):
-            await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
+            await self.store.append(PipelineResumed(pipeline=self.pipeline.name))
             self.log.warning("sink writes again; pipeline resumed")
             self.changed.fire()
 
     async def alarm(self, kind: str, message: str, *, chunk: str | None = None) -> None:
         self.log.error("alarm", alarm=kind, message=message, chunk=chunk)
-        await self.manifest.append(AlarmRaised(pipeline=self.pipeline.name, chunk=chunk,
+        await self.store.append(AlarmRaised(pipeline=self.pipeline.name, chunk=chunk,
                                                alarm_kind=kind, message=message))
         self.telemetry.alarm(kind)
 
@@ -216,9 +241,20 @@ class PipelineRunner:
 
     async def _drive(self, chunk_id: str, active: bool) -> None:
         try:
-            driver = ChunkDriver(self.deps, self, chunk_id)
+            driver = ChunkDriver(self.deps, self, chunk_id, self.lease_of(chunk_id))
             while True:
                 outcome = await driver.run()
+                if isinstance(outcome, Lost):
+                    self.leases.pop(chunk_id, None)
+                    if chunk_id in self.manifest.state.chunks and isinstance(
+                        self.store, LocalStore
+                    ):
+                        # One process holds the state dir: nobody else can have it. The
+                        # stage moved under the driver (in this process): read it again.
+                        continue
+                    self.log.info("chunk lost to another worker; not driving it",
+                                  chunk=chunk_id, why=outcome.reason)
+                    return
                 if isinstance(outcome, RateLimited):
                     if outcome.shrink and self.packer is not None:
                         self.packer.shrink()
@@ -291,7 +327,7 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
-        await self.manifest.append(ChunkSealed(
+        await self._shard_append(ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -349,13 +385,13 @@ class PipelineRunner:
             if last.last_seq is not None and (state.committed_seq or 0) < last.last_seq:
                 if last.position is not None:
                     await self._commit_source(last.position)
-                await self.manifest.append(SourceCommitted(
+                await self._shard_append(SourceCommitted(
                     pipeline=self.pipeline.name, position=last.position, source_seq=last.last_seq,
                 ))
                 crash_point("after_source_commit")
             for _, family in done:
                 for chunk in family:
-                    await self.manifest.append(ChunkRetired(chunk=chunk.chunk))
+                    await self._shard_append(ChunkRetired(chunk=chunk.chunk))
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
             self._prune_ledger()
             self.changed.fire()
@@ -412,7 +448,7 @@ class PipelineRunner:
             # A restart (or reload) is how an operator says "fixed": billing sorted, budget
             # raised. If the cause remains, the next create or seal pauses it again.
             self.log.warning("resuming a pipeline paused before the restart", reason=state.paused)
-            await self.manifest.append(PipelineResumed(pipeline=name))
+            await self.store.append(PipelineResumed(pipeline=name))
         self.telemetry.budget(False)
         resume = (
             (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
@@ -512,7 +548,7 @@ class PipelineRunner:
                              "budget_usd: edit the config and reload (systemctl reload batchd)")
             return
         self.log.warning("resuming the pipeline on request", reason=reason, kind=self.pause_kind)
-        await self.manifest.append(PipelineResumed(pipeline=self.pipeline.name))
+        await self.store.append(PipelineResumed(pipeline=self.pipeline.name))
         self.changed.fire()
 
     async def _until_done(self) -> None:

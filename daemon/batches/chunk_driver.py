@@ -29,15 +29,23 @@ from batchd.daemon.batches.api_errors import NotFoundError
 from batchd.daemon.batches.control import RunnerControl
 from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.batches.error_codes import Action, classify_error
-from batchd.daemon.batches.outcomes import Committed, Held, Outcome, RateLimited, Retired
+from batchd.daemon.batches.outcomes import Committed, Held, Lost, Outcome, RateLimited, Retired
 from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
 from batchd.daemon.results.collector import CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
+from batchd.daemon.store.contract import Applied, ChunkLease
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
-from batchd.daemon.wal.records import Ended, PauseKind, ResultsCommitted, SubmitIntent, Submitted
+from batchd.daemon.wal.records import (
+    Ended,
+    PauseKind,
+    Record,
+    ResultsCommitted,
+    SubmitIntent,
+    Submitted,
+)
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
@@ -73,10 +81,14 @@ def _total(counts: Any) -> int:
 class ChunkDriver:
     """The per-chunk state machine: reads its deps, acts through its control."""
 
-    def __init__(self, deps: DriverDeps, control: RunnerControl, chunk_id: str) -> None:
+    def __init__(self, deps: DriverDeps, control: RunnerControl, chunk_id: str,
+                 lease: ChunkLease | None = None) -> None:
         self.deps = deps
         self.control = control
         self.chunk_id = chunk_id
+        # What fences this driver's records: the claim's lease (epoch 0 on LocalStore,
+        # whose state dir flock is the fence).
+        self.lease = lease or ChunkLease(chunk_id, deps.store.worker_id, 0)
         self.name = deps.pipeline.name
         self.log = log.bind(pipeline=self.name, chunk=chunk_id)
         self._missing_since: float | None = None
@@ -85,6 +97,30 @@ class ChunkDriver:
 
     def _chunk(self) -> ChunkState | None:
         return self.deps.manifest.state.chunks.get(self.chunk_id)
+
+    def _lease_for(self, chunk_id: str) -> ChunkLease:
+        if chunk_id == self.chunk_id:
+            return self.lease
+        return ChunkLease(chunk_id, self.lease.owner, self.lease.epoch)
+
+    async def _append(self, record: Record, expected: Stage | tuple[Stage, ...]) -> Applied:
+        """
+        Record one of a chunk's transitions through the store, under its lease.
+
+        A fenced record (the lease was lost, or the chunk is no longer at *expected*)
+        wrote nothing: for this driver's own chunk the run ends quietly with
+        :class:`Lost`; for another chunk (a pending intent it settles) the caller sees
+        ``Applied.fenced``.
+        """
+        chunk_id = record.to_fields()["chunk"]
+        applied = await self.deps.store.append(record, lease=self._lease_for(chunk_id),
+                                               expected=expected)
+        if applied.fenced is not None:
+            self.log.info("record fenced: the chunk is no longer ours", record=record.KIND,
+                          chunk_fenced=chunk_id, why=applied.fenced)
+            if chunk_id == self.chunk_id:
+                raise _Stop(Lost(self.chunk_id, applied.fenced))
+        return applied
 
     async def run(self) -> Outcome:
         """
@@ -193,8 +229,9 @@ class ChunkDriver:
             if adopt is not None:
                 await self._record_adoption(chunk, adopt)
                 return
-        await deps.manifest.append(
-            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
+        await self._append(
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests),
+            (Stage.SEALED, Stage.INTENT),
         )
         crash_point("after_intent")
         try:
@@ -203,8 +240,9 @@ class ChunkDriver:
             await self._create_failed(chunk, exc)
             return
         crash_point("after_create")
-        await deps.manifest.append(
-            Submitted(chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at))
+        await self._append(
+            Submitted(chunk=chunk.chunk, batch_id=batch.id, created_at=str(batch.created_at)),
+            Stage.INTENT,
         )
         self.log.info("batch submitted", batch_id=batch.id, requests=chunk.requests,
                       bytes=chunk.bytes)
@@ -294,21 +332,25 @@ class ChunkDriver:
             break
         if found is None:
             return False
-        await deps.manifest.append(
-            Submitted(chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at))
+        applied = await self._append(
+            Submitted(chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)),
+            Stage.INTENT,
         )
+        if applied.fenced is not None:
+            return False  # another worker holds that chunk now: it settles its own intent
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
         return True
 
     async def _record_adoption(self, chunk: ChunkState, found: FoundBatch) -> None:
         """Take a batch the API has and the state did not know as this chunk's batch."""
-        manifest = self.deps.manifest
-        await manifest.append(
-            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests)
+        await self._append(
+            SubmitIntent(chunk=chunk.chunk, at=time.time(), requests=chunk.requests),
+            (Stage.SEALED, Stage.INTENT),
         )
-        await manifest.append(
-            Submitted(chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at)
+        await self._append(
+            Submitted(chunk=chunk.chunk, batch_id=found.batch_id, created_at=found.created_at),
+            Stage.INTENT,
         )
         self.log.warning("adopted a batch the state did not know (a restored backup or a "
                          "manifest cut short): its custom_ids are exactly this chunk's",
@@ -357,8 +399,8 @@ class ChunkDriver:
         """Dead-letter a given-up chunk's rows and commit it without collecting its batch."""
         if chunk.stage is Stage.SUBMITTED:
             assert chunk.batch_id is not None
-            await self.deps.manifest.append(Ended(chunk=chunk.chunk, batch_id=chunk.batch_id,
-                                               counts={"spool_lost": chunk.requests}))
+            await self._append(Ended(chunk=chunk.chunk, batch_id=chunk.batch_id,
+                                     counts={"spool_lost": chunk.requests}), Stage.SUBMITTED)
         current = self._chunk()
         if current is not None:
             await self.collect(current, given_up=True)
@@ -442,10 +484,10 @@ class ChunkDriver:
                 f"(retried), {summary.unknown} unknown custom_ids",
                 chunk=chunk.chunk,
             )
-        await deps.manifest.append(ResultsCommitted(
+        await self._append(ResultsCommitted(
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
-        ))
+        ), chunk.stage)
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,

@@ -25,6 +25,7 @@ from batchd.daemon.intake.shaper import ModelCheck
 from batchd.daemon.ops.telemetry import Telemetry
 from batchd.daemon.results.answers import AnswerReader
 from batchd.daemon.results.collector import Collector, CostFn
+from batchd.daemon.store.contract import StateStore
 from batchd.daemon.wal.manifest import Manifest
 from batchd.plugins.contract import Sink, Source
 
@@ -53,6 +54,15 @@ class DriverDeps:
     answers: AnswerReader | None = None
     model_check: ModelCheck | None = None
     reconciler: Reconciler | None = None
+    # Where records go (leases, fencing): LocalStore over ``manifest`` and ``ledger``
+    # unless given. Reads stay on ``manifest.state``, which LocalStore's appends update.
+    store: StateStore = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            from batchd.daemon.store.local import LocalStore
+
+            object.__setattr__(self, "store", LocalStore.over(self.manifest, self.ledger))
 
     def spool_path(self, chunk: str) -> Path:
         return self.spool_dir / f"{chunk}.jsonl"

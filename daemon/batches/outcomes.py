@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from batchd.daemon.results.collector import CollectSummary
 
-__all__ = ("Committed", "Held", "Outcome", "RateLimited", "Retired")
+__all__ = ("Committed", "Held", "Lost", "Outcome", "RateLimited", "Retired")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,4 +53,15 @@ class Held:
     reason: str
 
 
-Outcome = Retired | Committed | RateLimited | Held
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """
+    The store fenced one of the chunk's records: its lease (or the stage it was at) no
+    longer holds, so another worker drives it now. Not an error: the driver stops quietly.
+    """
+
+    chunk: str
+    reason: str
+
+
+Outcome = Retired | Committed | RateLimited | Held | Lost

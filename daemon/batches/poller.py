@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -24,6 +25,9 @@ from batchd.daemon.ops.telemetry import Telemetry
 from batchd.daemon.wal.manifest import Manifest, crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
 from batchd.daemon.wal.records import Ended
+
+# Records a chunk's ``ended`` under the lease its driver holds; False when it was fenced.
+RecordEnded = Callable[[Ended], Awaitable[bool]]
 
 __all__ = ("Poller",)
 
@@ -53,9 +57,11 @@ class Poller:
         api_config: ApiConfig,
         telemetry: Telemetry,
         alarms: Alarms,
+        record_ended: RecordEnded | None = None,
     ) -> None:
         self.name = pipeline
         self.manifest = manifest
+        self._record_ended = record_ended
         self.api = api
         self.api_config = api_config
         self.telemetry = telemetry
@@ -144,7 +150,7 @@ class Poller:
         self._missing_since.pop(chunk.batch_id, None)
         counts = {"succeeded": 0, "errored": 0, "canceled": 0, "expired": 0, "processing": 0,
                   "lost": chunk.requests}
-        await self.manifest.append(
+        await self._ended_record(
             Ended(chunk=chunk.chunk, batch_id=chunk.batch_id, counts=counts)
         )
         event = self._events.pop(chunk.chunk, None)
@@ -161,14 +167,21 @@ class Poller:
                 f"but chunk {chunk.chunk} sent {chunk.requests}",
                 chunk=chunk.chunk,
             )
-        await self.manifest.append(
+        if await self._ended_record(
             Ended(chunk=chunk.chunk, batch_id=batch.id, counts=counts)
-        )
-        crash_point("after_ended")
-        log.info("batch ended", pipeline=self.name, chunk=chunk.chunk, batch_id=batch.id, **counts)
-        event = self._events.pop(chunk.chunk, None)
+        ):
+            crash_point("after_ended")
+            log.info("batch ended", pipeline=self.name, chunk=chunk.chunk, batch_id=batch.id,
+                     **counts)
+        event = self._events.pop(chunk.chunk, None)  # fenced too: the driver reads again
         if event is not None:
             event.set()
+
+    async def _ended_record(self, record: Ended) -> bool:
+        if self._record_ended is None:
+            await self.manifest.append(record)
+            return True
+        return await self._record_ended(record)
 
 
 def _ts(chunk: ChunkState) -> float:

@@ -194,6 +194,27 @@ class LocalStore:
         self._slots: dict[str, int] = {}  # workspace -> epoch of the slot held
         self._slot_epochs = 0
         self._deadline = _Unbounded()
+        self._borrowed = False  # manifest and ledger opened (and closed) by someone else
+
+    @classmethod
+    def over(
+        cls,
+        manifest: Manifest,
+        ledger: KeyLedger,
+        *,
+        worker: str = "local",
+        limits: Mapping[str, LocalLimit] | None = None,
+    ) -> LocalStore:
+        """
+        The store on a manifest and ledger already open: the runtime's own.
+
+        ``batchd run`` opens them itself (they outlive a reload), so its records go
+        through the store while its reads of ``manifest.state`` see the very same
+        state. :meth:`open` and :meth:`aclose` leave them alone.
+        """
+        store = cls(manifest.state_dir, worker=worker, limits=limits)
+        store._manifest, store._ledger, store._borrowed = manifest, ledger, True
+        return store
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -215,6 +236,8 @@ class LocalStore:
 
     async def open(self) -> None:
         """Lock the state dir, replay the manifest, open the ledger bound to it."""
+        if self._borrowed:
+            return
         manifest = await Manifest.open(self.state_dir, compact_bytes=self._compact_bytes)
         try:
             self._ledger = await open_bound_ledger(self.state_dir, manifest)
@@ -228,6 +251,8 @@ class LocalStore:
         self._manifest = manifest
 
     async def aclose(self) -> None:
+        if self._borrowed:
+            return
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
