@@ -489,7 +489,11 @@ def _plugin_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # loads the installed plugins, for their commands
+    except ConfigError as exc:  # a plugin that cannot be imported: one line, not a traceback
+        print(f"batchd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     args = parser.parse_args(argv)  # --help and bad flags exit here, before anything heavy
     from batchd.daemon.ops import _structlog_plain  # noqa: F401  (before any structlog user)
 
