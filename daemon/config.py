@@ -136,7 +136,7 @@ class ClusterConfig:
 
     ``store = "local"`` (the default) is today's state directory; ``"postgres"``
     is the shared store of docs/cluster.md, which ``batchd cluster`` commands use
-    and ``batchd run`` refuses until the runtime is wired to it.
+    and ``batchd run`` runs on as one worker (docs/cluster.md says what is built).
     """
 
     store: str = "local"

@@ -30,7 +30,7 @@ from batchd.daemon.batches.reconcile import Reconciler
 from batchd.daemon.commands.dead_letters import pending_retry_requests
 from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
-from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.intake.ledger import Claim, KeyLedger
 from batchd.daemon.intake.packer import ChunkBuilder, Packer
 from batchd.daemon.intake.shaper import ModelCheck
 from batchd.daemon.models.budget import Budget
@@ -39,7 +39,14 @@ from batchd.daemon.results.answers import AnswerReader
 from batchd.daemon.results.collector import CostFn
 from batchd.daemon.results.dead_letter_guard import DeadLetterGuard
 from batchd.daemon.results.sink_failures import ALARM_AFTER
-from batchd.daemon.store.contract import Applied, ChunkLease, ShardLease, StateStore
+from batchd.daemon.store.contract import (
+    Applied,
+    ChunkLease,
+    FencedOut,
+    ShardLease,
+    SpoolDigest,
+    StateStore,
+)
 from batchd.daemon.store.local import LocalStore
 from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import Manifest, crash_point
@@ -68,6 +75,10 @@ _PRUNE_EVERY = 300.0  # seconds between ledger prunes
 
 class PipelinePaused(FatalError):
     """``--until-drained`` cannot finish: the pipeline is paused (billing, auth, budget)."""
+
+
+class ShardLost(Exception):
+    """Raised into the packer: another worker reads the source now (cluster mode)."""
 
 
 class BudgetExhausted(Exception):
@@ -111,6 +122,8 @@ class PipelineRunner:
         model_check: ModelCheck | None = None,
         reconciler: Reconciler | None = None,
         store: StateStore | None = None,
+        workspace: str | None = None,
+        queue_scope: str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manifest = manifest
@@ -119,6 +132,11 @@ class PipelineRunner:
         self.store: StateStore = store or LocalStore.over(manifest, ledger)
         self.leases: dict[str, ChunkLease] = {}  # chunks this runner drives, by id
         self.shard: ShardLease | None = None  # the right to read the source and seal
+        # Cluster mode (several workers share the store): creates go through the
+        # workspace's create slot, chunks are claimed, the source is read by the one
+        # worker holding its shard. None: one daemon on its state dir, as always.
+        self.workspace = workspace
+        self.scopes: dict[str, anyio.CancelScope] = {}  # drivers running, by chunk
         self.api = api
         self.api_config = api_config
         self.ledger = ledger
@@ -141,7 +159,8 @@ class PipelineRunner:
             spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
             dead_letter=dead_letter, cost=cost, telemetry=telemetry, poller=self.poller,
             make_source=make_source, queue=queue, answers=answers, model_check=model_check,
-            reconciler=reconciler, store=self.store,
+            reconciler=reconciler, store=self.store, workspace=workspace,
+            queue_scope=queue_scope,
         )
         self.active = 0
         self.changed = _Signal()
@@ -167,16 +186,24 @@ class PipelineRunner:
         """The lease a chunk's records go under (epoch 0 for one this runner never claimed)."""
         return self.leases.get(chunk) or ChunkLease(chunk, self.store.worker_id, 0)
 
+    @property
+    def clustered(self) -> bool:
+        return self.workspace is not None
+
     async def _record_ended(self, record: Ended) -> bool:
+        if self.clustered and record.chunk not in self.leases:
+            return False  # another worker's chunk: its owner's poller records it
         applied = await self.store.append(record, lease=self.lease_of(record.chunk),
                                           expected=Stage.SUBMITTED)
+        if applied.written and self.deps.queue_scope is not None:
+            await self.store.settle(record.chunk)  # its queue reservation ends with it
         return applied.fenced is None
 
-    async def _shard_append(self, record: Record) -> Applied:
+    async def _shard_append(self, record: Record, spool: SpoolDigest | None = None) -> Applied:
         """A seal, a source commit or a retirement: under the shard lease."""
         if self.shard is None:
             self.shard = await self.store.acquire_shard(self.pipeline.name)
-        return await self.store.append(record, lease=self.shard)
+        return await self.store.append(record, lease=self.shard, spool=spool)
 
     @property
     def paused(self) -> str | None:
@@ -240,6 +267,24 @@ class PipelineRunner:
         self._tg.start_soon(self._drive, chunk_id, active)
 
     async def _drive(self, chunk_id: str, active: bool) -> None:
+        with anyio.CancelScope() as scope:
+            self.scopes[chunk_id] = scope
+            try:
+                await self._drive_in(chunk_id, active)
+            finally:
+                self.scopes.pop(chunk_id, None)
+        if scope.cancelled_caught:
+            self.log.warning("lease lost: stopped driving the chunk", chunk=chunk_id)
+
+    def leases_lost(self, chunks: set[str]) -> None:
+        """A heartbeat no longer lists these chunks as ours: stop their drivers at once."""
+        for chunk in chunks:
+            self.leases.pop(chunk, None)
+            scope = self.scopes.get(chunk)
+            if scope is not None:
+                scope.cancel()
+
+    async def _drive_in(self, chunk_id: str, active: bool) -> None:
         try:
             driver = ChunkDriver(self.deps, self, chunk_id, self.lease_of(chunk_id))
             while True:
@@ -301,9 +346,25 @@ class PipelineRunner:
                 await anyio.sleep(delay)
 
     async def room(self) -> None:
-        """Backpressure: wait until a chunk slot is free and the pipeline is not paused."""
-        while self.active >= self.pipeline.batching.max_in_flight or self.paused:
+        """
+        Backpressure: wait until a chunk slot is free and the pipeline is not paused.
+
+        In cluster mode the reader seals for every worker: it waits while the chunks
+        sealed and not yet claimed by anyone number ``max_in_flight``.
+        """
+        limit = self.pipeline.batching.max_in_flight
+        if self.clustered:
+            while self.paused or self._unclaimed() >= limit:
+                with anyio.move_on_after(1.0):
+                    await self.changed.wait()
+            return
+        while self.active >= limit or self.paused:
             await self.changed.wait()
+
+    def _unclaimed(self) -> int:
+        """Chunks sealed and waiting for a driver anywhere (the local view; cluster mode)."""
+        return sum(1 for c in self.live_chunks()
+                   if c.stage is Stage.SEALED and c.chunk not in self.scopes)
 
     # -- sealing and the source watermark ------------------------------------------
 
@@ -327,7 +388,12 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
-        await self._shard_append(ChunkSealed(
+        digest = None
+        if self.clustered:
+            assert self.shard is not None
+            digest = await self.store.put_spool(builder.id, self.shard.epoch,
+                                                self.spool_path(builder.id))
+        applied = await self._shard_append(ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -338,10 +404,20 @@ class PipelineRunner:
             last_seq=builder.last_seq,
             position=position,
             parent=None,
-        ))
+        ), spool=digest)
+        if applied.fenced is not None:
+            raise ShardLost(f"pipeline {self.pipeline.name}: {applied.fenced}")
+        for lease in applied.created:
+            self.leases[lease.chunk] = lease
         crash_point("after_seal")
         self.log.info("chunk sealed", chunk=builder.id, requests=builder.writer.requests,
                       rejects=builder.writer.rejects, bytes=builder.writer.body_bytes)
+        if self.clustered and self.active >= self.pipeline.batching.max_in_flight:
+            # No room to drive it here: let it go, so whichever worker has room claims it.
+            held = self.leases.pop(builder.id, None)
+            if held is not None:
+                await self.store.release(held)
+            return
         self.start_chunk(builder.id, active=True)
 
     async def replay_requested(self) -> None:
@@ -372,6 +448,8 @@ class PipelineRunner:
         Commit the source up to the last record whose whole chunk family
         (the chunk and its retries) is terminal, then retire those chunks.
         """
+        if self.clustered and self.shard is None:
+            return  # the source's reader commits it and retires the chunks
         async with self._advance_lock:
             done: list[tuple[ChunkState, list[ChunkState]]] = []
             for root, family in self._families():
@@ -384,6 +462,7 @@ class PipelineRunner:
             state = self.manifest.state.pipelines[self.pipeline.name]
             if last.last_seq is not None and (state.committed_seq or 0) < last.last_seq:
                 if last.position is not None:
+                    self.store.deadline.check("source commit")
                     await self._commit_source(last.position)
                 await self._shard_append(SourceCommitted(
                     pipeline=self.pipeline.name, position=last.position, source_seq=last.last_seq,
@@ -442,6 +521,8 @@ class PipelineRunner:
         file, a bad query) fails here, while nothing has been written yet.
         A source that is merely unreachable is retried by the packer.
         """
+        if self.clustered:
+            return  # the source opens once this worker holds its shard (prepare_reader)
         name = self.pipeline.name
         state = self.manifest.state.pipelines.get(name)
         if state is not None and state.paused:
@@ -487,6 +568,9 @@ class PipelineRunner:
             await anyio.sleep(0.05)
 
     async def run(self, *, until_drained: bool) -> None:
+        if self.clustered:
+            await self._run_cluster(until_drained=until_drained)
+            return
         if self.packer is None:
             await self.prepare()
         assert self.packer is not None
@@ -514,6 +598,113 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
+
+    # -- cluster mode ----------------------------------------------------------------
+
+    async def _run_cluster(self, *, until_drained: bool) -> None:
+        """
+        Cluster mode: drive what this worker claims; read the source while holding its shard.
+
+        Every worker claims live chunks (sealed by anyone, or left by a dead worker after
+        its TTL and grace) up to ``max_in_flight`` each poll. One worker at a time holds
+        the source's shard: it reads, seals, commits the source and retires chunks. With
+        ``--until-drained`` a worker ends once it has held the shard with nothing left to
+        read and the cluster has no live chunk of the pipeline, so every worker ends.
+        """
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._claim_loop)
+            tg.start_soon(self.poller.run)
+            tg.start_soon(self._watch_resume_requests)
+            self.recovered.set()  # intents are settled under the create slot, by their owner
+            while True:
+                await self._hold_shard()
+                await self.prepare_reader()
+                assert self.packer is not None
+                try:
+                    await self.packer.run(until_drained)
+                except ShardLost as exc:
+                    self.log.warning("source shard lost: another worker reads it now",
+                                     why=str(exc))
+                    self.shard, self.packer = None, None
+                    continue
+                except BudgetExhausted:
+                    if not until_drained:
+                        await anyio.sleep_forever()
+                break
+            if until_drained:
+                await self._until_done()
+                tg.cancel_scope.cancel()
+
+    async def _hold_shard(self) -> None:
+        """Wait until this worker reads the source (one shard per source)."""
+        interval = min(1.0, self.api_config.poll_interval)
+        while True:
+            shard = await self.store.acquire_shard(self.pipeline.name)
+            if shard is not None:
+                self.shard = shard
+                self.log.info("reading the source", shard=shard.shard, epoch=shard.epoch,
+                              previous_owner=shard.previous_owner)
+                return
+            await anyio.sleep(interval)
+
+    async def prepare_reader(self) -> None:
+        """The packer, resuming after what the cluster sealed (the shard lease says where)."""
+        shard = self.shard
+        assert shard is not None
+        resume = (shard.sealed_position, shard.sealed_seq or 0, shard.next_chunk_no)
+
+        async def claim_keys(chunk: str, entries: Sequence[tuple[str, dict[str, Any] | None]]
+                             ) -> Claim:
+            assert self.shard is not None
+            try:
+                return await self.store.claim_keys(self.shard, chunk, entries)
+            except FencedOut as exc:
+                raise ShardLost(str(exc)) from None
+
+        self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
+                             seal=self.seal, room=self.room, resume=resume,
+                             between_chunks=self.replay_requested,
+                             model_check=self.model_check, claim_keys=claim_keys)
+        try:
+            await self.source.start(resume[0])
+            self.packer.started = True
+        except RetriableError as exc:
+            self.log.warning("source unavailable at start; will keep trying", error=str(exc))
+        else:
+            self._check_template_fields(self.source.field_names())
+
+    async def _claim_loop(self) -> None:
+        """Each poll: claim what this worker has room for, read the others' progress."""
+        interval = min(1.0, self.api_config.poll_interval)
+        refresh = getattr(self.store, "refresh", None)
+        while True:
+            try:
+                room = self.pipeline.batching.max_in_flight - self.active
+                claims = []
+                if room > 0 and not self.submissions_blocked:
+                    claims = await self.store.claim_chunks(self.pipeline.name, room)
+                if refresh is not None:
+                    await refresh()  # drivers read their chunks from the local view
+                if claims:
+                    for claimed in claims:
+                        chunk = claimed.lease.chunk
+                        self.leases[chunk] = claimed.lease
+                        if chunk in self.scopes:
+                            continue
+                        self.log.info("chunk claimed", chunk=chunk, stage=claimed.stage,
+                                      epoch=claimed.lease.epoch,
+                                      previous_owner=claimed.previous_owner)
+                        self.start_chunk(chunk, active=claimed.stage not in _DONE)
+                if self.shard is not None:
+                    await self.advance()
+                self.changed.fire()
+            except FatalError:
+                raise
+            except Exception as exc:  # the database away, a fenced commit: poll again
+                self.log.warning("cluster poll failed; will poll again",
+                                 error=f"{type(exc).__name__}: {exc}")
+            await anyio.sleep(interval)
 
     async def _fail_when_stuck(self) -> None:
         """

@@ -89,6 +89,7 @@ class _Daemon:
         self.health = Health()
         self.live = LiveStatus()
         self.reconciler: Reconciler
+        self.cluster: Any = None  # cluster mode: the shared store (a MirroredStore)
 
     async def build_runners(
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
@@ -111,6 +112,13 @@ class _Daemon:
         queue = QueueLimit(limit, manifest)
         log.info("api", version=config.api.version, queue_limit=limit, queue_limit_from=origin)
 
+        cluster = self.cluster
+        view: Any = manifest if cluster is None else cluster  # what the runtime reads
+        if cluster is not None:
+            from batchd.daemon.store.cluster_worker import queue_scope
+
+            scope = queue_scope(config)
+            queue = QueueLimit(limit, view)
         create_lock = anyio.Lock()
         # Batches on the API that the manifest does not know (a restored backup): found
         # before anything is created, adopted by the chunks they belong to.
@@ -127,7 +135,7 @@ class _Daemon:
             if self.metrics is not None:
                 self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
             runner = PipelineRunner(
-                pipeline, manifest=manifest, api=api, api_config=config.api, ledger=ledger,
+                pipeline, manifest=view, api=api, api_config=config.api, ledger=ledger,
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
                 dead_letter=sinks[-1],
                 cost=prices.cost_function(unknown_price,
@@ -139,7 +147,10 @@ class _Daemon:
                 queue=queue, answers=AnswerReader(pipeline, catalog),
                 model_check=record_check(pipeline, catalog=catalog,
                                          api_version=config.api.version),
-                reconciler=self.reconciler,
+                reconciler=self.reconciler if cluster is None else None,
+                store=cluster,
+                workspace=None if cluster is None else config.cluster.workspace,
+                queue_scope=None if cluster is None else scope,
             )
             opened.append((runner, list(zip(sinks, specs, strict=True))))
         check_outputs(config.state_dir, [
@@ -171,7 +182,8 @@ class _Daemon:
                 await self.reconciler.run()
 
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(reconciling)
+            if self.cluster is None:  # in a cluster, other workers' batches are not unknown
+                tasks.start_soon(reconciling)
             async with anyio.create_task_group() as runners:
                 for runner in self.runners:
                     runners.start_soon(partial(runner.run, until_drained=until_drained))
@@ -379,6 +391,10 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
     compact = int(os.environ.get("BATCHD_COMPACT_BYTES", 64 * 1024 * 1024))
 
     async with AsyncExitStack() as process:
+        if config.cluster.shared:  # checked first: a wrong DSN or schema writes nothing
+            from batchd.daemon.store.cluster_worker import open_cluster_store
+
+            daemon.cluster = await open_cluster_store(config, process, spool_dir)
         manifest = await Manifest.open(config.state_dir, compact_bytes=compact)
         process.push_async_callback(manifest.aclose)
         ledger = await open_bound_ledger(config.state_dir, manifest)
@@ -393,6 +409,11 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
             if daemon.notifier.enabled:
                 outer.start_soon(watchdog_loop, daemon.notifier)
             outer.start_soon(daemon.report, manifest)
+            if daemon.cluster is not None:
+                from batchd.daemon.store.cluster_worker import heartbeat_loop
+
+                outer.start_soon(heartbeat_loop, daemon.cluster, lambda: daemon.runners,
+                                 config.cluster.lease_ttl)
             while True:
                 daemon.reload_requested = False
                 async with AsyncExitStack() as generation:

@@ -1,6 +1,6 @@
 """
 The operator's side of cluster mode: the ``[cluster]`` table, ``batchd cluster init``
-and ``status``, ``validate --connect``, and ``run`` refusing a store it cannot use yet.
+and ``status``, ``validate --connect``, and ``run`` checking the store before it starts.
 
 Against the real PostgreSQL, each test in its own schema; the workers in the status
 tests are registered with ``daemon/cluster/workers.py`` as a daemon would.
@@ -142,35 +142,50 @@ class TestClusterTable:
             assert code == 2, args
             assert "[cluster]: dsn: is required" in err
 
-    def test_validate_warns_that_run_refuses_the_store(
+    def test_validate_passes_the_postgres_store_without_a_warning(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """Valid otherwise: validate passes with a warning naming [cluster] store."""
+        """`batchd run` uses the store now: validate has nothing to warn about."""
         monkeypatch.setenv(DSN_VAR, "postgresql://127.0.0.1:1/none")
         code, out, _ = batchd(capsys, "validate", str(write(tmp_path, postgres("x"))))
         assert code == 0, out
-        assert "warning: " in out and "[cluster]: store: " in out and "not wired" in out
+        assert "warning" not in out
 
 
-class TestRunRefuses:
-    def test_run_with_the_postgres_store_is_exit_2_in_one_line(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    ) -> None:
-        """A real `batchd run`: one line, exit 2, no state written, nothing run locally."""
+class TestRunChecksTheStore:
+    def _run(self, tmp_path: Path, dsn: str) -> subprocess.CompletedProcess[str]:
         ws = Workspace(tmp_path)
-        path = write(tmp_path, postgres("x"))
-        env = {**ws.env(), DSN_VAR: "postgresql://127.0.0.1:1/none"}
-        proc = subprocess.run([*BATCHD, "run", str(path), "--until-drained"], env=env,
+        env = {**ws.env(), DSN_VAR: dsn}
+        path = write(tmp_path, postgres(self.schema))
+        return subprocess.run([*BATCHD, "run", str(path), "--until-drained"], env=env,
                               capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    schema = "x"
+
+    def test_an_unreachable_database_is_one_line_naming_the_dsn(
+        self, tmp_path: Path,
+    ) -> None:
+        """A real `batchd run`: one line naming [cluster] dsn, no local state written."""
+        proc = self._run(tmp_path, "postgresql://127.0.0.1:1/none")
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "[cluster]: dsn: cannot connect to " in lines[0]
+        assert not (tmp_path / "state" / "manifest.jsonl").exists()
+        assert not (tmp_path / "out").exists()
+
+    def test_a_schema_not_initialised_is_exit_2_naming_it(
+        self, tmp_path: Path, pg_dsn: str, pg_schema: str,
+    ) -> None:
+        """No `batchd cluster init` yet: exit 2, one line naming [cluster] schema."""
+        self.schema = pg_schema
+        proc = self._run(tmp_path, pg_dsn)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
-        assert "[cluster]: store: cluster mode's store is not wired into `batchd run` yet" \
-            in lines[0]
-        assert "docs/cluster.md" in lines[0]
+        assert "[cluster]: schema: " in lines[0]
         assert not (tmp_path / "state" / "manifest.jsonl").exists()
-        assert not (tmp_path / "out").exists()
 
     def test_the_local_store_is_not_refused(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -34,7 +34,7 @@ from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
 from batchd.daemon.results.collector import CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
-from batchd.daemon.store.contract import Applied, ChunkLease
+from batchd.daemon.store.contract import Applied, ChunkLease, CreateSlot, SpoolCorrupt, SpoolDigest
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.manifest import crash_point
 from batchd.daemon.wal.manifest_state import ChunkState, Stage
@@ -103,7 +103,8 @@ class ChunkDriver:
             return self.lease
         return ChunkLease(chunk_id, self.lease.owner, self.lease.epoch)
 
-    async def _append(self, record: Record, expected: Stage | tuple[Stage, ...]) -> Applied:
+    async def _append(self, record: Record, expected: Stage | tuple[Stage, ...],
+                      spool: SpoolDigest | None = None) -> Applied:
         """
         Record one of a chunk's transitions through the store, under its lease.
 
@@ -114,13 +115,16 @@ class ChunkDriver:
         """
         chunk_id = record.to_fields()["chunk"]
         applied = await self.deps.store.append(record, lease=self._lease_for(chunk_id),
-                                               expected=expected)
+                                               expected=expected, spool=spool)
+        self._fenced(applied, record.KIND, chunk_id)
+        return applied
+
+    def _fenced(self, applied: Applied, kind: str, chunk_id: str) -> None:
         if applied.fenced is not None:
-            self.log.info("record fenced: the chunk is no longer ours", record=record.KIND,
+            self.log.info("record fenced: the chunk is no longer ours", record=kind,
                           chunk_fenced=chunk_id, why=applied.fenced)
             if chunk_id == self.chunk_id:
                 raise _Stop(Lost(self.chunk_id, applied.fenced))
-        return applied
 
     async def run(self) -> Outcome:
         """
@@ -132,6 +136,9 @@ class ChunkDriver:
         deps, control = self.deps, self.control
         while True:
             chunk = self._chunk()
+            if chunk is None and deps.workspace is not None:
+                # Claimed before the local view has read it: the store knows.
+                chunk = await deps.store.chunk(self.chunk_id)
             if chunk is None:
                 return Retired(self.chunk_id)
             try:
@@ -176,6 +183,9 @@ class ChunkDriver:
         deps = self.deps
         await self.control.wait_unpaused()
         if not await self._ensure_spool(chunk):
+            return
+        if deps.workspace is not None:
+            await self._create_in_cluster()
             return
         if deps.reconciler is not None:
             await deps.reconciler.ready.wait()
@@ -282,6 +292,10 @@ class ChunkDriver:
         """
         deps = self.deps
         await self.control.wait_unpaused()
+        if deps.workspace is not None:
+            if await self._ensure_spool(chunk):
+                await self._create_in_cluster()
+            return
         async with deps.create_lock:
             current = self._chunk()
             if current is None or current.stage is not Stage.INTENT:
@@ -299,7 +313,7 @@ class ChunkDriver:
         # create lock), then look again; the adopt check runs anew.
         await deps.reconciler.ready.wait()
 
-    async def _adopt(self, chunk: ChunkState) -> bool:
+    async def _adopt(self, chunk: ChunkState, slot: CreateSlot | None = None) -> bool:
         """
         Record the oldest unknown batch of the chunk's size created since its first intent.
 
@@ -318,6 +332,8 @@ class ChunkDriver:
         async for batch in deps.api.recent(since=since):
             if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
                 continue
+            if slot is not None and await deps.store.batch_owner(batch.id) is not None:
+                continue  # another worker's (the local view may not have it yet)
             candidates.append(batch)
         found = None
         spool = deps.spool_path(chunk.chunk)
@@ -332,15 +348,87 @@ class ChunkDriver:
             break
         if found is None:
             return False
-        applied = await self._append(
-            Submitted(chunk=chunk.chunk, batch_id=found.id, created_at=str(found.created_at)),
-            Stage.INTENT,
-        )
+        if slot is not None:
+            applied = await deps.store.record_submitted(slot, self._lease_for(chunk.chunk),
+                                                        found.id, str(found.created_at))
+            self._fenced(applied, "submitted", chunk.chunk)
+        else:
+            applied = await self._append(
+                Submitted(chunk=chunk.chunk, batch_id=found.id,
+                          created_at=str(found.created_at)),
+                Stage.INTENT,
+            )
         if applied.fenced is not None:
             return False  # another worker holds that chunk now: it settles its own intent
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
         return True
+
+    async def _create_in_cluster(self) -> None:
+        """
+        One create under the cluster's create slot (cluster mode): settle, announce, send.
+
+        The slot serialises creates across every worker of the workspace, as the create
+        lock does in one daemon. A pending intent of another chunk is its owner's to
+        settle (a dead holder's chunk is claimed after its TTL and grace, and its driver
+        comes here at ``intent``); until then no other create goes out. The chunk is read
+        from the store, not the local view: another worker may have moved it.
+        """
+        deps, store = self.deps, self.deps.store
+        assert deps.workspace is not None
+        async with deps.create_lock:
+            slot = await store.acquire_create_slot(deps.workspace)
+            if slot is None:
+                await anyio.sleep(min(1.0, deps.api_config.poll_interval))
+                return
+            keep_pending, freed = False, False
+            try:
+                current = await store.chunk(self.chunk_id)
+                if current is None or current.stage not in (Stage.SEALED, Stage.INTENT):
+                    return
+                pending = slot.pending
+                if pending is not None and pending.chunk != current.chunk:
+                    self.log.info("create slot has another chunk's create to settle first",
+                                  pending=pending.chunk)
+                    keep_pending = True
+                    await anyio.sleep(min(1.0, deps.api_config.poll_interval))
+                    return
+                if current.stage is Stage.INTENT:
+                    keep_pending = True  # until adopted or announced again
+                    if await self._adopt(current, slot):
+                        freed = True
+                        return
+                    self.log.info("no batch found for the earlier create; submitting again")
+                if self.control.submissions_blocked:
+                    return
+                store.deadline.check("create")
+                applied = await store.record_intent(slot, self.lease, current.requests,
+                                                    queue_scope=deps.queue_scope)
+                if applied is None:
+                    await anyio.sleep(min(5.0, deps.api_config.poll_interval))
+                    return  # the queue is full cluster-wide: later
+                self._fenced(applied, "submit_intent", current.chunk)
+                keep_pending = True
+                crash_point("after_intent")
+                try:
+                    store.deadline.check("create")
+                    batch = await deps.api.create(deps.spool_path(current.chunk), current.bytes)
+                except Exception as exc:
+                    keep_pending = classify_error(exc).action not in (
+                        Action.RETRY, Action.PAUSE, Action.REJECTED)
+                    await self._create_failed(current, exc)
+                    return
+                crash_point("after_create")
+                applied = await store.record_submitted(slot, self.lease, batch.id,
+                                                       str(batch.created_at))
+                freed = True
+                self._fenced(applied, "submitted", current.chunk)
+                self.log.info("batch submitted", batch_id=batch.id, requests=current.requests,
+                              bytes=current.bytes)
+            finally:
+                if not freed:
+                    with anyio.CancelScope(shield=True):
+                        await store.release_create_slot(slot, keep_pending=keep_pending)
 
     async def _record_adoption(self, chunk: ChunkState, found: FoundBatch) -> None:
         """Take a batch the API has and the state did not know as this chunk's batch."""
@@ -366,6 +454,13 @@ class ChunkDriver:
         """
         deps, control = self.deps, self.control
         path = deps.spool_path(chunk.chunk)
+        if deps.workspace is not None and not path.exists():
+            try:  # sealed or cut by another worker: its spool is in the store
+                await deps.store.fetch_spool(chunk.chunk)
+            except SpoolCorrupt as exc:
+                await control.alarm("spool_corrupt", f"chunk {chunk.chunk} is held: {exc}",
+                                    chunk=chunk.chunk)
+                raise _Stop(Held(chunk.chunk, str(exc))) from None
         if path.exists():
             if _given_up(path) and chunk.requests:
                 await self._commit_given_up(chunk)
@@ -436,6 +531,7 @@ class ChunkDriver:
 
     async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:
         deps = self.deps
+        deps.store.deadline.check("sink write")
         if not given_up and not await self._ensure_spool(chunk):
             return
         batch_id = chunk.batch_id
@@ -484,10 +580,14 @@ class ChunkDriver:
                 f"(retried), {summary.unknown} unknown custom_ids",
                 chunk=chunk.chunk,
             )
+        digest = None
+        if deps.workspace is not None and retry is not None:
+            digest = await deps.store.put_spool(retry.chunk, self.lease.epoch,
+                                                deps.spool_path(retry.chunk))
         await self._append(ResultsCommitted(
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
-        ), chunk.stage)
+        ), chunk.stage, digest)
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,

@@ -57,6 +57,10 @@ class DriverDeps:
     # Where records go (leases, fencing): LocalStore over ``manifest`` and ``ledger``
     # unless given. Reads stay on ``manifest.state``, which LocalStore's appends update.
     store: StateStore = None  # type: ignore[assignment]  # set in __post_init__
+    # Cluster mode: the API workspace whose create slot serialises creates cluster-wide,
+    # and the queue scope reserved with each intent. None: one daemon, the create lock.
+    workspace: str | None = None
+    queue_scope: str | None = None
 
     def __post_init__(self) -> None:
         if self.store is None:

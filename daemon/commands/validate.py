@@ -173,27 +173,11 @@ def check_config(
     _check_state_dir(config, report)
     if not for_run:
         _check_metrics(config, report)
-    _check_cluster_store(config, report, for_run=for_run)
     if connect:
         anyio.run(_check_api, config, report)
         if config.cluster.dsn is not None:
             anyio.run(_check_cluster_db, config, report)
     return report
-
-
-def _check_cluster_store(config: Config, report: Report, *, for_run: bool) -> None:
-    """
-    ``store = "postgres"`` is not wired into ``run`` yet: ``run`` refuses it rather than
-    silently running on the local state; ``validate`` warns, and checks the rest.
-    """
-    if not config.cluster.shared:
-        return
-    found = Problem(
-        f"{config.path}: [cluster]: store: cluster mode's store is not wired into `batchd run` "
-        'yet, see docs/cluster.md (use store = "local" to run; `batchd cluster init` and '
-        "`batchd cluster status` use the database)", str(config.path), "[cluster]", "store",
-    )
-    (report.problems if for_run else report.warnings).append(found)
 
 
 async def _check_cluster_db(config: Config, report: Report) -> None:

@@ -12,7 +12,7 @@ or the pipeline is paused.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +23,7 @@ import structlog
 
 from batchd.daemon.config import MAX_BATCH_BYTES, PipelineConfig
 from batchd.daemon.intake.custom_ids import CustomIdAllocator, hashed_custom_id, is_valid_custom_id
-from batchd.daemon.intake.ledger import KeyLedger
+from batchd.daemon.intake.ledger import Claim, KeyLedger
 from batchd.daemon.intake.shaper import ModelCheck, ShapeError, Shaper
 from batchd.daemon.intake.spool import BODY_CLOSE, BODY_OPEN, SpoolWriter
 from batchd.daemon.wal.chunk_ids import fresh_id
@@ -49,6 +49,10 @@ class _Pending:
     request: bytes | None  # None: reject
     error_type: str | None = None
     error: str | None = None
+
+
+# Cluster mode's key claim: (chunk id, [(key, position)]) -> Claim, in the shared ledger.
+ClaimKeys = Callable[[str, Sequence[tuple[str, dict[str, Any] | None]]], Awaitable[Claim]]
 
 
 def shape_record(shaper: Shaper, max_bytes: int, record: Record, seq: int) -> _Pending:
@@ -151,8 +155,12 @@ class Packer:
         between_chunks: Callable[[], Awaitable[None]] | None = None,
         model_check: ModelCheck | None = None,
         owners: BatchOwners | None = None,
+        claim_keys: ClaimKeys | None = None,
     ) -> None:
         self.pipeline = pipeline
+        # Cluster mode claims keys in the shared ledger (under the shard lease); one
+        # daemon claims them in its own ledger, synchronously, as it always has.
+        self._claim_keys = claim_keys
         self.source = source
         self.ledger = ledger
         self.spool_dir = spool_dir
@@ -226,7 +234,7 @@ class Packer:
             for record, batch in zip(records, follows, strict=True):
                 await self.add(record, follow=batch)
             if self.builder is not None:
-                self._claim(self.builder)
+                await self._claim(self.builder)
                 if self._lingered():
                     await self.seal_current()
 
@@ -324,21 +332,20 @@ class Packer:
             builder.pending_requests += 1
             builder.pending_bytes += len(pending.request) + 100
         if len(builder.pending) >= 1000:
-            self._claim(builder)
+            await self._claim(builder)
         if builder.follows is not None and builder.requests >= builder.target:
             await self.seal_current()  # the batch's last record: the chunk ends here too
             await self._room()
 
-    def _claim(self, builder: ChunkBuilder) -> None:
+    async def _claim(self, builder: ChunkBuilder) -> None:
         """Check pending keys against the ledger, then write them to the spool."""
         pending, builder.pending = builder.pending, []
         builder.pending_bytes = builder.pending_requests = 0
-        claim = self.ledger.claim(
-            self.pipeline.name,
-            builder.number,
-            builder.id,
-            [(p.record.key, p.record.position) for p in pending if p.request is not None],
-        )
+        entries = [(p.record.key, p.record.position) for p in pending if p.request is not None]
+        if self._claim_keys is not None:
+            claim = await self._claim_keys(builder.id, entries)
+        else:
+            claim = self.ledger.claim(self.pipeline.name, builder.number, builder.id, entries)
         keys, replays, duplicates = builder.keys, claim.replays, claim.duplicates
         preferred = self.shaper.preferred_custom_id
         for item in pending:
@@ -381,7 +388,7 @@ class Packer:
         builder = self.builder
         if builder is None:
             return
-        self._claim(builder)
+        await self._claim(builder)
         self.builder = None
         if builder.writer.requests == 0 and builder.writer.rejects == 0:
             builder.writer.discard()  # every record was a replay of a sealed chunk

@@ -278,8 +278,11 @@ class StateStore(Protocol):
         """The chunk's batch recorded and the slot freed, together."""
         ...
 
-    async def release_create_slot(self, slot: CreateSlot) -> bool:
-        """A create failed for certain (no batch exists): clear the intent, free the slot."""
+    async def release_create_slot(self, slot: CreateSlot, *, keep_pending: bool = False) -> bool:
+        """
+        A create failed for certain (no batch exists): clear the intent, free the slot.
+        With *keep_pending* (its outcome is unknown) the intent stays for the next taker.
+        """
         ...
 
     # -- limits ------------------------------------------------------------------

@@ -430,7 +430,8 @@ class LocalStore:
             del self._slots[slot.workspace]
         return applied
 
-    async def release_create_slot(self, slot: CreateSlot) -> bool:
+    async def release_create_slot(self, slot: CreateSlot, *, keep_pending: bool = False) -> bool:
+        # The latest intent stays pending whatever is asked: it is read from the manifest.
         if not self._holds(slot):
             return False
         del self._slots[slot.workspace]

@@ -150,7 +150,13 @@ class PgStore:
         """
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=1, max_size=self._pool_size,
-            server_settings={"application_name": f"batchd:{self.name}:store"},
+            server_settings={
+                "application_name": f"batchd:{self.name}:store",
+                # A worker paused inside a transaction (SIGSTOP, a long GC) would hold its
+                # row locks, and every other worker's claim of those rows would wait for
+                # it: the server ends such a session once it has idled for a lease TTL.
+                "idle_in_transaction_session_timeout": str(max(1000, int(self.lease_ttl * 1000))),
+            },
         )
         try:
             async with self._conn() as conn:
@@ -353,10 +359,11 @@ class PgStore:
             self._freed(slot)
         return _applied(result)
 
-    async def release_create_slot(self, slot: CreateSlot) -> bool:
+    async def release_create_slot(self, slot: CreateSlot, *, keep_pending: bool = False) -> bool:
         self._freed(slot)
         async with self._conn() as conn, conn.transaction():
-            await create_slot.clear_pending(conn, self.sql, slot)
+            if not keep_pending:
+                await create_slot.clear_pending(conn, self.sql, slot)
             return await create_slot.release(conn, self.sql, slot)
 
     # -- limits ------------------------------------------------------------------

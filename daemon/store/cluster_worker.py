@@ -1,0 +1,92 @@
+"""
+What ``batchd run`` adds in cluster mode: the shared store opened, and its heartbeat.
+
+Opening checks the schema (a worker never migrates: ``batchd cluster init`` does),
+defines the workspace's queue limit from ``[api] queue_limit`` (or the tier's) and
+registers the worker. The heartbeat renews every lease each ``lease_ttl / 3``; the
+chunks a reply no longer lists were taken over (this worker was silent past its
+TTL and the taker's grace), so their drivers are cancelled at once: from then on
+the store fences whatever they would still record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from batchd.daemon.batches.queue_limit import queue_limit_of
+from batchd.daemon.config import Config
+from batchd.daemon.store.mirror import MirroredStore
+
+__all__ = ("heartbeat_loop", "open_cluster_store", "queue_scope")
+
+log = structlog.get_logger("batchd.cluster")
+
+
+def queue_scope(config: Config) -> str | None:
+    """The workspace's queue counter, when a queue limit is known."""
+    limit, _ = queue_limit_of(config.api)
+    return None if limit is None else f"queue:{config.cluster.workspace}"
+
+
+async def open_cluster_store(config: Config, stack: AsyncExitStack,
+                             spool_dir: Path) -> MirroredStore:
+    """The PostgreSQL store of ``[cluster]``, open, with its local view read once."""
+    from batchd.daemon.cluster.errors import SchemaVersionError
+    from batchd.daemon.cluster.migrations import check
+    from batchd.daemon.commands.cluster_connect import cluster_dsn, connect_cluster, located
+    from batchd.daemon.store.postgres import PgStore
+
+    # One probe first, for clear one-line errors (the DSN's, the schema version's).
+    conn, sql = await connect_cluster(config, "run")
+    try:
+        await check(conn, sql)
+    except SchemaVersionError as exc:
+        raise located(config, exc, "schema") from None
+    finally:
+        await conn.close()
+    cluster = config.cluster
+    limit, _ = queue_limit_of(config.api)
+    limits: dict[str, float | None] = {}
+    scope = queue_scope(config)
+    if scope is not None:
+        limits[scope] = None if limit is None else float(limit)
+    store = PgStore(
+        cluster_dsn(config), spool_dir=spool_dir, schema=cluster.schema,
+        name=f"{socket.gethostname()}:{os.getpid()}", lease_ttl=cluster.lease_ttl,
+        takeover_grace=cluster.takeover_grace, lease_margin=cluster.lease_margin,
+        limits=limits,
+    )
+    await store.open()
+    stack.push_async_callback(store.aclose)
+    mirrored = MirroredStore(store)
+    await mirrored.refresh()
+    log.info("cluster store open", worker=store.worker_id, schema=cluster.schema,
+             workspace=cluster.workspace, lease_ttl=cluster.lease_ttl)
+    return mirrored
+
+
+async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[Any]],
+                         ttl: float) -> None:
+    """Renew the leases every ``ttl / 3``; cancel the drivers of chunks taken over."""
+    while True:
+        await anyio.sleep(ttl / 3)
+        try:
+            beat = await store.heartbeat()
+        except Exception as exc:  # the database away: the deadline stops external actions
+            log.warning("heartbeat failed; will try again", error=f"{type(exc).__name__}: {exc}")
+            continue
+        for runner in runners():
+            held = {chunk: lease.epoch for chunk, lease in runner.leases.items()}
+            lost = beat.lost_chunks(held)
+            if lost:
+                log.warning("leases lost: another worker took these chunks over",
+                            chunks=sorted(lost))
+                runner.leases_lost(lost)
