@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd.daemon.ops import _structlog_plain  # noqa: F401  (first: structlog without rich)
 from batchd.plugins.errors import BatchdError, ConfigError
 from batchd.plugins.manager import get_plugins, load_plugins, pm
 
@@ -396,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=2.0)
-    status.set_defaults(func=cmd_status)
+    # status reads the manifest and draws a table: structlog (and asyncio under it) only
+    # if something logs (daemon/ops/lazy_log.py).
+    status.set_defaults(func=cmd_status, logs=False)
 
     validate = sub.add_parser(
         "validate", help="check CONFIG as `run` would before reading a row; lists every problem")
@@ -497,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
+    if getattr(args, "logs", True):
+        from batchd.daemon.ops import _structlog_plain  # noqa: F401  (structlog without rich)
     try:
         try:
             return int(func(args) or 0)
