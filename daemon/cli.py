@@ -496,9 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a plugin that cannot be imported: one line, not a traceback
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and bad flags exit here, before anything heavy
     func: Callable[[argparse.Namespace], Any] = args.func
-    if getattr(args, "logs", True):
+    if getattr(args, "logs", True):  # before any structlog user; status logs nothing
         from batchd.daemon.ops import _structlog_plain  # noqa: F401  (structlog without rich)
     try:
         try:

@@ -8,7 +8,8 @@ does not use (``format_exc_info`` renders exceptions as text before the console
 renderer sees them; with rich, that renderer then warned about it). Hiding
 ``rich`` while structlog is first imported leaves structlog on its plain
 tracebacks; ``rich`` itself imports normally afterwards. The CLI imports this
-module before it runs a command that logs (``batchd status`` does not).
+module once the arguments are parsed, before a command that logs (``batchd status``
+does not) imports anything that uses structlog.
 """
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ class LazyLogger:
         self.name = name
 
     def __getattr__(self, attr: str) -> Any:
-        import structlog
+        import importlib
 
-        from batchd.daemon.ops import _structlog_plain  # noqa: F401  (structlog without rich)
+        # First: structlog without its rich integration, even though rich is imported.
+        from batchd.daemon.ops import _structlog_plain  # noqa: F401
 
+        structlog = importlib.import_module("structlog")
         return getattr(structlog.get_logger(self.name), attr)
