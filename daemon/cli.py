@@ -83,8 +83,13 @@ def _print_problems(report: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    import logging
+
     from batchd.daemon.commands.validate import check_config
 
+    # The report names every failure once; a client library's own log line about it
+    # (aiokafka's "Unable connect to ...") would otherwise reach stderr unlabelled.
+    logging.getLogger().addHandler(logging.NullHandler())
     report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
