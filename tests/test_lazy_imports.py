@@ -193,3 +193,23 @@ def test_a_late_log_line_imports_structlog_without_rich() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_entry_point_precheck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No distribution declares [batchd]: no scan; one does (or a zip is on the path): scan."""
+    from batchd.plugins.manager import declared_anywhere
+
+    site = tmp_path / "site"
+    info = site / "other-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "entry_points.txt").write_text("[console_scripts]\nother = other:main\n")
+    monkeypatch.setattr(sys, "path", [str(site), str(tmp_path / "missing")])
+    assert not declared_anywhere("batchd")
+    plugin = site / "batchd_upper-0.1.dist-info"
+    plugin.mkdir()
+    (plugin / "entry_points.txt").write_text("[batchd]\nupper = batchd_upper\n")
+    assert declared_anywhere("batchd")
+    zipped = tmp_path / "plugins.zip"
+    zipped.write_bytes(b"PK")
+    monkeypatch.setattr(sys, "path", [str(zipped)])
+    assert declared_anywhere("batchd")
