@@ -141,16 +141,20 @@ def _register_declared(found: EntryPoints, allowed: set[str] | None) -> None:
     after the distribution (which ``BATCHD_LOAD_PLUGINS`` then names); nothing imported.
     """
     declared: dict[str, dict[str, list[LazyFactory]]] = {}
+    packages: dict[str, str] = {}
     for group, kind in TYPE_GROUPS.items():
         for ep in found.select(group=group):
             name = ep.dist.name if ep.dist is not None else ep.module
-            if (allowed is not None and name not in allowed) or pm.get_plugin(name) is not None:
+            if allowed is not None and name not in allowed:
                 continue
-            package = _packages[name] = _package(ep) or name
-            factory = LazyFactory(kind, ep.name, ep.module, ep.attr or ep.name, package)
+            packages[name] = _package(ep) or name
+            factory = LazyFactory(kind, ep.name, ep.module, ep.attr or "", packages[name])
             declared.setdefault(name, {"source": [], "sink": []})[kind].append(factory)
     for name, kinds in declared.items():
-        pm.register(stand_in(name, kinds["source"], kinds["sink"]), name)
+        # A distribution may also have a hook module in the group ``batchd`` by this name.
+        plugin = name if pm.get_plugin(name) is None else f"{name} (types)"
+        _packages[plugin] = packages[name]
+        pm.register(stand_in(plugin, kinds["source"], kinds["sink"]), plugin)
 
 
 def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
