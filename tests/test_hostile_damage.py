@@ -198,3 +198,33 @@ class TestDamagedSqliteStateFiles:
         assert emulator.stats()["batches_created"] == created
         assert_paid_once(emulator, expected=custom_ids(keys))
         assert_nothing_lost(ws, keys)
+
+
+class TestDamagedSpool:
+    @pytest.mark.parametrize("how", ["garbled-line", "cut-short"])
+    def test_damaged_spool_is_rebuilt_not_resent_forever(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]], how: str,
+    ) -> None:
+        """A sealed chunk's spool garbled in the middle or cut short: not streamed under its
+        sealed Content-Length and retried forever as an unknown outcome, but kept aside,
+        alarmed `spool_lost` naming it damaged, and rebuilt from the source: paid once."""
+        emulator, ws, keys = setup
+        ws.crash("after_seal:2")
+        spool = ws.state_dir / "spool" / "tickets-000001.jsonl"
+        data = spool.read_bytes()
+        if how == "cut-short":
+            spool.write_bytes(data[: len(data) // 2])
+        else:
+            lines = data.split(b"\n")
+            lines[7] = lines[7][:50] + b"\x00 garbled"
+            spool.write_bytes(b"\n".join(lines))
+
+        proc = ws.run(timeout=120)
+        assert proc.returncode == 0, describe(proc)
+        assert "create outcome unknown" not in proc.stdout
+        lost = [a for a in ws.status()["alarms"] if a["kind"] == "spool_lost"]
+        assert [a["chunk"] for a in lost] == ["tickets-000001"]
+        assert "damaged" in str(lost[0]["message"])
+        assert (spool.parent / "tickets-000001.jsonl.damaged").exists()
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
