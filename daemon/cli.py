@@ -330,6 +330,45 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import anyio
+
+    try:
+        import asyncpg  # noqa: F401  (the store's driver; only the postgres extra installs it)
+    except ImportError:
+        raise ConfigError("batchd cluster uses a PostgreSQL store: pip install "
+                          "'batchd[postgres]'") from None
+    config = _load(args)
+    if args.cluster_command == "init":
+        from batchd.daemon.commands.cluster_init import init_cluster
+
+        print(anyio.run(init_cluster, config))
+        return 0
+    from batchd.daemon.commands.cluster_status import cluster_status, status_lines
+
+    status = anyio.run(cluster_status, config)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(status, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print("\n".join(status_lines(status)))
+    return 0
+
+
+def _cluster_parser(sub: Any) -> None:
+    cluster = sub.add_parser("cluster", help="cluster mode's PostgreSQL store: create its "
+                             "schema, list its workers (see docs/cluster.md)")
+    commands = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    init = commands.add_parser("init", help="create or upgrade the [cluster] schema "
+                               "(idempotent; refuses a newer one)")
+    init.add_argument("config")
+    init.set_defaults(func=cmd_cluster)
+    status = commands.add_parser("status", help="every worker, its heartbeat and what it owns; "
+                                 "the limit counters")
+    status.add_argument("config")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from batchd.daemon.emulator.cli import add_arguments as emulator_arguments
 
@@ -415,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the batch is not this state's (its shared rows are paid again)")
     reconcile.add_argument("--chunk", help="the chunk that adopts the batch")
     reconcile.set_defaults(func=cmd_reconcile)
+
+    _cluster_parser(sub)
 
     emulator = sub.add_parser("emulator", help="serve a local Message Batches API emulator")
     emulator_arguments(emulator)

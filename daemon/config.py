@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from batchd.daemon.cluster import defaults as cluster_defaults
+from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 from batchd.daemon.durations import parse_duration, parse_size
 from batchd.daemon.intake.request_options import (
     API_VERSIONS,
@@ -39,6 +41,7 @@ __all__ = (
     "TIER_QUEUE_LIMITS",
     "ApiConfig",
     "BatchingConfig",
+    "ClusterConfig",
     "Config",
     "OutputConfig",
     "PipelineConfig",
@@ -50,6 +53,7 @@ __all__ = (
 MAX_BATCH_REQUESTS = 100_000
 MAX_BATCH_BYTES = 256 * 1000 * 1000
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_WORKSPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # The processing queue each documented tier grants (requests not yet processed, all batches).
 TIER_QUEUE_LIMITS = {"start": 200_000, "build": 300_000, "scale": 500_000}
@@ -126,6 +130,31 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """
+    ``[cluster]``: where the state lives, and the lease timings of cluster mode.
+
+    ``store = "local"`` (the default) is today's state directory; ``"postgres"``
+    is the shared store of docs/cluster.md, which ``batchd cluster`` commands use
+    and ``batchd run`` refuses until the runtime is wired to it.
+    """
+
+    store: str = "local"
+    # A secret (``env:NAME`` read at load): kept out of repr, so no log line shows it.
+    dsn: str | None = field(default=None, repr=False)
+    schema: str = DEFAULT_SCHEMA
+    workspace: str = cluster_defaults.DEFAULT_WORKSPACE
+    lease_ttl: float = cluster_defaults.DEFAULT_LEASE_TTL
+    takeover_grace: float = cluster_defaults.DEFAULT_TAKEOVER_GRACE
+    lease_margin: float = cluster_defaults.DEFAULT_LEASE_MARGIN
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is in the cluster's PostgreSQL store."""
+        return self.store == "postgres"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     state_dir: Path
@@ -137,6 +166,7 @@ class Config:
     metrics_address: str = "127.0.0.1"
     # Models the bundled catalog lacks, or corrections to it (``[models."id"] like = …``).
     models: dict[str, Any] = field(default_factory=dict)
+    cluster: ClusterConfig = ClusterConfig()
 
     def pipeline(self, name: str) -> PipelineConfig:
         for pipeline in self.pipelines:
@@ -508,6 +538,7 @@ def load_config(
         log_level=top.check(lambda: _log_level(top), "info"),
         prices=top.check(lambda: top.get("prices", dict, {}), {}),
         models=top.check(lambda: top.get("models", dict, {}), {}),
+        cluster=top.check(lambda: _cluster(top.table("cluster")), ClusterConfig()),
     )
     for pipeline in config.pipelines:
         top.check(partial(check_sampling_version, pipeline.request.options.sampling,
@@ -544,3 +575,52 @@ def _metrics(table: _Table) -> tuple[int | None, str]:
             ) from None
     table.finish()
     return port, address
+
+
+def _cluster(table: _Table) -> ClusterConfig:
+    """
+    ``[cluster]``: the store, its DSN (a secret) and schema, and the lease timings.
+
+    The DSN is read (``env:NAME`` from the environment) whenever it is given, so a
+    ``batchd cluster`` command can use it before the workers switch stores.
+    """
+    store = table.choice("store", ("local", "postgres"), "local")
+    dsn = table.secret("dsn", None)
+    if store == "postgres" and dsn is None:
+        raise table.error("dsn", 'is required when store = "postgres" (a PostgreSQL DSN, '
+                          'best as "env:NAME" so the password stays out of the file)')
+    schema = table.text("schema", DEFAULT_SCHEMA)
+    try:
+        Sql(schema)
+    except ConfigError:
+        raise table.error("schema", f"{schema!r} is not a plain lowercase identifier "
+                          "(a-z, 0-9 and _, not starting with a digit; at most 63)") from None
+    workspace = table.text("workspace", cluster_defaults.DEFAULT_WORKSPACE)
+    if not _WORKSPACE.fullmatch(workspace):
+        raise table.error("workspace", f"{workspace!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                          "(it names the workspace's create slot and queue limit)")
+    ttl = _bounded_duration(table, "lease_ttl", cluster_defaults.DEFAULT_LEASE_TTL,
+                            cluster_defaults.LEASE_TTL_BOUNDS)
+    grace = _bounded_duration(table, "takeover_grace", cluster_defaults.DEFAULT_TAKEOVER_GRACE,
+                              cluster_defaults.TAKEOVER_GRACE_BOUNDS)
+    margin = table.duration("lease_margin", cluster_defaults.default_margin(ttl), min=0)
+    table.finish()  # first: a misspelt lease_ttl explains a margin refused against the default
+    share = cluster_defaults.MARGIN_SHARE_OF_TTL
+    if margin >= ttl * share:
+        raise table.error("lease_margin", f"must be less than {share:g} of lease_ttl "
+                          f"({ttl * share:g}s; heartbeats go out every lease_ttl/3 and the "
+                          "deadline must not lapse between them), "
+                          f"got {table.data['lease_margin']!r}")
+    return ClusterConfig(store=store, dsn=dsn, schema=schema, workspace=workspace,
+                         lease_ttl=ttl, takeover_grace=grace, lease_margin=margin)
+
+
+def _bounded_duration(
+    table: _Table, key: str, default: float, bounds: tuple[float, float]
+) -> float:
+    low, high = bounds
+    value: float = table.duration(key, default)
+    if not low <= value <= high:
+        raise table.error(key, f"must be between {low:g}s and {high:g}s, "
+                          f"got {table.data[key]!r}")
+    return value

@@ -157,3 +157,18 @@ def test_the_emulator_without_its_extra(workspace: Callable[..., Workspace],
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr.strip().splitlines() == [
         "batchd emulator: needs aiohttp, which is not installed: pip install 'batchd[emulator]'"]
+
+
+def test_cluster_without_the_postgres_extra(workspace: Callable[..., Workspace],
+                                            tmp_path: Path) -> None:
+    ws = workspace()
+    ws.write_tickets(10)
+    ws.write_config()
+    env = {**ws.env(), "PYTHONPATH": os.pathsep.join(
+        (_blocking(tmp_path, "asyncpg"), ws.env()["PYTHONPATH"]))}
+    proc = subprocess.run(ws.command("cluster", "status", str(ws.config_path)), cwd=ws.root,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.strip().splitlines() == [
+        "batchd: config error: batchd cluster uses a PostgreSQL store: pip install "
+        "'batchd[postgres]'"]

@@ -15,11 +15,12 @@ import orjson
 import pytest
 
 from batchd.daemon.batches.error_codes import _BY_STATUS, ACCOUNT_ROW_ERRORS, CODES
-from batchd.daemon.wal.manifest_records import RECORD_FIELDS
 from batchd.daemon.wal.records import (
+    RECORD_FIELDS,
     RECORD_TYPES,
     ChunkSealed,
     Figures,
+    FigureTotals,
     PauseKind,
     PipelinePaused,
     ResultsCommitted,
@@ -63,6 +64,12 @@ def test_every_kind_has_a_type_writing_the_validated_fields() -> None:
         assert record_from(sample.KIND, fields) == sample
 
 
+def test_running_totals_give_the_record_figures() -> None:
+    """A chunk's or a collect's totals become the frozen figures a record carries."""
+    totals = FigureTotals(succeeded=3, dead=1, cost_usd=0.5, output_tokens=9)
+    assert totals.figures() == Figures(3, 0, 1, 0, 0.5, 0, 9)
+
+
 def test_a_retry_chunk_is_a_seal_one_attempt_on() -> None:
     """The retry a collect cuts is sealed like any chunk, with no source range of its own."""
     retry = ChunkSealed.retry(pipeline="p", parent="p-000001-r1", parent_attempt=2,
@@ -78,11 +85,11 @@ def test_figures_are_the_fields_replay_checks() -> None:
     """One list of figures: the type's fields are the record's and the replayed chunk's."""
     from dataclasses import fields
 
-    from batchd.daemon.wal.manifest_records import _FIGURES
     from batchd.daemon.wal.manifest_state import ChunkState, PipelineState
 
     names = tuple(f.name for f in fields(Figures))
-    assert names == Figures.NAMES == tuple(_FIGURES)
+    assert names == Figures.NAMES == tuple(f.name for f in fields(FigureTotals))
+    assert all(name in RECORD_FIELDS["results_committed"] for name in names)
     for state in (ChunkState, PipelineState):
         assert set(names) <= {f.name for f in fields(state)}
 

@@ -522,7 +522,7 @@ class TestSecrets:
         assert injected.get("http500", 0) > 0 and injected.get("invalid_request", 0) > 0
         output = operator_run.daemon.output()
         assert "500 Internal Server Error" in output
-        assert "anthropic._base_client" in output
+        assert '"event":"api call retried"' in output
 
     def test_api_key_never_in_output(self, operator_run: OperatorRun) -> None:
         """stdout and stderr never contain the API key, nor a recognisable part of it."""

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from email.utils import mktime_tz, parsedate_to_datetime, parsedate_tz
+from http import HTTPStatus
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,12 @@ from typing import Any
 import anyio
 import httpx2
 import orjson
+import structlog
 
 from batchd.daemon.batches.api_errors import (
     ApiConnectionError,
     ApiError,
+    ApiStatusError,
     ApiTimeoutError,
     ResultsNotReady,
     status_error,
@@ -178,6 +181,20 @@ def _delay(backoff: Backoff, headers: Mapping[str, str] | None) -> float:
     return backoff.next_delay()
 
 
+_log = structlog.get_logger("batchd.api")
+
+
+def _describe(failure: ApiError) -> str:
+    """``500 Internal Server Error`` for an answer, the exception's text for no answer."""
+    if isinstance(failure, ApiStatusError):
+        try:
+            reason = HTTPStatus(failure.status_code).phrase
+        except ValueError:
+            reason = ""
+        return f"{failure.status_code} {reason}".strip()
+    return str(failure)
+
+
 class BatchesApi:
     """A thin async client; one per daemon, shared by all pipelines."""
 
@@ -218,7 +235,12 @@ class BatchesApi:
                 headers = response.headers
             if attempt >= retries:
                 raise failure
-            await anyio.sleep(_delay(backoff, headers))
+            delay = _delay(backoff, headers)
+            # What the SDK logged as "Retrying request": an operator debugging a flaky
+            # API sees each retried answer (status and reason, never headers or the key).
+            _log.info("api call retried", method=request.method, path=request.url.path,
+                      error=_describe(failure), attempt=attempt + 1, delay=round(delay, 2))
+            await anyio.sleep(delay)
             attempt += 1
 
     async def _get_json(self, path: str, params: dict[str, Any] | None = None

@@ -17,7 +17,7 @@ state only through :class:`RunnerControl` (pause, alarm, wait while paused);
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -387,26 +387,31 @@ class ChunkDriver:
             return False
         return batch.archived_at is not None
 
+    async def _collect_once(
+        self,
+        chunk: ChunkState,
+        blocks: Callable[[], AsyncIterator[list[bytes]]] | None,
+        lost: tuple[str, str] | None = None,
+    ) -> CollectSummary:
+        """One collect attempt of *chunk* by a fresh collector (so a replay starts clean)."""
+        return await self.deps.collector().collect(
+            chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=chunk.batch_id,
+            spool=self.deps.spool_path(chunk.chunk), attempt=chunk.attempt, blocks=blocks,
+            lost=lost,
+        )
+
     async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:
         deps = self.deps
         if not given_up and not await self._ensure_spool(chunk):
             return
         batch_id = chunk.batch_id
         api = deps.api
-        collector = deps.collector()
         blocks = (lambda: api.result_blocks(batch_id)) if batch_id and not given_up else None
         lost = None
         if batch_id and chunk.counts and chunk.counts.get("lost"):
             blocks, lost = None, _lost_reason(batch_id, deps.api_config.not_found_window)
         try:
-            summary = await collector.collect(
-                chunk=chunk.chunk,
-                root=root_of(self.name, chunk.chunk),
-                batch_id=batch_id,
-                spool=deps.spool_path(chunk.chunk), attempt=chunk.attempt,
-                blocks=blocks,
-                lost=lost,
-            )
+            summary = await self._collect_once(chunk, blocks, lost)
         except NotFoundError:
             assert batch_id is not None
             if not await self._archived(batch_id):
@@ -420,12 +425,7 @@ class ChunkDriver:
                     "(`batchd dead-letters retry` sends them again, paid again)",
                     chunk=chunk.chunk,
                 )
-                collector = deps.collector()
-                summary = await collector.collect(
-                    chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=batch_id,
-                    spool=deps.spool_path(chunk.chunk), blocks=None, attempt=chunk.attempt,
-                    lost=_lost_reason(batch_id, window),
-                )
+                summary = await self._collect_once(chunk, None, _lost_reason(batch_id, window))
                 await self._committed(chunk, summary)
                 return
             await self.control.alarm(
@@ -434,14 +434,7 @@ class ChunkDriver:
                 f"its {chunk.requests} requests are sent again",
                 chunk=chunk.chunk,
             )
-            collector = deps.collector()
-            summary = await collector.collect(
-                chunk=chunk.chunk,
-                root=root_of(self.name, chunk.chunk),
-                batch_id=batch_id,
-                spool=deps.spool_path(chunk.chunk), attempt=chunk.attempt,
-                blocks=_no_results,
-            )
+            summary = await self._collect_once(chunk, _no_results)
         await self._committed(chunk, summary)
 
     async def _committed(self, chunk: ChunkState, summary: CollectSummary) -> None:

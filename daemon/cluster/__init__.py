@@ -3,8 +3,8 @@ Cluster mode's PostgreSQL store: several daemons sharing pipelines through one d
 
 Groundwork for issue 15, not yet wired into the runtime: each module is one
 concept and takes an asyncpg connection plus a :class:`Sql` (the schema the
-tables live in), so the future ``PgStore`` composes them inside its own
-transactions. See docs/cluster.md for the protocol and what remains to wire.
+tables live in), so ``PgStore`` (``daemon/store/postgres.py``) composes them
+inside its own transactions. See docs/cluster.md for the protocol and what remains to wire.
 
 =====================  ======================================================
 ``schema``             table DDL per version, the ``Sql`` qualifier, lock order

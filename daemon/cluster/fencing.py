@@ -39,8 +39,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from batchd.daemon.cluster.chunk_rows import (
     CHUNK_FIELDS,
     PIPELINE_FIELDS,
@@ -110,7 +108,7 @@ _UPSERT_PIPELINE = (
     f"INSERT INTO {{s}}.pipeline ({', '.join(PIPELINE_FIELDS)}) VALUES "
     f"({', '.join(f'${i + 1}' for i in range(len(PIPELINE_FIELDS)))}) "
     f"ON CONFLICT (name) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in PIPELINE_FIELDS[1:])
+    + ", ".join(f"{name} = EXCLUDED.{name}" for name in PIPELINE_FIELDS if name != "name")
 )
 _INSERT_EVENT = (
     "INSERT INTO {s}.event (ts, kind, pipeline, chunk, worker, fence, epoch, record)"
@@ -292,6 +290,8 @@ async def apply_transition(
 async def _fenced(
     conn: Any, sql: Sql, worker: str, body: Callable[[], Awaitable[Applied]]
 ) -> Applied:
+    import asyncpg  # here, so that the types above import without the postgres extra
+
     try:
         return await transaction(conn, body)
     except FencedOut:

@@ -61,6 +61,21 @@ def _case_body(parser: argparse.ArgumentParser, prefix: str) -> list[str]:
     return lines
 
 
+def _command_lines(sub: argparse.ArgumentParser, indent: str) -> list[str]:
+    """Set ``opts`` and ``choices`` for one (sub)command, and complete its options' values."""
+    positional = [a for a in sub._actions if not a.option_strings]
+    first = next((a for a in positional if a.choices), None)
+    out = [f'{indent}opts={shlex.quote(" ".join(_options(sub)))}']
+    if first is not None and first.choices:
+        out.append(f'{indent}choices={shlex.quote(" ".join(map(str, first.choices)))}')
+    body = _case_body(sub, indent + "    ")
+    if body:
+        out.append(f'{indent}case "$prev" in')
+        out.extend(body)
+        out.append(f"{indent}esac")
+    return out
+
+
 def _bash(parser: argparse.ArgumentParser) -> str:
     commands = _commands(parser)
     out = [
@@ -76,17 +91,21 @@ def _bash(parser: argparse.ArgumentParser) -> str:
         '    case "${COMP_WORDS[1]}" in',
     ]
     for name, sub in commands.items():
-        positional = [a for a in sub._actions if not a.option_strings]
-        first = next((a for a in positional if a.choices), None)
         out.append(f"        {shlex.quote(name)})")
-        out.append(f'            opts={shlex.quote(" ".join(_options(sub)))}')
-        if first is not None and first.choices:
-            out.append(f'            choices={shlex.quote(" ".join(map(str, first.choices)))}')
-        body = _case_body(sub, "                ")
-        if body:
-            out.append('            case "$prev" in')
-            out.extend(body)
-            out.append("            esac")
+        nested = _commands(sub)
+        if nested:  # `batchd cluster init|status`: the action's own options after it
+            out.append("            if [[ $COMP_CWORD -eq 2 ]]; then")
+            out.extend(_command_lines(sub, " " * 16))
+            out.append("            else")
+            out.append('                case "${COMP_WORDS[2]}" in')
+            for action, parser in nested.items():
+                out.append(f"                    {shlex.quote(action)})")
+                out.extend(_command_lines(parser, " " * 24))
+                out.append("                        ;;")
+            out.append("                esac")
+            out.append("            fi")
+        else:
+            out.extend(_command_lines(sub, " " * 12))
         out.append("            ;;")
     out += [
         "    esac",

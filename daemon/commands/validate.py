@@ -173,9 +173,59 @@ def check_config(
     _check_state_dir(config, report)
     if not for_run:
         _check_metrics(config, report)
+    _check_cluster_store(config, report, for_run=for_run)
     if connect:
         anyio.run(_check_api, config, report)
+        if config.cluster.dsn is not None:
+            anyio.run(_check_cluster_db, config, report)
     return report
+
+
+def _check_cluster_store(config: Config, report: Report, *, for_run: bool) -> None:
+    """
+    ``store = "postgres"`` is not wired into ``run`` yet: ``run`` refuses it rather than
+    silently running on the local state; ``validate`` warns, and checks the rest.
+    """
+    if not config.cluster.shared:
+        return
+    found = Problem(
+        f"{config.path}: [cluster]: store: cluster mode's store is not wired into `batchd run` "
+        'yet, see docs/cluster.md (use store = "local" to run; `batchd cluster init` and '
+        "`batchd cluster status` use the database)", str(config.path), "[cluster]", "store",
+    )
+    (report.problems if for_run else report.warnings).append(found)
+
+
+async def _check_cluster_db(config: Config, report: Report) -> None:
+    """The cluster's database accepts the DSN, and its schema is the version this batchd uses."""
+    from batchd.daemon.commands.cluster_connect import connect_cluster, describe_target, located
+
+    where = (str(config.path), "[cluster]", "dsn")
+    try:
+        with anyio.fail_after(_CONNECT_TIMEOUT):
+            conn, sql = await connect_cluster(config, "validate")
+            try:
+                from batchd.daemon.cluster.migrations import check
+
+                version = await check(conn, sql)
+            finally:
+                from batchd.connectors._pg import close_quietly
+
+                await close_quietly(conn)
+    except TimeoutError:
+        report.problems.append(Problem(
+            f"{config.path}: [cluster]: dsn: {describe_target(config)}: no answer within "
+            f"{_CONNECT_TIMEOUT:.0f}s", *where))
+    except ConfigError as exc:  # a refused DSN, or the schema's version (SchemaVersionError)
+        from batchd.daemon.cluster.errors import SchemaVersionError
+
+        key = "schema" if isinstance(exc, SchemaVersionError) else "dsn"
+        report.problems.append(_problem(located(config, exc, key)))
+    except BatchdError as exc:  # the server did not answer
+        report.problems.append(Problem(str(exc), *where))
+    else:
+        report.checked.append(f"[cluster] {describe_target(config)}: schema {sql.schema!r} "
+                              f"at version {version}")
 
 
 async def _check_pipelines(config: Config, report: Report, connect: bool,
@@ -294,6 +344,8 @@ def _check_sink_path(config: Config, output: SinkOutput, spec: PluginSpec,
                      report: Report) -> None:
     """A local output the sink declares (``Sink.outputs``) must be writable where it is."""
     target = output.path
+    if output.directory and target.exists() and not target.is_dir():
+        return  # the output-path check names it: "is not a directory (it is a file)"
     directory = target if output.directory else target.parent
     ok, where = _writable_dir(directory)
     file, table = _where(spec)

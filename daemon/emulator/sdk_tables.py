@@ -174,8 +174,11 @@ def _sdk_fingerprint() -> str | None:
 
 
 def _cache_path(fingerprint: str) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "batchd" / f"sdk-tables-{fingerprint}.json"
+    """systemd's CacheDirectory= if the unit has one, else the user's cache directory."""
+    base = os.environ.get("CACHE_DIRECTORY", "").split(":")[0] or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "batchd")
+    return Path(base) / f"sdk-tables-{fingerprint}.json"
 
 
 def _from_child() -> SdkTables:

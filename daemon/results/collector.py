@@ -32,7 +32,7 @@ from batchd.daemon.results.routing import Route
 from batchd.daemon.results.sink_failures import sink_call
 from batchd.daemon.results.sink_writer import background_puts
 from batchd.daemon.wal import chunk_ids
-from batchd.daemon.wal.records import ChunkSealed, Figures
+from batchd.daemon.wal.records import ChunkSealed, FigureTotals
 from batchd.plugins.contract import Sink
 from batchd.plugins.records import ResultRow
 
@@ -59,27 +59,17 @@ def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
 
 
 @dataclass(slots=True)
-class CollectSummary:
-    succeeded: int = 0
-    truncated: int = 0
-    dead: int = 0
-    retried: int = 0
+class CollectSummary(FigureTotals):
+    """What one collect did: its figures (the record's), plus what only alarms and pauses use."""
+
     unknown: int = 0
     missing: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     unpriced: int = 0
     pause_reason: str | None = None
     pause_kind: str | None = None
     retry_chunk: ChunkSealed | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
     dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
-
-    def figures(self) -> Figures:
-        """The figures the ``results_committed`` record stores."""
-        return Figures(self.succeeded, self.truncated, self.dead, self.retried, self.cost_usd,
-                       self.input_tokens, self.output_tokens)
 
 
 class Collector:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from batchd.daemon.wal.manifest_records import ManifestCorrupt
 from batchd.plugins.errors import ConfigError
+from batchd.plugins.fsync import fsync_dir
 
 __all__ = ("ManifestDamaged", "cut_damaged_manifest")
 
@@ -61,9 +62,5 @@ def cut_damaged_manifest(path: Path, damage: ManifestDamaged) -> tuple[Path, int
     with path.open("r+b") as f:
         f.truncate(damage.good)
         os.fsync(f.fileno())
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return kept, damage.line - 1

@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from batchd.daemon.wal.manifest_records import (
-    _FIGURES,
-    _RANK,
-    _SEALED,
+from batchd.daemon.wal.manifest_records import _RANK, ManifestCorrupt, Stage
+from batchd.daemon.wal.records import (
     RECORD_FIELDS,
-    ManifestCorrupt,
-    Stage,
+    SEALED_FIELDS,
+    Figures,
+    FigureTotals,
     validate_fields,
 )
 
@@ -51,8 +50,9 @@ RETIRED_KEPT = 50_000
 
 
 @dataclass
-class ChunkState:
-    """One chunk: the fields it was sealed with, its stage and what each stage recorded."""
+class ChunkState(FigureTotals):
+    """One chunk: the fields it was sealed with, its stage and what each stage recorded
+    (the figures of its collect are the inherited :class:`FigureTotals`)."""
 
     chunk: str
     pipeline: str
@@ -75,13 +75,6 @@ class ChunkState:
     batch_id: str | None = None
     created_at: str | None = None
     counts: dict[str, Any] | None = None
-    succeeded: int = 0
-    truncated: int = 0
-    dead: int = 0
-    retried: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     retry_chunk: str | None = None
 
     @property
@@ -91,8 +84,9 @@ class ChunkState:
 
 
 @dataclass
-class PipelineState:
-    """A pipeline's read/commit frontier, pause flag and totals that outlive its chunks."""
+class PipelineState(FigureTotals):
+    """A pipeline's read/commit frontier, pause flag and totals that outlive its chunks
+    (the figures summed over its chunks are the inherited :class:`FigureTotals`)."""
 
     name: str
     last_sealed_seq: int | None = None
@@ -106,13 +100,6 @@ class PipelineState:
     pause_kind: str | None = None
     requests_submitted: int = 0
     batches_submitted: int = 0
-    succeeded: int = 0
-    truncated: int = 0
-    dead: int = 0
-    retried: int = 0
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
     # Billed answers of models without a price: their cost is unknown, not in cost_usd.
     unpriced: int = 0
     # Rows an operator sent again from the dead letters: each already counted once in
@@ -298,7 +285,7 @@ class ManifestState:
         chunk_id = sealed["chunk"]
         existing = self.chunks.get(chunk_id)
         if existing is not None:
-            if all(getattr(existing, name) == sealed[name] for name in _SEALED):
+            if all(getattr(existing, name) == sealed[name] for name in SEALED_FIELDS):
                 return None
             raise self._corrupt(seq, f"chunk {chunk_id} sealed again with different fields")
         if chunk_id in self.retired_chunks:
@@ -307,7 +294,7 @@ class ManifestState:
         parent = self.chunks.get(sealed["parent"] or "")
         if covers is None and parent is not None:
             covers = parent.covers_seq
-        return ChunkState(**{name: sealed[name] for name in _SEALED}, covers_seq=covers)
+        return ChunkState(**{name: sealed[name] for name in SEALED_FIELDS}, covers_seq=covers)
 
     def _seal(self, chunk: ChunkState) -> None:
         self.chunks[chunk.chunk] = chunk
@@ -393,7 +380,7 @@ class ManifestState:
         batch_id, retry = record["batch_id"], record["retry_chunk"]
         retry_id = None if retry is None else retry.get("chunk")
         if _RANK[chunk.stage] >= _RANK[Stage.COMMITTED]:
-            same = all(getattr(chunk, name) == record[name] for name in _FIGURES)
+            same = all(getattr(chunk, name) == record[name] for name in Figures.NAMES)
             if same and (chunk.batch_id, chunk.retry_chunk) == (batch_id, retry_id):
                 return
             raise self._corrupt(seq, f"chunk {chunk.chunk} committed again with other figures")
@@ -416,7 +403,7 @@ class ManifestState:
                 raise self._corrupt(seq, f"retry_chunk {retry_id} is not a child of {chunk.chunk}")
             new_retry = self._new_chunk(seq, retry)
         pipeline = self._pipeline(chunk.pipeline)
-        for name in _FIGURES:
+        for name in Figures.NAMES:
             setattr(chunk, name, record[name])
             setattr(pipeline, name, getattr(pipeline, name) + record[name])
         unpriced = record.get("unpriced")  # optional: absent in records before it existed

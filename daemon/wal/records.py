@@ -3,9 +3,11 @@ The manifest's records as types: one frozen dataclass per record kind.
 
 Writers build a record and hand it to :meth:`Manifest.append`; its
 :meth:`~Record.to_fields` gives the JSON fields under the names the log has
-always used, so files written by earlier releases replay unchanged and the
-validation table (:data:`RECORD_FIELDS` in ``manifest_records``) still checks
-every line. :func:`record_from` reads a stored record back into its type.
+always used, so files written by earlier releases replay unchanged.
+:func:`record_from` reads a stored record back into its type. The table replay
+checks every line against (:data:`RECORD_FIELDS`: each kind's required fields
+and their JSON types) is derived from these classes, so a kind's fields are
+declared once; a field with a default may be absent (it came after release 0.1).
 
 The outcome figures of a collect (:class:`Figures`) are one type shared by the
 ``results_committed`` record, the collect summary and the replayed totals; a
@@ -16,18 +18,21 @@ schema is the seal's own.
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-from batchd.daemon.wal.manifest_records import validate_fields
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 __all__ = (
+    "RECORD_FIELDS",
+    "RECORD_TYPES",
+    "SEALED_FIELDS",
     "AlarmRaised",
     "BatchDisowned",
     "ChunkRetired",
     "ChunkSealed",
     "Ended",
+    "FigureTotals",
     "Figures",
     "LedgerBound",
     "PauseKind",
@@ -39,6 +44,7 @@ __all__ = (
     "SubmitIntent",
     "Submitted",
     "record_from",
+    "validate_fields",
 )
 
 
@@ -80,9 +86,7 @@ class PauseKind(enum.StrEnum):
 class Figures:
     """What a collect produced: row outcomes, cost and tokens (summed per pipeline)."""
 
-    NAMES: ClassVar[tuple[str, ...]] = (
-        "succeeded", "truncated", "dead", "retried", "cost_usd", "input_tokens", "output_tokens",
-    )
+    NAMES: ClassVar[tuple[str, ...]]  # the field names, in order (set below the class)
 
     succeeded: int = 0
     truncated: int = 0
@@ -98,6 +102,32 @@ class Figures:
     @classmethod
     def from_fields(cls, values: Mapping[str, Any]) -> Figures:
         return cls(**{name: values[name] for name in cls.NAMES})
+
+
+Figures.NAMES = tuple(f.name for f in fields(Figures))
+
+
+@dataclass(kw_only=True, slots=True)
+class FigureTotals:
+    """
+    The figures as running totals, from zero: a chunk's, a pipeline's, a collect's.
+
+    The replayed states and the collect summary inherit these fields (keyword-only,
+    so they add to a class without moving its own positional fields);
+    :class:`Figures` is the frozen form a record carries, with the same names.
+    """
+
+    succeeded: int = 0
+    truncated: int = 0
+    dead: int = 0
+    retried: int = 0
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def figures(self) -> Figures:
+        """These totals as the figures a ``results_committed`` record stores."""
+        return Figures(**{name: getattr(self, name) for name in Figures.NAMES})
 
 
 class Record:
@@ -138,6 +168,9 @@ class ChunkSealed(Record):
         return cls(pipeline=pipeline, chunk=chunk, attempt=parent_attempt + 1,
                    requests=requests, bytes=bytes, rejects=0, first_seq=None, last_seq=None,
                    position=None, parent=parent)
+
+
+SEALED_FIELDS = tuple(f.name for f in fields(ChunkSealed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +313,69 @@ RECORD_TYPES: dict[str, type[Record]] = {
                 ChunkRetired, PipelinePaused, PipelineResumed, AlarmRaised, LedgerBound,
                 BatchDisowned)
 }
+
+
+_NONE = type(None)
+
+
+def _json_types(hint: Any) -> tuple[type, ...]:
+    """The JSON types a field of type *hint* may hold in the log."""
+    if hint is float:
+        return (int, float)
+    if hint in (str, int, _NONE):
+        return (hint,)
+    if hint is dict or get_origin(hint) is dict:
+        return (dict,)
+    if get_origin(hint) in (Union, types.UnionType):
+        return tuple(t for arg in get_args(hint) for t in _json_types(arg))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return (str,)
+    if isinstance(hint, type) and is_dataclass(hint):
+        return (dict,)  # a nested record (a retry chunk's seal)
+    raise TypeError(f"no JSON type for a record field of type {hint!r}")
+
+
+def _schema(cls: type, *, inlined: bool = False) -> dict[str, tuple[type, ...]]:
+    """A record class's required fields and their JSON types; nested Figures are inlined."""
+    hints = get_type_hints(cls)
+    schema: dict[str, tuple[type, ...]] = {}
+    for f in fields(cls):
+        if f.default is not MISSING and not inlined:
+            continue  # added after release 0.1: absent from older records
+        if hints[f.name] is Figures:
+            schema.update(_schema(Figures, inlined=True))  # every figure is always written
+        else:
+            schema[f.name] = _json_types(hints[f.name])
+    return schema
+
+
+# Required fields per kind and the JSON types each may hold. ``alarm_kind`` and
+# ``source_seq`` are stored under these names because ``kind`` and ``seq`` are the
+# record envelope. A snapshot (written only by compaction) holds a whole state.
+RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    **{kind: _schema(cls) for kind, cls in RECORD_TYPES.items()},
+    "snapshot": {"state": (dict,)},
+}
+
+
+def validate_fields(kind: str, record: Mapping[str, Any]) -> None:
+    """
+    Check that *record* has every field *kind* needs, each of the right JSON type.
+
+    Raises:
+        ValueError: naming the kind and the field at fault.
+    """
+    schema = RECORD_FIELDS.get(kind)
+    if schema is None:
+        raise ValueError(f"unknown manifest record kind {kind!r}")
+    missing = [name for name in schema if name not in record]
+    if missing:
+        raise ValueError(f"{kind} record is missing {', '.join(missing)}")
+    for name, types_ in schema.items():
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, types_):
+            wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types_)
+            raise ValueError(f"{kind}.{name} must be {wanted}, not {type(value).__name__}")
 
 
 def record_from(kind: str, values: Mapping[str, Any]) -> Record:

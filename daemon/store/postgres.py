@@ -1,0 +1,409 @@
+"""
+PgStore: the state store contract on the cluster tables in PostgreSQL.
+
+Thin on purpose: every method is one function of ``daemon/cluster`` (the table
+in docs/cluster.md, "PgStore"), run on a connection of the store's asyncpg
+pool. What this module adds is the translation to the contract:
+
+* ``append`` dispatches on the record's kind to the lease that fences it:
+  chunk records to ``fencing.apply_transition``, a seal to ``seal_chunk``, a
+  source commit to ``commit_source``, a retirement to ``retire_chunk`` (the
+  spool's blocks are dropped afterwards, outside its transaction), pauses,
+  resumes and alarms to ``record_pipeline_event``;
+* ``FencedOut`` becomes a no-op :class:`Applied` whose ``fenced`` says why:
+  the caller drops the chunk; it is counted on the worker row, not alarmed;
+* ``IllegalTransition`` becomes the ``ValueError`` ``Manifest.append`` raises.
+
+One PgStore is one worker incarnation: ``open`` checks the schema version
+(``batchd cluster init`` creates it; a worker never migrates), registers the
+worker and sends a first heartbeat, which starts the lease deadline; ``aclose``
+deregisters it, handing back what it held. Heartbeats after that are the
+caller's (every TTL/3), as is stopping the drivers of chunks a heartbeat no
+longer lists.
+
+Each worker keeps a local copy of the spools it sends or collects in
+``spool_dir``: ``put_spool`` uploads the file and keeps it there,
+``fetch_spool`` downloads it there, checked against the seal's checksum.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+
+from batchd.daemon.cluster import (
+    create_slot,
+    event_log,
+    fencing,
+    key_ledger,
+    leases,
+    limits,
+    migrations,
+    reads,
+    shards,
+    spool_blocks,
+    workers,
+)
+from batchd.daemon.cluster.deadline import LeaseDeadline
+from batchd.daemon.cluster.defaults import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_TAKEOVER_GRACE,
+    default_margin,
+)
+from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
+from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
+from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS, SHARD_KINDS
+from batchd.daemon.store.contract import (
+    Applied,
+    ChunkLease,
+    Claim,
+    Claimed,
+    CreateSlot,
+    Expected,
+    Heartbeat,
+    Lease,
+    ShardLease,
+    SpoolDigest,
+    StateStore,
+    check_lease,
+    illegal,
+    stages,
+)
+from batchd.daemon.wal.manifest_state import ChunkState, ManifestState, PipelineState, Stage
+from batchd.daemon.wal.records import Record
+
+__all__ = ("PgStore",)
+
+_ANY_STAGE = tuple(Stage)
+
+
+def _applied(result: fencing.Applied) -> Applied:
+    return Applied(result.noop, result.record, result.chunk, result.created)
+
+
+class PgStore:
+    """
+    The contract on one cluster schema, as one worker (see the module docstring).
+
+    Args:
+        dsn: the cluster database.
+        schema: the schema ``batchd cluster init`` created.
+        name: the worker's name; its id is ``<name>/<random>``, new at every open.
+        spool_dir: this machine's copies of the spools it sends or collects.
+        lease_ttl: seconds a heartbeat keeps this worker's leases.
+        takeover_grace: seconds past another worker's TTL before taking its work.
+        lease_margin: seconds before the TTL at which this worker stops acting
+            (default ``cluster.defaults.default_margin``: 5 s, or a sixth of a short TTL).
+        limits: scope -> cap (None: counted, not capped), defined at open.
+        pool_size: connections in the pool.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        spool_dir: Path,
+        schema: str = DEFAULT_SCHEMA,
+        name: str = "batchd",
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        takeover_grace: float = DEFAULT_TAKEOVER_GRACE,
+        lease_margin: float | None = None,
+        limits: Mapping[str, float | None] | None = None,
+        pool_size: int = 4,
+    ) -> None:
+        self.dsn = dsn
+        self.sql = Sql(schema)
+        self.name = name
+        self.spool_dir = Path(spool_dir)
+        self.lease_ttl = lease_ttl
+        self.grace = takeover_grace
+        self._deadline = LeaseDeadline(
+            lease_ttl, default_margin(lease_ttl) if lease_margin is None else lease_margin
+        )
+        self._limits = dict(limits or {})
+        self._pool_size = pool_size
+        self._pool: Any = None
+        self.worker_id = ""
+        # Slots this worker holds, by workspace: the table lets a holder take its own slot
+        # again (a new epoch), so creates of one worker are serialised here.
+        self._slots: dict[str, CreateSlot] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def deadline(self) -> LeaseDeadline:
+        return self._deadline
+
+    async def open(self) -> None:
+        """
+        Check the schema, define the limits, register this worker and heartbeat once.
+
+        Raises:
+            SchemaVersionError: the schema is missing, older or newer than this batchd.
+        """
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=self._pool_size,
+            server_settings={"application_name": f"batchd:{self.name}:store"},
+        )
+        try:
+            async with self._conn() as conn:
+                await migrations.check(conn, self.sql)
+                for scope, cap in sorted(self._limits.items()):
+                    await limits.define(conn, self.sql, scope, cap)
+                self.worker_id = await workers.register(conn, self.sql, self.name,
+                                                        ttl=self.lease_ttl)
+                await workers.heartbeat(conn, self.sql, self.worker_id, deadline=self._deadline)
+            await anyio.to_thread.run_sync(
+                lambda: self.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
+
+    async def aclose(self) -> None:
+        """Deregister (everything held goes back at once) and close the pool."""
+        if self._pool is None:
+            return
+        self._deadline.expire()
+        try:
+            if self.worker_id:
+                async with self._conn() as conn:
+                    await workers.deregister(conn, self.sql, self.worker_id)
+        finally:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> PgStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        if self._pool is None:
+            raise RuntimeError(f"cluster store {self.sql.schema} is not open")
+        async with self._pool.acquire() as conn:
+            yield conn
+
+    # -- records -----------------------------------------------------------------
+
+    async def append(
+        self,
+        record: Record,
+        /,
+        *,
+        lease: Lease | None = None,
+        expected: Expected | None = None,
+        spool: SpoolDigest | None = None,
+    ) -> Applied:
+        kind, fields = record.KIND, record.to_fields()
+        check_lease(kind, fields, lease)
+        try:
+            async with self._conn() as conn:
+                result = await self._dispatch(conn, kind, fields, lease, expected, spool)
+        except FencedOut as exc:
+            return Applied(True, fenced=str(exc))
+        except IllegalTransition as exc:
+            raise illegal(kind, str(exc)) from None
+        if kind == "chunk_retired" and not result.noop:
+            await self._drop_spool(fields["chunk"])
+        return _applied(result)
+
+    async def _dispatch(
+        self, conn: Any, kind: str, fields: dict[str, Any], lease: Lease | None,
+        expected: Expected | None, spool: SpoolDigest | None,
+    ) -> fencing.Applied:
+        sql = self.sql
+        if kind in CHUNK_KINDS:
+            assert isinstance(lease, ChunkLease)  # check_lease
+            return await fencing.apply_transition(
+                conn, sql, lease, stages(expected) or _ANY_STAGE, kind, fields,
+                retry_spool=spool,
+            )
+        if kind in SHARD_KINDS:
+            assert isinstance(lease, ShardLease)  # check_lease
+            if kind == "chunk_sealed":
+                if spool is None:
+                    raise ValueError(f"chunk_sealed of {fields['chunk']} needs its spool "
+                                     f"(put_spool) first")
+                return await fencing.seal_chunk(conn, sql, lease, fields, spool=spool)
+            if kind == "source_committed":
+                return await fencing.commit_source(conn, sql, lease, fields)
+            return await fencing.retire_chunk(conn, sql, lease, fields["chunk"])
+        if kind in PIPELINE_KINDS:
+            return await fencing.record_pipeline_event(conn, sql, kind, fields,
+                                                       worker=self.worker_id)
+        raise ValueError(f"{kind} records have no place in the cluster store yet")
+
+    async def _drop_spool(self, chunk: str) -> None:
+        async with self._conn() as conn:
+            await spool_blocks.delete(conn, self.sql, chunk)
+        self.spool_path(chunk).unlink(missing_ok=True)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def chunk(self, chunk_id: str) -> ChunkState | None:
+        async with self._conn() as conn:
+            return await reads.chunk(conn, self.sql, chunk_id)
+
+    async def chunks(self, pipeline: str, *, owned: bool = False) -> list[ChunkState]:
+        async with self._conn() as conn:
+            return await reads.chunks(conn, self.sql, pipeline,
+                                      owner=self.worker_id if owned else None)
+
+    async def pipeline(self, name: str) -> PipelineState | None:
+        async with self._conn() as conn:
+            return await reads.pipeline(conn, self.sql, name)
+
+    async def batch_owner(self, batch_id: str) -> str | None:
+        async with self._conn() as conn:
+            return await reads.batch_owner(conn, self.sql, batch_id)
+
+    async def snapshot(self) -> ManifestState:
+        """The rows as a ManifestState, read in one snapshot."""
+        async with self._conn() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await event_log.rows_state(conn, self.sql)
+
+    # -- leases ------------------------------------------------------------------
+
+    async def claim_chunks(self, pipeline: str, limit: int) -> list[Claimed]:
+        async with self._conn() as conn:
+            return await leases.claim_chunks(conn, self.sql, self.worker_id, pipeline, limit,
+                                             grace=self.grace)
+
+    async def release(self, lease: ChunkLease) -> bool:
+        async with self._conn() as conn:
+            return await leases.release(conn, self.sql, lease)
+
+    async def heartbeat(self) -> Heartbeat:
+        """
+        Renew this worker's leases and its deadline.
+
+        Raises:
+            WorkerGone: the worker was stopped or purged; it holds nothing.
+        """
+        async with self._conn() as conn:
+            beat = await workers.heartbeat(conn, self.sql, self.worker_id,
+                                           deadline=self._deadline)
+        for workspace, slot in list(self._slots.items()):
+            if beat.slots.get(workspace) != slot.epoch:
+                del self._slots[workspace]  # taken over: another worker creates now
+        return beat
+
+    async def acquire_shard(
+        self, pipeline: str, shard: str = "0", *, force: bool = False
+    ) -> ShardLease | None:
+        async with self._conn() as conn:
+            return await shards.acquire(conn, self.sql, self.worker_id, pipeline, shard,
+                                        grace=self.grace, force=force)
+
+    # -- creates -----------------------------------------------------------------
+
+    async def acquire_create_slot(self, workspace: str) -> CreateSlot | None:
+        if workspace in self._slots:
+            return None
+        async with self._conn() as conn:
+            slot = await create_slot.take(conn, self.sql, workspace, self.worker_id,
+                                          grace=self.grace)
+        if slot is not None:
+            self._slots[workspace] = slot
+        return slot
+
+    def _freed(self, slot: CreateSlot) -> None:
+        if self._slots.get(slot.workspace) == slot:
+            del self._slots[slot.workspace]
+
+    async def record_intent(
+        self, slot: CreateSlot, lease: ChunkLease, requests: int, *,
+        queue_scope: str | None = None,
+    ) -> Applied | None:
+        try:
+            async with self._conn() as conn:
+                result = await create_slot.record_intent(conn, self.sql, slot, lease, requests,
+                                                         queue_scope=queue_scope)
+        except FencedOut as exc:
+            return Applied(True, fenced=str(exc))
+        except IllegalTransition as exc:
+            raise illegal("submit_intent", str(exc)) from None
+        return None if result is None else _applied(result)
+
+    async def record_submitted(
+        self, slot: CreateSlot, lease: ChunkLease, batch_id: str, created_at: str
+    ) -> Applied:
+        try:
+            async with self._conn() as conn:
+                result = await create_slot.record_submitted(conn, self.sql, slot, lease,
+                                                            batch_id, created_at)
+        except FencedOut as exc:
+            return Applied(True, fenced=str(exc))
+        except IllegalTransition as exc:
+            raise illegal("submitted", str(exc)) from None
+        if not result.noop:
+            self._freed(slot)
+        return _applied(result)
+
+    async def release_create_slot(self, slot: CreateSlot) -> bool:
+        self._freed(slot)
+        async with self._conn() as conn, conn.transaction():
+            await create_slot.clear_pending(conn, self.sql, slot)
+            return await create_slot.release(conn, self.sql, slot)
+
+    # -- limits ------------------------------------------------------------------
+
+    async def reserve(self, scopes: Sequence[str], amount: float, holder: str) -> bool:
+        async with self._conn() as conn:
+            return await limits.reserve(conn, self.sql, scopes, amount, holder)
+
+    async def settle(self, holder: str, spent: Mapping[str, float] | None = None) -> None:
+        async with self._conn() as conn:
+            await limits.settle(conn, self.sql, holder, spent)
+
+    # -- key ledger --------------------------------------------------------------
+
+    async def claim_keys(
+        self, shard: ShardLease, chunk: str,
+        entries: Sequence[tuple[str, dict[str, Any] | None]],
+    ) -> Claim:
+        """
+        Raises:
+            FencedOut: the shard lease was lost; nothing was claimed.
+        """
+        async with self._conn() as conn:
+            return await key_ledger.claim_keys(conn, self.sql, shard, chunk, entries)
+
+    async def release_keys(self, pipeline: str, keys: Sequence[str]) -> int:
+        async with self._conn() as conn:
+            return await key_ledger.release_keys(conn, self.sql, pipeline, keys)
+
+    # -- spool -------------------------------------------------------------------
+
+    def spool_path(self, chunk: str) -> Path:
+        return self.spool_dir / f"{chunk}.jsonl"
+
+    async def put_spool(self, chunk: str, epoch: int, path: Path) -> SpoolDigest:
+        async with self._conn() as conn:
+            digest = await spool_blocks.upload(conn, self.sql, chunk, epoch, path)
+        dest = self.spool_path(chunk)
+        if Path(path) != dest:
+            await anyio.to_thread.run_sync(os.replace, path, dest)
+        return digest
+
+    async def fetch_spool(self, chunk: str) -> SpoolDigest:
+        async with self._conn() as conn:
+            return await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+
+
+if TYPE_CHECKING:  # mypy checks that the class keeps the contract
+    def _keeps_the_contract(store: PgStore) -> StateStore:
+        return store
