@@ -228,3 +228,26 @@ class TestDamagedSpool:
         assert (spool.parent / "tickets-000001.jsonl.damaged").exists()
         assert_paid_once(emulator, expected=custom_ids(keys))
         assert_nothing_lost(ws, keys)
+
+
+class TestSomethingInTheWay:
+    def test_a_file_where_the_spool_dir_belongs_is_exit_2(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]]
+    ) -> None:
+        """`spool` replaced by a file (a bad restore, a stray `>`): one line naming it and
+        exit 2, not exit 1 (a restart loop); moved away, the run finishes, paid once."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:1")
+        spool = ws.state_dir / "spool"
+        kept = ws.root / "spool-kept"
+        spool.rename(kept)
+        spool.write_text("not a directory\n")
+        refused = ws.run()
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert str(spool) in error and "move it away" in error
+        spool.unlink()
+        kept.rename(spool)
+        ws.run_ok()
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
