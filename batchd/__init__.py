@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from batchd.plugins.contract import (
     DeadLetter,
     DeadLetterReader,
+    FoundRow,
     PluginContext,
+    RowFinder,
     Sink,
     SinkFactory,
     Source,
@@ -48,6 +50,7 @@ __all__ = (
     "DeadLetterReader",
     "FatalError",
     "FileSource",
+    "FoundRow",
     "InvalidOutput",
     "Options",
     "PartFiles",
@@ -55,6 +58,7 @@ __all__ = (
     "Record",
     "ResultRow",
     "RetriableError",
+    "RowFinder",
     "Sink",
     "SinkFactory",
     "Source",
@@ -67,6 +71,11 @@ _LAZY = {
     "FileSource": "batchd.connectors._file_source",
     "PartFiles": "batchd.plugins.sinks._partfile",
 }
+
+
+def __dir__() -> list[str]:
+    # The lazy names are public before their first use too (tab completion, dir()).
+    return sorted({*globals(), *_LAZY})
 
 
 def __getattr__(name: str) -> Any:

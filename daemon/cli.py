@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd.daemon.ops import _structlog_plain  # noqa: F401  (first: structlog without rich)
 from batchd.plugins.errors import BatchdError, ConfigError
 from batchd.plugins.manager import get_plugins, load_plugins, pm
 
@@ -490,8 +489,14 @@ def _plugin_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # loads the installed plugins, for their commands
+    except ConfigError as exc:  # a plugin that cannot be imported: one line, not a traceback
+        print(f"batchd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    args = parser.parse_args(argv)  # --help and bad flags exit here, before anything heavy
+    from batchd.daemon.ops import _structlog_plain  # noqa: F401  (before any structlog user)
+
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         try:

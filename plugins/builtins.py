@@ -26,7 +26,7 @@ from typing import Any
 from batchd.plugins.errors import ConfigError
 from batchd.plugins.hookspecs import hookimpl
 
-__all__ = ("BUILTINS", "Builtin", "LazyFactory", "MissingDriver", "resolve")
+__all__ = ("BUILTINS", "Builtin", "LazyFactory", "MissingDriver", "resolve", "stand_in")
 
 #: The optional extra that installs a driver, by the driver's top-level module.
 DRIVER_EXTRAS = {"asyncpg": "postgres", "aiokafka": "kafka"}
@@ -49,8 +49,12 @@ class LazyFactory:
     type_name: str
     module: str
     attr: str
+    #: The distribution that declared it by entry point ("acme-notes 0.2.0"); None: built-in.
+    package: str | None = None
 
     def load(self) -> Any:
+        if self.package is not None:
+            return self._load_declared()
         try:
             module = importlib.import_module(self.module)
         except ModuleNotFoundError as exc:
@@ -60,6 +64,15 @@ class LazyFactory:
                                     DRIVER_EXTRAS[driver]) from None
             raise
         return getattr(module, self.attr)
+
+    def _load_declared(self) -> Any:
+        """A third party's class; one that cannot be imported names its type and package."""
+        try:
+            return getattr(importlib.import_module(self.module), self.attr)
+        except Exception as exc:
+            raise ConfigError(
+                f"the {self.type_name} {self.kind} ({self.module}:{self.attr}, {self.package}) "
+                f"cannot be imported: {type(exc).__name__}: {exc}") from None
 
 
 def resolve(factory: Any) -> Any:
@@ -77,20 +90,29 @@ class Builtin:
 
     def stand_in(self) -> Any:
         """A plugin object with only the hooks the module has, registering lazy factories."""
-        hooks: dict[str, Callable[..., None]] = {}
-        if self.sources:
-            def register_sources(register: Any) -> None:
-                for name, attr in self.sources.items():
-                    register(name, LazyFactory("source", name, self.module, attr))
+        return stand_in(
+            self.module,
+            [LazyFactory("source", name, self.module, attr) for name, attr in self.sources.items()],
+            [LazyFactory("sink", name, self.module, attr) for name, attr in self.sinks.items()],
+        )
 
-            hooks["register_sources"] = hookimpl(register_sources)
-        if self.sinks:
-            def register_sinks(register: Any) -> None:
-                for name, attr in self.sinks.items():
-                    register(name, LazyFactory("sink", name, self.module, attr))
 
-            hooks["register_sinks"] = hookimpl(register_sinks)
-        return SimpleNamespace(__name__=self.module, **hooks)
+def stand_in(name: str, sources: list[LazyFactory], sinks: list[LazyFactory]) -> Any:
+    """A plugin named ``name`` whose hooks register ``sources`` and ``sinks`` (none: no hook)."""
+    hooks: dict[str, Callable[..., None]] = {}
+    if sources:
+        def register_sources(register: Any) -> None:
+            for factory in sources:
+                register(factory.type_name, factory)
+
+        hooks["register_sources"] = hookimpl(register_sources)
+    if sinks:
+        def register_sinks(register: Any) -> None:
+            for factory in sinks:
+                register(factory.type_name, factory)
+
+        hooks["register_sinks"] = hookimpl(register_sinks)
+    return SimpleNamespace(__name__=name, **hooks)
 
 
 BUILTINS: tuple[Builtin, ...] = (

@@ -18,8 +18,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 from batchd.plugins.records import Record, ResultRow
 
 __all__ = (
-    "DeadLetter", "DeadLetterReader", "PluginContext", "Sink", "SinkFactory", "SinkOutput",
-    "Source", "SourceFactory", "SourceSize",
+    "DeadLetter", "DeadLetterReader", "FoundRow", "PluginContext", "RowFinder", "Sink",
+    "SinkFactory", "SinkOutput", "Source", "SourceFactory", "SourceSize",
 )
 
 
@@ -270,6 +270,44 @@ class DeadLetterReader(Protocol):
         opened, possibly beside the daemon writing to the same storage, from a plain
         thread: open read-only, and create, lock or change nothing. Storage that does not
         exist yet holds no dead letters (yield nothing).
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FoundRow:
+    """
+    One stored row for a key, found by :meth:`RowFinder.find_rows`.
+
+    ``where`` tells an operator where to look for it themselves (a file, a table);
+    ``group`` is the group it was written under when the storage keeps it (a part
+    file's name), which ``batchd show`` uses to name the chunk that read a bad row.
+    """
+
+    row: dict[str, Any]
+    where: str
+    group: str | None = None
+
+
+@runtime_checkable
+class RowFinder(Protocol):
+    """
+    The optional capability of a sink that can look a key up in what it stored.
+
+    ``batchd show CONFIG KEY`` and the dashboard's key page use it on every sink of the
+    pipeline and on its dead-letter sink; a sink without it gets a note saying it cannot
+    be searched. The engine never names a concrete sink: any plugin may offer it.
+    """
+
+    def find_rows(self, key: str, *, groups: Sequence[str] | None = None) -> Iterator[FoundRow]:
+        """
+        Every stored row whose ``key`` is ``key``.
+
+        ``groups`` are the groups the key was sent in (its chunk and retry chunks) when
+        the engine knows them: storage laid out by group may look only there; ``None``
+        means any group (dead letters: a retried key's old ones sit in other groups).
+        Called like ``read_dead_letters``: on a sink never opened, beside a running
+        daemon, from a plain thread; read only, and yield nothing for missing storage.
         """
         ...
 

@@ -4,6 +4,12 @@ Loads plugins once: installed entry points (group ``batchd``), then the
 through exactly the hooks a third-party package uses — by stand-ins that name
 their classes without importing them (plugins/builtins.py), so a command or a
 pipeline pays only for the sources and sinks it uses.
+
+A third party gets the same: source and sink types declared by entry point name
+(groups ``batchd.sources`` and ``batchd.sinks``, ``type-name = "module:Class"``)
+register through one stand-in per distribution, and the module is imported only
+when a pipeline uses the type. The ``batchd`` group is for hooks (commands, request
+and answer hooks), which every start imports.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 import pluggy
 
 from batchd.plugins import hookspecs
-from batchd.plugins.builtins import BUILTINS, resolve
+from batchd.plugins.builtins import BUILTINS, LazyFactory, resolve, stand_in
 from batchd.plugins.contract import SinkFactory, SourceFactory
 from batchd.plugins.errors import ConfigError
 
@@ -27,6 +33,10 @@ pm = pluggy.PluginManager("batchd")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+#: Entry-point groups that declare types by name, imported when a pipeline uses them.
+TYPE_GROUPS = {"batchd.sources": "source", "batchd.sinks": "sink"}
+#: The distribution ("name version") of each stand-in registered for declared types.
+_declared_packages: dict[str, str] = {}
 
 
 def load_plugins() -> None:
@@ -34,13 +44,17 @@ def load_plugins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     allow = os.environ.get("BATCHD_LOAD_PLUGINS")
     if allow is None:
-        pm.load_setuptools_entrypoints("batchd")
+        from importlib.metadata import entry_points
+
+        names = [ep.name for ep in entry_points(group="batchd")]
     else:
-        for name in filter(None, (part.strip() for part in allow.split(","))):
-            pm.load_setuptools_entrypoints("batchd", name=name)
+        names = list(filter(None, (part.strip() for part in allow.split(","))))
+    for name in names:
+        _load_entry_point(name)
+    _register_declared(None if allow is None else set(names))
+    _loaded = True
     for builtin in BUILTINS:
         if pm.get_plugin(builtin.module) is None:
             pm.register(builtin.stand_in(), builtin.module)
@@ -48,6 +62,47 @@ def load_plugins() -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise ConfigError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+
+
+def _load_entry_point(name: str) -> None:
+    """
+    One installed plugin; one that cannot be imported is a one-line ConfigError naming
+    the plugin and its distribution (every command would otherwise end in its traceback).
+    """
+    try:
+        pm.load_setuptools_entrypoints("batchd", name=name)
+    except Exception as exc:
+        from importlib.metadata import entry_points
+
+        found = list(entry_points(group="batchd", name=name))
+        dist = found[0].dist if found else None
+        package = f"{dist.name} {dist.version}" if dist is not None else "its distribution"
+        raise ConfigError(
+            f"plugin {name!r} ({package}) cannot be imported: {type(exc).__name__}: {exc}; "
+            f"reinstall or uninstall {dist.name if dist is not None else 'it'}, or leave "
+            "it out of BATCHD_LOAD_PLUGINS") from None
+
+
+def _register_declared(allow: set[str] | None) -> None:
+    """
+    One stand-in per distribution for the types it declares in ``TYPE_GROUPS``, named
+    after the distribution (which ``BATCHD_LOAD_PLUGINS`` then names); nothing imported.
+    """
+    from importlib.metadata import entry_points
+
+    declared: dict[str, dict[str, list[LazyFactory]]] = {}
+    for group, kind in TYPE_GROUPS.items():
+        for ep in entry_points(group=group):
+            dist = ep.dist
+            name = dist.name if dist is not None else ep.module
+            if (allow is not None and name not in allow) or pm.get_plugin(name) is not None:
+                continue
+            package = f"{dist.name} {dist.version}" if dist is not None else name
+            _declared_packages[name] = package
+            factory = LazyFactory(kind, ep.name, ep.module, ep.attr or ep.name, package)
+            declared.setdefault(name, {"source": [], "sink": []})[kind].append(factory)
+    for name, kinds in declared.items():
+        pm.register(stand_in(name, kinds["source"], kinds["sink"]), name)
 
 
 def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
@@ -98,7 +153,8 @@ def get_plugins() -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
-                "package": f"{dist.project_name} {dist.version}" if dist else "batchd (built-in)",
+                "package": f"{dist.project_name} {dist.version}" if dist
+                else _declared_packages.get(name, "batchd (built-in)"),
                 "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
                 "sources": sorted(k for k, (_, p) in sources.items() if p == name),
                 "sinks": sorted(k for k, (_, p) in sinks.items() if p == name),

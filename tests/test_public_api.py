@@ -40,3 +40,15 @@ def test_nothing_imports_the_folders_by_their_top_level_names() -> None:
     bare = re.compile(r"^\s*(from|import)\s+(daemon|connectors|plugins)\b", re.M)
     offenders = [f for f in files if bare.search((repo / f).read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_dir_lists_every_public_name_before_first_use() -> None:
+    """``dir(batchd)`` agrees with ``__all__`` in a fresh process, before ``FileSource``
+    and ``PartFiles`` (imported on first use) were touched."""
+    import subprocess
+    import sys
+
+    code = "import batchd; print(sorted(set(batchd.__all__) - set(dir(batchd))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -5,8 +5,8 @@ real manifest, key ledger, spool files and sinks in a tmp dir.
 
 These reach paths that otherwise only a ``batchd run`` subprocess reaches: a chunk
 from seal to retirement, an expired batch cut into a retry chunk, a 429 at create,
-the poller reading many batches with one list call, a typed billing pause, a
-chunk held because nothing is left to rebuild its spool from.
+the poller reading many batches with one list call, a batch the API forgot, a
+typed billing pause, a chunk held because nothing is left to rebuild its spool from.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from batchd.daemon.wal.chunk_ids import fresh_id, root_of
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import Stage
 from batchd.daemon.wal.records import ChunkSealed
+from tests.fixtures.emulator import sdk_client
 from tests.fixtures.engine import Workspace
 
 
@@ -86,9 +87,12 @@ class Engine:
 
 
 @asynccontextmanager
-async def engine(ws: Workspace, base_url: str, **config: Any) -> AsyncIterator[Engine]:
+async def engine(
+    ws: Workspace, base_url: str, api: dict[str, Any] | None = None, **config: Any
+) -> AsyncIterator[Engine]:
     ws.write_tickets(3)
-    path = ws.write_config(api={"base_url": base_url, "max_retries": 0}, allowed=None, **config)
+    api = {"base_url": base_url, "max_retries": 0, **(api or {})}
+    path = ws.write_config(api=api, allowed=None, **config)
     conf = load_config(path)
     pipeline = conf.pipelines[0]
     (conf.state_dir / "spool").mkdir(parents=True)
@@ -264,9 +268,18 @@ async def test_a_402_at_create_pauses_with_a_typed_kind(
     emulator.set_faults(http402=1.0, http_fault_on="create")
     async with engine(workspace(emulator.base_url), emulator.base_url) as eng:
         chunk = await eng.sealed_chunk(2)
-        with anyio.move_on_after(3) as waited:
-            await eng.driver(chunk).run()  # paused: the driver waits for a resume
-        assert waited.cancelled_caught
+        returned: list[Any] = []
+
+        async def drive() -> None:
+            returned.append(await eng.driver(chunk).run())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drive)
+            with anyio.fail_after(30):
+                await eng.runner.changed.wait()  # fired by the pause
+            await anyio.sleep(0.2)  # the driver is back waiting for a resume, not returning
+            tg.cancel_scope.cancel()
+        assert returned == []
         pipeline = eng.manifest.state.pipelines["tickets"]
         assert pipeline.pause_kind == "billing"
         assert pipeline.paused is not None and pipeline.paused.startswith("billing_error")
@@ -293,3 +306,33 @@ async def test_a_retry_chunk_lost_with_its_parent_spool_is_held(
         kinds = [a.kind for a in eng.manifest.state.alarms]
         assert kinds.count("spool_lost") >= 2
         assert eng.manifest.state.chunks[outcome.retry_chunk].stage is Stage.SEALED
+
+
+@pytest.mark.anyio
+async def test_a_batch_the_api_forgot_ends_as_lost_and_dead_letters_its_rows(
+    tmp_path: Path, emulator: EmulatorThread, workspace: Callable[..., Workspace]
+) -> None:
+    """404 past the not-found window: the poller ends the chunk as lost, once, with an alarm."""
+    async with engine(workspace(emulator.base_url), emulator.base_url,
+                      api={"not_found_window": "0.2s"}) as eng:
+        chunk = await eng.sealed_chunk(3)
+        await eng.driver(chunk).submit(eng.manifest.state.chunks[chunk])
+        batch_id = eng.manifest.state.chunks[chunk].batch_id
+        assert batch_id is not None
+        sdk_client(emulator.base_url).messages.batches.delete(batch_id)
+
+        poller = eng.runner.poller
+        await poller.poll_once([eng.manifest.state.chunks[chunk]])
+        assert eng.manifest.state.chunks[chunk].stage is Stage.SUBMITTED  # within the window
+        await anyio.sleep(0.3)
+        await poller.poll_once([eng.manifest.state.chunks[chunk]])
+        state = eng.manifest.state.chunks[chunk]
+        assert state.stage is Stage.ENDED and state.counts is not None
+        assert state.counts["lost"] == 3
+        assert [a.kind for a in eng.manifest.state.alarms] == ["batch_not_found"]
+
+        outcome = await eng.driver(chunk).run()
+        assert isinstance(outcome, Committed) and outcome.summary is not None
+        assert (outcome.summary.dead, outcome.summary.retried) == (3, 0)
+        dead = eng.workspace.outputs().dead
+        assert {row["error_type"] for row in dead.values()} == {"batch_lost"}

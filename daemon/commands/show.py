@@ -7,8 +7,8 @@ Nothing extra is recorded for it. The story is assembled from:
 * the manifest: that chunk and its retry chunks, their batches and stages;
 * the spool of a chunk still live: the request's ``custom_id``, attempt and the errors
   of earlier attempts;
-* the sinks that can be searched (JSONL part files are named after the chunk; SQLite
-  tables are keyed by ``key``) and every dead letter written for the key, whose
+* the sinks that can be searched (those with the ``find_rows`` capability: the
+  built-in JSONL and SQLite sinks) and every dead letter written for the key, whose
   ``history`` lists each failed attempt with its batch and error.
 
 It reads only, so it works beside a running daemon and on a stopped one's state.
@@ -20,7 +20,7 @@ batch ids of those attempts are still shown, their error types no longer.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,13 @@ from typing import Any
 import orjson
 
 from batchd.daemon.config import Config, PipelineConfig, PluginSpec
+from batchd.daemon.factories import build_sink
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.chunk_ids import attempt_of, root_of
 from batchd.daemon.wal.manifest_state import ManifestState
 from batchd.daemon.wal.state_db import check_ledger
-from batchd.plugins.contract import PluginContext
+from batchd.plugins.contract import FoundRow, RowFinder
+from batchd.plugins.errors import BatchdError
 
 __all__ = ("chunk_family", "key_history")
 
@@ -76,63 +78,16 @@ def _ledger(state_dir: Path, pipeline: str, key: str) -> dict[str, Any] | None:
     return {"chunk": chunk, "position": decoded}
 
 
-def _lines_with(path: Path, key: str) -> Iterator[dict[str, Any]]:
-    """JSON lines of ``path`` whose ``key`` is ``key`` (a byte search skips the rest)."""
-    needle = orjson.dumps(key)
+def _search_sink(config: Config, pipeline: str, spec: PluginSpec, key: str,
+                 groups: list[str] | None) -> list[FoundRow] | None:
+    """The key's rows in one sink; None if the sink cannot be searched (no ``find_rows``)."""
     try:
-        with path.open("rb") as lines:
-            for line in lines:
-                if needle in line:
-                    row = orjson.loads(line)
-                    if isinstance(row, dict) and str(row.get("key")) == key:
-                        yield row
-    except (OSError, orjson.JSONDecodeError):
-        return
-
-
-def _sqlite_rows(path: Path, table: str, key: str) -> list[dict[str, Any]]:
-    if not path.exists() or not table.isidentifier():
-        return []
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            db.row_factory = sqlite3.Row
-            rows = [dict(r) for r in db.execute(f'SELECT * FROM "{table}" WHERE key = ?', (key,))]
-    except sqlite3.Error:
-        return []
-    for row in rows:  # JSON columns of the dead-letter table
-        for name in ("history", "request", "source"):
-            if isinstance(row.get(name), str):
-                try:
-                    row[name] = orjson.loads(row[name])
-                except orjson.JSONDecodeError:
-                    pass
-    return rows
-
-
-def _search_sink(
-    spec: PluginSpec, context: PluginContext, key: str, chunks: list[str], *, dead: bool
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows for ``key`` in one sink and where they were found; None if it cannot be searched."""
-    raw = spec.options.get("path")
-    if spec.type in ("jsonl", "dead_letter") and isinstance(raw, str):
-        directory = context.resolve_path(raw)
-        if dead:  # dead letters are few, and a retried key's old ones sit in other parts
-            parts = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
-        else:
-            parts = [directory / f"{chunk}.jsonl" for chunk in chunks]
-        rows = []
-        for part in parts:
-            for row in _lines_with(part, key):
-                rows.append({**row, "_where": str(part)})
-        return rows, str(directory)
-    if spec.type == "sqlite" and isinstance(raw, str):
-        kind = spec.options.get("kind", "dead_letter" if dead else "results")
-        table = str(spec.options.get("table", "results" if kind == "results" else "dead_letter"))
-        path = context.resolve_path(raw)
-        rows = [{**row, "_where": f"{path} table {table}"}
-                for row in _sqlite_rows(path, table, key)]
-        return rows, f"{path} table {table}"
-    return [], None
+        sink = build_sink(config, pipeline, spec)
+    except BatchdError:
+        return None  # a sink that cannot be built is validate's to report, not show's
+    if not isinstance(sink, RowFinder):
+        return None
+    return list(sink.find_rows(key, groups=groups))
 
 
 def _spool_entries(state_dir: Path, family: list[dict[str, Any]], key: str,
@@ -175,7 +130,6 @@ def key_history(
         def family_of(root: str) -> list[dict[str, Any]]:
             return chunk_family(state, pipeline.name, root)
 
-    context = PluginContext(pipeline.name, config.state_dir, config.path.resolve().parent)
     read = _ledger(config.state_dir, pipeline.name, key)
     family = family_of(root_of(pipeline.name, read["chunk"])) if read else []
     chunk_ids = [c["chunk"] for c in family] or ([read["chunk"]] if read else [])
@@ -219,23 +173,24 @@ def key_history(
 
     finals: list[dict[str, Any]] = []
     for index, spec in enumerate(pipeline.sinks):
-        rows, where = _search_sink(spec, context, key, chunk_ids, dead=False)
-        if where is None:
+        found = _search_sink(config, pipeline.name, spec, key, chunk_ids)
+        if found is None:
             history["notes"].append(f"{spec.type} sink #{index + 1} cannot be searched by "
                                     "batchd; look the key up in it directly")
-        for row in rows:
+        for hit in found or []:
             history["landed"].append({"sink": f"[[pipeline.sink]] #{index + 1}",
-                                      "type": spec.type, "where": row.pop("_where"),
-                                      "row": row})
-            finals.append(row)
-    dead_rows, where = _search_sink(pipeline.dead_letter, context, key, chunk_ids, dead=True)
-    if where is None:
+                                      "type": spec.type, "where": hit.where, "row": hit.row})
+            finals.append(hit.row)
+    # Dead letters are few, and a retried key's old ones sit in other groups: search all.
+    dead_found = _search_sink(config, pipeline.name, pipeline.dead_letter, key, None)
+    if dead_found is None:
         history["notes"].append(f"the {pipeline.dead_letter.type} dead-letter sink cannot be "
                                 "searched by batchd")
-    for row in dead_rows:
+    for hit in dead_found or []:
+        row = hit.row
         history["landed"].append({"sink": "[pipeline.dead_letter]",
                                   "type": pipeline.dead_letter.type,
-                                  "where": row.pop("_where"), "row": row})
+                                  "where": hit.where, "row": row})
         if row.get("error_type") == "duplicate_key":
             history["duplicates"].append({"position": row.get("source"),
                                           "error_type": "duplicate_key",
@@ -252,9 +207,7 @@ def key_history(
         if history["read"] is None and isinstance(row.get("source"), dict):
             # A row the source could not use is never claimed in the ledger; its dead
             # letter still says where it was read.
-            part = Path(str(history["landed"][-1]["where"]))
-            history["read"] = {"chunk": part.stem if part.suffix == ".jsonl" else None,
-                               "position": row["source"]}
+            history["read"] = {"chunk": hit.group, "position": row["source"]}
     for row in finals:
         number = int(row.get("attempt") or 1)
         attempt(number, row.get("batch_id"), str(row.get("status") or "succeeded"))
@@ -273,7 +226,8 @@ def key_history(
         history["outcome"] = str(finals[-1].get("status") or "succeeded")
     elif any(a["outcome"].startswith(("in flight", "waiting")) for a in history["attempts"]):
         history["outcome"] = "in flight"
-    elif dead_rows := [r for r in dead_rows if r.get("error_type") != "duplicate_key"]:
+    elif dead_rows := [hit.row for hit in dead_found or []
+                       if hit.row.get("error_type") != "duplicate_key"]:
         latest = dead_rows[-1]
         history["outcome"] = "dead_letter"
         history["reason"] = f"{latest.get('error_type')}: {latest.get('error_message')}"

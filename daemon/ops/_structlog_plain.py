@@ -8,7 +8,8 @@ does not use (``format_exc_info`` renders exceptions as text before the console
 renderer sees them; with rich, that renderer then warned about it). Hiding
 ``rich`` while structlog is first imported leaves structlog on its plain
 tracebacks; ``rich`` itself imports normally afterwards. The CLI imports this
-module first, before anything that imports structlog.
+module once the arguments are parsed, before the command imports anything that
+uses structlog.
 """
 
 from __future__ import annotations

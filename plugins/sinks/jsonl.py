@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import orjson
 
-from batchd.plugins.contract import DeadLetter, PluginContext, Sink, SinkOutput
+from batchd.plugins.contract import DeadLetter, FoundRow, PluginContext, Sink, SinkOutput
 from batchd.plugins.errors import FatalError
 from batchd.plugins.hookspecs import hookimpl
 from batchd.plugins.options import Options
@@ -109,6 +109,32 @@ class JsonlSink(Sink):
         for part in parts:
             rows = self._read_part(part)
             yield from reversed(list(rows)) if newest_first else rows
+
+    def find_rows(self, key: str, *, groups: Sequence[str] | None = None) -> Iterator[FoundRow]:
+        """
+        The key's rows in the groups' part files (every part file without ``groups``);
+        a byte search for the key skips the lines that cannot hold it.
+        """
+        directory = self._parts.directory
+        if groups is None:
+            parts = sorted(directory.glob("*.jsonl")) if directory.is_dir() else []
+        else:
+            parts = [directory / f"{group}.jsonl" for group in groups]
+        needle = orjson.dumps(key)
+        for part in parts:
+            try:
+                with part.open("rb") as lines:
+                    for line in lines:
+                        if needle not in line:
+                            continue
+                        try:
+                            row = orjson.loads(line)
+                        except orjson.JSONDecodeError:
+                            continue  # a damaged line is not this key's row
+                        if isinstance(row, dict) and str(row.get("key")) == key:
+                            yield FoundRow(row, str(part), part.stem)
+            except OSError:
+                continue  # a part not written (yet), or removed meanwhile
 
     def _read_part(self, part: Path) -> Iterator[DeadLetter]:
         try:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import orjson
 
-from batchd.plugins.contract import DeadLetter, PluginContext, Sink, SinkOutput
+from batchd.plugins.contract import DeadLetter, FoundRow, PluginContext, Sink, SinkOutput
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 from batchd.plugins.hookspecs import hookimpl
 from batchd.plugins.options import Options
@@ -170,6 +170,27 @@ class SqliteSink(Sink):
         except sqlite3.Error as exc:
             raise FatalError(f"{_WHAT}: cannot read table {self._table!r} in {self._path}: "
                              f"{exc}") from None
+
+    def find_rows(self, key: str, *, groups: Sequence[str] | None = None) -> Iterator[FoundRow]:
+        """The table's row for ``key`` (keyed, so ``groups`` does not matter), read-only."""
+        if not self._path.exists():
+            return
+        where = f"{self._path} table {self._table}"
+        try:
+            with closing(sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)) as db:
+                db.row_factory = sqlite3.Row
+                rows = [dict(r) for r in
+                        db.execute(f'SELECT * FROM "{self._table}" WHERE key = ?', (key,))]
+        except sqlite3.Error:
+            return  # no table yet, or a database that is not ours: nothing found
+        for row in rows:
+            for name in ("history", "request", "source"):  # the dead-letter table's JSON
+                if isinstance(row.get(name), str):
+                    try:
+                        row[name] = orjson.loads(row[name])
+                    except orjson.JSONDecodeError:
+                        pass
+            yield FoundRow(row, where)
 
     # -- worker-thread side -------------------------------------------------
 
