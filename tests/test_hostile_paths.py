@@ -138,6 +138,21 @@ class TestCollidingPaths:
         assert refused.returncode == 2 and "keys.sqlite" in one_line(refused)
         nothing_sent(emulator)
 
+    def test_sqlite_sink_on_a_file_that_is_not_sqlite(
+        self, ws: Workspace, emulator: EmulatorThread
+    ) -> None:
+        """A careless `path = "tickets.csv"` for the sqlite sink (the input itself): exit 2
+        naming it, not exit 1 and a restart loop; the file is untouched, nothing sent."""
+        source = ws.root / "tickets.csv"
+        before = source.read_bytes()
+        write(ws, config(ws, sink=[{"type": "sqlite", "path": "tickets.csv"}]))
+        refused = ws.run()
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert str(source) in error and "not a SQLite database" in error
+        assert source.read_bytes() == before
+        nothing_sent(emulator)
+
     def test_jsonl_path_that_is_a_file(self, ws: Workspace, emulator: EmulatorThread) -> None:
         (ws.root / "out").mkdir()
         (ws.root / "out" / "labels").write_text("not a directory\n")
