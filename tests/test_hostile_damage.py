@@ -251,3 +251,24 @@ class TestSomethingInTheWay:
         ws.run_ok()
         assert_paid_once(emulator, expected=custom_ids(keys))
         assert_nothing_lost(ws, keys)
+
+
+class TestGarbledRetryRequest:
+    def test_an_unreadable_retry_request_is_set_aside_not_a_crash_loop(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]]
+    ) -> None:
+        """A `retry-requests/` file garbled or written by hand (`{"keys": 5}`): not a
+        traceback and exit 1 on every start, but one error line naming it, the file set
+        aside as `.bad`, and the run goes on: paid once, nothing lost."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:1")
+        requests = ws.state_dir / "retry-requests"
+        requests.mkdir()
+        (requests / "tickets-1.json").write_bytes(b'{"keys": ["T0000')
+        (requests / "tickets-2.json").write_text('{"keys": 5}')
+        proc = ws.run_ok()
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert proc.stdout.count("retry request cannot be read") == 2
+        assert sorted(p.name for p in requests.iterdir()) == ["tickets-1.bad", "tickets-2.bad"]
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
