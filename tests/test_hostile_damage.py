@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import random
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -271,4 +272,43 @@ class TestGarbledRetryRequest:
         assert proc.stdout.count("retry request cannot be read") == 2
         assert sorted(p.name for p in requests.iterdir()) == ["tickets-1.bad", "tickets-2.bad"]
         assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)
+
+
+class TestLedgerDamagedInside:
+    def test_a_garbled_page_of_the_ledger_is_exit_2_and_repair_finds_it(
+        self, emulator_factory: Callable[..., EmulatorThread],
+        workspace: Callable[..., Workspace],
+    ) -> None:
+        """keys.sqlite whole at its head but with the keys table's page garbled: the first
+        claim that meets it is exit 2 naming the file and `batchd repair` (not exit 1 on
+        every start); repair's full check finds it and rebuilds; the duplicate is caught."""
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        path = ws.write_tickets(200)
+        with path.open("a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow(["T0000003", "A second ticket under an old id: refund me"])
+        ws.write_config(**CHUNKS)
+        ws.crash("after_source_commit:2")
+        ledger = ws.state_dir / "keys.sqlite"
+        with sqlite3.connect(ledger) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'keys'")
+            page, = root.fetchone()
+            size, = db.execute("PRAGMA page_size").fetchone()
+        with ledger.open("r+b") as f:
+            f.seek((page - 1) * size)
+            f.write(random.Random(3).randbytes(size))
+
+        refused = ws.run()
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert str(ledger) in error and "batchd repair" in error, error
+        repaired = ws.run("repair", str(ws.config_path))
+        assert repaired.returncode == 0, describe(repaired)
+        assert "keys.sqlite.replaced-" in repaired.stdout
+        ws.run_ok()
+        assert ws.outputs().dead["T0000003"]["error_type"] == "duplicate_key"
+        keys = csv_keys(path)
+        assert_paid_once(emulator, expected=custom_ids(sorted(set(keys))))
         assert_nothing_lost(ws, keys)

@@ -112,7 +112,7 @@ async def _repair(config: Config) -> list[str]:
     async with await Manifest.open(state_dir) as manifest:
         report: list[str] = [*cut, *_set_aside_damaged_cache(state_dir)]
         path = state_dir / LEDGER_NAME
-        damage = _damage(lambda: check_ledger(path))
+        damage = _damage(lambda: check_ledger(path, deep=True))
         if path.exists() and damage is None:
             current = KeyLedger(path)
             try:
