@@ -312,3 +312,35 @@ class TestLedgerDamagedInside:
         keys = csv_keys(path)
         assert_paid_once(emulator, expected=custom_ids(sorted(set(keys))))
         assert_nothing_lost(ws, keys)
+
+    def test_a_garbled_page_of_the_reconcile_cache_is_exit_2_and_repaired(
+        self, setup: tuple[EmulatorThread, Workspace, list[str]]
+    ) -> None:
+        """reconcile.sqlite whole at its head, its ids table's page garbled, after a restored
+        backup: exit 2 naming it (not exit 1 on every start); repair's full check sets it
+        aside, and the run adopts the later batches: paid once."""
+        emulator, ws, keys = setup
+        ws.crash("after_source_commit:2")
+        backup = copy_state(ws)
+        ws.run_ok()
+        restore_state(ws, backup)
+        cache = ws.state_dir / "reconcile.sqlite"
+        with sqlite3.connect(cache) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page, = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'ids'").fetchone()
+            size, = db.execute("PRAGMA page_size").fetchone()
+        with cache.open("r+b") as f:
+            f.seek((page - 1) * size)
+            f.write(random.Random(4).randbytes(size))
+
+        refused = ws.run()
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert str(cache) in error and "batchd repair" in error, error
+        repaired = ws.run("repair", str(ws.config_path))
+        assert repaired.returncode == 0 and "reconcile.sqlite.replaced-" in repaired.stdout
+        created = emulator.stats()["batches_created"]
+        ws.run_ok()
+        assert emulator.stats()["batches_created"] == created
+        assert_paid_once(emulator, expected=custom_ids(keys))
+        assert_nothing_lost(ws, keys)

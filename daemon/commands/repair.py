@@ -98,7 +98,7 @@ def _damage(check: Callable[[], None]) -> str | None:
 def _set_aside_damaged_cache(state_dir: Path) -> list[str]:
     """A damaged reconcile cache is derived data: keep it aside, the next start refills it."""
     path = state_dir / RECONCILE_NAME
-    damage = _damage(lambda: check_reconcile_cache(path))
+    damage = _damage(lambda: check_reconcile_cache(path, deep=True))
     if damage is None:
         return []
     kept = set_aside(path)

@@ -114,7 +114,7 @@ def check_ledger(path: Path, *, allow_empty: bool = False, deep: bool = False) -
                         "and the source")
 
 
-def check_reconcile_cache(path: Path) -> None:
+def check_reconcile_cache(path: Path, *, deep: bool = False) -> None:
     """:func:`check_state_db` for ``reconcile.sqlite`` (a cache: empty is fine)."""
-    check_state_db(path, "reconcile cache", table="batches", allow_empty=True,
+    check_state_db(path, "reconcile cache", table="batches", allow_empty=True, deep=deep,
                    then="keeps it aside (batchd reads the API's batches into a new one)")
