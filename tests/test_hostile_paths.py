@@ -153,6 +153,24 @@ class TestCollidingPaths:
         assert source.read_bytes() == before
         nothing_sent(emulator)
 
+    @pytest.mark.parametrize("looped", ["state", "out/labels"])
+    def test_a_symlink_loop_is_one_line_not_a_traceback(
+        self, ws: Workspace, emulator: EmulatorThread, looped: str
+    ) -> None:
+        """`ln -s state state` (or the jsonl sink's directory linked to itself): exit 2 with
+        one line naming the path, from `run` and `validate`, not a RuntimeError traceback."""
+        link = ws.root / looped
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(link.name)
+        write(ws, config(ws))
+        for argv in ([], ["validate", str(ws.config_path)]):
+            proc = ws.run(*argv)
+            assert proc.returncode == 2, describe(proc)
+            assert "Traceback" not in proc.stderr, describe(proc)
+            assert str(link) in proc.stdout + proc.stderr and "symlink loop" in (
+                proc.stdout + proc.stderr)
+        nothing_sent(emulator)
+
     def test_jsonl_path_that_is_a_file(self, ws: Workspace, emulator: EmulatorThread) -> None:
         (ws.root / "out").mkdir()
         (ws.root / "out" / "labels").write_text("not a directory\n")
