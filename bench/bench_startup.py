@@ -5,8 +5,8 @@ What a command costs before it does anything: wall time and peak RSS of short co
     .venv/bin/python bench/bench_startup.py --runs 9 --build today=/path/to/other/.venv/bin
 
 Each command runs ``--runs`` times as a fresh process (the first is a warm-up and not
-counted); the median wall time and the median peak RSS (``wait4``'s ``ru_maxrss``, the
-process's own) are printed. ``--build NAME=BIN`` adds another installation (its
+counted); the median wall time, CPU time (user + system) and peak RSS (``wait4``'s ``ru_maxrss``,
+the process's own) are printed. ``--build NAME=BIN`` adds another installation (its
 ``BIN/batchd`` and ``BIN/python``), measured in the same run, interleaved with this one so
 machine load falls on both alike, and printed as a ratio to the first build. Targets
 (issue 13): ``batchd --help`` and ``batchd status`` <= 0.3 s.
@@ -62,6 +62,7 @@ path = "dead-letters"
 @dataclass(frozen=True, slots=True)
 class Sample:
     wall_s: float
+    cpu_s: float  # user + system: steadier than wall time on a busy machine
     peak_rss: int  # bytes
     returncode: int
 
@@ -74,7 +75,8 @@ def measure(command: list[str], env: dict[str, str], cwd: Path) -> Sample:
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    return Sample(wall, usage.ru_maxrss * 1024, process.returncode)
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024,
+                  process.returncode)
 
 
 def commands(bin_dir: Path, config: Path) -> dict[str, list[str]]:
@@ -117,16 +119,18 @@ def main() -> int:
                     if run:
                         samples.setdefault((name, label), []).append(sample)
         first = next(iter(builds))
-        print(f"{'command':<28} {'build':<8} {'median wall':>12} {'peak RSS':>10}"
+        print(f"{'command':<28} {'build':<8} {'median wall':>12} {'CPU':>8} {'peak RSS':>10}"
               + ("   ratio to " + first if len(builds) > 1 else ""))
         for label in plan[first]:
             base = statistics.median(s.wall_s for s in samples[(first, label)])
             for name in builds:
                 runs = samples[(name, label)]
                 wall = statistics.median(s.wall_s for s in runs)
+                cpu = statistics.median(s.cpu_s for s in runs)
                 rss = statistics.median(s.peak_rss for s in runs)
                 ratio = f"   {wall / base:.2f}x" if name != first else ""
-                print(f"{label:<28} {name:<8} {wall:>10.3f} s {rss / 1e6:>7.1f} MB{ratio}")
+                print(f"{label:<28} {name:<8} {wall:>10.3f} s {cpu:>6.3f} s {rss / 1e6:>7.1f} MB"
+                      f"{ratio}")
         print(f"load at the end {os.getloadavg()[0]:.2f}")
     return 0
 

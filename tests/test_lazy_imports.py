@@ -174,3 +174,23 @@ def test_cluster_without_the_postgres_extra(workspace: Callable[..., Workspace],
     assert proc.stderr.strip().splitlines() == [
         "batchd: config error: batchd cluster uses a PostgreSQL store: pip install "
         "'batchd[postgres]'"]
+
+
+def test_the_entry_point_precheck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No distribution declares [batchd]: no scan; one does (or a zip is on the path): scan."""
+    from batchd.plugins.manager import declared_anywhere
+
+    site = tmp_path / "site"
+    info = site / "other-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "entry_points.txt").write_text("[console_scripts]\nother = other:main\n")
+    monkeypatch.setattr(sys, "path", [str(site), str(tmp_path / "missing")])
+    assert not declared_anywhere("batchd")
+    plugin = site / "batchd_upper-0.1.dist-info"
+    plugin.mkdir()
+    (plugin / "entry_points.txt").write_text("[batchd]\nupper = batchd_upper\n")
+    assert declared_anywhere("batchd")
+    zipped = tmp_path / "plugins.zip"
+    zipped.write_bytes(b"PK")
+    monkeypatch.setattr(sys, "path", [str(zipped)])
+    assert declared_anywhere("batchd")
