@@ -444,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--state-dir")
     resume.set_defaults(func=cmd_resume)
 
-    repair = sub.add_parser("repair", help="rebuild a lost key ledger (keys.sqlite) from the "
-                            "manifest, the spool and the source (daemon stopped)")
+    repair = sub.add_parser("repair", help="rebuild a lost or damaged key ledger (keys.sqlite) "
+                            "from the manifest, the spool and the source; cut a manifest "
+                            "damaged mid-file to its last good record (daemon stopped)")
     repair.add_argument("config")
     repair.add_argument("--state-dir")
     repair.set_defaults(func=cmd_repair)

@@ -517,6 +517,12 @@ def load_config(
     state_path = Path(state).expanduser()
     if not state_path.is_absolute():
         state_path = base / state_path
+    try:
+        state_path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: every later resolve() would trace back
+        named = "--state-dir" if state_dir is not None else "state_dir"
+        raise top.error(named, f"{state_path} is a symlink loop (or a chain of links too "
+                        "long to follow); point it at a directory") from None
 
     def pipelines() -> tuple[PipelineConfig, ...]:
         pipelines_data = top.get("pipeline", list, [])

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 import structlog
 from anyio.abc import TaskGroup
 
@@ -32,6 +31,7 @@ from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
 from batchd.daemon.intake.ledger import KeyLedger
 from batchd.daemon.intake.packer import ChunkBuilder, Packer
+from batchd.daemon.intake.retry_request_file import read_retry_keys
 from batchd.daemon.intake.shaper import ModelCheck
 from batchd.daemon.models.budget import Budget
 from batchd.daemon.ops.telemetry import Telemetry
@@ -313,7 +313,12 @@ class PipelineRunner:
         if self.make_source is None or self.packer is None:
             return
         for request in pending_retry_requests(self.spool_dir.parent, self.pipeline.name):
-            keys = set(orjson.loads(request.read_bytes()).get("keys") or ())
+            keys, problem = read_retry_keys(request)
+            if keys is None:
+                self.log.error("a dead-letters retry request cannot be read; set aside as .bad "
+                               "(run `batchd dead-letters retry` again)", request=str(request),
+                               problem=problem)
+                continue
             wanted = len(keys)
             found = await self.packer.replay(self.make_source(), keys)
             self.log.info("dead letters resubmitted", request=request.name, requested=wanted,

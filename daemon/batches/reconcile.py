@@ -41,7 +41,7 @@ from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
-from batchd.daemon.wal.state_db import check_reconcile_cache
+from batchd.daemon.wal.state_db import REPAIR, StateFileDamaged, check_reconcile_cache
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
@@ -92,6 +92,10 @@ class _Cache:
             with self._connect() as db:
                 yield db
         except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):  # not a loop
+                raise StateFileDamaged(f"reconcile cache {self.path} is damaged ({exc}): "
+                                       f"{REPAIR}, which keeps it aside") from None
             raise FatalError(f"reconcile cache {self.path}: {exc} (it is safe to delete it; "
                              "batchd reads the batches again)") from None
 
