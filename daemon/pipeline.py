@@ -22,6 +22,7 @@ from anyio.abc import TaskGroup
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
 from batchd.daemon.batches.driver_deps import DriverDeps
+from batchd.daemon.batches.id_scheme import id_scheme
 from batchd.daemon.batches.outcomes import Committed, Held, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
@@ -291,6 +292,9 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
+        scheme = id_scheme(self.pipeline)  # recorded before the first chunk made under it
+        if self.manifest.state.id_schemes.get(scheme.pipeline) != scheme.fingerprint:
+            await self.manifest.append(scheme)
         await self.manifest.append(ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
@@ -474,6 +478,7 @@ class PipelineRunner:
                 # Batches the state does not know shape the chunks rebuilt for them: read
                 # nothing until they are known (creates wait for it anyway).
                 await self.reconciler.ready.wait()
+                await self._refuse_changed_scheme(until_drained)
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -483,6 +488,20 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
+
+    async def _refuse_changed_scheme(self, until_drained: bool) -> None:
+        """Read nothing under a custom_id scheme that unknown batches may predate."""
+        scheme = id_scheme(self.pipeline)
+        assert self.reconciler is not None
+        changed = self.reconciler.scheme_changed(scheme.pipeline, scheme.fingerprint,
+                                                 scheme.template)
+        if changed is None:
+            return
+        await self.pause(f"unknown_batches: {changed}", alarm_kind="unknown_batches",
+                         kind=PauseKind.UNKNOWN_BATCHES)
+        if until_drained:
+            await self._until_done()  # what was in flight goes on; then exit 3, paused
+        await anyio.sleep_forever()
 
     async def _fail_when_stuck(self) -> None:
         """
