@@ -211,6 +211,10 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, Any]:
             if args.store == "postgres" and i % 20 == 0:
                 sample_backends()
         if args.store == "postgres":
+            for pid in await backend_pids(args, name):
+                if pid not in pids:  # a connection the pool opened later
+                    pids.append(pid)
+                    start_backend[pid] = 0.0
             sample_backends()
             server = sum(backend_cpu[p] - start_backend[p] for p in pids)
         else:
