@@ -171,6 +171,7 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, Any]:
         chunks = args.rows // args.chunk
         spool_total = 0
         beat = time.monotonic()
+        key_walls: list[float] = []  # per chunk: does claiming grow with the ledger?
         for i in range(chunks):
             if time.monotonic() - beat > 5.0:  # the runtime's heartbeat loop (TTL 30 s)
                 with timed("heartbeat"):
@@ -183,8 +184,10 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, Any]:
             path = incoming / f"{chunk}.jsonl"
             path.write_bytes(data)
             entries = [(str(n), {"line": n}) for n in range(first, first + args.chunk)]
+            t = time.perf_counter()
             with timed("claim_keys"):
                 await store.claim_keys(shard, chunk, entries)
+            key_walls.append(time.perf_counter() - t)
             with timed("put_spool"):
                 digest = await store.put_spool(chunk, shard.epoch, path)
             with timed("seal"):
@@ -229,7 +232,9 @@ async def lifecycle(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await store.aclose()
     return {"rows": chunks * args.chunk, "cpu": cpu, "wall": wall, "server_cpu": server,
-            "spool_bytes": spool_total, "steps": steps}
+            "spool_bytes": spool_total, "steps": steps,
+            "key_walls": [statistics.mean(part) / args.chunk for part in
+                          (key_walls[:max(1, chunks // 10)], key_walls[-max(1, chunks // 10):])]}
 
 
 # -- child: one worker of the concurrency run ---------------------------------------------
@@ -371,6 +376,9 @@ def print_lifecycle(kind: str, r: dict[str, Any]) -> None:
           f"{mb(run.peak_rss)} (VmHWM polled {mb(run.polled_hwm)})")
     for step, seconds in r["steps"].items():
         print(f"    {step:<26} {seconds / rows * 1e6:7.1f} us/row wall")
+    first, last = r["key_walls"]
+    print(f"  claim_keys, first tenth of the chunks {first * 1e6:.1f} us/row, last tenth "
+          f"{last * 1e6:.1f} us/row (the ledger's growth)")
 
 
 def run_workers(args: argparse.Namespace, work: Path, count: int) -> dict[str, Any]:
