@@ -33,17 +33,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
-import structlog
 
 from batchd.connectors._file_watch import FileWatch
 from batchd.connectors._lines import LineReader
+from batchd.daemon.ops.lazy_log import LazyLogger
 from batchd.plugins.contract import PluginContext, Source, SourceSize
 from batchd.plugins.errors import FatalError
 from batchd.plugins.records import Record
 
 __all__ = ("FileSource",)
 
-log = structlog.get_logger("batchd.source")
+log = LazyLogger("batchd.source")  # status measures sizes without importing structlog
 
 _SETTLE = 0.5  # seconds a file must keep its size before an unterminated last line is read
 _HASHED = 4096  # bytes hashed at the head of the file and before a resume offset

@@ -109,7 +109,10 @@ def translate_error(exc: BaseException, owner: str, doing: str) -> BatchdError:
     The engine's view of a client failure: retriable (back off and call
     again) or fatal (stop and alarm), with a message naming the connector.
     """
-    message = f"{owner}: {doing} failed: {type(exc).__name__}: {exc}"
+    text = str(exc)
+    # aiokafka's errors already start with their class name ("KafkaConnectionError: ...")
+    named = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+    message = f"{owner}: {doing} failed: {named}"
     if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | OSError | TimeoutError):
         return RetriableError(message)
     if isinstance(exc, KafkaError) and exc.retriable:

@@ -248,6 +248,8 @@ class CsvSource(FileSource):
 
     def _key_is_clean(self, row: list[str]) -> bool:
         """A bad byte elsewhere in the row leaves the key column trustworthy."""
+        if not hasattr(self, "_key_index"):  # the header itself: no key column yet
+            return False
         if len(row) <= self._key_index:
             return False
         key = row[self._key_index]
@@ -255,6 +257,8 @@ class CsvSource(FileSource):
 
     def _key_from_head(self) -> str | None:
         """The key of a record too large to parse, when it sits before the oversized field."""
+        if not hasattr(self, "_key_index"):  # the header itself: no key column yet
+            return None
         text = self._feeder.head.decode(self._codecs[1], "replace")
         try:
             fields = next(csv.reader([text], self._dialect, **self._overrides), [])

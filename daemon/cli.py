@@ -83,8 +83,13 @@ def _print_problems(report: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    import logging
+
     from batchd.daemon.commands.validate import check_config
 
+    # The report names every failure once; a client library's own log line about it
+    # (aiokafka's "Unable connect to ...") would otherwise reach stderr unlabelled.
+    logging.getLogger().addHandler(logging.NullHandler())
     report = check_config(args.config, state_dir=args.state_dir, connect=args.connect)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
@@ -395,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--interval", type=float, default=2.0)
-    status.set_defaults(func=cmd_status)
+    # status reads the manifest and draws a table: structlog (and asyncio under it) only
+    # if something logs (daemon/ops/lazy_log.py).
+    status.set_defaults(func=cmd_status, logs=False)
 
     validate = sub.add_parser(
         "validate", help="check CONFIG as `run` would before reading a row; lists every problem")
@@ -437,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--state-dir")
     resume.set_defaults(func=cmd_resume)
 
-    repair = sub.add_parser("repair", help="rebuild a lost key ledger (keys.sqlite) from the "
-                            "manifest, the spool and the source (daemon stopped)")
+    repair = sub.add_parser("repair", help="rebuild a lost or damaged key ledger (keys.sqlite) "
+                            "from the manifest, the spool and the source; cut a manifest "
+                            "damaged mid-file to its last good record (daemon stopped)")
     repair.add_argument("config")
     repair.add_argument("--state-dir")
     repair.set_defaults(func=cmd_repair)
@@ -495,9 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"batchd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     args = parser.parse_args(argv)  # --help and bad flags exit here, before anything heavy
-    from batchd.daemon.ops import _structlog_plain  # noqa: F401  (before any structlog user)
-
     func: Callable[[argparse.Namespace], Any] = args.func
+    if getattr(args, "logs", True):  # before any structlog user; status logs nothing
+        from batchd.daemon.ops import _structlog_plain  # noqa: F401  (structlog without rich)
     try:
         try:
             return int(func(args) or 0)

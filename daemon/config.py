@@ -36,6 +36,7 @@ from batchd.plugins.errors import ConfigError
 from batchd.plugins.options import Options
 
 __all__ = (
+    "LOG_LEVELS",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_REQUESTS",
     "TIER_QUEUE_LIMITS",
@@ -516,6 +517,12 @@ def load_config(
     state_path = Path(state).expanduser()
     if not state_path.is_absolute():
         state_path = base / state_path
+    try:
+        state_path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: every later resolve() would trace back
+        named = "--state-dir" if state_dir is not None else "state_dir"
+        raise top.error(named, f"{state_path} is a symlink loop (or a chain of links too "
+                        "long to follow); point it at a directory") from None
 
     def pipelines() -> tuple[PipelineConfig, ...]:
         pipelines_data = top.get("pipeline", list, [])
@@ -548,14 +555,18 @@ def load_config(
     return replace(config, metrics_port=metrics[0], metrics_address=metrics[1])
 
 
-def _log_level(top: _Table) -> str:
-    from batchd.daemon.ops._logging import LEVELS
+#: ``log_level``'s values and their logging levels (here, not in ops/_logging.py, so that
+#: reading a config, as ``batchd status`` does, does not import structlog).
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
+
+def _log_level(top: _Table) -> str:
     level: str = top.get("log_level", str, "info")
-    if level.lower() not in LEVELS:
-        hint = difflib.get_close_matches(level.lower(), list(LEVELS), n=1)
+    if level.lower() not in LOG_LEVELS:
+        hint = difflib.get_close_matches(level.lower(), list(LOG_LEVELS), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise top.error("log_level", f"{level!r} is not one of {', '.join(LEVELS)}{suggestion}")
+        raise top.error("log_level",
+                        f"{level!r} is not one of {', '.join(LOG_LEVELS)}{suggestion}")
     return level.lower()
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 import structlog
 from anyio.abc import TaskGroup
 
 from batchd.daemon.batches.api import BatchesApi
 from batchd.daemon.batches.chunk_driver import ChunkDriver
 from batchd.daemon.batches.driver_deps import DriverDeps
+from batchd.daemon.batches.id_scheme import id_scheme
 from batchd.daemon.batches.outcomes import Committed, Held, Lost, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
@@ -32,6 +32,7 @@ from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
 from batchd.daemon.intake.ledger import Claim, KeyLedger
 from batchd.daemon.intake.packer import ChunkBuilder, Packer
+from batchd.daemon.intake.retry_request_file import read_retry_keys
 from batchd.daemon.intake.shaper import ModelCheck
 from batchd.daemon.models.budget import Budget
 from batchd.daemon.ops.telemetry import Telemetry
@@ -388,6 +389,10 @@ class PipelineRunner:
             identity = self.source.identity(position)
             if identity is not None:
                 position = {**position, "identity": identity}
+        if not self.clustered:  # the cluster log keeps no id scheme (no reconciler there)
+            scheme = id_scheme(self.pipeline)  # recorded before the first chunk made under it
+            if self.manifest.state.id_schemes.get(scheme.pipeline) != scheme.fingerprint:
+                await self.store.append(scheme)
         digest = None
         if self.clustered:
             assert self.shard is not None
@@ -425,7 +430,12 @@ class PipelineRunner:
         if self.make_source is None or self.packer is None:
             return
         for request in pending_retry_requests(self.spool_dir.parent, self.pipeline.name):
-            keys = set(orjson.loads(request.read_bytes()).get("keys") or ())
+            keys, problem = read_retry_keys(request)
+            if keys is None:
+                self.log.error("a dead-letters retry request cannot be read; set aside as .bad "
+                               "(run `batchd dead-letters retry` again)", request=str(request),
+                               problem=problem)
+                continue
             wanted = len(keys)
             found = await self.packer.replay(self.make_source(), keys)
             self.log.info("dead letters resubmitted", request=request.name, requested=wanted,
@@ -589,6 +599,7 @@ class PipelineRunner:
                 # Batches the state does not know shape the chunks rebuilt for them: read
                 # nothing until they are known (creates wait for it anyway).
                 await self.reconciler.ready.wait()
+                await self._refuse_changed_scheme(until_drained)
             try:
                 await self.packer.run(until_drained)
             except BudgetExhausted:
@@ -705,6 +716,20 @@ class PipelineRunner:
                 self.log.warning("cluster poll failed; will poll again",
                                  error=f"{type(exc).__name__}: {exc}")
             await anyio.sleep(interval)
+
+    async def _refuse_changed_scheme(self, until_drained: bool) -> None:
+        """Read nothing under a custom_id scheme that unknown batches may predate."""
+        scheme = id_scheme(self.pipeline)
+        assert self.reconciler is not None
+        changed = self.reconciler.scheme_changed(scheme.pipeline, scheme.fingerprint,
+                                                 scheme.template)
+        if changed is None:
+            return
+        await self.pause(f"unknown_batches: {changed}", alarm_kind="unknown_batches",
+                         kind=PauseKind.UNKNOWN_BATCHES)
+        if until_drained:
+            await self._until_done()  # what was in flight goes on; then exit 3, paused
+        await anyio.sleep_forever()
 
     async def _fail_when_stuck(self) -> None:
         """

@@ -67,6 +67,9 @@ class LazyFactory:
 
     def _load_declared(self) -> Any:
         """A third party's class; one that cannot be imported names its type and package."""
+        if not self.attr:
+            raise ConfigError(f"the {self.type_name} {self.kind} ({self.package}): its entry "
+                              f"point names no class; write it as '{self.module}:ClassName'")
         try:
             return getattr(importlib.import_module(self.module), self.attr)
         except Exception as exc:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -24,6 +24,9 @@ from batchd.plugins import hookspecs
 from batchd.plugins.builtins import BUILTINS, LazyFactory, resolve, stand_in
 from batchd.plugins.contract import SinkFactory, SourceFactory
 from batchd.plugins.errors import ConfigError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint, EntryPoints
 
 __all__ = ("DEFAULT_PLUGINS", "get_plugins", "load_plugins", "pm", "sink_factory", "source_factory")
 
@@ -36,8 +39,8 @@ pm.add_hookspecs(hookspecs)
 _loaded = False
 #: Entry-point groups that declare types by name, imported when a pipeline uses them.
 TYPE_GROUPS = {"batchd.sources": "source", "batchd.sinks": "sink"}
-#: The distribution ("name version") of each stand-in registered for declared types.
-_declared_packages: dict[str, str] = {}
+#: Each installed plugin's distribution ("name version"), for ``batchd plugins``.
+_packages: dict[str, str] = {}
 
 
 def load_plugins() -> None:
@@ -46,19 +49,13 @@ def load_plugins() -> None:
     if _loaded:
         return
     allow = os.environ.get("BATCHD_LOAD_PLUGINS")
-    declared = declared_anywhere("batchd", *TYPE_GROUPS)
-    if not declared:
-        names: list[str] = []  # nothing installed declares a plugin: no metadata scan at all
-    elif allow is None:
-        from importlib.metadata import entry_points
-
-        names = [ep.name for ep in entry_points(group="batchd")]
-    else:
-        names = list(filter(None, (part.strip() for part in allow.split(","))))
-    for name in names:
-        _load_entry_point(name)
-    if declared:
-        _register_declared(None if allow is None else set(names))
+    allowed = None if allow is None else {p.strip() for p in allow.split(",") if p.strip()}
+    if declared_anywhere("batchd", *TYPE_GROUPS):  # else no metadata scan at all
+        found = _entry_points()
+        for ep in found.select(group="batchd"):
+            if (allowed is None or ep.name in allowed) and pm.get_plugin(ep.name) is None:
+                _load_entry_point(ep)
+        _register_declared(found, allowed)
     _loaded = True
     for builtin in BUILTINS:
         if pm.get_plugin(builtin.module) is None:
@@ -98,45 +95,66 @@ def declared_anywhere(*groups: str) -> bool:
     return False
 
 
-def _load_entry_point(name: str) -> None:
+def _entry_points() -> EntryPoints:
+    """
+    Every installed entry point, from one scan of the installed distributions (a scan
+    per group or per plugin name costs ~10 ms each at every start); the first of two
+    copies of a distribution on the path wins, as ``importlib.metadata`` has it.
+    """
+    from importlib.metadata import EntryPoints, distributions
+
+    seen: set[str] = set()
+    found: list[EntryPoint] = []
+    for dist in distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        found.extend(dist.entry_points)
+    return EntryPoints(found)
+
+
+def _package(ep: EntryPoint) -> str | None:
+    return f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else None
+
+
+def _load_entry_point(ep: EntryPoint) -> None:
     """
     One installed plugin; one that cannot be imported is a one-line ConfigError naming
     the plugin and its distribution (every command would otherwise end in its traceback).
     """
     try:
-        pm.load_setuptools_entrypoints("batchd", name=name)
+        plugin = ep.load()
     except Exception as exc:
-        from importlib.metadata import entry_points
-
-        found = list(entry_points(group="batchd", name=name))
-        dist = found[0].dist if found else None
-        package = f"{dist.name} {dist.version}" if dist is not None else "its distribution"
+        dist = ep.dist.name if ep.dist is not None else "it"
         raise ConfigError(
-            f"plugin {name!r} ({package}) cannot be imported: {type(exc).__name__}: {exc}; "
-            f"reinstall or uninstall {dist.name if dist is not None else 'it'}, or leave "
-            "it out of BATCHD_LOAD_PLUGINS") from None
+            f"plugin {ep.name!r} ({_package(ep) or 'its distribution'}) cannot be imported: "
+            f"{type(exc).__name__}: {exc}; reinstall or uninstall {dist}, or leave it out "
+            "of BATCHD_LOAD_PLUGINS") from None
+    pm.register(plugin, name=ep.name)
+    _packages[ep.name] = _package(ep) or ep.value
 
 
-def _register_declared(allow: set[str] | None) -> None:
+def _register_declared(found: EntryPoints, allowed: set[str] | None) -> None:
     """
     One stand-in per distribution for the types it declares in ``TYPE_GROUPS``, named
     after the distribution (which ``BATCHD_LOAD_PLUGINS`` then names); nothing imported.
     """
-    from importlib.metadata import entry_points
-
     declared: dict[str, dict[str, list[LazyFactory]]] = {}
+    packages: dict[str, str] = {}
     for group, kind in TYPE_GROUPS.items():
-        for ep in entry_points(group=group):
-            dist = ep.dist
-            name = dist.name if dist is not None else ep.module
-            if (allow is not None and name not in allow) or pm.get_plugin(name) is not None:
+        for ep in found.select(group=group):
+            name = ep.dist.name if ep.dist is not None else ep.module
+            if allowed is not None and name not in allowed:
                 continue
-            package = f"{dist.name} {dist.version}" if dist is not None else name
-            _declared_packages[name] = package
-            factory = LazyFactory(kind, ep.name, ep.module, ep.attr or ep.name, package)
+            packages[name] = _package(ep) or name
+            factory = LazyFactory(kind, ep.name, ep.module, ep.attr or "", packages[name])
             declared.setdefault(name, {"source": [], "sink": []})[kind].append(factory)
     for name, kinds in declared.items():
-        pm.register(stand_in(name, kinds["source"], kinds["sink"]), name)
+        # A distribution may also have a hook module in the group ``batchd`` by this name.
+        plugin = name if pm.get_plugin(name) is None else f"{name} (types)"
+        _packages[plugin] = packages[name]
+        pm.register(stand_in(plugin, kinds["source"], kinds["sink"]), plugin)
 
 
 def _collect(hook: Any) -> dict[str, tuple[Any, str]]:
@@ -180,15 +198,12 @@ def get_plugins() -> list[dict[str, Any]]:
     load_plugins()
     sources = _collect(pm.hook.register_sources)
     sinks = _collect(pm.hook.register_sinks)
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     out = []
     for name, plugin in pm.list_name_plugin():
-        dist = dists.get(id(plugin))
         out.append(
             {
                 "name": name,
-                "package": f"{dist.project_name} {dist.version}" if dist
-                else _declared_packages.get(name, "batchd (built-in)"),
+                "package": _packages.get(name, "batchd (built-in)"),
                 "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
                 "sources": sorted(k for k, (_, p) in sources.items() if p == name),
                 "sinks": sorted(k for k, (_, p) in sinks.items() if p == name),

@@ -104,15 +104,39 @@ def test_allow_list_names_the_distribution(tmp_path: Path) -> None:
     assert "acme-lazy  (acme-lazy 0.1.0)" in run.stdout
 
 
+def _validate_with_the_gone_sink(tmp: Path) -> subprocess.CompletedProcess[str]:
+    """``batchd validate`` of a pipeline writing to the ``acme-gone`` sink; exit 2."""
+    (tmp / "in.txt").write_text("a\n")
+    (tmp / "gone.toml").write_text(_CONFIG.format(
+        source='type = "acme-lines"\npath = "in.txt"').replace(
+        'type = "jsonl"\npath = "out"', 'type = "acme-gone"'))
+    run = _batchd(tmp, "validate", "gone.toml")
+    assert run.returncode == 2, run.stdout + run.stderr
+    return run
+
+
 def test_a_declared_type_that_cannot_be_imported_names_it(tmp_path: Path) -> None:
     """The broken class is one line naming the type, its module and package; exit 2."""
     _install(tmp_path / "site")
-    (tmp_path / "in.txt").write_text("a\n")
-    (tmp_path / "gone.toml").write_text(_CONFIG.format(
-        source='type = "acme-lines"\npath = "in.txt"').replace(
-        'type = "jsonl"\npath = "out"', 'type = "acme-gone"'))
-    run = _batchd(tmp_path, "validate", "gone.toml")
-    assert run.returncode == 2
+    run = _validate_with_the_gone_sink(tmp_path)
     assert ("the acme-gone sink (acme_lazy:Gone, acme-lazy 0.1.0) cannot be imported: "
             "AttributeError: module 'acme_lazy' has no attribute 'Gone'") in run.stdout
     assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_beside_a_hook_module_of_the_same_name_and_without_a_class(tmp_path: Path) -> None:
+    """A distribution with hooks (group ``batchd``, named like it) keeps its declared types
+    too; a declared entry point without ``:Class`` is one line saying how to write it."""
+    site = tmp_path / "site"
+    _install(site)
+    (site / "acme_hooks.py").write_text(
+        "import batchd\n\n@batchd.hookimpl\ndef batchd_parse_result(output):\n    return None\n")
+    points = site / "acme_lazy-0.1.0.dist-info" / "entry_points.txt"
+    points.write_text("[batchd]\nacme-lazy = acme_hooks\n\n" + points.read_text().replace(
+        "acme-gone = acme_lazy:Gone", "acme-gone = acme_lazy"))
+    listed = _batchd(tmp_path, "plugins").stdout
+    assert "acme-lazy  (acme-lazy 0.1.0)\n  hooks:   batchd_parse_result" in listed
+    assert "acme-lazy (types)  (acme-lazy 0.1.0)\n  sources: acme-lines" in listed
+    run = _validate_with_the_gone_sink(tmp_path)
+    assert ("the acme-gone sink (acme-lazy 0.1.0): its entry point names no class; write "
+            "it as 'acme_lazy:ClassName'") in run.stdout

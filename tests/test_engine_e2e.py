@@ -56,7 +56,7 @@ def faulty_run(
 ) -> Iterator[tuple[Workspace, EmulatorThread]]:
     """One drained run of 240 tickets (+2 bad rows) through an emulator with every fault on."""
     root = tmp_path_factory.mktemp("faulty")
-    config = EmulatorConfig(rules=RULES_PATH, latency=1.0, faults=ALL_FAULTS, seed=SEED,
+    config = EmulatorConfig(rules=RULES_PATH, latency=2.5, faults=ALL_FAULTS, seed=SEED,
                             state_dir=root / "emulator")
     with EmulatorThread(config) as emulator:
         ws = Workspace(root / "ws", emulator.base_url)

@@ -217,3 +217,23 @@ class TestDeadLetterKeys:
         assert "NUL" in out.dead["T0000003"]["error_message"]
         assert set(out.results) == {"T0000001", "T0000004"}
         assert_paid_once(emulator)
+
+
+class TestGarbageHeader:
+    @pytest.mark.parametrize("head", [b"\xff\xfe\x00t\x00i\x00c", b"ticket_id,bo\x00dy\n"])
+    def test_a_csv_whose_header_is_garbage_is_one_line(
+        self, emulator_factory: Callable[..., EmulatorThread],
+        workspace: Callable[..., Workspace], head: bytes,
+    ) -> None:
+        """A CSV whose first line is undecodable or holds a NUL (a binary file at the path,
+        a UTF-16 export): exit 2 with one line naming the file's header, not an
+        AttributeError traceback; nothing sent."""
+        emulator = emulator_factory(rules=RULES_PATH)
+        ws = workspace(emulator.base_url)
+        (ws.root / "tickets.csv").write_bytes(head + b"\nT0000001,refund me\n")
+        ws.write_config()
+        proc = ws.run()
+        assert proc.returncode == 2, describe(proc)
+        error = one_line(proc)
+        assert "tickets.csv line 1" in error and "header" in error, error
+        assert emulator.stats()["batches_created"] == 0

@@ -138,6 +138,39 @@ class TestCollidingPaths:
         assert refused.returncode == 2 and "keys.sqlite" in one_line(refused)
         nothing_sent(emulator)
 
+    def test_sqlite_sink_on_a_file_that_is_not_sqlite(
+        self, ws: Workspace, emulator: EmulatorThread
+    ) -> None:
+        """A careless `path = "tickets.csv"` for the sqlite sink (the input itself): exit 2
+        naming it, not exit 1 and a restart loop; the file is untouched, nothing sent."""
+        source = ws.root / "tickets.csv"
+        before = source.read_bytes()
+        write(ws, config(ws, sink=[{"type": "sqlite", "path": "tickets.csv"}]))
+        refused = ws.run()
+        assert refused.returncode == 2, describe(refused)
+        error = one_line(refused)
+        assert str(source) in error and "not a SQLite database" in error
+        assert source.read_bytes() == before
+        nothing_sent(emulator)
+
+    @pytest.mark.parametrize("looped", ["state", "out/labels"])
+    def test_a_symlink_loop_is_one_line_not_a_traceback(
+        self, ws: Workspace, emulator: EmulatorThread, looped: str
+    ) -> None:
+        """`ln -s state state` (or the jsonl sink's directory linked to itself): exit 2 with
+        one line naming the path, from `run` and `validate`, not a RuntimeError traceback."""
+        link = ws.root / looped
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(link.name)
+        write(ws, config(ws))
+        for argv in ([], ["validate", str(ws.config_path)]):
+            proc = ws.run(*argv)
+            assert proc.returncode == 2, describe(proc)
+            assert "Traceback" not in proc.stderr, describe(proc)
+            assert str(link) in proc.stdout + proc.stderr and "symlink loop" in (
+                proc.stdout + proc.stderr)
+        nothing_sent(emulator)
+
     def test_jsonl_path_that_is_a_file(self, ws: Workspace, emulator: EmulatorThread) -> None:
         (ws.root / "out").mkdir()
         (ws.root / "out" / "labels").write_text("not a directory\n")

@@ -560,3 +560,38 @@ class TestReplayProperties:
             if pipeline is not None:
                 assert pipeline.next_chunk_no == model.next_no[name]
         assert state.batch_ids() == model.batches
+
+
+class TestIdScheme:
+    def test_chunks_and_batches_carry_the_scheme_they_were_made_with(self) -> None:
+        """A chunk takes the latest recorded scheme, its retry chunk the parent's; a batch
+        records its chunk's scheme as the pipeline's, kept across a snapshot and a retire."""
+        log = Log()
+        log.add("chunk_sealed", **sealed_fields("c0"))  # before any scheme was recorded
+        assert log.state.chunk_schemes == {}
+        log.add("id_scheme", pipeline="p", fingerprint="old", template="t-{id}")
+        log.lifecycle("c1", Stage.ENDED)
+        log.add("id_scheme", pipeline="p", fingerprint="new", template="u-{id}")
+        retry = sealed_fields("c1-r", attempt=2, first_seq=None, last_seq=None, position=None,
+                              parent="c1")
+        log.add("results_committed", **committed_fields("c1", "msgbatch_c1", retry_chunk=retry))
+        log.add("chunk_sealed", **sealed_fields("c2", first_seq=4, last_seq=6))
+        state = log.state
+        assert state.chunk_schemes == {"c1": "old", "c1-r": "old", "c2": "new"}
+        assert (state.id_schemes, state.batch_schemes) == ({"p": "new"}, {"p": "old"})
+        assert state.scheme_templates == {"old": "t-{id}", "new": "u-{id}"}
+        assert ManifestState.from_snapshot(orjson.loads(orjson.dumps(state.to_snapshot()))) \
+            == state
+        log.add("source_committed", pipeline="p", position=None, source_seq=3)
+        log.add("chunk_retired", chunk="c1")
+        assert "c1" not in log.state.chunk_schemes
+
+    def test_a_snapshot_written_before_schemes_existed_reads_without_them(self) -> None:
+        """Old snapshots have no scheme keys: nothing recorded, as before."""
+        log = Log()
+        log.lifecycle("c1", Stage.SUBMITTED)
+        old = {k: v for k, v in log.state.to_snapshot().items()
+               if k not in ("id_schemes", "batch_schemes", "chunk_schemes", "scheme_templates")}
+        state = ManifestState.from_snapshot(old)
+        assert (state.id_schemes, state.batch_schemes, state.chunk_schemes) == ({}, {}, {})
+        assert state == log.state

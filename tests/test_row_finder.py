@@ -80,7 +80,24 @@ def test_a_plugin_sink_with_find_rows_is_searched(tmp_path: Path) -> None:
     assert history["outcome"] == "succeeded"
     assert history["notes"] == [
         "t13-blind sink #2 cannot be searched by batchd; look the key up in it directly",
-        "the t13-blind dead-letter sink cannot be searched by batchd"]
+        "the t13-blind dead-letter sink cannot be searched by batchd; look the key up in it "
+        "directly"]
+
+
+def test_a_sink_that_cannot_be_built_says_why(tmp_path: Path) -> None:
+    """A sink whose options validate would refuse is noted with the reason, not as a sink
+    that cannot be searched at all."""
+    path = _config(tmp_path)
+    path.write_text(path.read_text().replace('type = "t13-finding"', 'type = "jsonl"'))
+    config = load_config(path, problems=[])
+    load_plugins()
+    pm.register(_Plugin(), name="t13-row-finder")
+    try:
+        history = key_history(config, config.pipelines[0], "K1")
+    finally:
+        pm.unregister(name="t13-row-finder")
+    assert history["notes"][0].startswith("jsonl sink #1 cannot be searched: ")
+    assert "path: is required" in history["notes"][0]
 
 
 def test_builtin_sinks_find_rows_by_key_and_group(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from batchd.daemon.wal.records import (
     ChunkSealed,
     Ended,
     Figures,
+    IdScheme,
     PipelinePaused,
     PipelineResumed,
     ResultsCommitted,
@@ -474,5 +475,7 @@ async def test_records_the_cluster_log_cannot_keep_are_refused(pg: Harness) -> N
     async with pg.opened() as store:
         with pytest.raises(ValueError, match="batch_disowned records have no place"):
             await store.append(BatchDisowned(batch_id="msgbatch_x", reason="not ours"))
+        with pytest.raises(ValueError, match="id_scheme records have no place"):
+            await store.append(IdScheme(pipeline="p", fingerprint="f", template="t-{id}"))
         with pytest.raises(ValueError, match="chunk_sealed of p-000001 needs its spool"):
             await store.append(sealed(), lease=await store.acquire_shard("p"))

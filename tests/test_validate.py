@@ -8,6 +8,7 @@ database for real.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -324,6 +325,27 @@ class TestConnect:
         assert "postgres sink" in out and "no_such_database_batchd" in out
         code, out, _ = _cli(capsys, "validate", str(path))  # without --connect: not checked
         assert code == 0, out
+
+
+def test_an_unreachable_broker_is_one_line(workspace: Path, emulator: EmulatorThread) -> None:
+    """A Kafka sink whose broker refuses: one problem line naming the sink, the client's
+    error class once, and nothing else on stderr (aiokafka logs the refusal itself)."""
+    def kafka_sink(config: dict[str, Any], root: Path) -> None:
+        config["pipeline"][0]["sink"] = [{"type": "kafka", "topic": "out",
+                                          "bootstrap_servers": "127.0.0.1:9"}]
+
+    path = _write(workspace, kafka_sink)
+    env = {**os.environ, "ANTHROPIC_BASE_URL": emulator.base_url, "ANTHROPIC_API_KEY": "k",
+           "BATCHD_LOAD_PLUGINS": ""}
+    run = subprocess.run([sys.executable, "-m", "batchd.daemon.cli", "validate", str(path),
+                          "--connect"], capture_output=True, text=True, env=env, timeout=60,
+                         cwd=workspace)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr == ""
+    errors = [line for line in run.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stdout
+    assert "[[pipeline.sink]] #1 of 'tickets'" in errors[0]
+    assert errors[0].count("KafkaConnectionError") == 1, errors[0]
 
 
 class TestEmulatorFlags:

@@ -31,6 +31,7 @@ from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.batches.error_codes import Action, classify_error
 from batchd.daemon.batches.outcomes import Committed, Held, Lost, Outcome, RateLimited, Retired
 from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
+from batchd.daemon.intake.spool_check import set_aside_damaged, spool_damage
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
 from batchd.daemon.results.collector import CollectSummary
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
@@ -461,17 +462,24 @@ class ChunkDriver:
                 await control.alarm("spool_corrupt", f"chunk {chunk.chunk} is held: {exc}",
                                     chunk=chunk.chunk)
                 raise _Stop(Held(chunk.chunk, str(exc))) from None
+        damage = None
         if path.exists():
             if _given_up(path) and chunk.requests:
                 await self._commit_given_up(chunk)
                 return False
-            return True
+            damage = await anyio.to_thread.run_sync(
+                spool_damage, path, chunk.requests, chunk.bytes)
+            if damage is None:
+                return True
+            path = set_aside_damaged(path)  # then rebuilt as if it were missing
         await control.alarm(
             "spool_lost",
-            f"spool file {path} of chunk {chunk.chunk} is missing; its "
-            f"{chunk.requests + chunk.rejects} rows are read again from the source",
+            f"spool file {deps.spool_path(chunk.chunk)} of chunk {chunk.chunk} is "
+            + (f"damaged ({damage}; kept as {path})" if damage else "missing")
+            + f"; its {chunk.requests + chunk.rejects} rows are read again from the source",
             chunk=chunk.chunk,
         )
+        path = deps.spool_path(chunk.chunk)
         reason = await rebuild_spool(deps, chunk)
         if reason is None:
             self.log.warning("spool rebuilt from the source", spool=str(path))

@@ -17,15 +17,15 @@ flight, rather than never.
 from __future__ import annotations
 
 import anyio
-import structlog
 
 from batchd.daemon.config import TIER_QUEUE_LIMITS, ApiConfig
+from batchd.daemon.ops.lazy_log import LazyLogger
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import Stage
 
 __all__ = ("DEFAULT_TIER", "QueueLimit", "queue_limit_of")
 
-log = structlog.get_logger("batchd.queue")
+log = LazyLogger("batchd.queue")  # status replays without importing structlog
 
 #: The tier assumed when the config names none: the smallest documented one.
 DEFAULT_TIER = "start"

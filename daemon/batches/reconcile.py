@@ -16,7 +16,11 @@ for again. So at start, before anything is created:
    same ids and boundaries) and is adopted, not paid again; a batch sharing only some
    of them cannot be attributed, and the pipeline stops with the ``unknown_batches``
    alarm until the operator decides (``batchd reconcile``). Batches sharing none are
-   another tool's and do not matter.
+   another tool's and do not matter — unless the chunk's custom_ids were made under
+   another id scheme (``id_scheme``: the ``custom_id`` template, the key) than the
+   pipeline's newest recorded batch: then the unknown batches may be this state's
+   under the old ids, sharing none by construction, and the pipeline stops the same
+   way (:class:`SchemeChanged`) rather than paying for the rows again.
 
 While unknown batches are still in progress, creates wait (there is no way to see
 their custom_ids earlier); polling and collecting go on.
@@ -41,11 +45,12 @@ from batchd.daemon.batches.api_errors import ApiError, NotFoundError
 from batchd.daemon.intake.spool import iter_spool
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import ChunkState
-from batchd.daemon.wal.state_db import check_reconcile_cache
+from batchd.daemon.wal.state_db import REPAIR, StateFileDamaged, check_reconcile_cache
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import FatalError
 
-__all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "Unattributable", "unknown_batches")
+__all__ = ("RECONCILE_NAME", "FoundBatch", "Reconciler", "SchemeChanged", "Unattributable",
+           "unknown_batches")
 
 log = structlog.get_logger("batchd.reconcile")
 
@@ -80,6 +85,29 @@ class Unattributable(Exception):
         )
 
 
+class SchemeChanged(Unattributable):
+    """Unknown batches exist and the pipeline's custom_ids are made under a changed scheme."""
+
+    def __init__(self, pipeline: str, batches: list[str], then: str | None, now: str | None,
+                 chunk: ChunkState | None = None) -> None:
+        what = (f"chunk {chunk.chunk} shares no custom_id with them" if chunk is not None
+                else "chunks made now would share no custom_id with them")
+        Exception.__init__(
+            self,
+            f"batches on the API that this state does not know were created after its "
+            f"newest batch ({', '.join(batches[:20])}{' …' if len(batches) > 20 else ''}), "
+            f"and pipeline {pipeline}'s custom_id scheme changed since those batches may "
+            f"have been made (custom_id template {then!r} then, {now!r} now): {what}, yet "
+            f"they may hold its rows under the old ids, so batchd sends nothing. Restore the "
+            f"old `custom_id` (and key) settings and start again (the batches are then "
+            f"adopted), or stop batchd and decide with `batchd reconcile CONFIG --adopt "
+            f"BATCH --chunk CHUNK` or `batchd reconcile CONFIG --ignore BATCH` (not this "
+            f"state's, or paid again knowingly), and start it again",
+        )
+        self.chunk = chunk  # type: ignore[assignment]
+        self.overlaps = {}
+
+
 class _Cache:
     """``reconcile.sqlite``: the unknown batches' custom_ids, derived, safe to delete."""
 
@@ -92,6 +120,10 @@ class _Cache:
             with self._connect() as db:
                 yield db
         except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):  # not a loop
+                raise StateFileDamaged(f"reconcile cache {self.path} is damaged ({exc}): "
+                                       f"{REPAIR}, which keeps it aside") from None
             raise FatalError(f"reconcile cache {self.path}: {exc} (it is safe to delete it; "
                              "batchd reads the batches again)") from None
 
@@ -183,6 +215,11 @@ class Reconciler:
         self.ready = anyio.Event()
         self.unknown: dict[str, FoundBatch] = {}
         self._readable: set[str] = set()
+        # Per pipeline, the id scheme its newest recorded batch was made with (else the
+        # latest it recorded), as the state was at start: a restored backup's view.
+        state = manifest.state
+        self._made_with = {**state.id_schemes, **state.batch_schemes}
+        self._templates = dict(state.scheme_templates)
 
     async def run(self) -> None:
         """Find the unknown batches, then read each once it has ended; set ``ready``."""
@@ -286,6 +323,21 @@ class Reconciler:
         state = self.manifest.state
         return {b for b in self._readable if b in self.unknown and not state.is_known_batch(b)}
 
+    def scheme_changed(self, pipeline: str, scheme: str, template: str | None,
+                       chunk: ChunkState | None = None) -> SchemeChanged | None:
+        """
+        Why custom_ids made under ``scheme`` must not be sent yet: unknown batches wait
+        and the pipeline's newest recorded batch was made under another scheme (they may
+        be ours under the old ids). None when no unknown batch waits, the scheme is the
+        same, or the state recorded none (written before schemes were recorded).
+        """
+        then = self._made_with.get(pipeline)
+        candidates = self._candidates()
+        if then is None or then == scheme or not candidates:
+            return None
+        order = sorted(candidates, key=lambda b: timestamp(self.unknown[b].created_at))
+        return SchemeChanged(pipeline, order, self._templates.get(then), template, chunk)
+
     def active(self) -> bool:
         """Whether an unknown batch still waits for the chunk it belongs to (cheap)."""
         return bool(self.unknown) and bool(self._candidates())
@@ -339,6 +391,13 @@ class Reconciler:
 
         overlaps = await anyio.to_thread.run_sync(compare)
         if not overlaps:
+            state = self.manifest.state
+            scheme = state.chunk_schemes.get(chunk.chunk)
+            if scheme is not None:
+                template = state.scheme_templates.get(scheme)
+                changed = self.scheme_changed(chunk.pipeline, scheme, template, chunk)
+                if changed is not None:
+                    raise changed
             return None
         exact = [self.unknown[b] for b, n in overlaps.items()
                  if n == chunk.requests and self.unknown[b].requests == chunk.requests]

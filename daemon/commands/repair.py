@@ -98,7 +98,7 @@ def _damage(check: Callable[[], None]) -> str | None:
 def _set_aside_damaged_cache(state_dir: Path) -> list[str]:
     """A damaged reconcile cache is derived data: keep it aside, the next start refills it."""
     path = state_dir / RECONCILE_NAME
-    damage = _damage(lambda: check_reconcile_cache(path))
+    damage = _damage(lambda: check_reconcile_cache(path, deep=True))
     if damage is None:
         return []
     kept = set_aside(path)
@@ -112,7 +112,7 @@ async def _repair(config: Config) -> list[str]:
     async with await Manifest.open(state_dir) as manifest:
         report: list[str] = [*cut, *_set_aside_damaged_cache(state_dir)]
         path = state_dir / LEDGER_NAME
-        damage = _damage(lambda: check_ledger(path))
+        damage = _damage(lambda: check_ledger(path, deep=True))
         if path.exists() and damage is None:
             current = KeyLedger(path)
             try:

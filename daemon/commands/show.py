@@ -79,15 +79,15 @@ def _ledger(state_dir: Path, pipeline: str, key: str) -> dict[str, Any] | None:
 
 
 def _search_sink(config: Config, pipeline: str, spec: PluginSpec, key: str,
-                 groups: list[str] | None) -> list[FoundRow] | None:
-    """The key's rows in one sink; None if the sink cannot be searched (no ``find_rows``)."""
+                 groups: list[str] | None) -> list[FoundRow] | str:
+    """The key's rows in one sink, or why it cannot be searched (a note for the operator)."""
     try:
         sink = build_sink(config, pipeline, spec)
-    except BatchdError:
-        return None  # a sink that cannot be built is validate's to report, not show's
-    if not isinstance(sink, RowFinder):
-        return None
-    return list(sink.find_rows(key, groups=groups))
+        if not isinstance(sink, RowFinder):
+            return "cannot be searched by batchd; look the key up in it directly"
+        return list(sink.find_rows(key, groups=groups))
+    except BatchdError as exc:  # a sink validate would refuse, or storage it cannot read
+        return f"cannot be searched: {exc}"
 
 
 def _spool_entries(state_dir: Path, family: list[dict[str, Any]], key: str,
@@ -174,19 +174,19 @@ def key_history(
     finals: list[dict[str, Any]] = []
     for index, spec in enumerate(pipeline.sinks):
         found = _search_sink(config, pipeline.name, spec, key, chunk_ids)
-        if found is None:
-            history["notes"].append(f"{spec.type} sink #{index + 1} cannot be searched by "
-                                    "batchd; look the key up in it directly")
-        for hit in found or []:
+        if isinstance(found, str):
+            history["notes"].append(f"{spec.type} sink #{index + 1} {found}")
+            found = []
+        for hit in found:
             history["landed"].append({"sink": f"[[pipeline.sink]] #{index + 1}",
                                       "type": spec.type, "where": hit.where, "row": hit.row})
             finals.append(hit.row)
     # Dead letters are few, and a retried key's old ones sit in other groups: search all.
     dead_found = _search_sink(config, pipeline.name, pipeline.dead_letter, key, None)
-    if dead_found is None:
-        history["notes"].append(f"the {pipeline.dead_letter.type} dead-letter sink cannot be "
-                                "searched by batchd")
-    for hit in dead_found or []:
+    if isinstance(dead_found, str):
+        history["notes"].append(f"the {pipeline.dead_letter.type} dead-letter sink {dead_found}")
+        dead_found = []
+    for hit in dead_found:
         row = hit.row
         history["landed"].append({"sink": "[pipeline.dead_letter]",
                                   "type": pipeline.dead_letter.type,
@@ -226,7 +226,7 @@ def key_history(
         history["outcome"] = str(finals[-1].get("status") or "succeeded")
     elif any(a["outcome"].startswith(("in flight", "waiting")) for a in history["attempts"]):
         history["outcome"] = "in flight"
-    elif dead_rows := [hit.row for hit in dead_found or []
+    elif dead_rows := [hit.row for hit in dead_found
                        if hit.row.get("error_type") != "duplicate_key"]:
         latest = dead_rows[-1]
         history["outcome"] = "dead_letter"

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from batchd.daemon.wal.state_db import check_ledger
+from batchd.daemon.wal.state_db import REPAIR, StateFileDamaged, check_ledger
 from batchd.plugins.errors import FatalError
 
 __all__ = (
@@ -100,6 +100,13 @@ class KeyLedger:
         try:
             return call()
         except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
+                # Damaged on disk: a restart meets it again; repair rebuilds the ledger.
+                raise StateFileDamaged(
+                    f"key ledger {self.path} is damaged (cannot {action}: {exc}): {REPAIR}, "
+                    "which keeps it aside and rebuilds the ledger from the manifest, the "
+                    "spool and the source") from None
             raise FatalError(f"key ledger {self.path}: cannot {action}: {exc}") from None
 
     @property

@@ -24,11 +24,13 @@ from typing import Any, TextIO, cast
 import orjson
 import structlog
 
+from batchd.daemon.config import LOG_LEVELS
+
 __all__ = ("MASK", "configure_logging", "redact_secrets", "redact_text", "register_secret")
 
 MASK = "***"
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+LEVELS = LOG_LEVELS
 LIBRARY_LEVEL = logging.WARNING
 
 # Secrets shorter than this are not masked literally: masking every "a" in the logs

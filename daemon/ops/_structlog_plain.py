@@ -8,8 +8,8 @@ does not use (``format_exc_info`` renders exceptions as text before the console
 renderer sees them; with rich, that renderer then warned about it). Hiding
 ``rich`` while structlog is first imported leaves structlog on its plain
 tracebacks; ``rich`` itself imports normally afterwards. The CLI imports this
-module once the arguments are parsed, before the command imports anything that
-uses structlog.
+module once the arguments are parsed, before a command that logs (``batchd status``
+does not) imports anything that uses structlog.
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ import sys
 
 __all__ = ()
 
-if "structlog" not in sys.modules and "rich" not in sys.modules:
+if "structlog" not in sys.modules:
+    # Hidden even when rich is already imported (``batchd status`` draws with it before a
+    # rare log line imports structlog through daemon/ops/lazy_log.py).
+    _rich = sys.modules.get("rich")
     sys.modules["rich"] = None  # type: ignore[assignment]
     try:
         import structlog  # noqa: F401
     finally:
-        del sys.modules["rich"]
+        if _rich is None:
+            del sys.modules["rich"]
+        else:
+            sys.modules["rich"] = _rich

@@ -27,7 +27,11 @@ RESERVED_NAMES = (
 
 
 def _resolved(path: Path) -> Path:
-    return path.expanduser().resolve(strict=False)
+    try:
+        return path.expanduser().resolve(strict=False)
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError up to Python 3.12)
+        raise ConfigError(f"output path {path} is a symlink loop (or a chain of links too "
+                          "long to follow); point the sink at a real path") from None
 
 
 def check_outputs(state_dir: Path, sinks: Iterable[tuple[str, Sink]]) -> None:

@@ -41,10 +41,11 @@ Shape, and why (docs/cluster.md "The store contract" has the longer story):
 Left out, because only one side can do it today (each is listed in
 docs/cluster.md "What remains to wire"):
 
-* ``batch_disowned`` and ``ledger_bound`` records: LocalStore appends them as the
-  manifest always did; PgStore refuses them (``ValueError``). The cluster ledger
-  lives in the same database as the log, so it needs no binding; disowning a
-  batch cluster-wide needs a record kind the cluster log does not take yet.
+* ``batch_disowned``, ``ledger_bound`` and ``id_scheme`` records: LocalStore appends
+  them as the manifest always did; PgStore refuses them (``ValueError``). The cluster
+  ledger lives in the same database as the log, so it needs no binding; disowning a
+  batch cluster-wide, and the id scheme reconciling compares (the cluster runtime
+  does not reconcile yet), need record kinds the cluster log does not take yet.
 * The snapshot's ``born_at``, ``newest_batch_at``, ``ledger_id`` and
   ``disowned_batches``: PgStore's snapshot is read from the rows, which do not
   keep them (LocalStore's has them, replayed).

@@ -29,8 +29,8 @@ from typing import Any
 
 import anyio
 import orjson
-import structlog
 
+from batchd.daemon.ops.lazy_log import LazyLogger
 from batchd.daemon.wal.manifest_damage import ManifestDamaged
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState, validate_fields
 from batchd.daemon.wal.records import Record
@@ -46,7 +46,7 @@ __all__ = (
     "replay",
 )
 
-log = structlog.get_logger("batchd.manifest")
+log = LazyLogger("batchd.manifest")  # status replays without importing structlog
 
 DEFAULT_COMPACT_BYTES = 64 * 1024 * 1024
 MANIFEST_NAME = "manifest.jsonl"

@@ -162,6 +162,14 @@ class ManifestState:
     newest_batch_at: float | None = None
     # batch id -> reason, for batches an operator declared not ours (bounded as retired).
     disowned_batches: dict[str, str] = field(default_factory=dict)
+    # pipeline -> the id scheme its chunks are sealed under now (the latest ``id_scheme``),
+    # and -> the scheme of the chunk of its newest recorded batch; live chunk -> the
+    # scheme its custom_ids were made with (a retry chunk's are its parent's; none for a
+    # chunk sealed before schemes were recorded); fingerprint -> template.
+    id_schemes: dict[str, str] = field(default_factory=dict)
+    batch_schemes: dict[str, str] = field(default_factory=dict)
+    chunk_schemes: dict[str, str] = field(default_factory=dict)
+    scheme_templates: dict[str, str | None] = field(default_factory=dict)
     # pipeline -> heap of (covers_seq, chunk) for committed chunks a later source
     # commit will cover, so a source commit pops just those instead of scanning every
     # chunk. Derived (rebuilt from a snapshot) and lazily pruned, hence not compared.
@@ -203,6 +211,10 @@ class ManifestState:
             "born_at": self.born_at,
             "newest_batch_at": self.newest_batch_at,
             "disowned_batches": [[b, r] for b, r in self.disowned_batches.items()],
+            "id_schemes": dict(self.id_schemes),
+            "batch_schemes": dict(self.batch_schemes),
+            "chunk_schemes": dict(self.chunk_schemes),
+            "scheme_templates": [[f, t] for f, t in self.scheme_templates.items()],
         }
 
     @classmethod
@@ -228,6 +240,10 @@ class ManifestState:
             state.born_at = snapshot.get("born_at")
             state.newest_batch_at = snapshot.get("newest_batch_at")
             state.disowned_batches = {b: r for b, r in snapshot.get("disowned_batches", [])}
+            state.id_schemes = dict(snapshot.get("id_schemes", {}))
+            state.batch_schemes = dict(snapshot.get("batch_schemes", {}))
+            state.chunk_schemes = dict(snapshot.get("chunk_schemes", {}))
+            state.scheme_templates = {f: t for f, t in snapshot.get("scheme_templates", [])}
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestCorrupt(f"snapshot is malformed: {exc!r}") from None
         return state
@@ -294,6 +310,10 @@ class ManifestState:
         parent = self.chunks.get(sealed["parent"] or "")
         if covers is None and parent is not None:
             covers = parent.covers_seq
+        scheme = (self.chunk_schemes.get(parent.chunk) if parent is not None
+                  else self.id_schemes.get(sealed["pipeline"]))
+        if scheme is not None:
+            self.chunk_schemes[chunk_id] = scheme
         return ChunkState(**{name: sealed[name] for name in SEALED_FIELDS}, covers_seq=covers)
 
     def _seal(self, chunk: ChunkState) -> None:
@@ -355,6 +375,9 @@ class ManifestState:
         created = _created_ts(created_at)
         if created is not None and (self.newest_batch_at is None or created > self.newest_batch_at):
             self.newest_batch_at = created
+        scheme = self.chunk_schemes.get(chunk.chunk)
+        if scheme is not None:
+            self.batch_schemes[chunk.pipeline] = scheme
         pipeline = self._pipeline(chunk.pipeline)
         pipeline.requests_submitted += chunk.requests
         pipeline.batches_submitted += 1
@@ -451,6 +474,7 @@ class ManifestState:
         if _RANK[chunk.stage] < _RANK[Stage.COMMITTED]:
             raise self._corrupt(seq, f"chunk {chunk_id} retired at {chunk.stage}")
         del self.chunks[chunk_id]
+        self.chunk_schemes.pop(chunk_id, None)
         _remember(self.retired_chunks, chunk_id, chunk.pipeline)
         if chunk.batch_id is not None:
             self.live_batches.pop(chunk.batch_id, None)
@@ -465,6 +489,10 @@ class ManifestState:
     def _on_pipeline_resumed(self, seq: int, record: Mapping[str, Any]) -> None:
         pipeline = self._pipeline(record["pipeline"])
         pipeline.paused = pipeline.pause_kind = None
+
+    def _on_id_scheme(self, seq: int, record: Mapping[str, Any]) -> None:
+        self.id_schemes[record["pipeline"]] = record["fingerprint"]
+        self.scheme_templates[record["fingerprint"]] = record["template"]
 
     def _on_ledger_bound(self, seq: int, record: Mapping[str, Any]) -> None:
         self.ledger_id = record["ledger"]

@@ -34,6 +34,7 @@ __all__ = (
     "Ended",
     "FigureTotals",
     "Figures",
+    "IdScheme",
     "LedgerBound",
     "PauseKind",
     "PipelinePaused",
@@ -307,11 +308,28 @@ class BatchDisowned(Record):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class IdScheme(Record):
+    """
+    The scheme a pipeline's custom_ids are made with from here on (appended before the
+    first chunk sealed under a scheme the log has not recorded).
+
+    A restored backup adopts the batches made after it by their custom_ids; rebuilt
+    under another scheme, its chunks share none with them and would pay again. This
+    record lets reconciling tell that case from another tool's batches.
+    """
+
+    KIND: ClassVar[str] = "id_scheme"
+    pipeline: str
+    fingerprint: str
+    template: str | None
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.KIND: cls
     for cls in (ChunkSealed, SubmitIntent, Submitted, Ended, ResultsCommitted, SourceCommitted,
                 ChunkRetired, PipelinePaused, PipelineResumed, AlarmRaised, LedgerBound,
-                BatchDisowned)
+                BatchDisowned, IdScheme)
 }
 
 

@@ -26,7 +26,8 @@ from batchd.daemon.wal.storage_errors import storage_error
 from batchd.plugins.errors import ConfigError
 
 __all__ = (
-    "StateFileDamaged", "check_ledger", "check_reconcile_cache", "check_state_db", "set_aside",
+    "REPAIR", "StateFileDamaged", "check_ledger", "check_reconcile_cache", "check_state_db",
+    "set_aside",
 )
 
 REPAIR = "stop batchd and run `batchd repair CONFIG`"
@@ -40,14 +41,15 @@ class StateFileDamaged(ConfigError):
 
 
 def check_state_db(path: Path, what: str, *, table: str, then: str,
-                   allow_empty: bool = False) -> None:
+                   allow_empty: bool = False, deep: bool = False) -> None:
     """
     Refuse ``path`` unless it is missing or a readable SQLite file holding ``table``.
 
     ``what`` names the file for the operator ("key ledger"); ``then`` says what
     ``batchd repair`` does about it. A zero-length file is damage unless
     ``allow_empty`` (SQLite makes a new database of it: right for a cache, wrong for a
-    ledger whose manifest has history).
+    ledger whose manifest has history). ``deep`` (for ``batchd repair``) also runs
+    SQLite's ``quick_check`` over every page.
 
     Raises:
         StateFileDamaged: not a regular file, empty, not SQLite, or without ``table``.
@@ -72,6 +74,11 @@ def check_state_db(path: Path, what: str, *, table: str, then: str,
         uri = f"file:{quote(str(path))}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             db.execute(f'SELECT 1 FROM "{table}" LIMIT 1').fetchall()
+            if deep:
+                found = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+                if found != ["ok"]:
+                    said = "; ".join(" ".join(str(f).split()) for f in found)
+                    raise _damaged(path, what, f"fails SQLite's check ({said})", then)
     except sqlite3.DatabaseError as exc:
         name = getattr(exc, "sqlite_errorname", "")
         if name in _NOT_DAMAGE:
@@ -100,14 +107,14 @@ def set_aside(path: Path, stamp: str | None = None) -> list[Path]:
     return moved
 
 
-def check_ledger(path: Path, *, allow_empty: bool = False) -> None:
+def check_ledger(path: Path, *, allow_empty: bool = False, deep: bool = False) -> None:
     """:func:`check_state_db` for ``keys.sqlite``."""
-    check_state_db(path, "key ledger", table="meta", allow_empty=allow_empty,
+    check_state_db(path, "key ledger", table="meta", allow_empty=allow_empty, deep=deep,
                    then="keeps it aside and rebuilds the ledger from the manifest, the spool "
                         "and the source")
 
 
-def check_reconcile_cache(path: Path) -> None:
+def check_reconcile_cache(path: Path, *, deep: bool = False) -> None:
     """:func:`check_state_db` for ``reconcile.sqlite`` (a cache: empty is fine)."""
-    check_state_db(path, "reconcile cache", table="batches", allow_empty=True,
+    check_state_db(path, "reconcile cache", table="batches", allow_empty=True, deep=deep,
                    then="keeps it aside (batchd reads the API's batches into a new one)")

@@ -17,7 +17,7 @@ from batchd.plugins.errors import BatchdError, ConfigError, FatalError
 __all__ = ("StorageFull", "storage_error")
 
 _SETUP = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                    errno.ENAMETOOLONG, errno.ELOOP})
+                    errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST})
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -37,6 +37,8 @@ def storage_error(exc: OSError, path: Path | str | None, what: str) -> BatchdErr
             message += " (mount it read-write, or point state_dir elsewhere)"
         elif exc.errno in (errno.EACCES, errno.EPERM):
             message += " (run batchd as the user that owns it)"
+        elif exc.errno == errno.EEXIST:  # a file where batchd makes a directory
+            message += " (something that is not a directory is in its place: move it away)"
         return ConfigError(message)
     if exc.errno in _FULL:
         return StorageFull(message + " (free space there; batchd resumes where it stopped)")

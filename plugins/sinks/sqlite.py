@@ -290,6 +290,9 @@ class SqliteSink(Sink):
 
     def _classify(self, exc: sqlite3.Error, doing: str) -> Exception:
         message = f"{_WHAT} {self._path}: {doing} failed: {exc}"
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_NOTADB":  # the input, say: setup
+            return ConfigError(f"{message} (the path is a file that is not a SQLite database: "
+                               "point the sink at a new or SQLite file)")
         transient = isinstance(exc, sqlite3.OperationalError) and any(
             word in str(exc) for word in ("locked", "busy", "disk I/O", "full")
         )
