@@ -11,7 +11,7 @@ way: drivers get a :class:`DriverDeps` and the runner as their
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ from batchd.daemon.wal.records import (
 from batchd.daemon.wal.records import PipelinePaused as PauseRecord
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
-from batchd.plugins.errors import FatalError, RetriableError
+from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 
 __all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
 
@@ -194,10 +194,20 @@ class PipelineRunner:
     async def _record_ended(self, record: Ended) -> bool:
         if self.clustered and record.chunk not in self.leases:
             return False  # another worker's chunk: its owner's poller records it
-        applied = await self.store.append(record, lease=self.lease_of(record.chunk),
-                                          expected=Stage.SUBMITTED)
-        if applied.written and self.deps.queue_scope is not None:
-            await self.store.settle(record.chunk)  # its queue reservation ends with it
+        try:
+            applied = await self.store.append(record, lease=self.lease_of(record.chunk),
+                                              expected=Stage.SUBMITTED)
+            if applied.written and self.deps.queue_scope is not None:
+                await self.store.settle(record.chunk)  # its queue reservation ends with it
+        except (FatalError, ValueError):
+            raise
+        except Exception as exc:
+            if not self.clustered:
+                raise
+            # The database away: the next poll sees the batch ended again and retries.
+            self.log.warning("recording ended failed; will poll again", chunk=record.chunk,
+                             error=f"{type(exc).__name__}: {exc}")
+            return False
         return applied.fenced is None
 
     async def _shard_append(self, record: Record, spool: SpoolDigest | None = None) -> Applied:
@@ -625,8 +635,8 @@ class PipelineRunner:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._claim_loop)
-            tg.start_soon(self.poller.run)
-            tg.start_soon(self._watch_resume_requests)
+            tg.start_soon(self._keep_running, self.poller.run)
+            tg.start_soon(self._keep_running, self._watch_resume_requests)
             self.recovered.set()  # intents are settled under the create slot, by their owner
             while True:
                 await self._hold_shard()
@@ -642,16 +652,44 @@ class PipelineRunner:
                 except BudgetExhausted:
                     if not until_drained:
                         await anyio.sleep_forever()
+                except (FatalError, ConfigError):
+                    raise
+                except Exception as exc:  # the database link cut, a paused worker's session
+                    self.log.warning("reading the source failed; will wait for its shard "
+                                     "again", error=f"{type(exc).__name__}: {exc}")
+                    self.shard, self.packer = None, None
+                    await anyio.sleep(min(1.0, self.api_config.poll_interval))
+                    continue
                 break
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
 
+    async def _keep_running(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run *loop* again after an error a worker outlives (the database link cut)."""
+        while True:
+            try:
+                await loop()
+                return
+            except (FatalError, ConfigError):
+                raise
+            except Exception as exc:
+                self.log.warning("loop failed; starting it again", loop=loop.__name__,
+                                 error=f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(1.0)
+
     async def _hold_shard(self) -> None:
         """Wait until this worker reads the source (one shard per source)."""
         interval = min(1.0, self.api_config.poll_interval)
         while True:
-            shard = await self.store.acquire_shard(self.pipeline.name)
+            try:
+                shard = await self.store.acquire_shard(self.pipeline.name)
+            except (FatalError, ConfigError):
+                raise
+            except Exception as exc:  # the database away: try again next poll
+                self.log.warning("cannot ask for the source's shard; will try again",
+                                 error=f"{type(exc).__name__}: {exc}")
+                shard = None
             if shard is not None:
                 self.shard = shard
                 self.log.info("reading the source", shard=shard.shard, epoch=shard.epoch,
@@ -695,6 +733,11 @@ class PipelineRunner:
                 claims = []
                 if room > 0 and not self.submissions_blocked:
                     claims = await self.store.claim_chunks(self.pipeline.name, room)
+                elif not self.submissions_blocked:
+                    # Full, but a dead worker's chunk at intent may be the create slot's
+                    # pending one, which every create waits on: take those regardless.
+                    claims = await self.store.claim_chunks(self.pipeline.name, 1,
+                                                           stages=("intent",))
                 if refresh is not None:
                     await refresh()  # drivers read their chunks from the local view
                 if claims:

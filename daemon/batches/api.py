@@ -252,10 +252,21 @@ class BatchesApi:
         except orjson.JSONDecodeError as exc:
             raise ApiError(f"GET {path}: the answer is not JSON ({exc})") from exc
 
-    async def create(self, spool: Path, body_bytes: int) -> MessageBatch:
-        """POST the spool as the create body, streamed, never retried."""
+    async def create(self, spool: Path, body_bytes: int, *,
+                     deadline: Any | None = None) -> MessageBatch:
+        """
+        POST the spool as the create body, streamed, never retried.
+
+        With a lease *deadline* (cluster mode) the body's last bytes are sent only while
+        it holds (``cluster.deadline.gated``): a body cut short creates no batch.
+        """
+        content: AsyncIterator[bytes] = stream_body(spool)
+        if deadline is not None:
+            from batchd.daemon.cluster.deadline import gated
+
+            content = gated(content, deadline)
         request = self.client.build_request(
-            "POST", "v1/messages/batches", content=stream_body(spool),
+            "POST", "v1/messages/batches", content=content,
             headers={"Content-Type": "application/json", "Content-Length": str(body_bytes)},
         )
         response = await self._send(request, retries=0)

@@ -413,7 +413,12 @@ class ChunkDriver:
                 crash_point("after_intent")
                 try:
                     store.deadline.check("create")
-                    batch = await deps.api.create(deps.spool_path(current.chunk), current.bytes)
+                    # Cut at the deadline (the connection dropped): a worker paused past its
+                    # lease mid-create finishes nothing, instead of waiting out the API's
+                    # timeout; before the last bytes that creates no batch.
+                    with anyio.fail_after(max(0.0, store.deadline.remaining())):
+                        batch = await deps.api.create(deps.spool_path(current.chunk),
+                                                      current.bytes, deadline=store.deadline)
                 except Exception as exc:
                     keep_pending = classify_error(exc).action not in (
                         Action.RETRY, Action.PAUSE, Action.REJECTED)

@@ -83,6 +83,15 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
         except Exception as exc:  # the database away: the deadline stops external actions
             log.warning("heartbeat failed; will try again", error=f"{type(exc).__name__}: {exc}")
             continue
+        end_dead_sessions = store.inner.end_dead_sessions  # type: ignore[attr-defined]
+        try:
+            ended = await end_dead_sessions()  # PgStore's, not part of the contract
+        except Exception as exc:  # no right to end them: the row locks wait for the server
+            log.warning("cannot end a silent worker's sessions",
+                        error=f"{type(exc).__name__}: {exc}")
+        else:
+            if ended:
+                log.warning("ended a silent worker's database sessions", sessions=ended)
         for runner in runners():
             held = {chunk: lease.epoch for chunk, lease in runner.leases.items()}
             lost = beat.lost_chunks(held)

@@ -237,8 +237,12 @@ class StateStore(Protocol):
 
     # -- leases ------------------------------------------------------------------
 
-    async def claim_chunks(self, pipeline: str, limit: int) -> list[Claimed]:
-        """Up to *limit* live chunks nobody (live) holds, oldest seal first, now this worker's."""
+    async def claim_chunks(self, pipeline: str, limit: int, *,
+                           stages: Sequence[str] = ()) -> list[Claimed]:
+        """
+        Up to *limit* live chunks nobody (live) holds, oldest seal first, now this worker's;
+        only chunks at *stages* when given.
+        """
         ...
 
     async def release(self, lease: ChunkLease) -> bool:

@@ -341,11 +341,14 @@ class LocalStore:
 
     # -- leases ------------------------------------------------------------------
 
-    async def claim_chunks(self, pipeline: str, limit: int) -> list[Claimed]:
+    async def claim_chunks(self, pipeline: str, limit: int, *,
+                           stages: Sequence[str] = ()) -> list[Claimed]:
         claimed: list[Claimed] = []
         for chunk in self.manifest.state.chunks.values():
             if len(claimed) >= limit:
                 break
+            if stages and str(chunk.stage) not in stages:
+                continue
             if chunk.pipeline == pipeline and chunk.chunk not in self._held:
                 self._held[chunk.chunk] = None
                 claimed.append(Claimed(ChunkLease(chunk.chunk, self.worker_id, 0),

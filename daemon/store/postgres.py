@@ -283,10 +283,11 @@ class PgStore:
 
     # -- leases ------------------------------------------------------------------
 
-    async def claim_chunks(self, pipeline: str, limit: int) -> list[Claimed]:
+    async def claim_chunks(self, pipeline: str, limit: int, *,
+                           stages: Sequence[str] = ()) -> list[Claimed]:
         async with self._conn() as conn:
             return await leases.claim_chunks(conn, self.sql, self.worker_id, pipeline, limit,
-                                             grace=self.grace)
+                                             grace=self.grace, stages=stages)
 
     async def release(self, lease: ChunkLease) -> bool:
         async with self._conn() as conn:
@@ -306,6 +307,27 @@ class PgStore:
             if beat.slots.get(workspace) != slot.epoch:
                 del self._slots[workspace]  # taken over: another worker creates now
         return beat
+
+    async def end_dead_sessions(self) -> int:
+        """
+        End the database sessions of workers silent past their TTL and the grace.
+
+        A worker paused in the middle of a statement's exchange (SIGSTOP between two
+        protocol messages) is neither idle in a transaction nor done: the server waits
+        on it, and its row locks hold every other worker's claim of those rows. Its work
+        is being taken over anyway; ending its sessions frees the rows (and whatever it
+        would still write when it wakes fails, as its leases do).
+        """
+        async with self._conn() as conn:
+            ended = await conn.fetchval(self.sql(
+                "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a"
+                " JOIN {s}.worker w ON a.application_name = left('batchd:' || w.name"
+                " || ':store', 63)"
+                " WHERE w.stopped_at IS NULL AND w.worker_id <> $1"
+                " AND w.heartbeat_at + w.lease_ttl + $2 * interval '1 second' < now()"
+                " AND a.pid <> pg_backend_pid() AND a.datname = current_database()"),
+                self.worker_id, self.grace)
+        return int(ended or 0)
 
     async def acquire_shard(
         self, pipeline: str, shard: str = "0", *, force: bool = False
