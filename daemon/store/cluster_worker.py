@@ -78,6 +78,10 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
     """Renew the leases every ``ttl / 3``; cancel the drivers of chunks taken over."""
     while True:
         await anyio.sleep(ttl / 3)
+        # Only what was held before the heartbeat went out can be missing from its reply:
+        # a chunk sealed or claimed meanwhile is not in it, and is not lost.
+        before = [(runner, {c: lease.epoch for c, lease in runner.leases.items()})
+                  for runner in runners()]
         try:
             beat = await store.heartbeat()
         except Exception as exc:  # the database away: the deadline stops external actions
@@ -92,9 +96,9 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
         else:
             if ended:
                 log.warning("ended a silent worker's database sessions", sessions=ended)
-        for runner in runners():
-            held = {chunk: lease.epoch for chunk, lease in runner.leases.items()}
-            lost = beat.lost_chunks(held)
+        for runner, held in before:
+            lost = {c for c in beat.lost_chunks(held)
+                    if (lease := runner.leases.get(c)) is not None and lease.epoch == held[c]}
             if lost:
                 log.warning("leases lost: another worker took these chunks over",
                             chunks=sorted(lost))
