@@ -31,7 +31,7 @@ from batchd.daemon.commands.dead_letters import pending_retry_requests
 from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
 from batchd.daemon.intake.ledger import Claim, KeyLedger
-from batchd.daemon.intake.packer import ChunkBuilder, Packer
+from batchd.daemon.intake.packer import BatchOwners, ChunkBuilder, ClaimKeys, Packer
 from batchd.daemon.intake.retry_request_file import read_retry_keys
 from batchd.daemon.intake.shaper import ModelCheck
 from batchd.daemon.models.budget import Budget
@@ -555,10 +555,19 @@ class PipelineRunner:
             (state.last_sealed_position, state.last_sealed_seq or 0, state.next_chunk_no)
             if state is not None else (None, 0, 0)
         )
+        await self._start_packer(resume, owners=self.reconciler)
+
+    async def _start_packer(self, resume: tuple[dict[str, Any] | None, int, int], *,
+                            owners: BatchOwners | None = None,
+                            claim_keys: ClaimKeys | None = None) -> None:
+        """
+        The packer and its source, started at ``resume``: locally the reconciler says which
+        keys batches on the API already hold, in a cluster the shared ledger claims them.
+        """
         self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
                              seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested, model_check=self.model_check,
-                             owners=self.reconciler)
+                             between_chunks=self.replay_requested,
+                             model_check=self.model_check, owners=owners, claim_keys=claim_keys)
         try:
             await self.source.start(resume[0])
             self.packer.started = True
@@ -711,17 +720,7 @@ class PipelineRunner:
             except FencedOut as exc:
                 raise ShardLost(str(exc)) from None
 
-        self.packer = Packer(self.pipeline, self.source, self.ledger, self.spool_dir,
-                             seal=self.seal, room=self.room, resume=resume,
-                             between_chunks=self.replay_requested,
-                             model_check=self.model_check, claim_keys=claim_keys)
-        try:
-            await self.source.start(resume[0])
-            self.packer.started = True
-        except RetriableError as exc:
-            self.log.warning("source unavailable at start; will keep trying", error=str(exc))
-        else:
-            self._check_template_fields(self.source.field_names())
+        await self._start_packer(resume, claim_keys=claim_keys)
 
     async def _claim_loop(self) -> None:
         """Each poll: claim what this worker has room for, read the others' progress."""
