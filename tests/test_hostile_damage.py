@@ -22,32 +22,23 @@ from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
 from tests.fixtures.hostile import (
+    CHUNKS,
     assert_nothing_lost,
     assert_paid_once,
     copy_state,
+    custom_ids,
     one_line,
     restore_state,
+    tickets_workspace,
 )
 
 pytestmark = pytest.mark.timeout(240)
-
-ROWS = 300
-CHUNKS: dict[str, object] = {"max_requests": 50, "linger": "60s", "max_in_flight": 2}
-
-
-def custom_ids(keys: list[str]) -> list[str]:
-    return [f"t-{key}" for key in keys]
-
 
 @pytest.fixture
 def setup(
     emulator_factory: Callable[..., EmulatorThread], workspace: Callable[..., Workspace]
 ) -> tuple[EmulatorThread, Workspace, list[str]]:
-    emulator = emulator_factory(rules=RULES_PATH)
-    ws = workspace(emulator.base_url)
-    keys = csv_keys(ws.write_tickets(ROWS))
-    ws.write_config(**CHUNKS)
-    return emulator, ws, keys
+    return tickets_workspace(emulator_factory, workspace)
 
 
 def garble_line(ws: Workspace, index: int, how: Callable[[bytes], bytes]) -> int:

@@ -22,27 +22,21 @@ from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.emulator import sdk_client
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
 from tests.fixtures.hostile import (
+    CHUNKS,
     assert_nothing_lost,
     assert_paid_once,
     copy_state,
+    custom_ids,
     one_line,
     received,
     restore_state,
     start_daemon,
     stop_daemon,
+    tickets_workspace,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(240)
-
-ROWS = 300
-# Chunk boundaries depend only on the input (a long linger), as in the crash drills.
-CHUNKS: dict[str, object] = {"max_requests": 50, "linger": "60s", "max_in_flight": 2}
-
-
-def custom_ids(keys: list[str]) -> list[str]:
-    return [f"t-{key}" for key in keys]
-
 
 def alarms(ws: Workspace) -> list[dict[str, object]]:
     return list(ws.status()["alarms"])
@@ -52,11 +46,7 @@ def alarms(ws: Workspace) -> list[dict[str, object]]:
 def setup(
     emulator_factory: Callable[..., EmulatorThread], workspace: Callable[..., Workspace]
 ) -> tuple[EmulatorThread, Workspace, list[str]]:
-    emulator = emulator_factory(rules=RULES_PATH)
-    ws = workspace(emulator.base_url)
-    keys = csv_keys(ws.write_tickets(ROWS))
-    ws.write_config(**CHUNKS)
-    return emulator, ws, keys
+    return tickets_workspace(emulator_factory, workspace)
 
 
 class TestRestoredState:

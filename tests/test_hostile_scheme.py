@@ -23,6 +23,8 @@ from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.wal.manifest import MANIFEST_NAME
 from tests.fixtures.engine import RULES_PATH, Workspace, csv_keys, describe
 from tests.fixtures.hostile import (
+    CHUNKS,
+    ROWS,
     assert_nothing_lost,
     assert_paid_once,
     copy_state,
@@ -32,8 +34,6 @@ from tests.fixtures.hostile import (
 
 pytestmark = pytest.mark.timeout(240)
 
-ROWS = 300
-CHUNKS: dict[str, object] = {"max_requests": 50, "linger": "60s", "max_in_flight": 2}
 OLD, NEW = "t-{ticket_id}", "u-{ticket_id}"
 
 
