@@ -11,7 +11,7 @@ way: drivers get a :class:`DriverDeps` and the runner as their
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from batchd.daemon.batches.reconcile import Reconciler
 from batchd.daemon.commands.dead_letters import pending_retry_requests
 from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
-from batchd.daemon.intake.ledger import Claim, KeyLedger
+from batchd.daemon.intake.ledger import KeyLedger
 from batchd.daemon.intake.packer import BatchOwners, ChunkBuilder, ClaimKeys, Packer
 from batchd.daemon.intake.retry_request_file import read_retry_keys
 from batchd.daemon.intake.shaper import ModelCheck
@@ -43,7 +43,6 @@ from batchd.daemon.results.sink_failures import ALARM_AFTER
 from batchd.daemon.store.contract import (
     Applied,
     ChunkLease,
-    FencedOut,
     ShardLease,
     SpoolDigest,
     StateStore,
@@ -65,12 +64,12 @@ from batchd.daemon.wal.records import (
 from batchd.daemon.wal.records import PipelinePaused as PauseRecord
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.contract import Sink, Source
-from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.errors import FatalError, RetriableError
 
-__all__ = ("BudgetExhausted", "PipelinePaused", "PipelineRunner")
+__all__ = ("DONE_STAGES", "BudgetExhausted", "PipelinePaused", "PipelineRunner", "ShardLost")
 
 log = structlog.get_logger("batchd.pipeline")
-_DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
+DONE_STAGES = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
 _PRUNE_EVERY = 300.0  # seconds between ledger prunes
 
 
@@ -473,7 +472,7 @@ class PipelineRunner:
         async with self._advance_lock:
             done: list[tuple[ChunkState, list[ChunkState]]] = []
             for root, family in self._families():
-                if not all(c.stage in _DONE for c in family):
+                if not all(c.stage in DONE_STAGES for c in family):
                     break
                 done.append((root, family))
             if not done:
@@ -541,8 +540,6 @@ class PipelineRunner:
         file, a bad query) fails here, while nothing has been written yet.
         A source that is merely unreachable is retried by the packer.
         """
-        if self.clustered:
-            return  # the source opens once this worker holds its shard (prepare_reader)
         name = self.pipeline.name
         state = self.manifest.state.pipelines.get(name)
         if state is not None and state.paused:
@@ -597,16 +594,13 @@ class PipelineRunner:
             await anyio.sleep(0.05)
 
     async def run(self, *, until_drained: bool) -> None:
-        if self.clustered:
-            await self._run_cluster(until_drained=until_drained)
-            return
         if self.packer is None:
             await self.prepare()
         assert self.packer is not None
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for chunk in self.live_chunks():
-                in_flight = chunk.stage not in _DONE
+                in_flight = chunk.stage not in DONE_STAGES
                 self.start_chunk(chunk.chunk, active=in_flight)
             intents = {c.chunk for c in self.live_chunks() if c.stage is Stage.INTENT}
             tg.start_soon(self._watch_recovery, intents)
@@ -628,136 +622,6 @@ class PipelineRunner:
             if until_drained:
                 await self._until_done()
                 tg.cancel_scope.cancel()
-
-    # -- cluster mode ----------------------------------------------------------------
-
-    async def _run_cluster(self, *, until_drained: bool) -> None:
-        """
-        Cluster mode: drive what this worker claims; read the source while holding its shard.
-
-        Every worker claims live chunks (sealed by anyone, or left by a dead worker after
-        its TTL and grace) up to ``max_in_flight`` each poll. One worker at a time holds
-        the source's shard: it reads, seals, commits the source and retires chunks. With
-        ``--until-drained`` a worker ends once it has held the shard with nothing left to
-        read and the cluster has no live chunk of the pipeline, so every worker ends.
-        """
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._claim_loop)
-            tg.start_soon(self._keep_running, self.poller.run)
-            tg.start_soon(self._keep_running, self._watch_resume_requests)
-            self.recovered.set()  # intents are settled under the create slot, by their owner
-            while True:
-                await self._hold_shard()
-                await self.prepare_reader()
-                assert self.packer is not None
-                try:
-                    await self.packer.run(until_drained)
-                except ShardLost as exc:
-                    self.log.warning("source shard lost: another worker reads it now",
-                                     why=str(exc))
-                    self.shard, self.packer = None, None
-                    continue
-                except BudgetExhausted:
-                    if not until_drained:
-                        await anyio.sleep_forever()
-                except (FatalError, ConfigError):
-                    raise
-                except Exception as exc:  # the database link cut, a paused worker's session
-                    self.log.warning("reading the source failed; will wait for its shard "
-                                     "again", error=f"{type(exc).__name__}: {exc}")
-                    self.shard, self.packer = None, None
-                    await anyio.sleep(min(1.0, self.api_config.poll_interval))
-                    continue
-                break
-            if until_drained:
-                await self._until_done()
-                tg.cancel_scope.cancel()
-
-    async def _keep_running(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run *loop* again after an error a worker outlives (the database link cut)."""
-        while True:
-            try:
-                await loop()
-                return
-            except (FatalError, ConfigError):
-                raise
-            except Exception as exc:
-                self.log.warning("loop failed; starting it again", loop=loop.__name__,
-                                 error=f"{type(exc).__name__}: {exc}")
-                await anyio.sleep(1.0)
-
-    async def _hold_shard(self) -> None:
-        """Wait until this worker reads the source (one shard per source)."""
-        interval = min(1.0, self.api_config.poll_interval)
-        while True:
-            try:
-                shard = await self.store.acquire_shard(self.pipeline.name)
-            except (FatalError, ConfigError):
-                raise
-            except Exception as exc:  # the database away: try again next poll
-                self.log.warning("cannot ask for the source's shard; will try again",
-                                 error=f"{type(exc).__name__}: {exc}")
-                shard = None
-            if shard is not None:
-                self.shard = shard
-                self.log.info("reading the source", shard=shard.shard, epoch=shard.epoch,
-                              previous_owner=shard.previous_owner)
-                return
-            await anyio.sleep(interval)
-
-    async def prepare_reader(self) -> None:
-        """The packer, resuming after what the cluster sealed (the shard lease says where)."""
-        shard = self.shard
-        assert shard is not None
-        resume = (shard.sealed_position, shard.sealed_seq or 0, shard.next_chunk_no)
-
-        async def claim_keys(chunk: str, entries: Sequence[tuple[str, dict[str, Any] | None]]
-                             ) -> Claim:
-            assert self.shard is not None
-            try:
-                return await self.store.claim_keys(self.shard, chunk, entries)
-            except FencedOut as exc:
-                raise ShardLost(str(exc)) from None
-
-        await self._start_packer(resume, claim_keys=claim_keys)
-
-    async def _claim_loop(self) -> None:
-        """Each poll: claim what this worker has room for, read the others' progress."""
-        interval = min(1.0, self.api_config.poll_interval)
-        refresh = getattr(self.store, "refresh", None)
-        while True:
-            try:
-                room = self.pipeline.batching.max_in_flight - self.active
-                claims = []
-                if room > 0 and not self.submissions_blocked:
-                    claims = await self.store.claim_chunks(self.pipeline.name, room)
-                elif not self.submissions_blocked:
-                    # Full, but a dead worker's chunk at intent may be the create slot's
-                    # pending one, which every create waits on: take those regardless.
-                    claims = await self.store.claim_chunks(self.pipeline.name, 1,
-                                                           stages=("intent",))
-                if refresh is not None:
-                    await refresh()  # drivers read their chunks from the local view
-                if claims:
-                    for claimed in claims:
-                        chunk = claimed.lease.chunk
-                        self.leases[chunk] = claimed.lease
-                        if chunk in self.scopes:
-                            continue
-                        self.log.info("chunk claimed", chunk=chunk, stage=claimed.stage,
-                                      epoch=claimed.lease.epoch,
-                                      previous_owner=claimed.previous_owner)
-                        self.start_chunk(chunk, active=claimed.stage not in _DONE)
-                if self.shard is not None:
-                    await self.advance()
-                self.changed.fire()
-            except FatalError:
-                raise
-            except Exception as exc:  # the database away, a fenced commit: poll again
-                self.log.warning("cluster poll failed; will poll again",
-                                 error=f"{type(exc).__name__}: {exc}")
-            await anyio.sleep(interval)
 
     async def _refuse_changed_scheme(self, until_drained: bool) -> None:
         """Read nothing under a custom_id scheme that unknown batches may predate."""

@@ -124,6 +124,11 @@ class _Daemon:
         # before anything is created, adopted by the chunks they belong to.
         self.reconciler = Reconciler(manifest, api, config.state_dir, config.api.poll_interval)
         spool_dir = config.state_dir / "spool"
+        runner_class = PipelineRunner
+        if cluster is not None:
+            from batchd.daemon.cluster_runner import ClusterRunner
+
+            runner_class = ClusterRunner
         runners = []
         opened: list[tuple[PipelineRunner, list[tuple[Sink, PluginSpec]]]] = []
         drained = self.until_drained
@@ -134,7 +139,7 @@ class _Daemon:
             sinks = [build_sink(config, pipeline.name, spec) for spec in specs]
             if self.metrics is not None:
                 self.metrics.declare_pipeline(pipeline.name, pipeline.budget_usd)
-            runner = PipelineRunner(
+            runner = runner_class(
                 pipeline, manifest=view, api=api, api_config=config.api, ledger=ledger,
                 spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks[:-1],
                 dead_letter=sinks[-1],
