@@ -29,5 +29,6 @@ pytest_plugins = (
     "tests.fixtures.pg_e2e",
     "tests.fixtures.service",
     "tests.fixtures.cluster",
+    "tests.fixtures.cluster_workers",
     "tests.fixtures.tcp_proxy",
 )
