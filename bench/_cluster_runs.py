@@ -267,11 +267,11 @@ def run_once(args: argparse.Namespace, work: Path, csv_path: Path, workers: int,
 
 def _print(run: Run, rows: int) -> None:
     if run.failed:
-        print(f"  {run.label:<13} FAILED: {run.failed}")
+        print(f"  {run.label:<18} FAILED: {run.failed}")
         return
     own = sum(run.cpu) / rows * 1e6
     db = run.backend_cpu / rows * 1e6
-    print(f"  {run.label:<13} wall {run.wall:7.2f} s ({rows / run.wall:8,.0f} rows/s)  "
+    print(f"  {run.label:<18} wall {run.wall:7.2f} s ({rows / run.wall:8,.0f} rows/s)  "
           f"CPU workers {own:5.1f} + PostgreSQL {db:5.1f} = {own + db:5.1f} us/row  "
           f"per worker CPU {', '.join(f'{c:.1f}' for c in run.cpu)} s, peak RSS "
           f"{', '.join(mb(r) for r in run.rss)}  (emulator {run.emulator_cpu:.1f} s, "
@@ -305,7 +305,7 @@ def end_to_end(args: argparse.Namespace) -> int:
     base_wall = statistics.median(r.wall for r in local)
     print(f"== medians over {args.repeat} round(s); CPU per row = workers' rusage + their "
           "PostgreSQL backends")
-    print(f"  {'store':<13} {'CPU us/row':>10} {'vs Local':>9} {'workers':>8} {'backends':>9} "
+    print(f"  {'store':<18} {'CPU us/row':>10} {'vs Local':>9} {'workers':>8} {'backends':>9} "
           f"{'wall s':>8} {'vs Local':>9} {'peak RSS/worker':>16}")
     for label, runs in results.items():
         good = [r for r in runs if not r.failed]
@@ -316,7 +316,7 @@ def end_to_end(args: argparse.Namespace) -> int:
         db = statistics.median(r.backend_cpu for r in good) / rows * 1e6
         wall = statistics.median(r.wall for r in good)
         rss = max(max(r.rss) for r in good)
-        print(f"  {label:<13} {cpu:10.1f} {cpu / base - 1:+9.0%} {own:8.1f} {db:9.1f} "
+        print(f"  {label:<18} {cpu:10.1f} {cpu / base - 1:+9.0%} {own:8.1f} {db:9.1f} "
               f"{wall:8.2f} {wall / base_wall:8.2f}x {mb(rss):>16}")
     print("  (target: PgStore CPU per row <= +15 % over LocalStore)")
     return 0 if ok else 1

@@ -30,13 +30,17 @@ from batchd.daemon.intake.ledger import Claim, position_identity
 
 __all__ = ("claim_keys", "release_keys")
 
-# The common case: every key is new. One statement claims them, and its count says
-# whether any was already in the ledger (a key of this very chunk included).
-_INSERT_NEW = """
+# The common case: every key is new. A plain insert claims them all; it costs the server
+# half of what ON CONFLICT's speculative insertion does (docs/benchmarks.md §10), and a
+# key already there fails it whole (in a savepoint), sending the claim the slow way.
+_INSERT = """
 INSERT INTO {s}.key_ledger (pipeline, key, shard, chunk, position)
 SELECT $1, t.key, $3, $4, t.position FROM unnest($2::text[], $5::bytea[]) AS t(key, position)
-ON CONFLICT (pipeline, key) DO NOTHING
 """
+
+# The slow way's first step: the new keys claimed, the count says whether any was
+# already in the ledger (a key of this very chunk included).
+_INSERT_NEW = _INSERT + "ON CONFLICT (pipeline, key) DO NOTHING\n"
 
 # One index lookup per key, whatever the planner knows: a lateral subquery with LIMIT
 # is never flattened into a join, and `key = ANY($2)` on a young ledger (no statistics
@@ -67,15 +71,18 @@ async def claim_keys(
     """
     Claim ``(key, position)`` pairs for *chunk*, being built from the leased shard.
 
-    New keys are inserted at once; only when some were already in the ledger are
-    the keys read back and sorted by the rules above (claims of this chunk, just
-    inserted or left by a reader that died building it, are the chunk's again).
+    New keys are inserted at once (a plain insert, in a savepoint); only when some
+    were already in the ledger are the keys read back and sorted by the rules above
+    (claims of this chunk, just inserted or left by a reader that died building it,
+    are the chunk's again).
     Two shards claiming one key at once cannot both have it: the second insert
     waits on the first's and then finds its claim.
 
     Raises:
         FencedOut: the shard lease was lost; nothing was claimed.
     """
+    import asyncpg  # here, so that this module imports without the postgres extra
+
     claim = Claim()
     if not entries:
         return claim
@@ -90,9 +97,16 @@ async def claim_keys(
         if held is None or (held["owner"], held["epoch"]) != (lease.owner, lease.epoch):
             raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
                             f"lost by {lease.owner} at epoch {lease.epoch}")
-        keys = list(positions)
+        keys, values = list(positions), list(positions.values())
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.execute(sql(_INSERT), lease.pipeline, keys, lease.shard, chunk,
+                                   values)
+            return claim
+        except asyncpg.UniqueViolationError:
+            pass
         done = await conn.execute(sql(_INSERT_NEW), lease.pipeline, keys, lease.shard, chunk,
-                                  list(positions.values()))
+                                  values)
         if int(done.split()[-1]) == len(keys):
             return claim
         fresh: dict[str, bytes] = {}
