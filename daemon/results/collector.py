@@ -5,8 +5,12 @@ retry chunk.
 
 Nothing here is positional: results come back in any order, and the join
 goes through the chunk's spool (custom_id → key). Every custom_id the spool
-sent must come back exactly once; a missing one is retried, an unknown one
-is an alarm. Results are parsed line by line with orjson, never held whole.
+sent must come back exactly once; a missing one is retried. An unknown one
+means the batch is not this chunk's (a wrong adoption after an ambiguous create):
+the collect is refused with :class:`WrongAdoption` before the group holding it,
+or any later one, reaches a sink (the first group of 2,000 results is checked
+whole before anything is written), and the chunk is held. Results are parsed
+line by line with orjson, never held whole.
 The first pass (:mod:`batchd.daemon.results.result_join`) routes successes to the sinks
 while they write the previous group; the second pass re-reads the spool only
 when something failed, for the request bytes a retry or dead letter needs.
@@ -36,7 +40,7 @@ from batchd.daemon.wal.records import ChunkSealed, FigureTotals
 from batchd.plugins.contract import Sink
 from batchd.plugins.records import ResultRow
 
-__all__ = ("CollectSummary", "Collector", "CostFn")
+__all__ = ("CollectSummary", "Collector", "CostFn", "WrongAdoption")
 
 log = structlog.get_logger("batchd.collector")
 _GROUP_ROWS = 2000
@@ -58,6 +62,19 @@ def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
     return index, rejects
 
 
+class WrongAdoption(Exception):
+    """A batch's results hold a custom_id the chunk's spool never sent: not its batch."""
+
+    def __init__(self, chunk: str, batch_id: str | None, custom_id: str, unknown: int,
+                 done: int) -> None:
+        super().__init__(
+            f"batch {batch_id}'s results hold custom_id {custom_id!r}, which chunk {chunk}'s "
+            f"spool never sent ({unknown} unknown among the first {unknown + done} results): "
+            "it is not this chunk's batch; nothing was written to the sinks"
+        )
+        self.chunk, self.batch_id, self.custom_id = chunk, batch_id, custom_id
+
+
 @dataclass(slots=True)
 class CollectSummary(FigureTotals):
     """What one collect did: its figures (the record's), plus what only alarms and pauses use."""
@@ -70,6 +87,19 @@ class CollectSummary(FigureTotals):
     retry_chunk: ChunkSealed | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
     dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
+
+
+def _refuse_unknown(join: ResultJoin) -> None:
+    """
+    Raise :class:`WrongAdoption` once any custom_id the spool never sent was read.
+
+    Called after each block and before its rows are handed to the sinks: groups go out
+    only every 2,000 rows, so the whole first group (which would name the batch of
+    another chunk at its first line) is checked before anything is written.
+    """
+    if join.first_unknown is not None:
+        raise WrongAdoption(join.chunk, join.batch_id, join.first_unknown, join.unknown,
+                            join.done)
 
 
 class Collector:
@@ -162,6 +192,7 @@ class Collector:
                 try:
                     async for block in blocks():
                         join.take(block)
+                        _refuse_unknown(join)  # before this group is written
                         if len(join.rows) >= _GROUP_ROWS:
                             await hand_over(join.rows)
                             join.rows = []
@@ -174,6 +205,7 @@ class Collector:
                                 pipeline=self.pipeline.name, chunk=join.chunk,
                                 batch_id=join.batch_id, lines_done=join.done,
                                 error=f"{type(exc).__name__}: {exc}")
+            _refuse_unknown(join)  # a block cut after an unknown line was taken in part
             if join.rows:
                 await hand_over(join.rows)
                 join.rows = []
