@@ -683,8 +683,8 @@ class PipelineRunner:
             if not live and self.held_chunks:
                 raise PipelinePaused(
                     f"pipeline {self.pipeline.name!r}: chunks "
-                    f"{', '.join(sorted(self.held_chunks))} are held (spool lost; see the "
-                    "spool_lost alarm)"
+                    f"{', '.join(sorted(self.held_chunks))} are held (see their alarm: "
+                    "spool_lost, spool_corrupt or wrong_adoption)"
                 )
             if not live and not self.paused:
                 return

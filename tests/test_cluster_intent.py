@@ -38,21 +38,14 @@ from batchd.daemon.store.postgres import PgStore
 from tests.fixtures.cluster import ClusterEnv
 from tests.fixtures.cluster_workers import Cluster, _query, wait_for
 from tests.fixtures.emulator import message_requests, sdk_client
+from tests.fixtures.engine import csv_keys
 
 ROWS = 50  # one chunk (max_requests 50)
 
 
 def start(cluster: Cluster, i: int, crash_at: str | None = None) -> subprocess.Popen[bytes]:
     """Worker *i*, optionally SIGKILLing itself at *crash_at* (``crash_point``)."""
-    ws = cluster.workers[i]
-    log = (ws.root / "run.log").open("ab")
-    env = cluster.env(ws)
-    if crash_at is not None:
-        env["BATCHD_CRASH_AT"] = crash_at
-    proc = subprocess.Popen(ws.command("run", str(ws.config_path), "--until-drained"),
-                            cwd=ws.root, env=env, stdout=log, stderr=log)
-    cluster.procs[i] = proc
-    return proc
+    return cluster.start(i, env={"BATCHD_CRASH_AT": crash_at} if crash_at else None)
 
 
 def crashed(cluster: Cluster, i: int) -> None:
@@ -94,33 +87,6 @@ class TestADeadHoldersIntent:
         assert emulator.stats()["batches_created"] == 1  # not sent again
         cluster.check(emulator)
 
-    def test_without_a_batch_it_is_sent_again_only_after_two_lists_15s_apart(
-        self, cluster_factory: Any, emulator: EmulatorThread
-    ) -> None:
-        """
-        Killed between the intent and the create: one empty list is not enough (the API's
-        list may lag a create); the survivor lists again until 15 s of API time have passed.
-        """
-        cluster = cluster_factory(rows=ROWS, workers=2)
-        start(cluster, 0, crash_at="after_intent")
-        crashed(cluster, 0)
-        start(cluster, 1)
-        wait_for("the survivor's first empty list",
-                 lambda: "no batch found for the earlier create yet" in log_of(cluster, 1),
-                 timeout=30)
-        time.sleep(2.0)  # about ten more lists (poll 0.2 s): still nothing sent
-        assert emulator.stats()["batches_created"] == 0, log_of(cluster, 1)[-3000:]
-        assert "submitting again" not in log_of(cluster, 1)
-        emulator.advance_clock(16.0)  # the API's clock: past the 15 s between the lists
-        cluster.wait([1])
-        assert "in two lists 15s apart; submitting again" in log_of(cluster, 1)
-        assert emulator.stats()["batches_created"] == 1
-        [recorded] = cluster.submitted_batches()
-        rows = [json.loads(line) for part in sorted(cluster.workers[1].jsonl_dir.glob("*.jsonl"))
-                for line in part.read_text().splitlines()]
-        assert len(rows) == ROWS and {r["batch_id"] for r in rows} == {recorded}
-        cluster.check(emulator)
-
     def test_a_batch_of_other_custom_ids_is_refused_before_any_sink_write(
         self, cluster_factory: Any, emulator: EmulatorThread
     ) -> None:
@@ -141,6 +107,53 @@ class TestADeadHoldersIntent:
         out = cluster.workers[1].outputs()
         assert not out.result_keys and not out.jsonl_keys and not out.dead
         assert emulator.stats()["batches_created"] == 1  # nothing else sent either
+
+
+class TestADeadHoldersIntentWithoutABatch:
+    @pytest.fixture
+    def emulator(self, emulator_factory: Any) -> EmulatorThread:
+        """Batches take 8 s (API time): the survivor's sweeper passes while its batch runs."""
+        return emulator_factory(latency=8.0)
+
+    def test_it_is_sent_again_after_two_lists_15s_apart_and_a_late_batch_is_cancelled(
+        self, cluster_factory: Any, emulator: EmulatorThread
+    ) -> None:
+        """
+        Killed between the intent and the create: one empty list is not enough (the API's
+        list may lag a create); the survivor lists again until 15 s of API time have passed,
+        then sends. The dead worker's create, landing after that (its bytes were still in
+        flight), is a stray: the survivor's sweeper cancels and alarms it, and the chunk's
+        results come from the batch it records only.
+        """
+        cluster = cluster_factory(rows=ROWS, workers=2)
+        start(cluster, 0, crash_at="after_intent")
+        crashed(cluster, 0)
+        requests = spool_requests(cluster, 0)
+        start(cluster, 1)
+        wait_for("the survivor's first empty list",
+                 lambda: "no batch found for the earlier create yet" in log_of(cluster, 1),
+                 timeout=30)
+        time.sleep(2.0)  # about ten more lists (poll 0.2 s): still nothing sent
+        assert emulator.stats()["batches_created"] == 0, log_of(cluster, 1)[-3000:]
+        assert "submitting again" not in log_of(cluster, 1)
+        emulator.advance_clock(16.0)  # the API's clock: past the 15 s between the lists
+        wait_for("the resend recorded", lambda: cluster.batches_submitted() == 1, timeout=20)
+        assert "in two lists 15s apart; submitting again" in log_of(cluster, 1)
+        [recorded] = cluster.submitted_batches()
+        sdk = sdk_client(emulator.base_url)
+        late = sdk.messages.batches.create(requests=requests)  # the dead worker's bytes, late
+        cluster.wait([1])
+        stray = sdk.messages.batches.retrieve(late.id)
+        assert stray.cancel_initiated_at is not None and stray.request_counts.canceled > 0
+        [alarm] = [a for a in alarms(cluster) if a["alarm_kind"] == "stray_batch"]
+        [chunk] = [c for c in (r["chunk"] for r in _query(
+            cluster.dsn, f'SELECT chunk FROM "{cluster.schema}".chunk'))]
+        assert late.id in alarm["message"] and alarm["chunk"] == chunk
+        assert emulator.stats()["batches_created"] == 2
+        rows = [json.loads(line) for part in sorted(cluster.workers[1].jsonl_dir.glob("*.jsonl"))
+                for line in part.read_text().splitlines()]
+        assert len(rows) == ROWS and {r["batch_id"] for r in rows} == {recorded}
+        assert sorted(r["key"] for r in rows) == sorted(csv_keys(cluster.input))
 
 
 # -- the stray sweeper, in process -----------------------------------------------------
@@ -297,7 +310,7 @@ class TestCollectRefusesAWrongAdoption:
                 await collector.collect(
                     chunk="c1", root="c1", batch_id=batch.id,
                     spool=_spool(tmp_path / "c1.jsonl", [f"r{i}" for i in range(5)]),
-                    blocks=lambda: api.result_blocks(batch.id))
+                    blocks=lambda: api.result_blocks(batch.id), refuse_unknown=True)
         finally:
             await api.aclose()
         assert sink.calls == [] and dead.calls == []
@@ -317,7 +330,8 @@ class TestCollectRefusesAWrongAdoption:
         collector = Collector(_pipeline(tmp_path), [sink], dead, lambda model, usage: 0.0)
         with pytest.raises(WrongAdoption, match="'stranger'"):
             await collector.collect(chunk="c1", root="c1", batch_id="b",
-                                    spool=_spool(tmp_path / "c1.jsonl", ids), blocks=blocks)
+                                    spool=_spool(tmp_path / "c1.jsonl", ids), blocks=blocks,
+                                    refuse_unknown=True)
         assert sum(n for kind, n in sink.calls if kind == "put") <= 2100, sink.calls
         assert ("flush", 0) not in sink.calls and dead.calls == []
 

@@ -593,7 +593,7 @@ class ChunkDriver:
         return await self.deps.collector().collect(
             chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=chunk.batch_id,
             spool=self.deps.spool_path(chunk.chunk), attempt=chunk.attempt, blocks=blocks,
-            lost=lost,
+            lost=lost, refuse_unknown=self.deps.workspace is not None,
         )
 
     async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:

@@ -240,12 +240,14 @@ class StraySweeper:
         lease = self.lease
         if lease is None:
             return []
-        db_skew = await store.db_clock_skew()
-        db_now = time.time() + db_skew
-        async with store.connection() as conn:
+        async with store.connection() as conn:  # one connection for the common, idle pass
             if not await _still_held(conn, sql, lease):
                 self.lease = None
                 return []
+            sent = time.time()
+            db_now = float(await conn.fetchval(
+                "SELECT extract(epoch FROM clock_timestamp())::float8"))
+            db_skew = db_now - (sent + time.time()) / 2
             oldest = await resent_since(conn, sql, db_now - LOOKBACK)
         if oldest is None:
             return []  # no resend lately: nothing can be a stray, and no API call

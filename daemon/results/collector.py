@@ -5,11 +5,14 @@ retry chunk.
 
 Nothing here is positional: results come back in any order, and the join
 goes through the chunk's spool (custom_id → key). Every custom_id the spool
-sent must come back exactly once; a missing one is retried. An unknown one
-means the batch is not this chunk's (a wrong adoption after an ambiguous create):
-the collect is refused with :class:`WrongAdoption` before the group holding it,
-or any later one, reaches a sink (the first group of 2,000 results is checked
-whole before anything is written), and the chunk is held. Results are parsed
+sent must come back exactly once; a missing one is retried. An unknown one is
+an alarm; with ``refuse_unknown`` (cluster mode, where every adoption is
+automatic) it means the batch is not this chunk's (a wrong adoption after an
+ambiguous create): the collect is refused with :class:`WrongAdoption` before the
+group holding it, or any later one, reaches a sink (the first group of 2,000
+results is checked whole before anything is written). A single daemon keeps
+the alarm: its operator may adopt a batch holding rows beyond the chunk
+(``batchd reconcile --adopt``), whose extra rows are ignored. Results are parsed
 line by line with orjson, never held whole.
 The first pass (:mod:`batchd.daemon.results.result_join`) routes successes to the sinks
 while they write the previous group; the second pass re-reads the spool only
@@ -102,6 +105,10 @@ def _refuse_unknown(join: ResultJoin) -> None:
                             join.done)
 
 
+def _accept_unknown(join: ResultJoin) -> None:
+    """A single daemon's rule: unknown custom_ids are counted and alarmed after the collect."""
+
+
 class Collector:
     """Collects one chunk; a new instance per attempt, so a replay starts clean."""
 
@@ -136,6 +143,7 @@ class Collector:
         attempts_left_for_stream: int = 8,
         lost: tuple[str, str] | None = None,
         attempt: int = 1,
+        refuse_unknown: bool = False,
     ) -> CollectSummary:
         """
         Route every request of ``chunk`` and make the outcome durable in the sinks.
@@ -147,12 +155,16 @@ class Collector:
         (sending again costs again, so that is the operator's call). Returns the summary
         the manifest records; the retry chunk's spool is sealed before this returns
         (``attempt`` is the chunk's, so its retry chunk's is one more).
+
+        Raises:
+            WrongAdoption: with *refuse_unknown*, a result's custom_id is not the spool's;
+                nothing of the group holding it (or any later one) was written.
         """
         index, rejects = _index(spool)
         join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
                           answers=self.answers)
         if blocks is not None:
-            await self._first_pass(join, blocks, attempts_left_for_stream)
+            await self._first_pass(join, blocks, attempts_left_for_stream, refuse_unknown)
         summary = CollectSummary(
             succeeded=join.succeeded, truncated=join.truncated, unknown=join.unknown,
             cost_usd=join.cost_usd, input_tokens=join.input_tokens,
@@ -184,15 +196,17 @@ class Collector:
         join: ResultJoin,
         blocks: Callable[[], AsyncIterator[list[bytes]]],
         attempts_left_for_stream: int,
+        refuse_unknown: bool = False,
     ) -> None:
         """Every results line routed; successes put to the sinks while the next are parsed."""
+        refuse = _refuse_unknown if refuse_unknown else _accept_unknown
         stream_attempt = 0
         async with background_puts(self.sinks, join.chunk) as hand_over:
             while True:
                 try:
                     async for block in blocks():
                         join.take(block)
-                        _refuse_unknown(join)  # before this group is written
+                        refuse(join)  # before this group is written
                         if len(join.rows) >= _GROUP_ROWS:
                             await hand_over(join.rows)
                             join.rows = []
@@ -205,7 +219,7 @@ class Collector:
                                 pipeline=self.pipeline.name, chunk=join.chunk,
                                 batch_id=join.batch_id, lines_done=join.done,
                                 error=f"{type(exc).__name__}: {exc}")
-            _refuse_unknown(join)  # a block cut after an unknown line was taken in part
+            refuse(join)  # a block cut after an unknown line was taken in part
             if join.rows:
                 await hand_over(join.rows)
                 join.rows = []
