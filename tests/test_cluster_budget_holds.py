@@ -29,7 +29,6 @@ from batchd.daemon.wal.records import (
     Figures,
     ResultsCommitted,
     SourceCommitted,
-    Submitted,
 )
 from tests.fixtures.store import BUDGET, QUEUE, Harness, pg_harness
 from tests.test_cluster_deadline import write_spool
@@ -212,7 +211,7 @@ class TestQueue:
         try:
             for n, count in ((1, 3), (2, 4)):
                 spool = tmp_path / f"other-{n}.jsonl"
-                requests, size = write_spool(spool, count)
+                _, size = write_spool(spool, count)
                 await api.create(spool, size)
             assert await processing_requests(api) == 7
         finally:
