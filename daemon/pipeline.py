@@ -694,7 +694,8 @@ class PipelineRunner:
                 held = "; ".join(f"{c}: {why}" for c, why in sorted(self.held_chunks.items()))
                 raise PipelinePaused(
                     f"pipeline {self.pipeline.name!r}: chunks are held, waiting for an "
-                    f"operator (see the spool_lost or spool_corrupt alarm): {held}"
+                    f"operator (see their alarm: spool_lost, spool_corrupt or wrong_adoption): "
+                    f"{held}"
                 )
             if not live and not self.paused:
                 return

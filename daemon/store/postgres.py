@@ -29,8 +29,9 @@ Each worker keeps a local copy of the spools it sends or collects in
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -207,6 +208,10 @@ class PgStore:
         async with self._pool.acquire() as conn:
             yield conn
 
+    def connection(self) -> AbstractAsyncContextManager[Any]:
+        """A connection of the pool, for a cluster-only loop with its own statements."""
+        return self._conn()
+
     # -- records -----------------------------------------------------------------
 
     async def append(
@@ -347,6 +352,18 @@ class PgStore:
                 " AND a.pid <> pg_backend_pid() AND a.datname = current_database()"),
                 self.worker_id, self.grace)
         return int(ended or 0)
+
+    async def db_clock_skew(self) -> float:
+        """
+        The database's clock minus this machine's, in seconds.
+
+        Intents are stamped on the database's clock (``clock_timestamp()``), so a worker
+        that looks for an intent's batch on the API's clock converts through this.
+        """
+        sent = time.time()
+        async with self._conn() as conn:
+            db_now = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+        return float(db_now) - (sent + time.time()) / 2
 
     async def acquire_shard(
         self, pipeline: str, shard: str = "0", *, force: bool = False
