@@ -378,7 +378,11 @@ class PipelineRunner:
 
     # -- sealing and the source watermark ------------------------------------------
 
-    async def seal(self, builder: ChunkBuilder) -> None:
+    async def seal(self, builder: ChunkBuilder, shard: ShardLease | None = None) -> None:
+        """
+        Seal a packed chunk; *shard* is the lease of the shard it was read from when a
+        cluster worker reads a source split in shards (else the runner's one shard).
+        """
         refusal = self.budget.refusal(
             self.manifest.state.pipelines.get(self.pipeline.name),
             self.live_chunks(),
@@ -404,10 +408,11 @@ class PipelineRunner:
                 await self.store.append(scheme)
         digest = None
         if self.clustered:
-            assert self.shard is not None
-            digest = await self.store.put_spool(builder.id, self.shard.epoch,
+            reading = shard or self.shard
+            assert reading is not None
+            digest = await self.store.put_spool(builder.id, reading.epoch,
                                                 self.spool_path(builder.id))
-        applied = await self._shard_append(ChunkSealed(
+        sealed = ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -418,7 +423,12 @@ class PipelineRunner:
             last_seq=builder.last_seq,
             position=position,
             parent=None,
-        ), spool=digest)
+            shard=None if shard is None else shard.shard,
+        )
+        if shard is None:
+            applied = await self._shard_append(sealed, spool=digest)
+        else:
+            applied = await self.store.append(sealed, lease=shard, spool=digest)
         if applied.fenced is not None:
             raise ShardLost(f"pipeline {self.pipeline.name}: {applied.fenced}")
         for lease in applied.created:
