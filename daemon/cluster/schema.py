@@ -235,6 +235,19 @@ _V1 = (
     "CREATE INDEX limit_hold_scope ON {s}.limit_hold (scope)",
 )
 
+# A source read apart by several workers (a Kafka topic's partitions): each shard has
+# its own read sequence, kept per shard in the pipeline row (PipelineState.shards, under
+# the pipeline row's lock like every frontier), and chunk numbers are handed out per
+# pipeline so that readers of different shards never make the same chunk id.
+_V2 = (
+    "ALTER TABLE {s}.pipeline ADD COLUMN shards jsonb NOT NULL DEFAULT '{}'::jsonb",
+    """CREATE TABLE {s}.chunk_number (
+        pipeline text PRIMARY KEY,
+        next bigint NOT NULL
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
+    Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
 )

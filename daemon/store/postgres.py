@@ -372,6 +372,21 @@ class PgStore:
             return await shards.acquire(conn, self.sql, self.worker_id, pipeline, shard,
                                         grace=self.grace, force=force)
 
+    async def release_shard(self, lease: ShardLease) -> bool:
+        """Stop reading a shard (over this worker's share, or read to its end)."""
+        async with self._conn() as conn:
+            return await shards.release(conn, self.sql, lease)
+
+    async def next_chunk_number(self, pipeline: str) -> int:
+        """A chunk number unique across the pipeline's shard readers."""
+        async with self._conn() as conn:
+            return await shards.next_chunk_number(conn, self.sql, pipeline)
+
+    async def live_workers(self) -> int:
+        """How many workers heartbeat now (the shards are shared between them)."""
+        async with self._conn() as conn:
+            return await shards.live_workers(conn, self.sql)
+
     # -- creates -----------------------------------------------------------------
 
     async def acquire_create_slot(self, workspace: str) -> CreateSlot | None:
