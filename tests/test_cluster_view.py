@@ -35,6 +35,7 @@ from tests.fixtures.service import free_port
 from tests.fixtures.tcp_proxy import TcpProxy, proxied_dsn
 
 CHROMIUM = shutil.which("chromium")
+TMUX = shutil.which("tmux")
 LATENCY = 600.0  # the emulator's batches end long after the test
 
 
@@ -66,6 +67,39 @@ def observer(cluster: Cluster, root: Path) -> Path:
     path = root / "pipeline.toml"
     path.write_text(cluster.workers[0].config_path.read_text())
     return path
+
+
+class WatchScreen:
+    """``batchd status --watch`` in a real terminal (tmux on a server of its own)."""
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.socket = f"batchd-view-{time.monotonic_ns()}"
+        command = " ".join([*BATCHD, "status", str(config), "--watch", "--interval", "0.5"])
+        subprocess.run(["tmux", "-L", self.socket, "new-session", "-d", "-x", "160", "-y", "50",
+                        command], env=env, cwd=REPO, check=True, timeout=30)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p"],
+                              capture_output=True, text=True, timeout=30).stdout
+
+    def wait_for(self, text: str, timeout: float = 20) -> None:
+        end = time.monotonic() + timeout
+        while text not in self.screen():
+            if time.monotonic() > end:
+                pytest.fail(f"{text!r} not on screen:\n{self.screen()}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], timeout=30, check=False)
+
+
+@pytest.fixture
+def screens() -> Iterator[list[WatchScreen]]:
+    """Terminals a test opens, closed after it whatever happens."""
+    opened: list[WatchScreen] = []
+    yield opened
+    for screen in opened:
+        screen.close()
 
 
 def get(url: str) -> tuple[int, str]:
@@ -113,7 +147,8 @@ def worker_rows(dom: str) -> dict[str, str]:
 
 class TestRunningWorkers:
     def test_status_metrics_and_dashboard_show_every_worker(
-        self, cluster_factory: Callable[..., Cluster], tmp_path: Path
+        self, cluster_factory: Callable[..., Cluster], tmp_path: Path,
+        screens: list[WatchScreen],
     ) -> None:
         cluster = cluster_factory()
         ports = with_metrics(cluster)
@@ -182,6 +217,14 @@ class TestRunningWorkers:
             assert read >= 300
             assert "(this one)" in dom and "<th>owner</th>" in dom
 
+        # --watch in a terminal: the workers first (what does not fit is cropped).
+        watch = WatchScreen(config, env) if TMUX is not None else None
+        if watch is not None:
+            screens.append(watch)
+            watch.wait_for("cluster: 3 workers (3 alive)")
+            for wid in ids:
+                watch.wait_for(wid)
+
         # A SIGKILLed worker is silent, then dead, on every view.
         victim = cluster.procs[2]
         assert victim is not None
@@ -202,6 +245,8 @@ class TestRunningWorkers:
             timeout=10)
         samples = scrape(ports[0])
         assert sample(samples, "batchd_cluster_workers", state="dead") == 1.0
+        if watch is not None:
+            watch.wait_for("cluster: 3 workers (2 alive)")
         assert sample(samples, "batchd_cluster_worker_state", worker=ids[0], state="alive") == 1.0
 
 

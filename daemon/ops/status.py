@@ -216,6 +216,8 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = []
     parts.append(Text(f"API version {status['api_version']}, processing queue limit "
                       f"{status['queue_limit']:,} ({status['queue_limit_from']})"))
+    if status.get("cluster"):  # first: --watch crops what does not fit the terminal
+        parts.extend(cluster_renderables(status["cluster"]))
     for p in status["pipelines"]:
         title = Text.from_markup(f"[bold]{p['name']}[/bold]")
         if p["paused"]:
@@ -255,8 +257,6 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
         keys = sum(p.get("ledger_keys") or 0 for p in status["pipelines"])
         parts.append(Text(f"key ledger: {keys:,} keys, {ledger['bytes'] / 1e6:.1f} MB "
                           f"({ledger['path']})"))
-    if status.get("cluster"):
-        parts.extend(cluster_renderables(status["cluster"]))
     if status["alarms"]:
         table = Table("pipeline", "chunk", "alarm", "message", title="recent alarms")
         for a in status["alarms"]:
