@@ -25,10 +25,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchd.daemon.cluster import workers
 from batchd.daemon.emulator import EmulatorThread
+from tests.fixtures.cluster import ClusterEnv
 from tests.fixtures.cluster_workers import Cluster, wait_for
 from tests.fixtures.engine import BATCHD, REPO, Workspace
 from tests.fixtures.service import free_port
@@ -322,15 +325,9 @@ class TestStatusWithoutTheDatabase:
     def test_one_line_naming_the_dsn_and_exit_1(self, tmp_path: Path,
                                                 json_flag: tuple[str, ...]) -> None:
         ws = Workspace(tmp_path)
-        ws.write_tickets(3)
+        config = _status_config(tmp_path, "batchd")
         port = free_port()  # nothing listens there
         dsn = f"postgresql://batchd:pw-not-shown@127.0.0.1:{port}/cluster"
-        text = ('state_dir = "state"\n[cluster]\nstore = "postgres"\ndsn = "env:VIEW_DSN"\n'
-                '[[pipeline]]\nname = "tickets"\n[pipeline.source]\ntype = "csv"\n'
-                'path = "tickets.csv"\nkey = "ticket_id"\n[pipeline.request]\n'
-                'model = "claude-haiku-4-5"\nmax_tokens = 8\nuser = "{body}"\n'
-                '[[pipeline.sink]]\ntype = "jsonl"\npath = "out/labels"\n')
-        config = ws.write_raw(text)
         started = time.monotonic()
         proc = batchd_status(config, {**ws.env(), "VIEW_DSN": dsn}, *json_flag)
         assert time.monotonic() - started < 15
@@ -341,3 +338,56 @@ class TestStatusWithoutTheDatabase:
         assert "pw-not-shown" not in proc.stderr + proc.stdout
         assert proc.stdout == ""
         assert not (tmp_path / "state").exists()
+
+
+def _status_config(root: Path, schema: str) -> Path:
+    ws = Workspace(root)
+    ws.write_tickets(3)
+    return ws.write_raw(
+        'state_dir = "state"\n'
+        f'[cluster]\nstore = "postgres"\ndsn = "env:VIEW_DSN"\nschema = "{schema}"\n'
+        '[[pipeline]]\nname = "tickets"\n[pipeline.source]\ntype = "csv"\n'
+        'path = "tickets.csv"\nkey = "ticket_id"\n[pipeline.request]\n'
+        'model = "claude-haiku-4-5"\nmax_tokens = 8\nuser = "{body}"\n'
+        '[[pipeline.sink]]\ntype = "jsonl"\npath = "out/labels"\n')
+
+
+@pytest.mark.anyio
+class TestStoppedWorkers:
+    async def test_long_stopped_workers_are_counted_not_listed_in_the_text(
+        self, cluster: ClusterEnv, tmp_path: Path,
+    ) -> None:
+        """Every restart is a new worker row: the text views list the recent ones only."""
+        live = await cluster.worker("live")
+        recent = await cluster.worker("recent")
+        old = await cluster.worker("old")
+        for gone in (recent, old):
+            await workers.deregister(cluster.conn, cluster.sql, gone)
+        await cluster.silence(old, 7200.0)
+        config = _status_config(tmp_path, cluster.sql.schema)
+        env = {**Workspace(tmp_path).env(), "VIEW_DSN": cluster.dsn, "COLUMNS": "160"}
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*BATCHD, *args, str(config)], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=60)
+
+        proc = await anyio.to_thread.run_sync(lambda: run("status", "--json"))
+        assert proc.returncode == 0, proc.stderr
+        states = {w["worker_id"]: w["state"]
+                  for w in json.loads(proc.stdout)["cluster"]["workers"]}
+        assert states == {live: "alive", recent: "stopped", old: "stopped"}
+        for args in (("status",), ("cluster", "status")):
+            proc = await anyio.to_thread.run_sync(lambda args=args: run(*args))
+            assert proc.returncode == 0, proc.stderr
+            assert live in proc.stdout and recent in proc.stdout, proc.stdout
+            assert old not in proc.stdout
+            assert "and 1 workers stopped over an hour ago" in proc.stdout
+
+    def test_an_uninitialised_schema_is_exit_2_naming_it(
+        self, tmp_path: Path, pg_dsn: str, pg_schema: str,
+    ) -> None:
+        config = _status_config(tmp_path, pg_schema)
+        proc = batchd_status(config, {**Workspace(tmp_path).env(), "VIEW_DSN": pg_dsn})
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "[cluster]: schema:" in line and "batchd cluster init" in line

@@ -17,9 +17,12 @@ from typing import Any
 from batchd.daemon.cluster import limits, workers
 from batchd.daemon.cluster.schema import Sql
 
-__all__ = ("WORKER_STATES", "number", "read_overview")
+__all__ = ("STOPPED_SHOWN_FOR", "WORKER_STATES", "number", "read_overview", "shown_workers")
 
 WORKER_STATES = ("alive", "silent", "dead", "stopped")
+# Seconds a stopped worker stays in the text and page views: every restart is a new
+# worker row, and nothing purges them yet (workers.purge_stopped is not run by a worker).
+STOPPED_SHOWN_FOR = 3600.0
 
 _CHUNKS = """SELECT owner, pipeline, chunk, stage, epoch FROM {s}.chunk
              WHERE owner IS NOT NULL AND stage <> 'retired' ORDER BY owner, sealed_event"""
@@ -86,3 +89,14 @@ async def read_overview(conn: Any, sql: Sql, *, grace: float) -> dict[str, Any]:
             for c in counters
         ],
     }
+
+
+def shown_workers(workers: list[dict[str, Any]], *,
+                  stopped_for: float = STOPPED_SHOWN_FOR) -> tuple[list[dict[str, Any]], int]:
+    """
+    The workers a person is shown (all but those stopped more than *stopped_for*
+    seconds ago) and how many were left out; ``--json`` keeps every one.
+    """
+    shown = [w for w in workers
+             if w["state"] != "stopped" or w["heartbeat_age"] <= stopped_for]
+    return shown, len(workers) - len(shown)

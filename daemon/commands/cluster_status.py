@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchd.daemon.cluster.errors import SchemaVersionError
+from batchd.daemon.cluster.overview import shown_workers
 from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.commands.cluster_connect import connect_cluster, describe_target, located
 from batchd.daemon.config import Config
@@ -82,7 +83,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         f"in {status['database']}",
         f"workers: {len(workers)} ({alive} alive)",
     ]
-    for w in workers:
+    shown, hidden = shown_workers(workers)
+    for w in shown:
         owns = (f"{len(w['chunks'])} chunks, {len(w['shards'])} shards, "
                 f"{len(w['create_slots'])} create slots")
         lines.append(
@@ -97,6 +99,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             lines.append(f"    shard {h['pipeline']}/{h['shard']}: epoch {h['epoch']}")
         for s in w["create_slots"]:
             lines.append(f"    create slot {s['workspace']}: epoch {s['epoch']}")
+    if hidden:
+        lines.append(f"  and {hidden} workers stopped over an hour ago (--json lists them)")
     for pipeline, count in status["unowned_chunks"].items():
         lines.append(f"unowned chunks of {pipeline!r}: {count} (claimed by the next live worker)")
     for s in status["create_slots"]:

@@ -267,6 +267,8 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
 
 def cluster_renderables(cluster: dict[str, Any]) -> list[RenderableType]:
     """The cluster's workers (state, heartbeat, what each owns) and its limit counters."""
+    from batchd.daemon.cluster.overview import shown_workers
+
     workers = cluster["workers"]
     alive = sum(1 for w in workers if w["state"] == "alive")
     parts: list[RenderableType] = [Text(
@@ -276,7 +278,8 @@ def cluster_renderables(cluster: dict[str, Any]) -> list[RenderableType]:
     table = Table("worker", "state", "heartbeat", "chunks", "shards", "create slots", "fenced",
                   title="cluster workers")
     table.columns[0].overflow = "fold"
-    for w in workers:
+    shown, hidden = shown_workers(workers)
+    for w in shown:
         style = {"alive": "green", "silent": "yellow", "dead": "red"}.get(w["state"], "")
         shards = ", ".join(f"{h['pipeline']}/{h['shard']}" for h in w["shards"]) or "-"
         table.add_row(w["worker_id"], Text(w["state"], style=style),
@@ -284,6 +287,9 @@ def cluster_renderables(cluster: dict[str, Any]) -> list[RenderableType]:
                       ", ".join(s["workspace"] for s in w["create_slots"]) or "-",
                       str(w["fenced"]))
     parts.append(table)
+    if hidden:
+        parts.append(Text(f"and {hidden} workers stopped over an hour ago "
+                          "(batchd cluster status --json lists them)", style="dim"))
     for pipeline, count in cluster["unowned_chunks"].items():
         parts.append(Text(f"unowned chunks of {pipeline}: {count} (the next live worker "
                           "claims them)"))

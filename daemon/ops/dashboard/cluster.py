@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from batchd.daemon.cluster.overview import shown_workers
 from batchd.daemon.ops.dashboard.markup import age as _age
 from batchd.daemon.ops.dashboard.markup import escape as _e
 
@@ -44,11 +45,12 @@ def cluster_section(cluster: dict[str, Any]) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(since)) if since else "-"
         parts.append(f'<p class="paused store-error">cannot read the cluster\'s database '
                      f'since {_e(when)}: {_e(cluster["error"])}</p>')
-    if workers:
+    shown, hidden = shown_workers(workers)
+    if shown:
         parts.append("<table><tr><th>worker</th><th>state</th><th>heartbeat</th><th>host</th>"
                      "<th>pid</th><th>chunks</th><th>shards</th><th>create slots</th>"
                      "<th>fenced</th></tr>")
-        for w in workers:
+        for w in shown:
             wid = w["worker_id"]
             mark = " <span class=mute>(this one)</span>" if wid == me else ""
             tone = _TONE.get(w["state"], "")
@@ -67,6 +69,9 @@ def cluster_section(cluster: dict[str, Any]) -> str:
         parts.append("</table>")
     else:
         parts.append("<p class=none>none</p>")
+    if hidden:
+        parts.append(f"<p class=mute>and {hidden} workers stopped over an hour ago "
+                     "(<code>batchd cluster status --json</code> lists them)</p>")
     for pipeline, count in cluster.get("unowned_chunks", {}).items():
         parts.append(f"<p>unowned chunks of {_e(pipeline)}: {count:,} "
                      "<span class=mute>(the next live worker claims them)</span></p>")
