@@ -235,6 +235,20 @@ _V1 = (
     "CREATE INDEX limit_hold_scope ON {s}.limit_hold (scope)",
 )
 
+# The pipeline config every worker of a pipeline must share (daemon/cluster/pipeline_config.py):
+# the fields that change what is sent or how rows map to custom_ids and outcomes, recorded
+# by the first worker (or ``batchd cluster init --accept-config``), compared by every later one.
+_V2 = (
+    """CREATE TABLE {s}.pipeline_config (
+        pipeline text PRIMARY KEY,
+        config_hash text NOT NULL,
+        fields jsonb NOT NULL,
+        recorded_by text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
+    Migration(2, "the pipeline config every worker must share", _V2),
 )

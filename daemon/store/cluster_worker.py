@@ -25,7 +25,7 @@ from batchd.daemon.batches.queue_limit import queue_limit_of
 from batchd.daemon.config import Config
 from batchd.daemon.store.mirror import MirroredStore
 
-__all__ = ("heartbeat_loop", "open_cluster_store", "queue_scope")
+__all__ = ("heartbeat_loop", "open_cluster_store", "pipeline_fields", "queue_scope")
 
 log = structlog.get_logger("batchd.cluster")
 
@@ -36,11 +36,19 @@ def queue_scope(config: Config) -> str | None:
     return None if limit is None else f"queue:{config.cluster.workspace}"
 
 
+def pipeline_fields(config: Config) -> dict[str, dict[str, Any]]:
+    """Each pipeline's fields every worker must share (``cluster/pipeline_config.py``)."""
+    from batchd.daemon.cluster.pipeline_config import shared_fields
+
+    return {p.name: shared_fields(config, p) for p in config.pipelines}
+
+
 async def open_cluster_store(config: Config, stack: AsyncExitStack,
                              spool_dir: Path) -> MirroredStore:
     """The PostgreSQL store of ``[cluster]``, open, with its local view read once."""
     from batchd.daemon.cluster.errors import SchemaVersionError
     from batchd.daemon.cluster.migrations import check
+    from batchd.daemon.cluster.pipeline_config import check_or_record
     from batchd.daemon.commands.cluster_connect import cluster_dsn, connect_cluster, located
     from batchd.daemon.store.postgres import PgStore
 
@@ -48,6 +56,11 @@ async def open_cluster_store(config: Config, stack: AsyncExitStack,
     conn, sql = await connect_cluster(config, "run")
     try:
         await check(conn, sql)
+        # Every worker of a pipeline runs it with the same shared fields (the first records
+        # them): a worker whose config differs stops here, naming each field.
+        await check_or_record(conn, sql, pipeline_fields(config),
+                              recorded_by=f"{socket.gethostname()}:{os.getpid()}",
+                              where=str(config.path))
     except SchemaVersionError as exc:
         raise located(config, exc, "schema") from None
     finally:
