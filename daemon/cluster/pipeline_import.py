@@ -127,8 +127,8 @@ async def _already(conn: Any, sql: Sql, p: ImportedPipeline) -> bool:
     return False
 
 
-async def _take_shard(conn: Any, sql: Sql, name: str, grace: float) -> None:
-    """Lock the pipeline's shard row, refusing while a live worker reads it; fence it."""
+async def _take_shard(conn: Any, sql: Sql, name: str, grace: float) -> int | None:
+    """Lock the pipeline's shard row, refusing while a live worker reads it; its sealed seq."""
     await conn.execute(sql("INSERT INTO {s}.shard (pipeline, shard) VALUES ($1, $2)"
                            " ON CONFLICT DO NOTHING"), name, SHARD)
     row = await conn.fetchrow(sql(
@@ -141,10 +141,8 @@ async def _take_shard(conn: Any, sql: Sql, name: str, grace: float) -> None:
             raise ImportRefused(
                 f"worker {owner} is reading pipeline {name!r} in the cluster: stop the "
                 "cluster's workers of this pipeline before importing it")
-    if row["sealed_seq"] is not None:
-        raise ImportRefused(f"the cluster already read pipeline {name!r} (sealed up to "
-                            f"seq {row['sealed_seq']}): an import only moves a pipeline the "
-                            "cluster has not run")
+    sealed: int | None = row["sealed_seq"]
+    return sealed
 
 
 _INSERT_PIPELINE = (
@@ -260,9 +258,12 @@ async def write(
         SpoolCorrupt: a spool is not what the daemon kept beside it.
     """
     name = p.name
-    await _take_shard(conn, sql, name, grace)
+    sealed = await _take_shard(conn, sql, name, grace)
     if await _already(conn, sql, p):
         return Written(name, already=True)
+    if sealed is not None:
+        raise ImportRefused(f"the cluster already read pipeline {name!r} (sealed up to seq "
+                            f"{sealed}): an import only moves a pipeline the cluster has not run")
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
                        f"batchd:{sql.schema}:pipeline:{name}")
     tombstones = _tombstones(p)
