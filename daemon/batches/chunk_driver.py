@@ -601,6 +601,7 @@ class ChunkDriver:
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
         ), chunk.stage, digest)
+        crash_point("after_commit")  # committed, before the source commit and retirement
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,
