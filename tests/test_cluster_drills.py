@@ -28,7 +28,9 @@ import pytest
 from batchd.daemon.cluster import event_log
 from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.emulator import EmulatorThread
-from tests.fixtures.cluster_workers import Cluster, wait_for
+from tests.fixtures.cluster_workers import Cluster, uninterrupted_receipts, wait_for
+from tests.fixtures.engine import csv_keys
+from tests.fixtures.hostile import custom_ids
 
 ROWS = 600
 MAX_REQUESTS = 100  # mid_results fires at a chunk's 100th result line
@@ -134,3 +136,26 @@ def test_a_worker_killed_at_each_point_is_taken_over_and_paid_once(
         cluster.wait(survivors)
     cluster.check(emulator, rewritten=REWRITTEN)
     assert _drift(cluster) == []
+
+
+def test_retry_chunks_are_driven_by_the_worker_that_cut_them(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+) -> None:
+    """
+    Transient per-request errors make collects cut retry chunks; each retry chunk is born
+    owned by the worker that cut it (epoch 1), which must drive it under that lease: no
+    other worker may claim it while that worker lives.
+    """
+    emulator.set_faults(api_error=0.1)
+    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
+                                                   "max_in_flight": MAX_IN_FLIGHT,
+                                                   "max_attempts": 5})
+    for i in range(3):
+        cluster.start(i)
+    cluster.wait([0, 1, 2])
+    keys = csv_keys(cluster.input)
+    cluster.check(emulator, receipts=uninterrupted_receipts(emulator, custom_ids(keys), 5))
+    assert _drift(cluster) == []
+    assert cluster.fenced() == 0  # nobody wrote under a lease it did not hold
+    for i in range(3):  # nobody died: no lease was lost (a retirement is not a loss)
+        assert "leases lost" not in _log(cluster, i), _log(cluster, i)[-3000:]

@@ -95,6 +95,7 @@ class ChunkDriver:
         self._missing_since: float | None = None
         self._streaks: dict[str, int] = {}  # transient codes retried in a row
         self._summary: CollectSummary | None = None  # the collect this driver committed
+        self._retry_lease: ChunkLease | None = None  # on the retry chunk that collect cut
 
     def _chunk(self) -> ChunkState | None:
         return self.deps.manifest.state.chunks.get(self.chunk_id)
@@ -159,7 +160,8 @@ class ChunkDriver:
                 else:
                     summary = self._summary
                     retry = summary.retry_chunk if summary is not None else None
-                    return Committed(chunk.chunk, summary, retry.chunk if retry else None)
+                    return Committed(chunk.chunk, summary, retry.chunk if retry else None,
+                                     self._retry_lease)
                 backoff.reset()
             except _Stop as stop:
                 return stop.outcome
@@ -597,10 +599,11 @@ class ChunkDriver:
         if deps.workspace is not None and retry is not None:
             digest = await deps.store.put_spool(retry.chunk, self.lease.epoch,
                                                 deps.spool_path(retry.chunk))
-        await self._append(ResultsCommitted(
+        applied = await self._append(ResultsCommitted(
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
         ), chunk.stage, digest)
+        self._retry_lease = next(iter(applied.created), None)
         crash_point("after_commit")  # committed, before the source commit and retirement
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
