@@ -172,7 +172,7 @@ class PipelineRunner:
         self.reconciler = reconciler
         self.sink_failures = 0
         # Chunks that cannot go on until an operator acts (a spool lost beyond rebuilding).
-        self.held_chunks: set[str] = set()
+        self.held_chunks: dict[str, str] = {}  # chunk → why it waits for an operator
         self._pruned_at = -_PRUNE_EVERY
         self.log = log.bind(pipeline=pipeline.name)
         self.dead_letter_guard = DeadLetterGuard(pipeline, self)
@@ -322,7 +322,7 @@ class PipelineRunner:
                 elif isinstance(outcome, Held):
                     # Not a retry loop, not an exit systemd would restart: the chunk waits for
                     # an operator, and --until-drained reports it.
-                    self.held_chunks.add(outcome.chunk)
+                    self.held_chunks[outcome.chunk] = outcome.reason
                     self.changed.fire()
                     await anyio.sleep_forever()
                 return
@@ -685,11 +685,12 @@ class PipelineRunner:
             stuck = all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live)
             if (self.submissions_blocked and stuck) or (self.paused and not live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
-            if not live and self.held_chunks:
+            waiting = all(c.stage in DONE_STAGES for c in live)  # behind a held chunk
+            if waiting and self.held_chunks:
+                held = "; ".join(f"{c}: {why}" for c, why in sorted(self.held_chunks.items()))
                 raise PipelinePaused(
-                    f"pipeline {self.pipeline.name!r}: chunks "
-                    f"{', '.join(sorted(self.held_chunks))} are held (spool lost; see the "
-                    "spool_lost alarm)"
+                    f"pipeline {self.pipeline.name!r}: chunks are held, waiting for an "
+                    f"operator (see the spool_lost or spool_corrupt alarm): {held}"
                 )
             if not live and not self.paused:
                 return
