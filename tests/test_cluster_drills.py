@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
+import orjson
 import pytest
 
 from batchd.daemon.cluster import event_log
@@ -31,6 +35,7 @@ from batchd.daemon.emulator import EmulatorThread
 from tests.fixtures.cluster_workers import Cluster, uninterrupted_receipts, wait_for
 from tests.fixtures.engine import csv_keys
 from tests.fixtures.hostile import custom_ids
+from tests.fixtures.tcp_proxy import ProxyThread
 
 ROWS = 600
 MAX_REQUESTS = 100  # mid_results fires at a chunk's 100th result line
@@ -159,3 +164,112 @@ def test_retry_chunks_are_driven_by_the_worker_that_cut_them(
     assert cluster.fenced() == 0  # nobody wrote under a lease it did not hold
     for i in range(3):  # nobody died: no lease was lost (a retirement is not a loss)
         assert "leases lost" not in _log(cluster, i), _log(cluster, i)[-3000:]
+
+
+def _rows(cluster: Cluster, query: str, *args: object) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(cluster.dsn, timeout=10)
+        try:
+            return list(await conn.fetch(query.replace("{s}", f'"{cluster.schema}"'), *args))
+        finally:
+            await conn.close()
+
+    return anyio.run(go)
+
+
+def _batch_of(cluster: Cluster, chunk: str) -> set[str]:
+    return {r["batch_id"] for r in _rows(
+        cluster, "SELECT batch_id FROM {s}.chunk WHERE chunk = $1 AND batch_id IS NOT NULL",
+        chunk)}
+
+
+def _creators(cluster: Cluster) -> list[tuple[str, str, str, int, datetime]]:
+    """
+    Every recorded batch as (batch id, its creator, who recorded it, the seq of the intent
+    it was created under, when the API created it): the creator is the writer of the
+    chunk's last intent before its ``submitted`` (adopting a batch writes no intent).
+    """
+    events = _rows(cluster, "SELECT seq, kind, chunk, worker, record FROM {s}.event "
+                            "WHERE kind IN ('submit_intent', 'submitted') ORDER BY seq")
+    intent: dict[str, tuple[str, int]] = {}
+    made = []
+    for e in events:
+        if e["kind"] == "submit_intent":
+            intent[e["chunk"]] = (e["worker"], e["seq"])
+            continue
+        record = orjson.loads(e["record"])
+        creator, seq = intent[e["chunk"]]
+        made.append((record["batch_id"], creator, e["worker"], seq,
+                     datetime.fromisoformat(str(record["created_at"]))))
+    return made
+
+
+def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
+    proxy_thread: Callable[[str, int], ProxyThread],
+) -> None:
+    """
+    Worker 1 reaches PostgreSQL through a loopback proxy that drops the link mid-run
+    while it drives chunks. It creates nothing after its lease deadline (its last
+    heartbeat + TTL on the database's clock), the survivors take its chunks over, and
+    once the link is back it learns what it lost and records nothing under those leases;
+    the run ends as an uninterrupted one does.
+    """
+    target = urlsplit(pg_dsn)
+    link = proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
+    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
+                                                   "max_in_flight": MAX_IN_FLIGHT})
+    cluster.start(0)
+    cluster.start(1, dsn=link.dsn(cluster.dsn))
+    cluster.start(2)
+    wait_for("worker 1 driving chunks", lambda: cluster.held(1) > 0, timeout=30)
+    victim = cluster.worker_id(1)
+    # Cut it with a create in flight: creates answer 1 s late meanwhile, and the link goes
+    # once one of its chunks is at intent. The batch is made before its deadline; the
+    # chunk's next owner finds it by the pending intent and adopts it.
+    emulator.set_faults(slow=1.0)
+    creating: list[asyncpg.Record] = []
+    wait_for("worker 1 creating a batch", lambda: creating.extend(_rows(
+        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent'", victim))
+        or creating, timeout=30)
+    link.cut()
+    emulator.set_faults(slow=0.0)
+    time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
+    cut_seq = cluster.last_event()
+    held = {r["chunk"]: r["epoch"] for r in _rows(
+        cluster, "SELECT chunk, epoch FROM {s}.chunk WHERE owner = $1 AND stage <> 'retired'",
+        victim)}
+    (worker,) = _rows(cluster, "SELECT heartbeat_at, lease_ttl FROM {s}.worker "
+                               "WHERE worker_id = $1", victim)
+    deadline = worker["heartbeat_at"] + worker["lease_ttl"]  # an interval
+    if held:
+        wait_for("the survivors taking worker 1's chunks over", lambda: cluster.held(1) == 0,
+                 timeout=20)
+    else:  # it was between chunks: it still loses its link past its lease
+        time.sleep(3 + 1 + 1)
+    mark = (cluster.workers[1].root / "run.log").stat().st_size
+    restore_seq = cluster.last_event()
+    link.restore()
+    cluster.wait([0, 1, 2])
+    cluster.check(emulator, rewritten=REWRITTEN)
+    assert _drift(cluster) == []
+
+    after = _rows(cluster, "SELECT seq, kind, chunk, fence, epoch FROM {s}.event "
+                           "WHERE worker = $1 AND seq > $2 ORDER BY seq", victim, cut_seq)
+    assert not [e for e in after if e["seq"] <= restore_seq], "recorded with its link cut"
+    stale = [dict(e) for e in after
+             if e["fence"] == "chunk" and held.get(e["chunk"]) == e["epoch"]]
+    assert not stale, stale
+    made = _creators(cluster)
+    late = [(batch, when, deadline) for batch, creator, _, seq, when in made
+            if creator == victim and seq <= cut_seq and when > deadline]
+    assert not late, late
+    # The chunk it was creating has one batch (check() above), recorded by a survivor: its
+    # create adopted (made before the deadline, found by the pending intent) or sent again.
+    batches = _batch_of(cluster, creating[0]["chunk"])
+    recorded = [recorder for batch, _, recorder, _, _ in made if batch in batches]
+    assert recorded and victim not in recorded, (creating, recorded)
+    woke = (cluster.workers[1].root / "run.log").read_bytes()[mark:].decode(errors="replace")
+    assert "Traceback" not in woke, woke[-3000:]
+    if held:  # what it held was taken over: it learnt so, or was fenced trying
+        assert "leases lost" in woke or cluster.fenced() > 0, woke[-3000:]
