@@ -216,7 +216,10 @@ class TestStraySweeper:
             adoptable = sdk.messages.batches.create(requests=message_requests(4, prefix="b"))
             api = _Api(slow_emulator.base_url)
             try:
-                sweeper = StraySweeper(sweeper_store, api, "ws", interval=1.0)
+                told: list[tuple[str, str]] = []
+                sweeper = StraySweeper(sweeper_store, api, "ws", interval=1.0,
+                                       on_alarm=lambda pipeline, kind: told.append((pipeline,
+                                                                                    kind)))
                 sweeper.lease = await sweeper_store.acquire_shard(lease_pipeline("ws"),
                                                                   LEASE_SHARD)
                 assert sweeper.lease is not None
@@ -231,7 +234,7 @@ class TestStraySweeper:
                 record = json.loads(alarm["record"])
                 assert (alarm["pipeline"], alarm["chunk"], record["alarm_kind"]) == (
                     "p", "p-000001", "stray_batch")
-                assert stray.id in record["message"]
+                assert stray.id in record["message"] and told == [("p", "stray_batch")]
                 assert await sweeper.sweep_once() == []  # alarmed once, not again
                 # Once c2's intent is settled by a resend of its own, the batch it did not
                 # adopt is a stray too.
