@@ -361,7 +361,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 0
     from batchd.daemon.commands.cluster_status import cluster_status, status_lines
 
-    status = anyio.run(cluster_status, config)
+    status = anyio.run(cluster_status, config).overview
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(status, option=orjson.OPT_INDENT_2) + b"\n")
     else:
