@@ -181,6 +181,25 @@ class TestImport:
         assert count(cluster, "SELECT count(*) AS n FROM {s}.event") == events
         assert not (local.state_dir / "cluster-imported.json").exists()
 
+    def test_a_source_read_by_partition_is_refused(
+        self, two_workers: Cluster, emulator: EmulatorThread, tmp_path: Path
+    ) -> None:
+        """Kafka: the cluster reads it one shard per partition; the daemon's chunks have
+        no partition to go to, so the import is refused before anything is written."""
+        cluster = two_workers
+        local = local_daemon(cluster, tmp_path / "local", emulator.base_url)
+        killed = local.run(crash_at="after_seal")
+        assert killed.returncode == -signal.SIGKILL
+        write_config(local, cluster, shared=True)
+        text = local.config_path.read_text()
+        local.config_path.write_text(text.replace('"type" = "csv"', '"type" = "kafka"', 1))
+        refused = batchd(cluster, local, "cluster", "import", str(local.config_path))
+        assert refused.returncode == 2, refused.stderr
+        assert "pipelines 'tickets' read a source the cluster reads apart by partition" in (
+            refused.stderr)
+        assert count(cluster, "SELECT count(*) AS n FROM {s}.event") == 0
+        assert not (local.state_dir / "cluster-imported.json").exists()
+
 
 def _imported(tmp_path: Path, *, tamper: bool = False) -> ImportedPipeline:
     """Pipeline ``p``: one sealed chunk with its spool (3 requests), one retired chunk."""
