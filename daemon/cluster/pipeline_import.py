@@ -100,20 +100,25 @@ def _same_origin(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 async def _already(conn: Any, sql: Sql, p: ImportedPipeline) -> bool:
-    """True if an earlier run imported this pipeline from this state dir; refuse otherwise
-    when the cluster has anything of the pipeline."""
+    """True if an earlier run imported this pipeline from this state dir (workers may run
+    it by now); refused when it was imported from another one."""
     name = p.name
     row = await conn.fetchrow(sql(
         "SELECT seq, record FROM {s}.event WHERE kind = $1 AND pipeline = $2"
         " ORDER BY seq DESC LIMIT 1"), KIND, name)
-    if row is not None:
-        origin = from_json(row["record"]).get("origin", {})
-        if _same_origin(origin, p.origin):
-            return True
-        raise ImportRefused(
-            f"pipeline {name!r} was already imported into the cluster from state dir "
-            f"{origin.get('state_dir')} (event {row['seq']}): it cannot be imported again "
-            f"from {p.origin.get('state_dir')}")
+    if row is None:
+        return False
+    origin = from_json(row["record"]).get("origin", {})
+    if _same_origin(origin, p.origin):
+        return True
+    raise ImportRefused(
+        f"pipeline {name!r} was already imported into the cluster from state dir "
+        f"{origin.get('state_dir')} (event {row['seq']}): it cannot be imported again "
+        f"from {p.origin.get('state_dir')}")
+
+
+async def _refuse_if_run(conn: Any, sql: Sql, name: str) -> None:
+    """Refuse a pipeline the cluster has anything of (chunks, keys)."""
     chunks = await conn.fetchval(sql("SELECT count(*) FROM {s}.chunk WHERE pipeline = $1"),
                                  name)
     keys = await conn.fetchval(sql(
@@ -124,7 +129,6 @@ async def _already(conn: Any, sql: Sql, p: ImportedPipeline) -> bool:
             f"the cluster already runs pipeline {name!r} ({chunks} chunks, "
             f"{'some' if keys else 'no'} keys in its ledger): an import only moves a pipeline "
             "the cluster has not run; drain one of the two instead")
-    return False
 
 
 async def _take_shard(conn: Any, sql: Sql, name: str, grace: float) -> int | None:
@@ -258,9 +262,10 @@ async def write(
         SpoolCorrupt: a spool is not what the daemon kept beside it.
     """
     name = p.name
-    sealed = await _take_shard(conn, sql, name, grace)
     if await _already(conn, sql, p):
         return Written(name, already=True)
+    sealed = await _take_shard(conn, sql, name, grace)
+    await _refuse_if_run(conn, sql, name)
     if sealed is not None:
         raise ImportRefused(f"the cluster already read pipeline {name!r} (sealed up to seq "
                             f"{sealed}): an import only moves a pipeline the cluster has not run")
