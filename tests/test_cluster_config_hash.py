@@ -91,13 +91,14 @@ class TestOneConfigPerPipeline:
     def test_per_worker_fields_may_differ(
         self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
     ) -> None:
-        """Linger, max_in_flight, log level, poll timings, the lease timings: each its own."""
+        """Linger, max_in_flight, log level, poll and lease timings, the budget: each its own."""
         cluster = cluster_factory(rows=300, workers=2)
         edit(cluster.workers[1].config_path,
              ('"linger" = "0.2s"', '"linger" = "0.4s"'),
              ('"max_in_flight" = 3', '"max_in_flight" = 2'),
              ('"poll_interval" = "0.2s"', '"poll_interval" = "0.3s"'),
-             ('"takeover_grace" = "1s"', '"takeover_grace" = "2s"'))
+             ('"takeover_grace" = "1s"', '"takeover_grace" = "2s"'),
+             ('"max_attempts" = 3', '"max_attempts" = 3\n"budget_usd" = 500.0'))
         text = cluster.workers[1].config_path.read_text()
         cluster.workers[1].config_path.write_text('log_level = "debug"\n' + text)
         cluster.start(0)

@@ -15,14 +15,15 @@ record a custom_id names, or what outcome an answer gets:
   system, options, extra), ``custom_id``;
 * ``source.*`` (its type and options: identity, key column, positions);
 * ``batching.max_requests`` and ``batching.max_bytes`` (the chunks' shape);
-* ``max_attempts``, ``output.*``, ``keep_message``, ``budget_usd``,
-  ``ledger_retention``.
+* ``max_attempts``, ``output.*``, ``keep_message``, ``ledger_retention``.
 
 May differ per worker: ``state_dir``, ``log_level``, ``[metrics]``, the sinks and
 the dead-letter sink (each worker writes its own outputs, or they upsert), the
 ``[api]`` timings, tier and queue limit, ``batching.linger`` and
 ``max_in_flight`` (how much one worker drives), the dead-letter pause ratio, the
-``[cluster]`` lease timings, ``[models]`` and ``prices``.
+``[cluster]`` lease timings, ``[models]`` and ``prices``, and ``budget_usd``: the
+budget is a shared counter whose cap the last worker to open sets (raising it on one
+worker and restarting that one is how a budget pause is lifted, docs/cluster.md).
 
 The first worker to open a pipeline records its fields and their hash
 (``pipeline_config`` table); every later worker's must hash the same, or it is
@@ -104,7 +105,6 @@ def shared_fields(config: Config, pipeline: PipelineConfig) -> dict[str, Any]:
     for name, value in _plain(asdict(pipeline.output)).items():
         out[f"output.{name}"] = value
     out["keep_message"] = pipeline.keep_message
-    out["budget_usd"] = pipeline.budget_usd
     out["ledger_retention"] = pipeline.ledger_retention
     return out
 
