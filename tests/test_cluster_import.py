@@ -25,7 +25,7 @@ import anyio
 import asyncpg
 import pytest
 
-from batchd.daemon.cluster import event_log, pipeline_import
+from batchd.daemon.cluster import event_log, limits, pipeline_import
 from batchd.daemon.cluster.errors import SpoolCorrupt
 from batchd.daemon.cluster.pipeline_import import ImportedPipeline
 from batchd.daemon.cluster.schema import Sql
@@ -211,7 +211,8 @@ def _imported(tmp_path: Path, *, tamper: bool = False) -> ImportedPipeline:
                        bytes=spool.stat().st_size, rejects=0, first_seq=4, last_seq=6,
                        position={"offset": 60}, parent=None, covers_seq=6)
     state = PipelineState(name="p", last_sealed_seq=6, last_sealed_position={"offset": 60},
-                          next_chunk_no=2, committed_seq=3, committed_position={"offset": 30})
+                          next_chunk_no=2, committed_seq=3, committed_position={"offset": 30},
+                          cost_usd=1.5)
 
     async def keys() -> Any:
         yield [(f"k{i}", "p-000001", b"null") for i in range(3)]
@@ -239,6 +240,8 @@ class TestImportRows:
             view = MirroredStore(store)
             await view.refresh()
             reads = view.full_reads
+            # A worker of the pipeline opened before the import: its budget began at 0.
+            await limits.define(cluster.conn, cluster.sql, "budget:p", 10.0)
             async with cluster.conn.transaction():
                 done = await pipeline_import.write(cluster.conn, cluster.sql,
                                                    _imported(tmp_path), grace=1.0,
@@ -249,6 +252,8 @@ class TestImportRows:
             assert view.state.chunks["p-000001"].stage is Stage.SEALED
             assert view.state.batch_owner("msgbatch_old") == "p-000000"
             assert view.state.pipelines["p"].next_chunk_no == 2
+            budget = await limits.counter(cluster.conn, cluster.sql, "budget:p")
+            assert budget is not None and float(budget.spent) == 1.5  # the daemon's spend
             assert await event_log.drift(cluster.conn, cluster.sql) == []
             # Any worker claims the chunk and fetches its spool, checked.
             (claimed,) = await store.claim_chunks("p", 5)

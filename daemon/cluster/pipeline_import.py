@@ -20,7 +20,9 @@ the daemon stopped:
 * a chunk left at ``intent`` by the daemon's last create as the workspace create
   slot's pending intent: no other create goes out until its owner has looked for
   the batch that create may have made;
-* the queue reservations of the chunks at intent or submitted;
+* the daemon's spend on budget counters that exist already, and the queue
+  reservations of the chunks at intent or submitted (their budget holds are not
+  taken: their cost counts when they are committed);
 * one ``pipeline_imported`` event holding the snapshot of all that, which
   :func:`merge` replays, so the event log still replays to the rows.
 """
@@ -312,6 +314,12 @@ async def write(
             await conn.execute(sql(_INSERT_KEYS), name, SHARD, [k for k, _, _ in page],
                                [c for _, c, _ in page], [pos for _, _, pos in page])
             keys += len(page)
+    # Budget counters defined before the pipeline was here (a worker's open) started at
+    # nothing: the daemon's spend counts on them now. Scopes in order (the lock order).
+    for scope in sorted(["budget:org", f"budget:{name}"]) if state.cost_usd else ():
+        await conn.execute(sql(
+            "UPDATE {s}.limit_counter SET spent = spent + $2::numeric, updated_at = now()"
+            " WHERE scope = $1"), scope, str(state.cost_usd))
     if queue_scope is not None:  # limit counters before the create slot (the lock order)
         await limits.define(conn, sql, queue_scope, queue_cap)
         for chunk in p.chunks:
