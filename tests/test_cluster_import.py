@@ -115,7 +115,8 @@ class TestImport:
         stored = count(cluster, "SELECT count(*) AS n FROM {s}.key_ledger")
         assert stored > 0
 
-        again = batchd(cluster, local, "cluster", "import", str(local.config_path))
+        again = batchd(cluster, local, "cluster", "import", str(local.config_path),
+                       "--state-dir", str(local.state_dir))
         assert again.returncode == 0, again.stderr
         assert "was already imported" in again.stdout
         assert count(cluster, "SELECT count(*) AS n FROM {s}.key_ledger") == stored
