@@ -187,9 +187,20 @@ class _Daemon:
             with reconcile:
                 await self.reconciler.run()
 
+        async def sweeping() -> None:
+            from batchd.daemon.cluster.stray_sweeper import StraySweeper
+
+            cluster = self.config.cluster
+            sweeper = StraySweeper(self.cluster.inner, self.runners[0].api, cluster.workspace,
+                                   interval=max(1.0, min(60.0, cluster.lease_ttl)))
+            with reconcile:
+                await sweeper.run()
+
         async with anyio.create_task_group() as tasks:
             if self.cluster is None:  # in a cluster, other workers' batches are not unknown
                 tasks.start_soon(reconciling)
+            elif self.runners:  # one sweeper per worker process; one sweeps per workspace
+                tasks.start_soon(sweeping)
             async with anyio.create_task_group() as runners:
                 for runner in self.runners:
                     runners.start_soon(partial(runner.run, until_drained=until_drained))
