@@ -315,6 +315,9 @@ class PipelineRunner:
                         self.packer.shrink()
                     continue  # the same driver: it counts refusals in a row
                 if isinstance(outcome, Committed):
+                    # Nothing more is recorded under its lease (the shard's retires it): its
+                    # retirement must not read as a lease lost at the next heartbeat.
+                    self.leases.pop(chunk_id, None)
                     await self._committed(outcome)
                 elif isinstance(outcome, Held):
                     # Not a retry loop, not an exit systemd would restart: the chunk waits for
@@ -339,6 +342,8 @@ class PipelineRunner:
                                  chunk=outcome.chunk)
             await self.dead_letter_guard.check(summary)
         if outcome.retry_chunk is not None:
+            if outcome.retry_lease is not None:  # the retry chunk is born ours
+                self.leases[outcome.retry_chunk] = outcome.retry_lease
             self.start_chunk(outcome.retry_chunk, active=True)
         backoff = Backoff(1.0, 60.0)
         while True:
@@ -389,7 +394,11 @@ class PipelineRunner:
         await self.pause(refusal, alarm_kind="budget_exhausted", kind=PauseKind.BUDGET)
         raise BudgetExhausted(refusal)
 
-    async def seal(self, builder: ChunkBuilder) -> None:
+    async def seal(self, builder: ChunkBuilder, shard: ShardLease | None = None) -> None:
+        """
+        Seal a packed chunk; *shard* is the lease of the shard it was read from when a
+        cluster worker reads a source split in shards (else the runner's one shard).
+        """
         refusal = await self.budget_refusal(builder.writer.requests, builder.writer.body_bytes)
         if refusal is not None:
             builder.writer.discard()
@@ -408,22 +417,28 @@ class PipelineRunner:
                 await self.store.append(scheme)
         digest = None
         if self.clustered:
-            assert self.shard is not None
-            digest = await self.store.put_spool(builder.id, self.shard.epoch,
+            reading = shard or self.shard
+            assert reading is not None
+            digest = await self.store.put_spool(builder.id, reading.epoch,
                                                 self.spool_path(builder.id))
+        sealed = ChunkSealed(
+            pipeline=self.pipeline.name,
+            chunk=builder.id,
+            attempt=1,
+            requests=builder.writer.requests,
+            bytes=builder.writer.body_bytes,
+            rejects=builder.writer.rejects,
+            first_seq=builder.first_seq,
+            last_seq=builder.last_seq,
+            position=position,
+            parent=None,
+            shard=None if shard is None else shard.shard,
+        )
         try:
-            applied = await self._shard_append(ChunkSealed(
-                pipeline=self.pipeline.name,
-                chunk=builder.id,
-                attempt=1,
-                requests=builder.writer.requests,
-                bytes=builder.writer.body_bytes,
-                rejects=builder.writer.rejects,
-                first_seq=builder.first_seq,
-                last_seq=builder.last_seq,
-                position=position,
-                parent=None,
-            ), spool=digest)
+            if shard is None:
+                applied = await self._shard_append(sealed, spool=digest)
+            else:
+                applied = await self.store.append(sealed, lease=shard, spool=digest)
         except LimitRefused as exc:  # the shared budget, in the seal's own transaction
             self.spool_path(builder.id).unlink(missing_ok=True)
             await self.budget_stop(self.budget.counter_refusal(

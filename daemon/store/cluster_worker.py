@@ -37,6 +37,7 @@ __all__ = (
     "define_budget",
     "heartbeat_loop",
     "open_cluster_store",
+    "pipeline_fields",
     "queue_reconcile_loop",
     "queue_scope",
     "reconcile_interval",
@@ -130,11 +131,19 @@ async def queue_reconcile_loop(store: Any, api: BatchesApi, scope: str,
         await anyio.sleep(interval)
 
 
+def pipeline_fields(config: Config) -> dict[str, dict[str, Any]]:
+    """Each pipeline's fields every worker must share (``cluster/pipeline_config.py``)."""
+    from batchd.daemon.cluster.pipeline_config import shared_fields
+
+    return {p.name: shared_fields(config, p) for p in config.pipelines}
+
+
 async def open_cluster_store(config: Config, stack: AsyncExitStack,
                              spool_dir: Path) -> MirroredStore:
     """The PostgreSQL store of ``[cluster]``, open, with its local view read once."""
     from batchd.daemon.cluster.errors import SchemaVersionError
     from batchd.daemon.cluster.migrations import check
+    from batchd.daemon.cluster.pipeline_config import check_or_record
     from batchd.daemon.commands.cluster_connect import cluster_dsn, connect_cluster, located
     from batchd.daemon.store.postgres import PgStore
 
@@ -142,6 +151,11 @@ async def open_cluster_store(config: Config, stack: AsyncExitStack,
     conn, sql = await connect_cluster(config, "run")
     try:
         await check(conn, sql)
+        # Every worker of a pipeline runs it with the same shared fields (the first records
+        # them): a worker whose config differs stops here, naming each field.
+        await check_or_record(conn, sql, pipeline_fields(config),
+                              recorded_by=f"{socket.gethostname()}:{os.getpid()}",
+                              where=str(config.path))
     except SchemaVersionError as exc:
         raise located(config, exc, "schema") from None
     finally:

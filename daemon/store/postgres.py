@@ -301,9 +301,29 @@ class PgStore:
 
     async def snapshot(self) -> ManifestState:
         """The rows as a ManifestState, read in one snapshot."""
+        state, _ = await self.snapshot_seqs(0)
+        return state
+
+    async def snapshot_seqs(self, window: int) -> tuple[ManifestState, list[int]]:
+        """
+        The rows as a ManifestState, and the event seqs visible among its last *window*.
+
+        Read in one snapshot: a seq of that window absent from the list belonged to a
+        transaction still open (or rolled back) when the rows were read, so a reader
+        that goes on from the state's seq must ask for it again (:meth:`events`).
+        """
         async with self._conn() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await event_log.rows_state(conn, self.sql)
+                state = await event_log.rows_state(conn, self.sql)
+                seen = (await event_log.present(conn, self.sql, state.seq, window)
+                        if window > 0 else [])
+        return state, seen
+
+    async def events(self, after: int, missing: Sequence[int] = (), *,
+                     limit: int = 5000) -> list[dict[str, Any]]:
+        """The records after seq *after* and those of the seqs in *missing*, in seq order."""
+        async with self._conn() as conn:
+            return await event_log.since(conn, self.sql, after, missing, limit=limit)
 
     # -- leases ------------------------------------------------------------------
 
@@ -371,6 +391,21 @@ class PgStore:
         async with self._conn() as conn:
             return await shards.acquire(conn, self.sql, self.worker_id, pipeline, shard,
                                         grace=self.grace, force=force)
+
+    async def release_shard(self, lease: ShardLease) -> bool:
+        """Stop reading a shard (over this worker's share, or read to its end)."""
+        async with self._conn() as conn:
+            return await shards.release(conn, self.sql, lease)
+
+    async def next_chunk_number(self, pipeline: str) -> int:
+        """A chunk number unique across the pipeline's shard readers."""
+        async with self._conn() as conn:
+            return await shards.next_chunk_number(conn, self.sql, pipeline)
+
+    async def live_workers(self) -> int:
+        """How many workers heartbeat now (the shards are shared between them)."""
+        async with self._conn() as conn:
+            return await shards.live_workers(conn, self.sql)
 
     # -- creates -----------------------------------------------------------------
 
