@@ -8,6 +8,8 @@ queue is one counter every create reserves, so the emulator's queue never refuse
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,7 +23,7 @@ from batchd.daemon.config import load_config
 from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.models.preflight import catalog_for
 from batchd.daemon.models.pricing import PriceTable
-from tests.fixtures.cluster_workers import DSN_VAR, Cluster, _query
+from tests.fixtures.cluster_workers import DSN_VAR, Cluster, _query, wait_for
 from tests.fixtures.engine import csv_keys
 
 ROWS = 600  # 12 chunks of 50
@@ -162,6 +164,57 @@ class TestOrgBudget:
         first = (cluster.workers[0].root / "run.log").read_text()
         assert "budget raised: resuming the pipeline paused by it" in first
         assert '"event":"limit cap changed' in first  # naming both caps
+
+
+    def test_a_waiting_reader_reads_on_once_another_worker_raises_the_budget(
+        self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+    ) -> None:
+        """
+        Service mode (no --until-drained): the reader stopped by the budget keeps its
+        shard and waits; a worker restarted with a higher budget_usd lifts the pause,
+        and the waiting reader reads the rest.
+        """
+        cluster = cluster_factory(rows=ROWS, workers=2, pipeline={"budget_usd": BUDGET})
+
+        def serve(i: int) -> subprocess.Popen[bytes]:
+            ws = cluster.workers[i]
+            log = (ws.root / "run.log").open("ab")
+            proc = subprocess.Popen(ws.command("run", str(ws.config_path)), cwd=ws.root,
+                                    env=cluster.env(ws), stdout=log, stderr=log)
+            cluster.procs[i] = proc
+            return proc
+
+        def paused() -> Any:
+            return store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]
+
+        serve(0), serve(1)
+        wait_for("the budget pause", lambda: bool(
+            store_rows(cluster, "SELECT * FROM {s}.pipeline") and paused()))
+        wait_for("the chunks admitted to be retired", lambda: not store_rows(
+            cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'"))
+        sent = len(emulator.stats()["received"])
+        assert 0 < sent < ROWS
+        raise_budget(cluster, 100.0)  # both configs; worker 1 restarts with it
+        first = cluster.procs[1]
+        assert first is not None
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+        serve(1)
+        wait_for("every row sent", lambda: len(emulator.stats()["received"]) == ROWS, 40)
+        wait_for("every chunk retired", lambda: not store_rows(
+            cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'") and store_rows(
+            cluster, "SELECT committed_seq FROM {s}.pipeline")[0]["committed_seq"] == ROWS)
+        assert paused() is None
+        for proc in cluster.procs:
+            assert proc is not None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, cluster.logs()
+        cluster.check(emulator)
+        logs = [(ws.root / "run.log").read_text() for ws in cluster.workers]
+        assert "budget raised: resuming the pipeline paused by it" in logs[1]
+        # Worker 0 held the shard through the pause (it read first, or took it when worker 1
+        # stopped) and took it again from itself to read on.
+        assert f'"previous_owner":"{cluster.worker_id(0)}"' in logs[0], logs[0][-3000:]
 
 
 @pytest.fixture
