@@ -106,6 +106,14 @@ def raise_budget(cluster: Cluster, budget: float) -> None:
         ws.write_raw(raised)
 
 
+def accept_config(cluster: Cluster) -> None:
+    """``batchd cluster init CONFIG --accept-config``: a shared field changed for all."""
+    ws = cluster.workers[0]
+    proc = subprocess.run(ws.command("cluster", "init", str(ws.config_path), "--accept-config"),
+                          env=cluster.env(ws), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 class TestOrgBudget:
     def test_three_workers_stop_at_one_budget_and_finish_once_it_is_raised(
         self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
@@ -149,9 +157,11 @@ class TestOrgBudget:
         holds = store_rows(cluster, "SELECT * FROM {s}.limit_hold")
         assert holds == []
 
-        # The budget raised in every config: the first worker back lifts the pause (the cap
-        # went up), the others join, and the rest is done, every row paid once in all.
+        # The budget raised in every config and accepted for the cluster (every worker is
+        # stopped): the first worker back lifts the pause (the cap went up), the others
+        # join, and the rest is done, every row paid once in all.
         raise_budget(cluster, 100.0)
+        accept_config(cluster)
         cluster.start(0)
         deadline = time.monotonic() + 30
         while store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]:
@@ -166,13 +176,13 @@ class TestOrgBudget:
         assert '"event":"limit cap changed' in first  # naming both caps
 
 
-    def test_a_waiting_reader_reads_on_once_another_worker_raises_the_budget(
+    def test_a_waiting_reader_reads_on_once_a_reload_raises_the_budget(
         self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
     ) -> None:
         """
         Service mode (no --until-drained): the reader stopped by the budget keeps its
-        shard and waits; a worker restarted with a higher budget_usd lifts the pause,
-        and the waiting reader reads the rest.
+        shard and waits; another worker reloaded (SIGHUP) with a higher budget_usd lifts
+        the pause, and the waiting reader reads the rest.
         """
         cluster = cluster_factory(rows=ROWS, workers=2, pipeline={"budget_usd": BUDGET})
 
@@ -187,6 +197,10 @@ class TestOrgBudget:
         def paused() -> Any:
             return store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]
 
+        def reader() -> str | None:
+            rows = store_rows(cluster, "SELECT owner FROM {s}.shard")
+            return rows[0]["owner"] if rows else None
+
         serve(0), serve(1)
         wait_for("the budget pause", lambda: bool(
             store_rows(cluster, "SELECT * FROM {s}.pipeline") and paused()))
@@ -194,12 +208,12 @@ class TestOrgBudget:
             cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'"))
         sent = len(emulator.stats()["received"])
         assert 0 < sent < ROWS
-        raise_budget(cluster, 100.0)  # both configs; worker 1 restarts with it
-        first = cluster.procs[1]
-        assert first is not None
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=30) == 0
-        serve(1)
+        waiting = 0 if reader() == cluster.worker_id(0) else 1
+        other = 1 - waiting
+        raise_budget(cluster, 100.0)
+        proc = cluster.procs[other]
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)  # the other worker reloads: its prepare raises the cap
         wait_for("every row sent", lambda: len(emulator.stats()["received"]) == ROWS, 40)
         wait_for("every chunk retired", lambda: not store_rows(
             cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'") and store_rows(
@@ -211,10 +225,10 @@ class TestOrgBudget:
             assert proc.wait(timeout=30) == 0, cluster.logs()
         cluster.check(emulator)
         logs = [(ws.root / "run.log").read_text() for ws in cluster.workers]
-        assert "budget raised: resuming the pipeline paused by it" in logs[1]
-        # Worker 0 held the shard through the pause (it read first, or took it when worker 1
-        # stopped) and took it again from itself to read on.
-        assert f'"previous_owner":"{cluster.worker_id(0)}"' in logs[0], logs[0][-3000:]
+        assert "budget raised: resuming the pipeline paused by it" in logs[other]
+        # The waiting reader kept its shard through the pause and took it again from itself.
+        me = cluster.worker_id(waiting)
+        assert f'"previous_owner":"{me}"' in logs[waiting], logs[waiting][-3000:]
 
 
 @pytest.fixture
