@@ -7,6 +7,7 @@ queue is one counter every create reserves, so the emulator's queue never refuse
 
 from __future__ import annotations
 
+import csv
 import re
 import signal
 import subprocess
@@ -30,6 +31,8 @@ ROWS = 600  # 12 chunks of 50
 # A 50-request chunk of this pipeline is bounded at about $0.002 (max_tokens 8): the
 # budget admits a part of the 12 chunks, never all of them.
 BUDGET = 0.009
+# Kafka: 48 chunks of 25 (about $0.0011 each at most); the budget admits about half.
+KAFKA_ROWS, KAFKA_BUDGET = 1200, 0.03
 QUEUE = 100  # two 50-request chunks; three workers with 3 in flight each would send 450
 
 
@@ -229,6 +232,53 @@ class TestOrgBudget:
         # The waiting reader kept its shard through the pause and took it again from itself.
         me = cluster.worker_id(waiting)
         assert f'"previous_owner":"{me}"' in logs[waiting], logs[waiting][-3000:]
+
+
+class TestOrgBudgetAcrossShardReaders:
+    def test_three_workers_reading_kafka_partitions_seal_within_one_budget(
+        self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread,
+        kafka_bootstrap: str,
+    ) -> None:
+        """
+        Six partitions read by three workers at once, each sealing its own chunks: the
+        seals of every worker go through one counter row, so together they stay within
+        the budget (the local view could not: each reader sees its own seals first).
+        """
+        import anyio
+
+        from tests.fixtures.kafka import create_topic, produce_json, unique_name
+
+        topic, group = unique_name("budget-tickets"), unique_name("budget-group")
+        source: dict[str, Any] = {
+            "type": "kafka", "bootstrap_servers": kafka_bootstrap, "topics": [topic],
+            "group_id": group, "key_field": "ticket_id", "drain_idle": 0.5,
+            "poll_timeout_ms": 200, "batch": 100,
+        }
+        cluster = cluster_factory(rows=KAFKA_ROWS, pipeline={
+            "source": source, "max_requests": 25, "budget_usd": KAFKA_BUDGET})
+        rows = [row for row in csv.DictReader(cluster.input.open(newline=""))
+                if row.get("ticket_id")]
+
+        async def fill() -> None:
+            await create_topic(kafka_bootstrap, topic, 6)
+            await produce_json(kafka_bootstrap, topic,
+                               [(row["ticket_id"].encode(), row) for row in rows])
+
+        anyio.run(fill)
+        with CounterWatch(cluster, "budget:tickets") as watch:
+            for i in range(3):
+                cluster.start(i)
+            codes = exits(cluster, [0, 1, 2])
+        assert codes == [3, 3, 3], cluster.logs()
+        peak = max(spent + reserved for spent, reserved, _ in watch.samples)
+        assert peak <= Decimal(str(KAFKA_BUDGET)), peak
+        assert 0 < emulator_cost(cluster, emulator) <= KAFKA_BUDGET
+        received = Counter(emulator.stats()["received"])
+        assert 0 < len(received) < KAFKA_ROWS and set(received.values()) == {1}
+        sealers = store_rows(cluster, "SELECT DISTINCT worker FROM {s}.event "
+                                      "WHERE kind = 'chunk_sealed'")
+        assert len(sealers) >= 2, sealers  # several workers sealed against the one budget
+        assert store_rows(cluster, "SELECT * FROM {s}.limit_hold") == []
 
 
 @pytest.fixture
