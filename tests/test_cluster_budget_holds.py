@@ -178,6 +178,20 @@ class TestBudgetHolds:
             rows = [c for c in (await a.snapshot()).chunks]
             assert len(rows) == 2
 
+    async def test_a_chunk_sealed_before_its_bound_still_counts_its_cost(
+        self, pg: Harness
+    ) -> None:
+        """A chunk with no hold (sealed before the runtime wired the budget) is spent anyway."""
+        async with pg.opened() as store:
+            shard = await store.acquire_shard("p")
+            lease = await seal(pg, store, shard, "p-000001")
+            assert await holds(store) == {}
+            store.budgets.register("p", lambda requests, size: BOUND)
+            await store.append(committed(lease.chunk, None, 0.3), lease=lease,
+                               expected=Stage.SEALED)
+            budget = await counter(store, BUDGET)
+            assert (budget.spent, budget.reserved) == (Decimal("0.3"), 0)
+
     async def test_without_a_bound_a_seal_holds_nothing(self, pg: Harness) -> None:
         """A pipeline the runtime registered no bound for (no budget wiring) seals as before."""
         async with pg.opened() as store:
