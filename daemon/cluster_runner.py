@@ -191,6 +191,8 @@ class ClusterRunner(PipelineRunner):
                                      error=f"{type(exc).__name__}: {exc}")
             if until_drained and names and self._checked >= set(names) and not self.readers:
                 return
+            if until_drained and self._paused_for(PauseKind.BUDGET) and not self.readers:
+                return  # intake stopped by the budget: what was sealed is done; exit 3
             try:
                 await self._balance(store, names, until_drained)
             except (FatalError, ConfigError):
@@ -203,8 +205,8 @@ class ClusterRunner(PipelineRunner):
     async def _balance(self, store: ShardStore, names: list[str], until_drained: bool) -> None:
         """Hand back what is over this worker's share; take free shards up to it."""
         assert self.readers is not None and self._tg is not None
-        if not names:
-            return
+        if not names or self._paused_for(PauseKind.BUDGET):
+            return  # (the budget: no reader would seal; take shards once it lifts)
         share = fair_share(len(names), await store.live_workers())
         keeping = [r for r in self.readers.values() if not r.release_wanted]
         for reader in keeping[share:]:
@@ -250,7 +252,7 @@ class ClusterRunner(PipelineRunner):
                 except BudgetExhausted:
                     reader.stopped = True  # intake stops; its chunks still finish
                     if not until_drained:
-                        await self._wait_released(reader)
+                        await self._wait_released(reader)  # or the budget lifted
                 await self._hold_until_retired(reader)
         except ShardLost as exc:
             self.log.warning("source shard lost or handed back", shard=reader.name,
@@ -283,6 +285,8 @@ class ClusterRunner(PipelineRunner):
         while True:
             if reader.release_wanted:
                 raise ShardLost(f"shard {reader.name}: handed back, over this worker's share")
+            if self._paused_for(PauseKind.BUDGET):  # another reader's seal was refused
+                raise BudgetExhausted(self.paused or "budget")
             with anyio.move_on_after(1.0):
                 await self.room()
                 return
@@ -295,7 +299,9 @@ class ClusterRunner(PipelineRunner):
             raise ShardLost(str(exc)) from None
 
     async def _wait_released(self, reader: ShardReader) -> None:
-        while not reader.release_wanted:
+        """Until the shard is wanted back, or the budget pause lifts (then it is let go and
+        taken again, read on from its sealed position)."""
+        while not reader.release_wanted and self._paused_for(PauseKind.BUDGET):
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
 
