@@ -44,8 +44,11 @@ class ShardStore(Protocol):
     async def next_chunk_number(self, pipeline: str) -> int:
         """A chunk number no reader of another shard of the pipeline gets."""
 
-    async def live_workers(self) -> int:
-        """How many workers heartbeat now."""
+    async def join_readers(self, pipeline: str) -> None:
+        """List this worker among the readers of *pipeline*'s shards."""
+
+    async def live_readers(self, pipeline: str) -> int:
+        """How many live workers share *pipeline*'s shards."""
 
 
 def split_source(source: Source) -> SplitSource | None:

@@ -121,7 +121,8 @@ class ClusterRunner(PipelineRunner):
         """
         Hold this worker's share of the source's shards, each read by its own task.
 
-        Each poll: the share is the shard count over the live workers (rounded up);
+        Each poll: the share is the shard count over the live workers reading this
+        pipeline (rounded up);
         readers over it are asked to hand their shard back at the next chunk boundary,
         and free shards (nobody live holds them) are taken up to it, starting from a
         place that differs per worker so that workers starting together pick apart.
@@ -130,6 +131,14 @@ class ClusterRunner(PipelineRunner):
         """
         store = self._shard_store()
         self.readers, self._checked = {}, set()
+        while True:
+            try:
+                await store.join_readers(self.pipeline.name)
+                break
+            except Exception as exc:  # the database away: try again
+                self.log.warning("cannot join the source's readers; will try again",
+                                 error=f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(1.0)
         interval = min(1.0, self.api_config.poll_interval)
         names: list[str] = []
         listed_at = -_LIST_EVERY
@@ -159,7 +168,7 @@ class ClusterRunner(PipelineRunner):
         assert self.readers is not None and self._tg is not None
         if not names:
             return
-        share = fair_share(len(names), await store.live_workers())
+        share = fair_share(len(names), await store.live_readers(self.pipeline.name))
         keeping = [r for r in self.readers.values() if not r.release_wanted]
         for reader in keeping[share:]:
             reader.release_wanted = True
