@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import anyio
 
+from batchd.daemon.cluster.budget_holds import budget_scope
 from batchd.daemon.cluster_readers import (
     ShardReader,
     ShardStore,
@@ -36,7 +37,7 @@ from batchd.daemon.intake.packer import Packer
 from batchd.daemon.pipeline import DONE_STAGES, BudgetExhausted, PipelineRunner, ShardLost
 from batchd.daemon.store.contract import FencedOut
 from batchd.daemon.wal.chunk_ids import root_of
-from batchd.daemon.wal.records import ChunkRetired, SourceCommitted
+from batchd.daemon.wal.records import ChunkRetired, PauseKind, PipelineResumed, SourceCommitted
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import ConfigError, FatalError, RetriableError
 
@@ -55,7 +56,37 @@ class ClusterRunner(PipelineRunner):
     _checked: set[str]
 
     async def prepare(self) -> None:
-        """Nothing to open yet: the source opens once this worker holds its shard."""
+        """
+        The pipeline's budget counter at this config's cap (at start and each reload); a
+        budget pause lifts if the cap went up. The source opens once this worker holds
+        its shard.
+        """
+        from batchd.daemon.store.cluster_worker import define_budget
+
+        if not hasattr(self.store, "inner"):
+            return  # not a PgStore behind a view (in-process tests)
+        raised = await define_budget(self.store, self.pipeline.name, self.budget.limit,
+                                     self.budget.upper_bound)
+        if raised and self._paused_for(PauseKind.BUDGET):
+            self.log.warning("budget raised: resuming the pipeline paused by it",
+                             budget_usd=self.budget.limit, reason=self.paused)
+            await self.store.append(PipelineResumed(pipeline=self.pipeline.name))
+            self.telemetry.budget(False)
+
+    async def budget_refusal(self, requests: int, request_bytes: int) -> str | None:
+        """
+        The shared counter's answer (every worker's spend and holds), read before the spool
+        is uploaded; the seal's own transaction then reserves, and refuses a late change.
+        """
+        counter = getattr(self.store, "counter", None)
+        if counter is None or not hasattr(self.store, "inner"):
+            return await super().budget_refusal(requests, request_bytes)
+        now = await counter(budget_scope(self.pipeline.name))
+        if now is None:
+            return await super().budget_refusal(requests, request_bytes)
+        return self.budget.counter_refusal(
+            None if now.cap is None else float(now.cap), float(now.spent),
+            float(now.reserved + now.external), self.budget.upper_bound(requests, request_bytes))
 
     async def run(self, *, until_drained: bool) -> None:
         """
@@ -72,6 +103,14 @@ class ClusterRunner(PipelineRunner):
             tg.start_soon(self._claim_loop)
             tg.start_soon(self._keep_running, self.poller.run)
             tg.start_soon(self._keep_running, self._watch_resume_requests)
+            if self.deps.queue_scope is not None and hasattr(self.store, "inner"):
+                from batchd.daemon.store.cluster_worker import (
+                    queue_reconcile_loop,
+                    reconcile_interval,
+                )
+
+                tg.start_soon(queue_reconcile_loop, self.store, self.api, self.deps.queue_scope,
+                              reconcile_interval())
             self.recovered.set()  # intents are settled under the create slot, by their owner
             split = split_source(self.source)
             if split is not None and self.make_source is not None:
@@ -86,9 +125,11 @@ class ClusterRunner(PipelineRunner):
         """Read the source (one shard) whenever this worker holds it, until drained."""
         while True:
             await self._hold_shard()
-            await self.prepare_reader()
-            assert self.packer is not None
             try:
+                if self._paused_for(PauseKind.BUDGET):  # by any worker: intake stays off
+                    raise BudgetExhausted(self.paused or "budget")
+                await self.prepare_reader()
+                assert self.packer is not None
                 await self.packer.run(until_drained)
             except ShardLost as exc:
                 self.log.warning("source shard lost: another worker reads it now", why=str(exc))
@@ -96,7 +137,12 @@ class ClusterRunner(PipelineRunner):
                 continue
             except BudgetExhausted:
                 if not until_drained:
-                    await anyio.sleep_forever()
+                    # Read again once a raised budget (a worker's start or reload) lifts it.
+                    while self._paused_for(PauseKind.BUDGET):
+                        with anyio.move_on_after(1.0):
+                            await self.changed.wait()
+                    self.shard, self.packer = None, None
+                    continue
             except (FatalError, ConfigError):
                 raise
             except Exception as exc:  # the database link cut, a paused worker's session
