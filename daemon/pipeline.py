@@ -315,6 +315,9 @@ class PipelineRunner:
                         self.packer.shrink()
                     continue  # the same driver: it counts refusals in a row
                 if isinstance(outcome, Committed):
+                    # Nothing more is recorded under its lease (the shard's retires it): its
+                    # retirement must not read as a lease lost at the next heartbeat.
+                    self.leases.pop(chunk_id, None)
                     await self._committed(outcome)
                 elif isinstance(outcome, Held):
                     # Not a retry loop, not an exit systemd would restart: the chunk waits for
@@ -339,6 +342,8 @@ class PipelineRunner:
                                  chunk=outcome.chunk)
             await self.dead_letter_guard.check(summary)
         if outcome.retry_chunk is not None:
+            if outcome.retry_lease is not None:  # the retry chunk is born ours
+                self.leases[outcome.retry_chunk] = outcome.retry_lease
             self.start_chunk(outcome.retry_chunk, active=True)
         backoff = Backoff(1.0, 60.0)
         while True:

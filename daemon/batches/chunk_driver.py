@@ -99,6 +99,7 @@ class ChunkDriver:
         # The adoption window of the intent being settled: ((chunk, intent_at), API time).
         self._window: tuple[tuple[str, float], float] | None = None
         self._listed = (0.0, 0.0)  # API-clock start and end of the last list of batches
+        self._retry_lease: ChunkLease | None = None  # on the retry chunk that collect cut
 
     def _chunk(self) -> ChunkState | None:
         return self.deps.manifest.state.chunks.get(self.chunk_id)
@@ -163,7 +164,8 @@ class ChunkDriver:
                 else:
                     summary = self._summary
                     retry = summary.retry_chunk if summary is not None else None
-                    return Committed(chunk.chunk, summary, retry.chunk if retry else None)
+                    return Committed(chunk.chunk, summary, retry.chunk if retry else None,
+                                     self._retry_lease)
                 backoff.reset()
             except _Stop as stop:
                 return stop.outcome
@@ -657,10 +659,12 @@ class ChunkDriver:
         if deps.workspace is not None and retry is not None:
             digest = await deps.store.put_spool(retry.chunk, self.lease.epoch,
                                                 deps.spool_path(retry.chunk))
-        await self._append(ResultsCommitted(
+        applied = await self._append(ResultsCommitted(
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
         ), chunk.stage, digest)
+        self._retry_lease = next(iter(applied.created), None)
+        crash_point("after_commit")  # committed, before the source commit and retirement
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,

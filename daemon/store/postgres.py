@@ -301,9 +301,29 @@ class PgStore:
 
     async def snapshot(self) -> ManifestState:
         """The rows as a ManifestState, read in one snapshot."""
+        state, _ = await self.snapshot_seqs(0)
+        return state
+
+    async def snapshot_seqs(self, window: int) -> tuple[ManifestState, list[int]]:
+        """
+        The rows as a ManifestState, and the event seqs visible among its last *window*.
+
+        Read in one snapshot: a seq of that window absent from the list belonged to a
+        transaction still open (or rolled back) when the rows were read, so a reader
+        that goes on from the state's seq must ask for it again (:meth:`events`).
+        """
         async with self._conn() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await event_log.rows_state(conn, self.sql)
+                state = await event_log.rows_state(conn, self.sql)
+                seen = (await event_log.present(conn, self.sql, state.seq, window)
+                        if window > 0 else [])
+        return state, seen
+
+    async def events(self, after: int, missing: Sequence[int] = (), *,
+                     limit: int = 5000) -> list[dict[str, Any]]:
+        """The records after seq *after* and those of the seqs in *missing*, in seq order."""
+        async with self._conn() as conn:
+            return await event_log.since(conn, self.sql, after, missing, limit=limit)
 
     # -- leases ------------------------------------------------------------------
 

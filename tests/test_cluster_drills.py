@@ -1,0 +1,275 @@
+"""
+Crash drills for cluster mode: three real ``batchd run`` workers share one pipeline
+through PostgreSQL and the emulator, and one of them is SIGKILLed (``BATCHD_CRASH_AT``)
+at each point of a chunk's life: right after the seal, the create intent, the create,
+the ``ended`` record, in the middle of collecting, after the sink flush, after the
+``results_committed`` record and after the source commit.
+
+Each point runs twice: the survivors finish without the victim, and the victim's config
+is started again at once (a new incarnation on the same state dir) and all three finish.
+Whatever the point, the run ends the way an uninterrupted run does: every key has one
+outcome across the workers' sinks (keys a victim wrote before recording their commit
+are written again by the next owner, with the same answers), the emulator received
+every custom_id exactly once and made exactly the batches the store records, and the
+store's event log replays to its rows.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import anyio
+import asyncpg
+import orjson
+import pytest
+
+from batchd.daemon.cluster import event_log
+from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.emulator import EmulatorThread
+from tests.fixtures.cluster_workers import Cluster, uninterrupted_receipts, wait_for
+from tests.fixtures.engine import csv_keys
+from tests.fixtures.hostile import custom_ids
+from tests.fixtures.tcp_proxy import ProxyThread
+
+ROWS = 600
+MAX_REQUESTS = 100  # mid_results fires at a chunk's 100th result line
+MAX_IN_FLIGHT = 2
+# A victim killed between its sink writes and its results_committed record leaves rows
+# the chunk's next owner writes again (same batch, same answers): its chunks in flight.
+REWRITTEN = MAX_IN_FLIGHT * MAX_REQUESTS
+# Workers start and stop in ~1 s each; a takeover waits lease_ttl + grace (3 s + 1 s).
+_WORKER_DEADLINE = 40.0
+
+
+@pytest.fixture
+def emulator(emulator_factory: Callable[..., EmulatorThread]) -> EmulatorThread:
+    """Batches end 1 s after their create, so every worker has chunks in flight."""
+    return emulator_factory(latency=1.0)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A crash point and whose it is: only the source's reader seals and commits it."""
+
+    name: str
+    reader: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+POINTS = [
+    Point("after_seal", reader=True),
+    Point("after_intent"),
+    Point("after_create"),
+    Point("after_ended"),
+    Point("mid_results"),
+    Point("after_flush"),
+    Point("after_commit"),
+    Point("after_source_commit", reader=True),
+]
+
+
+def _log(cluster: Cluster, i: int) -> str:
+    path = cluster.workers[i].root / "run.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _drift(cluster: Cluster) -> list[str]:
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(cluster.dsn, timeout=10)
+        try:
+            return await event_log.drift(conn, Sql(cluster.schema))
+        finally:
+            await conn.close()
+
+    return anyio.run(go)
+
+
+def _start_with_victim(cluster: Cluster, point: Point) -> int:
+    """
+    Start the three workers, one of them with the crash point; return the victim.
+
+    A reader's point (seal, source commit) gets a victim that starts first and so reads
+    the source. For every other point the three start together, so every worker drives
+    chunks (the reader its own, the others those it releases) and the victim, worker 1,
+    is usually not the reader.
+    """
+    victim = 0 if point.reader else 1
+    cluster.start(0, crash_at=point.name if victim == 0 else None)
+    if point.reader:
+        wait_for("worker 0 reading the source",
+                 lambda: "reading the source" in _log(cluster, 0), timeout=20)
+    for i in (1, 2):
+        cluster.start(i, crash_at=point.name if victim == i else None)
+    return victim
+
+
+def _killed(cluster: Cluster, victim: int, point: Point) -> None:
+    proc = cluster.procs[victim]
+    assert proc is not None
+    try:
+        code = proc.wait(timeout=_WORKER_DEADLINE)
+    except subprocess.TimeoutExpired:
+        cluster.stop()
+        pytest.fail(f"worker {victim} never reached {point}\n{cluster.logs()}")
+    assert code == -signal.SIGKILL, (
+        f"worker {victim} exited {code} without reaching {point}\n{cluster.logs()}")
+
+
+@pytest.mark.parametrize("point", POINTS, ids=str)
+@pytest.mark.parametrize("restart", [False, True], ids=["survivors", "restarted"])
+def test_a_worker_killed_at_each_point_is_taken_over_and_paid_once(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, point: Point,
+    restart: bool,
+) -> None:
+    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
+                                                   "max_in_flight": MAX_IN_FLIGHT})
+    victim = _start_with_victim(cluster, point)
+    _killed(cluster, victim, point)
+    survivors = [i for i in range(3) if i != victim]
+    if restart:
+        cluster.start(victim)  # the same config and state dir, without the crash point
+        cluster.wait([*survivors, victim])
+    else:
+        cluster.wait(survivors)
+    cluster.check(emulator, rewritten=REWRITTEN)
+    assert _drift(cluster) == []
+
+
+def test_retry_chunks_are_driven_by_the_worker_that_cut_them(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+) -> None:
+    """
+    Transient per-request errors make collects cut retry chunks; each retry chunk is born
+    owned by the worker that cut it (epoch 1), which must drive it under that lease: no
+    other worker may claim it while that worker lives.
+    """
+    emulator.set_faults(api_error=0.1)
+    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
+                                                   "max_in_flight": MAX_IN_FLIGHT,
+                                                   "max_attempts": 5})
+    for i in range(3):
+        cluster.start(i)
+    cluster.wait([0, 1, 2])
+    keys = csv_keys(cluster.input)
+    cluster.check(emulator, receipts=uninterrupted_receipts(emulator, custom_ids(keys), 5))
+    assert _drift(cluster) == []
+    assert cluster.fenced() == 0  # nobody wrote under a lease it did not hold
+    for i in range(3):  # nobody died: no lease was lost (a retirement is not a loss)
+        assert "leases lost" not in _log(cluster, i), _log(cluster, i)[-3000:]
+
+
+def _rows(cluster: Cluster, query: str, *args: object) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(cluster.dsn, timeout=10)
+        try:
+            return list(await conn.fetch(query.replace("{s}", f'"{cluster.schema}"'), *args))
+        finally:
+            await conn.close()
+
+    return anyio.run(go)
+
+
+def _batch_of(cluster: Cluster, chunk: str) -> set[str]:
+    return {r["batch_id"] for r in _rows(
+        cluster, "SELECT batch_id FROM {s}.chunk WHERE chunk = $1 AND batch_id IS NOT NULL",
+        chunk)}
+
+
+def _creators(cluster: Cluster) -> list[tuple[str, str, str, int, datetime]]:
+    """
+    Every recorded batch as (batch id, its creator, who recorded it, the seq of the intent
+    it was created under, when the API created it): the creator is the writer of the
+    chunk's last intent before its ``submitted`` (adopting a batch writes no intent).
+    """
+    events = _rows(cluster, "SELECT seq, kind, chunk, worker, record FROM {s}.event "
+                            "WHERE kind IN ('submit_intent', 'submitted') ORDER BY seq")
+    intent: dict[str, tuple[str, int]] = {}
+    made = []
+    for e in events:
+        if e["kind"] == "submit_intent":
+            intent[e["chunk"]] = (e["worker"], e["seq"])
+            continue
+        record = orjson.loads(e["record"])
+        creator, seq = intent[e["chunk"]]
+        made.append((record["batch_id"], creator, e["worker"], seq,
+                     datetime.fromisoformat(str(record["created_at"]))))
+    return made
+
+
+def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
+    proxy_thread: Callable[[str, int], ProxyThread],
+) -> None:
+    """
+    Worker 1 reaches PostgreSQL through a loopback proxy that drops the link mid-run
+    while it drives chunks. It creates nothing after its lease deadline (its last
+    heartbeat + TTL on the database's clock), the survivors take its chunks over, and
+    once the link is back it learns what it lost and records nothing under those leases;
+    the run ends as an uninterrupted one does.
+    """
+    target = urlsplit(pg_dsn)
+    link = proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
+    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
+                                                   "max_in_flight": MAX_IN_FLIGHT})
+    cluster.start(0)
+    cluster.start(1, dsn=link.dsn(cluster.dsn))
+    cluster.start(2)
+    wait_for("worker 1 driving chunks", lambda: cluster.held(1) > 0, timeout=30)
+    victim = cluster.worker_id(1)
+    # Cut it with a create in flight: creates answer 1 s late meanwhile, and the link goes
+    # once one of its chunks is at intent. The batch is made before its deadline; the
+    # chunk's next owner finds it by the pending intent and adopts it.
+    emulator.set_faults(slow=1.0)
+    creating: list[asyncpg.Record] = []
+    wait_for("worker 1 creating a batch", lambda: creating.extend(_rows(
+        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent'", victim))
+        or creating, timeout=30)
+    link.cut()
+    emulator.set_faults(slow=0.0)
+    time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
+    cut_seq = cluster.last_event()
+    held = {r["chunk"]: r["epoch"] for r in _rows(
+        cluster, "SELECT chunk, epoch FROM {s}.chunk WHERE owner = $1 AND stage <> 'retired'",
+        victim)}
+    (worker,) = _rows(cluster, "SELECT heartbeat_at, lease_ttl FROM {s}.worker "
+                               "WHERE worker_id = $1", victim)
+    deadline = worker["heartbeat_at"] + worker["lease_ttl"]  # an interval
+    if held:
+        wait_for("the survivors taking worker 1's chunks over", lambda: cluster.held(1) == 0,
+                 timeout=20)
+    else:  # it was between chunks: it still loses its link past its lease
+        time.sleep(3 + 1 + 1)
+    mark = (cluster.workers[1].root / "run.log").stat().st_size
+    restore_seq = cluster.last_event()
+    link.restore()
+    cluster.wait([0, 1, 2])
+    cluster.check(emulator, rewritten=REWRITTEN)
+    assert _drift(cluster) == []
+
+    after = _rows(cluster, "SELECT seq, kind, chunk, fence, epoch FROM {s}.event "
+                           "WHERE worker = $1 AND seq > $2 ORDER BY seq", victim, cut_seq)
+    assert not [e for e in after if e["seq"] <= restore_seq], "recorded with its link cut"
+    stale = [dict(e) for e in after
+             if e["fence"] == "chunk" and held.get(e["chunk"]) == e["epoch"]]
+    assert not stale, stale
+    made = _creators(cluster)
+    late = [(batch, when, deadline) for batch, creator, _, seq, when in made
+            if creator == victim and seq <= cut_seq and when > deadline]
+    assert not late, late
+    # The chunk it was creating has one batch (check() above), recorded by a survivor: its
+    # create adopted (made before the deadline, found by the pending intent) or sent again.
+    batches = _batch_of(cluster, creating[0]["chunk"])
+    recorded = [recorder for batch, _, recorder, _, _ in made if batch in batches]
+    assert recorded and victim not in recorded, (creating, recorded)
+    woke = (cluster.workers[1].root / "run.log").read_bytes()[mark:].decode(errors="replace")
+    assert "Traceback" not in woke, woke[-3000:]
+    if held:  # what it held was taken over: it learnt so, or was fenced trying
+        assert "leases lost" in woke or cluster.fenced() > 0, woke[-3000:]
