@@ -74,5 +74,3 @@ class ShardReader:
     release_wanted: bool = False
     #: Read to its end (``--until-drained``): held only until its chunks are retired.
     drained: bool = False
-    #: Intake stopped for the budget: held (its chunks still commit), not read.
-    stopped: bool = False

@@ -186,6 +186,9 @@ class ClusterRunner(PipelineRunner):
                                  error=f"{type(exc).__name__}: {exc}")
                 await anyio.sleep(1.0)
         interval = min(1.0, self.api_config.poll_interval)
+        # Workers started together count each other before the first share is taken
+        # (else the first takes every shard and hands most back at once).
+        await anyio.sleep(interval)
         names: list[str] = []
         listed_at = -_LIST_EVERY
         while True:
@@ -254,12 +257,19 @@ class ClusterRunner(PipelineRunner):
                     number=partial(store.next_chunk_number, self.pipeline.name),
                 )
                 try:
+                    await reader.packer.start()  # also what commits the shard's source
+                    if self._paused_for(PauseKind.BUDGET):  # by any worker: read nothing
+                        raise BudgetExhausted(self.paused or "budget")
                     await reader.packer.run(until_drained)
                     reader.drained = True
                 except BudgetExhausted:
-                    reader.stopped = True  # intake stops; its chunks still finish
                     if not until_drained:
-                        await self._wait_released(reader)
+                        # Hand it back once a raised budget lifts the pause: its next
+                        # holder reads on from its sealed floor (the refused chunk's
+                        # records were not sealed).
+                        await self._wait_budget(reader)
+                        return
+                    reader.drained = True  # read no further; --until-drained reports it
                 await self._hold_until_retired(reader)
         except ShardLost as exc:
             self.log.warning("source shard lost or handed back", shard=reader.name,
@@ -303,8 +313,9 @@ class ClusterRunner(PipelineRunner):
         except FencedOut as exc:
             raise ShardLost(str(exc)) from None
 
-    async def _wait_released(self, reader: ShardReader) -> None:
-        while not reader.release_wanted:
+    async def _wait_budget(self, reader: ShardReader) -> None:
+        """While a budget pause holds (and the shard is not wanted elsewhere)."""
+        while self._paused_for(PauseKind.BUDGET) and not reader.release_wanted:
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
 
