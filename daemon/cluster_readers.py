@@ -11,10 +11,8 @@ can be split says so by having :meth:`SplitSource.shards` and :meth:`SplitSource
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-import anyio
 
 from batchd.daemon.intake.packer import Packer
 from batchd.daemon.store.contract import ShardLease
@@ -69,7 +67,6 @@ class ShardReader:
     lease: ShardLease
     source: Source
     packer: Packer | None = None
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set to hand the shard back at the next chunk boundary (over this worker's share).
     release_wanted: bool = False
     #: Read to its end (``--until-drained``): held only until its chunks are retired.

@@ -247,30 +247,29 @@ class ClusterRunner(PipelineRunner):
                       previous_owner=lease.previous_owner,
                       resume_after=lease.sealed_position and lease.sealed_position.get("next"))
         try:
-            with reader.scope:
-                cast(SplitSource, reader.source).only(reader.name)
-                reader.packer = Packer(
-                    self.pipeline, reader.source, self.ledger, self.spool_dir,
-                    seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
-                    resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
-                    model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
-                    number=partial(store.next_chunk_number, self.pipeline.name),
-                )
-                try:
-                    await reader.packer.start()  # also what commits the shard's source
-                    if self._paused_for(PauseKind.BUDGET):  # by any worker: read nothing
-                        raise BudgetExhausted(self.paused or "budget")
-                    await reader.packer.run(until_drained)
-                    reader.drained = True
-                except BudgetExhausted:
-                    if not until_drained:
-                        # Hand it back once a raised budget lifts the pause: its next
-                        # holder reads on from its sealed floor (the refused chunk's
-                        # records were not sealed).
-                        await self._wait_budget(reader)
-                        return
-                    reader.drained = True  # read no further; --until-drained reports it
-                await self._hold_until_retired(reader)
+            cast(SplitSource, reader.source).only(reader.name)
+            reader.packer = Packer(
+                self.pipeline, reader.source, self.ledger, self.spool_dir,
+                seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
+                resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
+                model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
+                number=partial(store.next_chunk_number, self.pipeline.name),
+            )
+            try:
+                await reader.packer.start()  # also what commits the shard's source
+                if self._paused_for(PauseKind.BUDGET):  # by any worker: read nothing
+                    raise BudgetExhausted(self.paused or "budget")
+                await reader.packer.run(until_drained)
+                reader.drained = True
+            except BudgetExhausted:
+                if not until_drained:
+                    # Hand it back once a raised budget lifts the pause: its next
+                    # holder reads on from its sealed floor (the refused chunk's
+                    # records were not sealed).
+                    await self._wait_budget(reader)
+                    return
+                reader.drained = True  # read no further; --until-drained reports it
+            await self._hold_until_retired(reader)
         except ShardLost as exc:
             self.log.warning("source shard lost or handed back", shard=reader.name,
                              why=str(exc))
