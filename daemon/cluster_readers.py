@@ -61,7 +61,7 @@ def fair_share(shards: int, workers: int) -> int:
 
 @dataclass(eq=False)
 class ShardReader:
-    """One shard this worker reads: its lease, its own source and packer, and its task."""
+    """One shard this worker reads: its lease, its own source and its packer."""
 
     name: str
     lease: ShardLease
