@@ -167,7 +167,8 @@ class ClusterRunner(PipelineRunner):
         """
         Hold this worker's share of the source's shards, each read by its own task.
 
-        Each poll: the share is the shard count over the live workers (rounded up);
+        Each poll: the share is the shard count over the live workers reading this
+        pipeline (rounded up);
         readers over it are asked to hand their shard back at the next chunk boundary,
         and free shards (nobody live holds them) are taken up to it, starting from a
         place that differs per worker so that workers starting together pick apart.
@@ -176,7 +177,18 @@ class ClusterRunner(PipelineRunner):
         """
         store = self._shard_store()
         self.readers, self._checked = {}, set()
+        while True:
+            try:
+                await store.join_readers(self.pipeline.name)
+                break
+            except Exception as exc:  # the database away: try again
+                self.log.warning("cannot join the source's readers; will try again",
+                                 error=f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(1.0)
         interval = min(1.0, self.api_config.poll_interval)
+        # Workers started together count each other before the first share is taken
+        # (else the first takes every shard and hands most back at once).
+        await anyio.sleep(interval)
         names: list[str] = []
         listed_at = -_LIST_EVERY
         while True:
@@ -207,7 +219,7 @@ class ClusterRunner(PipelineRunner):
         assert self.readers is not None and self._tg is not None
         if not names or self._paused_for(PauseKind.BUDGET):
             return  # (the budget: no reader would seal; take shards once it lifts)
-        share = fair_share(len(names), await store.live_workers())
+        share = fair_share(len(names), await store.live_readers(self.pipeline.name))
         keeping = [r for r in self.readers.values() if not r.release_wanted]
         for reader in keeping[share:]:
             reader.release_wanted = True
@@ -237,23 +249,29 @@ class ClusterRunner(PipelineRunner):
                       previous_owner=lease.previous_owner,
                       resume_after=lease.sealed_position and lease.sealed_position.get("next"))
         try:
-            with reader.scope:
-                cast(SplitSource, reader.source).only(reader.name)
-                reader.packer = Packer(
-                    self.pipeline, reader.source, self.ledger, self.spool_dir,
-                    seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
-                    resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
-                    model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
-                    number=partial(store.next_chunk_number, self.pipeline.name),
-                )
-                try:
-                    await reader.packer.run(until_drained)
-                    reader.drained = True
-                except BudgetExhausted:
-                    reader.stopped = True  # intake stops; its chunks still finish
-                    if not until_drained:
-                        await self._wait_released(reader)  # or the budget lifted
-                await self._hold_until_retired(reader)
+            cast(SplitSource, reader.source).only(reader.name)
+            reader.packer = Packer(
+                self.pipeline, reader.source, self.ledger, self.spool_dir,
+                seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
+                resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
+                model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
+                number=partial(store.next_chunk_number, self.pipeline.name),
+            )
+            try:
+                await reader.packer.start()  # also what commits the shard's source
+                if self._paused_for(PauseKind.BUDGET):  # by any worker: read nothing
+                    raise BudgetExhausted(self.paused or "budget")
+                await reader.packer.run(until_drained)
+                reader.drained = True
+            except BudgetExhausted:
+                if not until_drained:
+                    # Hand it back once a raised budget lifts the pause: its next
+                    # holder reads on from its sealed floor (the refused chunk's
+                    # records were not sealed).
+                    await self._wait_budget(reader)
+                    return
+                reader.drained = True  # read no further; --until-drained reports it
+            await self._hold_until_retired(reader)
         except ShardLost as exc:
             self.log.warning("source shard lost or handed back", shard=reader.name,
                              why=str(exc))
@@ -298,10 +316,9 @@ class ClusterRunner(PipelineRunner):
         except FencedOut as exc:
             raise ShardLost(str(exc)) from None
 
-    async def _wait_released(self, reader: ShardReader) -> None:
-        """Until the shard is wanted back, or the budget pause lifts (then it is let go and
-        taken again, read on from its sealed position)."""
-        while not reader.release_wanted and self._paused_for(PauseKind.BUDGET):
+    async def _wait_budget(self, reader: ShardReader) -> None:
+        """While a budget pause holds (and the shard is not wanted elsewhere)."""
+        while self._paused_for(PauseKind.BUDGET) and not reader.release_wanted:
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
 

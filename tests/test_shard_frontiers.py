@@ -165,6 +165,15 @@ class TestPostgres:
             for conn in conns:
                 tg.start_soon(take, conn)
         assert sorted(got) == list(range(100))  # from 0, as a shard counts
-        assert await shards.live_workers(cluster.conn, cluster.sql) == 0
-        await cluster.worker("a")
-        assert await shards.live_workers(cluster.conn, cluster.sql) == 1
+
+    async def test_readers_are_the_live_workers_of_the_pipeline(self, cluster: ClusterEnv) -> None:
+        c, sql = cluster.conn, cluster.sql
+        a, b = await cluster.worker("a"), await cluster.worker("b")
+        await cluster.worker("other-pipelines-only")
+        assert await shards.live_readers(c, sql, "p") == 0
+        for worker in (a, b, a):
+            await shards.join_readers(c, sql, "p", worker)
+        assert await shards.live_readers(c, sql, "p") == 2
+        assert await shards.live_readers(c, sql, "q") == 0
+        await cluster.silence(b)
+        assert await shards.live_readers(c, sql, "p") == 1

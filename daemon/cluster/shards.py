@@ -27,7 +27,8 @@ __all__ = (
     "ShardLease",
     "acquire",
     "commit_frontier",
-    "live_workers",
+    "join_readers",
+    "live_readers",
     "next_chunk_number",
     "release",
 )
@@ -184,10 +185,23 @@ async def next_chunk_number(conn: Any, sql: Sql, pipeline: str) -> int:
     return number
 
 
-async def live_workers(conn: Any, sql: Sql) -> int:
-    """Workers whose heartbeat is within their TTL: how many share the shards."""
+async def join_readers(conn: Any, sql: Sql, pipeline: str, worker_id: str) -> None:
+    """List *worker_id* among the workers reading *pipeline*'s shards (until it is purged)."""
+    await conn.execute(
+        sql("INSERT INTO {s}.shard_reader (pipeline, worker_id) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING"),
+        pipeline, worker_id,
+    )
+
+
+async def live_readers(conn: Any, sql: Sql, pipeline: str) -> int:
+    """
+    The workers reading *pipeline*'s shards whose heartbeat is within their TTL: how
+    many share them. A worker that runs other pipelines only is not one of them.
+    """
     count: int = await conn.fetchval(sql(
-        "SELECT count(*) FROM {s}.worker"
-        " WHERE stopped_at IS NULL AND heartbeat_at + lease_ttl > now()"
-    ))
+        "SELECT count(*) FROM {s}.shard_reader r JOIN {s}.worker w USING (worker_id)"
+        " WHERE r.pipeline = $1 AND w.stopped_at IS NULL"
+        " AND w.heartbeat_at + w.lease_ttl > now()"
+    ), pipeline)
     return count

@@ -402,10 +402,15 @@ class PgStore:
         async with self._conn() as conn:
             return await shards.next_chunk_number(conn, self.sql, pipeline)
 
-    async def live_workers(self) -> int:
-        """How many workers heartbeat now (the shards are shared between them)."""
+    async def join_readers(self, pipeline: str) -> None:
+        """List this worker among the readers of *pipeline*'s shards."""
         async with self._conn() as conn:
-            return await shards.live_workers(conn, self.sql)
+            await shards.join_readers(conn, self.sql, pipeline, self.worker_id)
+
+    async def live_readers(self, pipeline: str) -> int:
+        """How many live workers share *pipeline*'s shards."""
+        async with self._conn() as conn:
+            return await shards.live_readers(conn, self.sql, pipeline)
 
     # -- creates -----------------------------------------------------------------
 
