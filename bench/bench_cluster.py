@@ -1,15 +1,19 @@
 """
-The cluster state store (issue 15) at the store level: what a chunk's life costs on
-PgStore beside LocalStore, transitions under 1-3 workers, takeover after a SIGKILL.
+Cluster mode (issue 15): what the shared store costs, end to end and at the store level.
 
-    .venv/bin/python bench/bench_cluster.py                        # 200,000 rows, chunks of 1,000
-    .venv/bin/python bench/bench_cluster.py --rows 50000
-    .venv/bin/python bench/bench_cluster.py --rows 1000000 --workers 1 2 3
+    .venv/bin/python bench/bench_cluster.py                          # end to end, 1,000,000 rows
+    .venv/bin/python bench/bench_cluster.py --rows 200000 --repeat 2 # two interleaved rounds
+    .venv/bin/python bench/bench_cluster.py --mode store             # store level, 200,000 rows
+    .venv/bin/python bench/bench_cluster.py --mode store --rows 50000
 
-`batchd run` cannot use PgStore yet (the runtime wiring is separate work), so this drives
-the ``StateStore`` contract directly, as tests/test_store_contract.py does, and reports the
-store's own cost per row; the engine's own CPU per row is bench_engine's (docs/benchmarks.md
-§9: ~50 µs/row), printed beside it so the projected overhead can be read off.
+End to end (the default; ``bench/_cluster_runs.py``): N rows of the tickets CSV through real
+``batchd run --until-drained`` processes against the emulator, one worker on LocalStore,
+then 1, 2 and 3 workers on PgStore (a fresh schema each), interleaved over ``--repeat``
+rounds: CPU per row (the workers' own rusage plus the CPU of the PostgreSQL backends
+serving them), wall time, peak RSS per worker, and the ratios to LocalStore.
+
+Store level (``--mode store``): the ``StateStore`` contract driven directly, as
+tests/test_store_contract.py does, so each step of a chunk's life can be timed:
 
 1. Lifecycle, once per store, each in its own child process (its peak RSS is its own): for
    every chunk of M rows, claim_keys for its rows, put_spool of a realistic body (one
@@ -550,7 +554,22 @@ def parent(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--mode", choices=("end-to-end", "store"), default="end-to-end")
+    parser.add_argument("--rows", type=int,
+                        help="default 1,000,000 end to end, 200,000 at the store level")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="end to end: rounds of every configuration, interleaved")
+    parser.add_argument("--max-requests", type=int, default=10_000,
+                        help="end to end: requests per batch (bench_engine's)")
+    parser.add_argument("--max-in-flight", type=int, default=4, help="end to end: per worker")
+    parser.add_argument("--poll-interval", type=float, default=0.2, help="end to end")
+    parser.add_argument("--keep", type=Path, help="end to end: work here and keep it")
+    parser.add_argument("--tree", type=Path,
+                        help="end to end: also run one PgStore worker with the batchd package "
+                             "of this source tree (`git archive REV | tar -x -C DIR`), "
+                             "interleaved: a before/after comparison in one run")
+    parser.add_argument("--batchd", help="end to end: the command that stands for `batchd` "
+                        "run by the workers (another build, a profiler wrapper)")
     parser.add_argument("--chunk", type=int, default=1_000, help="rows per chunk")
     parser.add_argument("--dsn", default=os.environ.get("BATCHD_TEST_PG_DSN", DEFAULT_DSN))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
@@ -581,7 +600,12 @@ def main() -> int:
         asyncio.run(seed(args))
     elif args.child == "victim":
         asyncio.run(victim(args))
+    elif args.mode == "end-to-end":
+        from _cluster_runs import end_to_end
+        args.rows = args.rows or 1_000_000
+        return end_to_end(args)
     else:
+        args.rows = args.rows or 200_000
         return parent(args)
     return 0
 

@@ -5,6 +5,7 @@ a new reader resumes at, the commit frontier, and keys claimed cluster-wide.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -120,6 +121,32 @@ class TestKeyLedger:
         await key_ledger.claim_keys(c, sql, zero, "p-0-000001", [("k", {"line": 1})])
         claim = await key_ledger.claim_keys(c, sql, one, "p-1-000001", [("k", {"part": 1})])
         assert claim.duplicates == {"k": "p-0-000001"}
+
+    async def test_two_shards_claiming_one_key_at_once_do_not_both_get_it(
+        self, cluster: ClusterEnv
+    ) -> None:
+        """
+        The second claim waits on the first's insert and then sees it: a duplicate.
+        (Probing first and upserting after let both readers think the key was theirs.)
+        """
+        a, b = await cluster.worker("a"), await cluster.worker("b")
+        first, second = await cluster.connect(), await cluster.connect()
+        zero = await cluster.shard(a)
+        one = await cluster.shard(b, shard="1")
+        sql = cluster.sql
+        tx = first.transaction()
+        await tx.start()
+        mine = await key_ledger.claim_keys(first, sql, zero, "p-0-000001", [("k", {"line": 1})])
+        assert mine.duplicates == {}
+        racing = asyncio.ensure_future(
+            key_ledger.claim_keys(second, sql, one, "p-1-000001", [("k", {"part": 1})]))
+        await asyncio.sleep(0.3)
+        assert not racing.done()  # waiting on the first claim's row
+        await tx.commit()
+        theirs = await asyncio.wait_for(racing, 10)
+        assert theirs.duplicates == {"k": "p-0-000001"}
+        assert await cluster.conn.fetchval(
+            sql("SELECT chunk FROM {s}.key_ledger WHERE key = 'k'")) == "p-0-000001"
 
     async def test_a_fenced_reader_claims_nothing(self, cluster: ClusterEnv) -> None:
         """After losing its shard a reader's claims are refused and not written."""

@@ -10,7 +10,7 @@ cluster (it reads, never writes).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -19,7 +19,7 @@ from batchd.daemon.cluster.db import from_json
 from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.wal.manifest_state import ALARMS_KEPT, Alarm, ManifestState
 
-__all__ = ("drift", "records", "replay", "rows_state")
+__all__ = ("drift", "present", "records", "replay", "rows_state", "since")
 
 
 async def records(
@@ -38,11 +38,44 @@ async def records(
         after = rows[-1]["seq"]
 
 
+async def since(conn: Any, sql: Sql, after: int, missing: Sequence[int] = (), *,
+                limit: int = 5000) -> list[dict[str, Any]]:
+    """
+    The records after seq *after*, and those of the seqs in *missing*, in seq order.
+
+    A seq is taken inside its transaction, so a reader can see seq 12 committed while
+    11 is not yet: *missing* are the seqs a reader skipped that way (or that a rolled
+    back transaction burnt), asked for again. At most *limit* records: ask again after
+    the last one when that many came back.
+    """
+    rows = await conn.fetch(
+        sql("SELECT seq, ts, kind, record FROM {s}.event"
+            " WHERE seq > $1 OR seq = ANY($2::bigint[]) ORDER BY seq LIMIT $3"),
+        after, list(missing), limit,
+    )
+    return [{"seq": row["seq"], "ts": row["ts"], "kind": row["kind"], **from_json(row["record"])}
+            for row in rows]
+
+
+async def present(conn: Any, sql: Sql, upto: int, window: int) -> list[int]:
+    """The seqs visible among the last *window* up to *upto*: the others are still missing."""
+    rows = await conn.fetch(
+        sql("SELECT seq FROM {s}.event WHERE seq <= $1 AND seq > $1 - $2 ORDER BY seq"),
+        upto, window,
+    )
+    return [row["seq"] for row in rows]
+
+
 async def replay(conn: Any, sql: Sql) -> ManifestState:
     """The state the event log replays to, through the manifest's own code."""
+    from batchd.daemon.cluster.pipeline_import import KIND, merge
+
     state = ManifestState()
     async for record in records(conn, sql):
-        state.apply(record)
+        if record["kind"] == KIND:  # a single daemon's pipeline, moved in by a snapshot
+            merge(state, record["seq"], record)
+        else:
+            state.apply(record)
     return state
 
 

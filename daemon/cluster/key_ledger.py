@@ -30,10 +30,27 @@ from batchd.daemon.intake.ledger import Claim, position_identity
 
 __all__ = ("claim_keys", "release_keys")
 
+# The common case: every key is new. A plain insert claims them all; it costs the server
+# half of what ON CONFLICT's speculative insertion does (docs/benchmarks.md §10), and a
+# key already there fails it whole (in a savepoint), sending the claim the slow way.
+_INSERT = """
+INSERT INTO {s}.key_ledger (pipeline, key, shard, chunk, position)
+SELECT $1, t.key, $3, $4, t.position FROM unnest($2::text[], $5::bytea[]) AS t(key, position)
+"""
+
+# The slow way's first step: the new keys claimed, the count says whether any was
+# already in the ledger (a key of this very chunk included).
+_INSERT_NEW = _INSERT + "ON CONFLICT (pipeline, key) DO NOTHING\n"
+
+# One index lookup per key, whatever the planner knows: a lateral subquery with LIMIT
+# is never flattened into a join, and `key = ANY($2)` on a young ledger (no statistics
+# yet) was planned as a bitmap scan of the pipeline's whole ledger.
 _PROBE = """
-SELECT k.key, k.shard, k.chunk, k.position, c.chunk IS NOT NULL AS sealed
-FROM {s}.key_ledger k LEFT JOIN {s}.chunk c ON c.chunk = k.chunk
-WHERE k.pipeline = $1 AND k.key = ANY($2::text[])
+SELECT k.key, k.shard, k.chunk, k.position,
+       EXISTS (SELECT 1 FROM {s}.chunk c WHERE c.chunk = k.chunk) AS sealed
+FROM unnest($2::text[]) AS t(key)
+CROSS JOIN LATERAL (SELECT l.key, l.shard, l.chunk, l.position FROM {s}.key_ledger l
+                    WHERE l.pipeline = $1 AND l.key = t.key LIMIT 1) AS k
 """
 
 _UPSERT = """
@@ -54,9 +71,18 @@ async def claim_keys(
     """
     Claim ``(key, position)`` pairs for *chunk*, being built from the leased shard.
 
+    New keys are inserted at once (a plain insert, in a savepoint); only when some
+    were already in the ledger are the keys read back and sorted by the rules above
+    (claims of this chunk, just inserted or left by a reader that died building it,
+    are the chunk's again).
+    Two shards claiming one key at once cannot both have it: the second insert
+    waits on the first's and then finds its claim.
+
     Raises:
         FencedOut: the shard lease was lost; nothing was claimed.
     """
+    import asyncpg  # here, so that this module imports without the postgres extra
+
     claim = Claim()
     if not entries:
         return claim
@@ -71,13 +97,25 @@ async def claim_keys(
         if held is None or (held["owner"], held["epoch"]) != (lease.owner, lease.epoch):
             raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
                             f"lost by {lease.owner} at epoch {lease.epoch}")
+        keys, values = list(positions), list(positions.values())
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.execute(sql(_INSERT), lease.pipeline, keys, lease.shard, chunk,
+                                   values)
+            return claim
+        except asyncpg.UniqueViolationError:
+            pass
+        done = await conn.execute(sql(_INSERT_NEW), lease.pipeline, keys, lease.shard, chunk,
+                                  values)
+        if int(done.split()[-1]) == len(keys):
+            return claim
         fresh: dict[str, bytes] = {}
-        known = {r["key"]: r for r in await conn.fetch(sql(_PROBE), lease.pipeline,
-                                                        list(positions))}
-        for key, position in positions.items():
-            found = known.get(key)
-            if found is None or (not found["sealed"] and found["shard"] == lease.shard):
-                fresh[key] = position
+        for found in await conn.fetch(sql(_PROBE), lease.pipeline, keys):
+            key = found["key"]
+            position = positions[key]
+            if not found["sealed"] and found["shard"] == lease.shard:
+                if found["chunk"] != chunk or found["position"] != position:
+                    fresh[key] = position  # a dead reader's leftover: this chunk's now
             elif found["sealed"] and found["position"] == position:
                 claim.replays.add(key)
             else:
