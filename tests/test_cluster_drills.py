@@ -1,9 +1,10 @@
 """
 Crash drills for cluster mode: three real ``batchd run`` workers share one pipeline
 through PostgreSQL and the emulator, and one of them is SIGKILLed (``BATCHD_CRASH_AT``)
-at each point of a chunk's life: right after the seal, the create intent, the create,
-the ``ended`` record, in the middle of collecting, after the sink flush, after the
-``results_committed`` record and after the source commit.
+at each point of a chunk's life: before its seal (keys claimed, spool stored), right
+after the seal, the create intent, the create, the ``ended`` record, in the middle of
+collecting, after the sink flush, after the ``results_committed`` record and after the
+source commit.
 
 Each point runs twice: the survivors finish without the victim, and the victim's config
 is started again at once (a new incarnation on the same state dir) and all three finish.
@@ -74,7 +75,7 @@ def _receipts(cluster: Cluster, emulator: EmulatorThread) -> Counter[str]:
 # the source (it starts first): the only one sure to reach every point, since it seals
 # and commits the source and drives the chunks it seals while it has room. Its death
 # also hands the source's shard over. (A non-reader killed mid-run: test_cluster_run.py.)
-POINTS = ["after_seal", "after_intent", "after_create", "after_ended", "mid_results",
+POINTS = ["before_seal", "after_seal", "after_intent", "after_create", "after_ended", "mid_results",
           "after_flush", "after_commit", "after_source_commit"]
 
 
