@@ -198,6 +198,11 @@ def _creators(cluster: Cluster) -> list[tuple[str, str, str, int, datetime]]:
     return made
 
 
+def _proxy(proxy_thread: Callable[[str, int], ProxyThread], dsn: str) -> ProxyThread:
+    target = urlsplit(dsn)
+    return proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
+
+
 def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
     proxy_thread: Callable[[str, int], ProxyThread],
@@ -209,8 +214,7 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     once the link is back it learns what it lost and records nothing under those leases;
     the run ends as an uninterrupted one does.
     """
-    target = urlsplit(pg_dsn)
-    link = proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
+    link = _proxy(proxy_thread, pg_dsn)
     cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
     cluster.start(0)
     cluster.start(1, dsn=link.dsn(cluster.dsn))
@@ -221,10 +225,11 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     # once one of its chunks is at intent. The batch is made before its deadline; the
     # chunk's next owner finds it by the pending intent and adopts it.
     emulator.set_faults(slow=1.0)
+    slow_since = time.time()  # an intent from now on has a slow create behind it
     creating: list[asyncpg.Record] = []
     wait_for("worker 1 creating a batch", lambda: creating.extend(_rows(
-        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent'", victim))
-        or creating, timeout=30)
+        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent' "
+                 "AND last_intent_at > $2", victim, slow_since)) or creating, timeout=30)
     link.cut()
     emulator.set_faults(slow=0.0)
     time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
@@ -266,3 +271,43 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     assert "Traceback" not in woke, woke[-3000:]
     if held:  # what it held was taken over: it learnt so, or was fenced trying
         assert "leases lost" in woke or cluster.fenced() > 0, woke[-3000:]
+
+
+def test_the_reader_s_database_link_cut_hands_the_source_over(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
+    proxy_thread: Callable[[str, int], ProxyThread],
+) -> None:
+    """
+    The source's reader loses its database link once it has sealed: a survivor reads
+    the source after the reader's TTL and grace, resuming after what was sealed; back
+    online, the old reader seals, commits and retires nothing under its old shard lease,
+    and the run ends as an uninterrupted one does.
+    """
+    link = _proxy(proxy_thread, pg_dsn)
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
+    cluster.start(0, dsn=link.dsn(cluster.dsn))
+    wait_for("worker 0 reading the source", lambda: "reading the source" in _log(cluster, 0),
+             timeout=20)
+    cluster.start(1)
+    cluster.start(2)
+    wait_for("worker 0 sealing", lambda: "chunk sealed" in _log(cluster, 0), timeout=20)
+    victim = cluster.worker_id(0)
+    link.cut()
+    time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
+    cut_seq = cluster.last_event()
+    ((owner, epoch),) = [(r["owner"], r["epoch"]) for r in _rows(
+        cluster, "SELECT owner, epoch FROM {s}.shard WHERE pipeline = 'tickets'")]
+    wait_for("a survivor reading the source", lambda: _rows(
+        cluster, "SELECT 1 FROM {s}.shard WHERE pipeline = 'tickets' "
+                 "AND owner IS DISTINCT FROM $1", victim), timeout=20)
+    restore_seq = cluster.last_event()
+    link.restore()
+    cluster.wait([0, 1, 2])
+    cluster.check(emulator, rewritten=REWRITTEN, receipts=_receipts(cluster, emulator))
+    assert _drift(cluster) == []
+    after = _rows(cluster, "SELECT seq, kind, fence, epoch FROM {s}.event "
+                           "WHERE worker = $1 AND seq > $2 ORDER BY seq", victim, cut_seq)
+    assert not [e for e in after if e["seq"] <= restore_seq], "recorded with its link cut"
+    if owner == victim:
+        stale = [dict(e) for e in after if e["fence"] == "shard" and e["epoch"] == epoch]
+        assert not stale, stale
