@@ -311,3 +311,24 @@ def test_the_reader_s_database_link_cut_hands_the_source_over(
     if owner == victim:
         stale = [dict(e) for e in after if e["fence"] == "shard" and e["epoch"] == epoch]
         assert not stale, stale
+
+
+def test_a_restarted_worker_sends_the_stored_spool_not_a_file_its_last_life_left(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+) -> None:
+    """
+    A worker's spool dir outlives it: a file there for a chunk id may hold other rows
+    than the chunk the cluster sealed under that id (a reader killed before its seal,
+    and the next one cutting that chunk elsewhere on a slow source). A new incarnation
+    sends only spools it kept or fetched (checked against the store's sha256) itself.
+    """
+    cluster = cluster_factory(rows=ROWS, workers=1, pipeline=PIPELINE)
+    cluster.start(0, crash_at="after_seal")
+    _killed(cluster, 0, "after_seal")
+    spool = cluster.workers[0].state_dir / "spool" / "tickets-000000.jsonl"
+    text = spool.read_text()
+    assert '"t-T0000100"' in text
+    spool.write_text(text.replace("T0000100", "T0000199"))  # the same size, another row
+    cluster.start(0)
+    cluster.wait([0])
+    cluster.check(emulator, receipts=_receipts(cluster, emulator))
