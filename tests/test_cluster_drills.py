@@ -158,6 +158,9 @@ def test_retry_chunks_are_driven_by_the_worker_that_cut_them(
     assert cluster.fenced() == 0  # nobody wrote under a lease it did not hold
     for i in range(3):  # nobody died: no lease was lost (a retirement is not a loss)
         assert "leases lost" not in _log(cluster, i), _log(cluster, i)[-3000:]
+    # Every chunk is retired: no worker keeps a spool, whoever retired the chunk.
+    kept = {i: [p.name for p in ws.spool_files()] for i, ws in enumerate(cluster.workers)}
+    assert not any(kept.values()), kept
 
 
 def _rows(cluster: Cluster, query: str, *args: object) -> list[asyncpg.Record]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -512,6 +512,17 @@ class PgStore:
 
     def spool_held(self, chunk: str) -> bool:
         return chunk in self._held_spools and self.spool_path(chunk).exists()
+
+    def drop_retired_spools(self, retired: Container[str]) -> int:
+        """
+        Delete the local copies of the spools this process holds whose chunks are in
+        *retired* (retired by any worker: a retirement deletes only its writer's copy).
+        """
+        gone = [chunk for chunk in self._held_spools if chunk in retired]
+        for chunk in gone:
+            self.spool_path(chunk).unlink(missing_ok=True)
+            self._held_spools.discard(chunk)
+        return len(gone)
 
     async def put_spool(self, chunk: str, epoch: int, path: Path) -> SpoolDigest:
         async with self._conn() as conn:
