@@ -19,7 +19,7 @@ from batchd.connectors._kafka import build_ssl, translate_error
 from batchd.plugins.contract import SourceSize
 from batchd.plugins.errors import ConfigError
 
-__all__ = ("probe_topics", "topic_size")
+__all__ = ("probe_topics", "topic_partitions", "topic_size")
 
 
 async def _consumer(settings: dict[str, Any], owner: str, timeout_ms: int) -> AIOKafkaConsumer:
@@ -53,6 +53,24 @@ async def probe_topics(settings: dict[str, Any], owner: str, topics: Sequence[st
     if missing:
         raise ConfigError(f"{owner}: topic(s) {', '.join(map(repr, missing))} do not exist "
                           "on the broker")
+
+
+async def topic_partitions(
+    settings: dict[str, Any], owner: str, topics: Sequence[str]
+) -> list[TopicPartition]:
+    """Every partition of *topics*, in order; a topic the broker does not have is a ConfigError."""
+    with anyio.fail_after(_PROBE_SECONDS):
+        consumer = await _consumer(settings, owner, int(_PROBE_SECONDS * 1000))
+        try:
+            known = await consumer.topics()
+            missing = [t for t in topics if t not in known]
+            if missing:
+                raise ConfigError(f"{owner}: topic(s) {', '.join(map(repr, missing))} do not "
+                                  "exist on the broker")
+            return [TopicPartition(t, p) for t in topics
+                    for p in sorted(consumer.partitions_for_topic(t) or ())]
+        finally:
+            await consumer.stop()
 
 
 async def topic_size(

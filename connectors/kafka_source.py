@@ -14,6 +14,13 @@ Rebalances: records from a partition that was revoked may still be in the
 engine. Their offsets are never committed by us (the new owner re-reads from
 the group's committed offset, so it may process them again; sinks upsert by
 key, which makes that harmless).
+
+Cluster mode reads a topic apart without the group's rebalancing: :meth:`shards`
+names every topic-partition, and a source restricted with :meth:`only` is
+``assign()``-ed to exactly that partition (no group membership, no rebalance; the
+group is still where offsets are committed). Which worker reads which partition is
+decided by the cluster store's shard leases, and a new reader resumes after the
+highest position sealed from that partition, so nothing sealed is read twice.
 """
 
 from __future__ import annotations
@@ -109,6 +116,8 @@ class KafkaSource(Source):
         # waits here and is sent on the next assignment instead of being dropped.
         self._pending_commit: dict[str, Any] | None = None
         self._idle_since: float | None = None
+        #: Set by :meth:`only`: the one partition this source reads, assigned, not subscribed.
+        self._assigned: TopicPartition | None = None
 
     @staticmethod
     def _parse_key(opts: Options) -> str | None:
@@ -147,10 +156,17 @@ class KafkaSource(Source):
             **self._timings,
             **build_ssl(self._settings, self._owner),
         )
-        consumer.subscribe(self._topics, listener=_Listener(self))
+        if self._assigned is None:
+            consumer.subscribe(self._topics, listener=_Listener(self))
+        else:
+            consumer.assign([self._assigned])
         self._consumer = consumer  # the listener may run before start() returns
         try:
             await consumer.start()
+            if self._assigned is not None:
+                # No group membership: the committed offset (else the earliest), or the
+                # sealed floor past it, is where this reader starts.
+                await self._on_assigned([self._assigned])
         except BaseException as exc:
             self._consumer = None
             await consumer.stop()
@@ -164,6 +180,27 @@ class KafkaSource(Source):
             group_id=self._group_id,
             resume=bool(self._floor),
         )
+
+    async def shards(self) -> list[str]:
+        """
+        Every partition of the topics, as ``"topic:partition"``: the parts cluster workers
+        read apart (one shard lease each). Asked without joining the group.
+        """
+        from batchd.connectors.kafka_extent import topic_partitions
+
+        return [_tp_name(tp) for tp in await topic_partitions(self._settings, self._owner,
+                                                              self._topics)]
+
+    def only(self, shard: str) -> None:
+        """Read just this ``"topic:partition"`` (one of :meth:`shards`); call before start()."""
+        try:
+            tp = _parse_tp(shard)
+        except ValueError:
+            raise ConfigError(f"{self._owner}: shard {shard!r} is not topic:partition") from None
+        if tp.topic not in self._topics:
+            raise ConfigError(f"{self._owner}: shard {shard!r} is not of the topics "
+                              f"{', '.join(self._topics)}")
+        self._assigned = tp
 
     async def size(self, position: dict[str, Any] | None) -> SourceSize | None:
         """The topics' messages (end minus beginning offsets) and how many precede ``position``."""

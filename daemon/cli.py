@@ -56,6 +56,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(report)
         return EXIT_CONFIG
     config = report.config
+    from batchd.daemon.commands.cluster_import import imported_refusal
+
+    refusal = imported_refusal(config.state_dir)
+    if refusal is not None:  # its batches are the cluster's now: never sent or collected twice
+        print(f"batchd: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     # Logging first, before anything else is imported: a library that calls
     # logging.basicConfig would add a handler that bypasses secret redaction.
     configure_logging(args.log_level or config.log_level, json=_json_flag(args.log_format))
@@ -343,14 +349,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise ConfigError("batchd cluster uses a PostgreSQL store: pip install "
                           "'batchd[postgres]'") from None
     config = _load(args)
+    if args.cluster_command == "import":
+        from batchd.daemon.commands.cluster_import import import_state_dir
+
+        print("\n".join(anyio.run(import_state_dir, config)))
+        return 0
     if args.cluster_command == "init":
         from batchd.daemon.commands.cluster_init import init_cluster
 
-        print(anyio.run(init_cluster, config))
+        print(anyio.run(lambda: init_cluster(config, accept_config=args.accept_config)))
         return 0
     from batchd.daemon.commands.cluster_status import cluster_status, status_lines
 
-    status = anyio.run(cluster_status, config)
+    status = anyio.run(cluster_status, config).overview
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(status, option=orjson.OPT_INDENT_2) + b"\n")
     else:
@@ -365,7 +376,15 @@ def _cluster_parser(sub: Any) -> None:
     init = commands.add_parser("init", help="create or upgrade the [cluster] schema "
                                "(idempotent; refuses a newer one)")
     init.add_argument("config")
+    init.add_argument("--accept-config", action="store_true",
+                      help="record this config's pipelines as the one every worker must share "
+                      "(after a deliberate change; refused while any worker is alive)")
     init.set_defaults(func=cmd_cluster)
+    move = commands.add_parser("import", help="move a single daemon's live state (its "
+                               "state_dir) into the cluster, for cluster workers to carry on")
+    move.add_argument("config", help="the daemon's config, with a [cluster] table")
+    move.add_argument("--state-dir", help="the state dir to move (default: the config's)")
+    move.set_defaults(func=cmd_cluster)
     status = commands.add_parser("status", help="every worker, its heartbeat and what it owns; "
                                  "the limit counters")
     status.add_argument("config")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import structlog
@@ -27,6 +27,7 @@ from batchd.daemon.batches.outcomes import Committed, Held, Lost, RateLimited
 from batchd.daemon.batches.poller import Poller
 from batchd.daemon.batches.queue_limit import QueueLimit
 from batchd.daemon.batches.reconcile import Reconciler
+from batchd.daemon.cluster.errors import LimitRefused
 from batchd.daemon.commands.dead_letters import pending_retry_requests
 from batchd.daemon.commands.resume import resume_request_path
 from batchd.daemon.config import ApiConfig, PipelineConfig
@@ -194,10 +195,9 @@ class PipelineRunner:
         if self.clustered and record.chunk not in self.leases:
             return False  # another worker's chunk: its owner's poller records it
         try:
+            # In a cluster its queue reservation ends in the same transaction.
             applied = await self.store.append(record, lease=self.lease_of(record.chunk),
                                               expected=Stage.SUBMITTED)
-            if applied.written and self.deps.queue_scope is not None:
-                await self.store.settle(record.chunk)  # its queue reservation ends with it
         except (FatalError, ValueError):
             raise
         except Exception as exc:
@@ -315,6 +315,9 @@ class PipelineRunner:
                         self.packer.shrink()
                     continue  # the same driver: it counts refusals in a row
                 if isinstance(outcome, Committed):
+                    # Nothing more is recorded under its lease (the shard's retires it): its
+                    # retirement must not read as a lease lost at the next heartbeat.
+                    self.leases.pop(chunk_id, None)
                     await self._committed(outcome)
                 elif isinstance(outcome, Held):
                     # Not a retry loop, not an exit systemd would restart: the chunk waits for
@@ -339,6 +342,8 @@ class PipelineRunner:
                                  chunk=outcome.chunk)
             await self.dead_letter_guard.check(summary)
         if outcome.retry_chunk is not None:
+            if outcome.retry_lease is not None:  # the retry chunk is born ours
+                self.leases[outcome.retry_chunk] = outcome.retry_lease
             self.start_chunk(outcome.retry_chunk, active=True)
         backoff = Backoff(1.0, 60.0)
         while True:
@@ -378,18 +383,26 @@ class PipelineRunner:
 
     # -- sealing and the source watermark ------------------------------------------
 
-    async def seal(self, builder: ChunkBuilder) -> None:
-        refusal = self.budget.refusal(
-            self.manifest.state.pipelines.get(self.pipeline.name),
-            self.live_chunks(),
-            builder.writer.requests,
-            builder.writer.body_bytes,
-        )
+    async def budget_refusal(self, requests: int, request_bytes: int) -> str | None:
+        """Why the next chunk may not be sealed (the manifest's figures; a cluster's counter)."""
+        return self.budget.refusal(self.manifest.state.pipelines.get(self.pipeline.name),
+                                   self.live_chunks(), requests, request_bytes)
+
+    async def budget_stop(self, refusal: str) -> NoReturn:
+        """Intake stops: pause (budget), alarm, and raise into the packer."""
+        self.telemetry.budget(True)
+        await self.pause(refusal, alarm_kind="budget_exhausted", kind=PauseKind.BUDGET)
+        raise BudgetExhausted(refusal)
+
+    async def seal(self, builder: ChunkBuilder, shard: ShardLease | None = None) -> None:
+        """
+        Seal a packed chunk; *shard* is the lease of the shard it was read from when a
+        cluster worker reads a source split in shards (else the runner's one shard).
+        """
+        refusal = await self.budget_refusal(builder.writer.requests, builder.writer.body_bytes)
         if refusal is not None:
             builder.writer.discard()
-            self.telemetry.budget(True)
-            await self.pause(refusal, alarm_kind="budget_exhausted", kind=PauseKind.BUDGET)
-            raise BudgetExhausted(refusal)
+            await self.budget_stop(refusal)
         builder.writer.seal()
         position = builder.position
         if position is not None:
@@ -404,10 +417,11 @@ class PipelineRunner:
                 await self.store.append(scheme)
         digest = None
         if self.clustered:
-            assert self.shard is not None
-            digest = await self.store.put_spool(builder.id, self.shard.epoch,
+            reading = shard or self.shard
+            assert reading is not None
+            digest = await self.store.put_spool(builder.id, reading.epoch,
                                                 self.spool_path(builder.id))
-        applied = await self._shard_append(ChunkSealed(
+        sealed = ChunkSealed(
             pipeline=self.pipeline.name,
             chunk=builder.id,
             attempt=1,
@@ -418,7 +432,18 @@ class PipelineRunner:
             last_seq=builder.last_seq,
             position=position,
             parent=None,
-        ), spool=digest)
+            shard=None if shard is None else shard.shard,
+        )
+        crash_point("before_seal")  # its keys claimed and its spool kept, not yet sealed
+        try:
+            if shard is None:
+                applied = await self._shard_append(sealed, spool=digest)
+            else:
+                applied = await self.store.append(sealed, lease=shard, spool=digest)
+        except LimitRefused as exc:  # the shared budget, in the seal's own transaction
+            self.spool_path(builder.id).unlink(missing_ok=True)
+            await self.budget_stop(self.budget.counter_refusal(
+                exc.cap, exc.spent, exc.reserved + exc.external, exc.amount) or str(exc))
         if applied.fenced is not None:
             raise ShardLost(f"pipeline {self.pipeline.name}: {applied.fenced}")
         for lease in applied.created:
@@ -685,7 +710,8 @@ class PipelineRunner:
                 held = "; ".join(f"{c}: {why}" for c, why in sorted(self.held_chunks.items()))
                 raise PipelinePaused(
                     f"pipeline {self.pipeline.name!r}: chunks are held, waiting for an "
-                    f"operator (see the spool_lost or spool_corrupt alarm): {held}"
+                    f"operator (see their alarm: spool_lost, spool_corrupt or wrong_adoption): "
+                    f"{held}"
                 )
             if not live and not self.paused:
                 return

@@ -90,6 +90,7 @@ class _Daemon:
         self.live = LiveStatus()
         self.reconciler: Reconciler
         self.cluster: Any = None  # cluster mode: the shared store (a MirroredStore)
+        self.cluster_watch: Any = None  # cluster mode with metrics: the cluster's overview
 
     async def build_runners(
         self, stack: AsyncExitStack, manifest: Manifest, ledger: KeyLedger
@@ -186,9 +187,25 @@ class _Daemon:
             with reconcile:
                 await self.reconciler.run()
 
+        async def sweeping() -> None:
+            from batchd.daemon.cluster.stray_sweeper import StraySweeper
+
+            cluster = self.config.cluster
+            telemetry = {runner.pipeline.name: runner.telemetry for runner in self.runners}
+            sweeper = StraySweeper(
+                self.cluster.inner, self.runners[0].api, cluster.workspace,
+                interval=max(1.0, min(60.0, cluster.lease_ttl)),
+                on_alarm=lambda pipeline, kind: (
+                    telemetry[pipeline].alarm(kind) if pipeline in telemetry else None),
+            )
+            with reconcile:
+                await sweeper.run()
+
         async with anyio.create_task_group() as tasks:
             if self.cluster is None:  # in a cluster, other workers' batches are not unknown
                 tasks.start_soon(reconciling)
+            elif self.runners:  # one sweeper per worker process; one sweeps per workspace
+                tasks.start_soon(sweeping)
             async with anyio.create_task_group() as runners:
                 for runner in self.runners:
                     runners.start_soon(partial(runner.run, until_drained=until_drained))
@@ -268,8 +285,9 @@ class _Daemon:
                 runner.telemetry.refresh(runner.live_chunks(), manifest.size_bytes(),
                                          (runner.paused, runner.pause_kind),
                                          runner.ledger.size_bytes())
-            if interactive:
-                for p in self.live.snapshot(self.config, manifest)["pipelines"]:
+            if interactive:  # in a cluster, the progress is the whole cluster's
+                view = manifest if self.cluster is None else self.cluster
+                for p in self.live.snapshot(self.config, view)["pipelines"]:
                     log.info("progress", pipeline=p["name"], **_progress(p, self.live))
             if self.notifier.enabled:
                 self.notifier.status(_status_line(self.runners))
@@ -414,6 +432,8 @@ async def _serve_private(daemon: _Daemon, config: Config, until_drained: bool) -
             if daemon.notifier.enabled:
                 outer.start_soon(watchdog_loop, daemon.notifier)
             outer.start_soon(daemon.report, manifest)
+            if daemon.cluster_watch is not None:
+                outer.start_soon(daemon.cluster_watch.run_forever)
             if daemon.cluster is not None:
                 from batchd.daemon.store.cluster_worker import heartbeat_loop
 
@@ -447,7 +467,16 @@ def _start_metrics(config: Config, stack: AsyncExitStack, daemon: _Daemon,
     from batchd.daemon.ops.web import DaemonView, LoopBridge, WebApp, start_web_server
 
     metrics = Metrics()
-    view = DaemonView(daemon, manifest, LoopBridge(asyncio.get_running_loop()))
+    state: Any = manifest
+    if daemon.cluster is not None:  # the page shows the cluster's progress and workers
+        from batchd.daemon.ops.cluster_metrics import ClusterCollector
+        from batchd.daemon.ops.cluster_watch import ClusterWatch, watch_interval
+
+        state = daemon.cluster
+        daemon.cluster_watch = ClusterWatch(config, daemon.cluster.worker_id,
+                                            interval=watch_interval(config.cluster.lease_ttl))
+        metrics.registry.register(ClusterCollector(daemon.cluster_watch))
+    view = DaemonView(daemon, state, LoopBridge(asyncio.get_running_loop()))
     try:
         server = start_web_server(WebApp(metrics, daemon.health, view),
                                   config.metrics_address, config.metrics_port)

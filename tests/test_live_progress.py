@@ -52,7 +52,7 @@ class Tmux:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name],
                               capture_output=True, text=True, check=True, timeout=30).stdout
 
-    def wait_for(self, pattern: str, timeout: float = 30) -> str:
+    def wait_for(self, pattern: str, timeout: float = 90) -> str:
         def check() -> str:
             screen = self.screen()
             return screen if re.search(pattern, screen, re.MULTILINE) else ""
@@ -98,7 +98,7 @@ class TestStatusWatch:
                 assert "live chunks" not in screen  # redrawn, not appended
                 tmux.keys("C-c")
                 tmux.type("echo exit-$?")
-                screen = tmux.wait_for(r"^exit-130$", timeout=15)  # Ctrl-C, back at the prompt
+                screen = tmux.wait_for(r"^exit-130$", timeout=60)  # Ctrl-C, back at the prompt
                 assert "Traceback" not in screen
             finally:
                 tmux.close()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchd.daemon.ops.cluster_metrics import MAX_WORKERS, ClusterCollector
+from batchd.daemon.ops.cluster_watch import ClusterWatch, Seen
 from batchd.daemon.ops.metrics import (
     BATCH_STATES,
     OUTCOMES,
@@ -242,3 +246,70 @@ class TestPaused:
         telemetry.refresh([], 0, (None, None))
         assert all(v == 0 for (name, _), v in _samples(metrics.render()).items()
                    if name == "batchd_paused")
+
+
+def _worker(n: int, state: str, age: float) -> dict[str, Any]:
+    return {"worker_id": f"h:{n}/w{n:03d}", "name": f"h:{n}", "host": "h", "pid": n,
+            "state": state, "heartbeat_age": age, "lease_ttl": 30.0, "fenced": n % 3,
+            "chunks": [{"pipeline": "p", "chunk": f"p-{n:06d}", "stage": "submitted",
+                        "epoch": 1}] * (n % 4),
+            "shards": [], "create_slots": []}
+
+
+class TestClusterSeries:
+    """The cluster collector on a canned overview (the real one: tests/test_cluster_view.py)."""
+
+    def _render(self, seen: Seen) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        metrics = Metrics(process_metrics=False)
+        watch = ClusterWatch(cast(Any, None), "h:1/w001", interval=5.0)
+        watch.seen = seen
+        metrics.registry.register(ClusterCollector(watch))
+        return _samples(metrics.render())
+
+    def test_bounded_by_worker_and_stopped_workers_only_counted(self) -> None:
+        workers = [_worker(n, "alive", n / 10) for n in range(MAX_WORKERS + 6)]
+        workers += [_worker(900, "stopped", 5.0), _worker(901, "dead", 99.0)]
+        overview = {"workers": workers, "unowned_chunks": {"p": 2}, "limits": [
+            {"scope": "queue:default", "cap": 1000, "reserved": 150, "spent": 0, "external": 0,
+             "available": 850},
+            {"scope": "budget:p", "cap": None, "reserved": 1.5, "spent": 2.25, "external": 0,
+             "available": None}]}
+        samples = self._render(Seen(overview, time.monotonic(), None, None, 1, 0))
+        listed = {dict(labels)["worker"] for name, labels in samples
+                  if name == "batchd_cluster_worker_heartbeat_age_seconds"}
+        assert len(listed) == MAX_WORKERS
+        assert "h:900/w900" not in listed  # stopped: counted only
+        assert "h:70/w070" not in listed  # the least recently heard from drop out first
+        assert samples[("batchd_cluster_workers", (("state", "stopped"),))] == 1
+        assert samples[("batchd_cluster_workers", (("state", "alive"),))] == MAX_WORKERS + 6
+        assert samples[("batchd_cluster_worker_state",
+                        (("state", "alive"), ("worker", "h:3/w003")))] == 1
+        assert samples[("batchd_cluster_worker_state",
+                        (("state", "dead"), ("worker", "h:3/w003")))] == 0
+        assert samples[("batchd_cluster_worker_chunks", (("worker", "h:3/w003"),))] == 3
+        assert samples[("batchd_cluster_worker_fenced_total", (("worker", "h:5/w005"),))] == 2
+        assert samples[("batchd_cluster_limit_spent", (("scope", "budget:p"),))] == 2.25
+        assert ("batchd_cluster_limit_cap", (("scope", "budget:p"),)) not in samples  # no cap
+        assert samples[("batchd_cluster_unowned_chunks", (("pipeline", "p"),))] == 2
+        assert samples[("batchd_cluster_store_up", ())] == 1
+        assert samples[("batchd_cluster_self", (("worker", "h:1/w001"),))] == 1
+        documented = set(re.findall(r"\bbatchd_cluster_[a-z_]*[a-z]\b",
+                                    (DOCS / "cluster.md").read_text()))
+        exported = {name for name, _ in samples}
+        assert len(documented) >= 10 and documented <= exported, documented - exported
+
+    def test_before_any_read_and_while_reads_fail(self) -> None:
+        samples = self._render(Seen())
+        assert samples[("batchd_cluster_store_up", ())] == 0
+        assert {name for name, _ in samples if name.startswith("batchd_cluster")} == {
+            "batchd_cluster_store_up", "batchd_cluster_store_read_failures_total",
+            "batchd_cluster_self"}
+        failing = Seen({"workers": [_worker(1, "alive", 0.5)], "unowned_chunks": {},
+                        "limits": []}, time.monotonic() - 30, "connection refused", time.time(),
+                       4, 2)
+        samples = self._render(failing)
+        assert samples[("batchd_cluster_store_up", ())] == 0
+        assert samples[("batchd_cluster_store_read_failures_total", ())] == 2
+        assert samples[("batchd_cluster_view_age_seconds", ())] >= 30
+        assert samples[("batchd_cluster_worker_state",
+                        (("state", "alive"), ("worker", "h:1/w001")))] == 1  # the last view

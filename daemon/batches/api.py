@@ -276,6 +276,13 @@ class BatchesApi:
         data, _ = await self._get_json(f"v1/messages/batches/{_segment(batch_id)}")
         return MessageBatch.from_json(data)
 
+    async def cancel(self, batch_id: str) -> MessageBatch:
+        """Ask the API to cancel a batch (a stray duplicate); idempotent, so retried."""
+        request = self.client.build_request(
+            "POST", f"v1/messages/batches/{_segment(batch_id)}/cancel")
+        response = await self._send(request, retries=self.max_retries)
+        return MessageBatch.from_json(orjson.loads(response.content))
+
     async def _list(self, limit: int, after_id: str | None = None
                     ) -> tuple[Any, httpx2.Response]:
         params: dict[str, Any] = {"limit": limit}

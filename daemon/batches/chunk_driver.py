@@ -31,9 +31,10 @@ from batchd.daemon.batches.driver_deps import DriverDeps
 from batchd.daemon.batches.error_codes import Action, classify_error
 from batchd.daemon.batches.outcomes import Committed, Held, Lost, Outcome, RateLimited, Retired
 from batchd.daemon.batches.reconcile import FoundBatch, Unattributable
+from batchd.daemon.cluster.create_slot import RESEND_AFTER
 from batchd.daemon.intake.spool_check import set_aside_damaged, spool_damage
 from batchd.daemon.intake.spool_rebuild import give_up_spool, rebuild_spool
-from batchd.daemon.results.collector import CollectSummary
+from batchd.daemon.results.collector import CollectSummary, WrongAdoption
 from batchd.daemon.results.sink_failures import RETRY_CAP, SinkFailed
 from batchd.daemon.store.contract import Applied, ChunkLease, CreateSlot, SpoolCorrupt, SpoolDigest
 from batchd.daemon.wal.chunk_ids import root_of
@@ -95,6 +96,10 @@ class ChunkDriver:
         self._missing_since: float | None = None
         self._streaks: dict[str, int] = {}  # transient codes retried in a row
         self._summary: CollectSummary | None = None  # the collect this driver committed
+        # The adoption window of the intent being settled: ((chunk, intent_at), API time).
+        self._window: tuple[tuple[str, float], float] | None = None
+        self._listed = (0.0, 0.0)  # API-clock start and end of the last list of batches
+        self._retry_lease: ChunkLease | None = None  # on the retry chunk that collect cut
 
     def _chunk(self) -> ChunkState | None:
         return self.deps.manifest.state.chunks.get(self.chunk_id)
@@ -159,7 +164,8 @@ class ChunkDriver:
                 else:
                     summary = self._summary
                     retry = summary.retry_chunk if summary is not None else None
-                    return Committed(chunk.chunk, summary, retry.chunk if retry else None)
+                    return Committed(chunk.chunk, summary, retry.chunk if retry else None,
+                                     self._retry_lease)
                 backoff.reset()
             except _Stop as stop:
                 return stop.outcome
@@ -314,6 +320,29 @@ class ChunkDriver:
         # create lock), then look again; the adopt check runs anew.
         await deps.reconciler.ready.wait()
 
+    async def _window_opens(self, chunk: ChunkState, skew: float | None) -> float:
+        """
+        When, on the API's clock, a batch of the chunk's first intent can have been made.
+
+        The intent was stamped on the store's clock: this machine's for a state dir, the
+        database's (``clock_timestamp()``) in a cluster, whose difference to ours is read
+        with ``SELECT clock_timestamp()`` as the API's is read from its ``Date`` header.
+        Computed once per intent: a list taken later under a different skew must not
+        shift the window past a batch an earlier list could have seen.
+        """
+        assert chunk.intent_at is not None
+        key = (chunk.chunk, chunk.intent_at)
+        if self._window is not None and self._window[0] == key:
+            return self._window[1]
+        if skew is None:
+            since = chunk.intent_at - _CLOCK_SLACK
+        else:
+            measure = getattr(self.deps.store, "db_clock_skew", None)
+            store_skew = float(await measure()) if measure is not None else 0.0
+            since = chunk.intent_at - store_skew + skew - _SKEW_MARGIN
+        self._window = (key, since)
+        return since
+
     async def _adopt(self, chunk: ChunkState, slot: CreateSlot | None = None) -> bool:
         """
         Record the oldest unknown batch of the chunk's size created since its first intent.
@@ -322,13 +351,14 @@ class ChunkDriver:
         header, so a batch that was already there when we announced the intent (another
         daemon's, or a run before the state directory was wiped) is never taken for ours.
         Only when the API sends no date does the window open ``_CLOCK_SLACK`` wider.
+        Leaves :attr:`_listed`: the API-clock times the list began and ended.
         """
         assert chunk.intent_at is not None
         deps = self.deps
         state = deps.manifest.state
         skew = await deps.api.clock_skew()
-        since = (chunk.intent_at + skew - _SKEW_MARGIN if skew is not None
-                 else chunk.intent_at - _CLOCK_SLACK)
+        since = await self._window_opens(chunk, skew)
+        began = time.time() + (skew or 0.0)
         candidates = []
         async for batch in deps.api.recent(since=since):
             if state.is_known_batch(batch.id) or _total(batch.request_counts) != chunk.requests:
@@ -336,6 +366,7 @@ class ChunkDriver:
             if slot is not None and await deps.store.batch_owner(batch.id) is not None:
                 continue  # another worker's (the local view may not have it yet)
             candidates.append(batch)
+        self._listed = (began, time.time() + (skew or 0.0))
         found = None
         spool = deps.spool_path(chunk.chunk)
         for batch in sorted(candidates, key=created_at_ts):
@@ -364,6 +395,30 @@ class ChunkDriver:
         self.log.warning("adopted a batch created before a crash or lost response",
                          adopted_for=chunk.chunk, batch_id=found.id, requests=chunk.requests)
         return True
+
+    async def _settle_intent(self, chunk: ChunkState, slot: CreateSlot) -> bool:
+        """
+        Adopt the batch of the chunk's pending intent; False once sending again is safe.
+
+        The API's list may not show a batch created a moment ago, so one empty list is
+        not enough: only a second list begun at least ``RESEND_AFTER`` seconds of API
+        time after the first ended lets the chunk be sent again. Meanwhile the slot
+        stays held (no create in the workspace could go out before this intent is
+        settled anyway) and every wait checks the lease deadline.
+        """
+        first_empty: float | None = None
+        while True:
+            if await self._adopt(chunk, slot):
+                return True
+            began, ended = self._listed
+            if first_empty is None:
+                first_empty = ended
+                self.log.info("no batch found for the earlier create yet; listing again",
+                              after_seconds=RESEND_AFTER)
+            elif began - first_empty >= RESEND_AFTER:
+                return False
+            await anyio.sleep(min(1.0, self.deps.api_config.poll_interval))
+            self.deps.store.deadline.check("create")
 
     async def _create_in_cluster(self) -> None:
         """
@@ -396,10 +451,11 @@ class ChunkDriver:
                     return
                 if current.stage is Stage.INTENT:
                     keep_pending = True  # until adopted or announced again
-                    if await self._adopt(current, slot):
+                    if await self._settle_intent(current, slot):
                         freed = True
                         return
-                    self.log.info("no batch found for the earlier create; submitting again")
+                    self.log.info("no batch found for the earlier create in two lists "
+                                  f"{RESEND_AFTER:.0f}s apart; submitting again")
                 if self.control.submissions_blocked:
                     return
                 store.deadline.check("create")
@@ -460,8 +516,10 @@ class ChunkDriver:
         """
         deps, control = self.deps, self.control
         path = deps.spool_path(chunk.chunk)
-        if deps.workspace is not None and not path.exists():
-            try:  # sealed or cut by another worker: its spool is in the store
+        if deps.workspace is not None and not deps.store.spool_held(chunk.chunk):
+            # Sealed or cut by another worker, or a file an earlier incarnation of this
+            # worker left (perhaps other rows under this id): the store's copy is the chunk.
+            try:
                 await deps.store.fetch_spool(chunk.chunk)
             except SpoolCorrupt as exc:
                 await control.alarm("spool_corrupt", f"chunk {chunk.chunk} is held: {exc}",
@@ -539,7 +597,7 @@ class ChunkDriver:
         return await self.deps.collector().collect(
             chunk=chunk.chunk, root=root_of(self.name, chunk.chunk), batch_id=chunk.batch_id,
             spool=self.deps.spool_path(chunk.chunk), attempt=chunk.attempt, blocks=blocks,
-            lost=lost,
+            lost=lost, refuse_unknown=self.deps.workspace is not None,
         )
 
     async def collect(self, chunk: ChunkState, *, given_up: bool = False) -> None:
@@ -555,6 +613,12 @@ class ChunkDriver:
             blocks, lost = None, _lost_reason(batch_id, deps.api_config.not_found_window)
         try:
             summary = await self._collect_once(chunk, blocks, lost)
+        except WrongAdoption as exc:
+            # Adopted after an ambiguous create, but the batch is another chunk's (or
+            # nobody's): writing its answers would give keys answers to other requests.
+            await self.control.alarm("wrong_adoption", f"chunk {chunk.chunk} is held: {exc}",
+                                     chunk=chunk.chunk)
+            raise _Stop(Held(chunk.chunk, str(exc))) from None
         except NotFoundError:
             assert batch_id is not None
             if not await self._archived(batch_id):
@@ -597,10 +661,12 @@ class ChunkDriver:
         if deps.workspace is not None and retry is not None:
             digest = await deps.store.put_spool(retry.chunk, self.lease.epoch,
                                                 deps.spool_path(retry.chunk))
-        await self._append(ResultsCommitted(
+        applied = await self._append(ResultsCommitted(
             chunk=chunk.chunk, batch_id=batch_id, figures=summary.figures(), retry_chunk=retry,
             unpriced=summary.unpriced,
         ), chunk.stage, digest)
+        self._retry_lease = next(iter(applied.created), None)
+        crash_point("after_commit")  # committed, before the source commit and retirement
         deps.telemetry.committed(summary)
         self.log.info("results committed", batch_id=batch_id, succeeded=summary.succeeded,
                       truncated=summary.truncated, dead_lettered=summary.dead,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batchd.daemon.results.collector import CollectSummary
+from batchd.daemon.store.contract import ChunkLease
 
 __all__ = ("Committed", "Held", "Lost", "Outcome", "RateLimited", "Retired")
 
@@ -27,12 +28,15 @@ class Committed:
 
     ``summary`` is the collect this run made (None when it was committed before),
     for the runner's pause and dead-letter checks; ``retry_chunk`` the chunk that
-    collect cut for the rows to send again, which the runner starts driving.
+    collect cut for the rows to send again, which the runner starts driving under
+    ``retry_lease``: the lease the store gave the writer of the commit that sealed it
+    (in a cluster the retry chunk is born owned by that worker, at epoch 1).
     """
 
     chunk: str
     summary: CollectSummary | None = None
     retry_chunk: str | None = None
+    retry_lease: ChunkLease | None = None
 
 
 @dataclass(frozen=True, slots=True)

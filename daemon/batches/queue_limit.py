@@ -12,9 +12,17 @@ poll: a batch that ended but was not yet polled still counts.
 
 A chunk larger than the whole limit is sent alone once nothing else is in
 flight, rather than never.
+
+In cluster mode the limit is the shared ``queue:<workspace>`` counter instead
+(reserved at each chunk's intent, released at its ``ended``); what others use of
+the workspace's queue is read from the API every few minutes
+(:func:`processing_requests`) and set on the counter.
 """
 
 from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -23,7 +31,10 @@ from batchd.daemon.ops.lazy_log import LazyLogger
 from batchd.daemon.wal.manifest import Manifest
 from batchd.daemon.wal.manifest_state import Stage
 
-__all__ = ("DEFAULT_TIER", "QueueLimit", "queue_limit_of")
+if TYPE_CHECKING:  # status imports this module: it must not pull the HTTP client in
+    from batchd.daemon.batches.api import BatchesApi
+
+__all__ = ("DEFAULT_TIER", "QueueLimit", "processing_requests", "queue_limit_of")
 
 log = LazyLogger("batchd.queue")  # status replays without importing structlog
 
@@ -31,6 +42,9 @@ log = LazyLogger("batchd.queue")  # status replays without importing structlog
 DEFAULT_TIER = "start"
 _IN_QUEUE = (Stage.INTENT, Stage.SUBMITTED)
 _RECHECK = 1.0  # seconds between looks at the manifest while waiting, if not notified
+# A batch is processed or expires within 24 h of its creation; the margin covers clock skew.
+_PROCESSING_WINDOW = 26 * 3600.0
+_PAGE = 1000  # the list endpoint's largest page
 
 
 def queue_limit_of(api: ApiConfig) -> tuple[int, str]:
@@ -83,3 +97,17 @@ class QueueLimit:
         finally:
             self._line.remove(me)
             self.notify()  # the next in line may fit too
+
+
+async def processing_requests(api: BatchesApi) -> int:
+    """
+    The workspace's requests in the API's processing queue now: the sum of
+    ``request_counts.processing`` over every batch still in progress (or canceling),
+    listed newest first back to the oldest one that can still be processing.
+    """
+    total = 0
+    since = time.time() - _PROCESSING_WINDOW
+    async for batch in api.recent(since, page_size=_PAGE):
+        if batch.processing_status != "ended" and batch.created_at.timestamp() >= since:
+            total += batch.request_counts.processing
+    return total

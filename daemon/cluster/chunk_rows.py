@@ -19,15 +19,33 @@ from batchd.daemon.wal.manifest_state import ChunkState, PipelineState, Stage
 __all__ = (
     "CHUNK_FIELDS",
     "PIPELINE_FIELDS",
+    "WHOLE_SOURCE",
     "chunk_from_row",
     "chunk_params",
     "pipeline_from_row",
     "pipeline_params",
+    "shard_column",
+    "shard_of_row",
 )
 
-CHUNK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ChunkState))
+# ``shard`` is the row's own column, written once at insert: "0" (WHOLE_SOURCE) for a
+# source read as one, which the replay state calls None.
+CHUNK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ChunkState) if f.name != "shard")
 PIPELINE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PipelineState))
-_JSON = frozenset({"position", "counts", "last_sealed_position", "committed_position"})
+_JSON = frozenset({"position", "counts", "last_sealed_position", "committed_position",
+                   "shards"})
+#: The shard of a source read as one (every source but a Kafka one split by partition).
+WHOLE_SOURCE = "0"
+
+
+def shard_column(shard: str | None) -> str:
+    """The ``shard`` column for a chunk's replay-state shard."""
+    return WHOLE_SOURCE if shard is None else shard
+
+
+def shard_of_row(column: str) -> str | None:
+    """A chunk row's ``shard`` column as the replay state holds it."""
+    return None if column == WHOLE_SOURCE else column
 
 
 def _to_column(name: str, value: Any) -> Any:
@@ -44,7 +62,7 @@ def chunk_from_row(row: Mapping[str, Any]) -> ChunkState:
     for name in _JSON & values.keys():
         values[name] = from_json(values[name])
     values["stage"] = Stage(values["stage"])
-    return ChunkState(**values)
+    return ChunkState(**values, shard=shard_of_row(row["shard"]))
 
 
 def chunk_params(chunk: ChunkState) -> list[Any]:

@@ -12,7 +12,9 @@ Holding the slot (in order):
 1. :func:`take` it. A pending intent left by a dead holder is returned: resolve
    it first (claim its chunk, list the API's batches in the intent's window;
    adopt the match with :func:`record_submitted`, or resend with
-   :func:`record_intent`).
+   :func:`record_intent` only after two lists at least :data:`RESEND_AFTER`
+   seconds apart on the API's clock found nothing: the API's list may lag a
+   create by a few seconds).
 2. :func:`record_intent`: the ``submit_intent`` (at the DB's ``now()``), the
    queue reservation and ``pending = chunk``, in one transaction.
 3. Create, with the body's last bytes behind the lease deadline
@@ -39,6 +41,7 @@ from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.wal.manifest_state import Stage
 
 __all__ = (
+    "RESEND_AFTER",
     "CreateSlot",
     "PendingIntent",
     "clear_pending",
@@ -47,6 +50,11 @@ __all__ = (
     "release",
     "take",
 )
+
+
+# Seconds of API time between the first list that found no batch for a pending intent
+# and the list that lets it be sent again (CLUSTER.md: "two lists 15 s apart").
+RESEND_AFTER = 15.0
 
 
 @dataclass(frozen=True)

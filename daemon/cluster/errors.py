@@ -15,6 +15,7 @@ __all__ = (
     "FencedOut",
     "IllegalTransition",
     "LeaseExpired",
+    "LimitRefused",
     "LimitUndefined",
     "SchemaVersionError",
     "SpoolCorrupt",
@@ -55,6 +56,19 @@ class WorkerGone(ClusterError):
 
 class LimitUndefined(ClusterError):
     """A reservation named a limit scope that has no counter row."""
+
+
+class LimitRefused(ClusterError):
+    """
+    A transition's reservation did not fit its limit's cap: the transition was not
+    recorded (a seal past the budget). Carries the counter's figures for the message.
+    """
+
+    def __init__(self, scope: str, amount: float, *, cap: float | None, spent: float,
+                 reserved: float, external: float = 0.0) -> None:
+        super().__init__(f"limit {scope}: {amount:.4f} more does not fit its cap")
+        self.scope, self.amount, self.cap = scope, amount, cap
+        self.spent, self.reserved, self.external = spent, reserved, external
 
 
 class SpoolCorrupt(FatalError):

@@ -68,9 +68,14 @@ async def present(conn: Any, sql: Sql, upto: int, window: int) -> list[int]:
 
 async def replay(conn: Any, sql: Sql) -> ManifestState:
     """The state the event log replays to, through the manifest's own code."""
+    from batchd.daemon.cluster.pipeline_import import KIND, merge
+
     state = ManifestState()
     async for record in records(conn, sql):
-        state.apply(record)
+        if record["kind"] == KIND:  # a single daemon's pipeline, moved in by a snapshot
+            merge(state, record["seq"], record)
+        else:
+            state.apply(record)
     return state
 
 

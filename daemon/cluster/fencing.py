@@ -46,6 +46,7 @@ from batchd.daemon.cluster.chunk_rows import (
     chunk_params,
     pipeline_from_row,
     pipeline_params,
+    shard_column,
 )
 from batchd.daemon.cluster.db import to_json, transaction
 from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
@@ -355,6 +356,11 @@ async def seal_chunk(
             f"chunk {values['chunk']} of pipeline {values['pipeline']} sealed under a lease "
             f"on {lease.pipeline}/{lease.shard}"
         )
+    if values["parent"] is None and shard_column(values.get("shard")) != lease.shard:
+        raise IllegalTransition(
+            f"chunk {values['chunk']} read from shard {shard_column(values.get('shard'))} "
+            f"sealed under a lease on {lease.pipeline}/{lease.shard}"
+        )
     ids = [values["chunk"]] + ([values["parent"]] if values["parent"] else [])
 
     async def body() -> Applied:
@@ -413,13 +419,18 @@ async def commit_source(
         raise IllegalTransition(
             f"source commit of {values['pipeline']} under a lease on {lease.pipeline}/{lease.shard}"
         )
+    if shard_column(values.get("shard")) != lease.shard:
+        raise IllegalTransition(
+            f"source commit of shard {shard_column(values.get('shard'))} under a lease on "
+            f"{lease.pipeline}/{lease.shard}"
+        )
 
     async def body() -> Applied:
         held = await _lock_shard(conn, sql, lease)
         rows = await conn.fetch(
-            sql("SELECT * FROM {s}.chunk WHERE pipeline = $1 AND stage = 'committed'"
-                " AND covers_seq <= $2 ORDER BY chunk FOR UPDATE"),
-            lease.pipeline, values["source_seq"],
+            sql("SELECT * FROM {s}.chunk WHERE pipeline = $1 AND shard = $3"
+                " AND stage = 'committed' AND covers_seq <= $2 ORDER BY chunk FOR UPDATE"),
+            lease.pipeline, values["source_seq"], lease.shard,
         )
         _, loaded = _split(rows)
         pipeline = await _lock_pipeline(conn, sql, lease.pipeline)

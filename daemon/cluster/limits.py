@@ -21,7 +21,10 @@ upper bound at seal, settle its cost at results_committed), ``queue:<workspace>`
 (reserve its requests at intent, release at ended or a definite failure). Run
 them in the transition's own transaction (``on_applied`` in
 ``daemon/cluster/fencing.py``), so a reservation commits exactly when the
-transition does.
+transition does (``daemon/cluster/budget_holds.py`` does so for the budget).
+
+A ``queue:`` reservation larger than the whole cap passes when nothing else is
+reserved or used there, as one daemon sends such a chunk alone rather than never.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
     "Counter",
+    "Defined",
     "Drift",
+    "counter",
     "counters",
     "define",
     "recompute",
@@ -45,6 +50,7 @@ __all__ = (
     "release",
     "reserve",
     "settle",
+    "spend",
 )
 
 Amount = int | float | Decimal
@@ -92,14 +98,63 @@ def _amount(value: Amount, what: str) -> Decimal:
     return amount
 
 
-async def define(conn: Any, sql: Sql, scope: str, cap: Amount | None) -> None:
-    """Create a limit or change its cap (None: no cap, only counted)."""
-    await conn.execute(
-        sql("INSERT INTO {s}.limit_counter (scope, cap) VALUES ($1, $2)"
-            " ON CONFLICT (scope) DO UPDATE SET cap = EXCLUDED.cap, updated_at = now()"),
-        scope,
-        None if cap is None else _amount(cap, f"cap of {scope}"),
-    )
+@dataclass(frozen=True)
+class Defined:
+    """What :func:`define` found and left: the cap before (None: none) and now."""
+
+    scope: str
+    previous: Decimal | None
+    cap: Decimal | None
+    created: bool
+
+    @property
+    def changed(self) -> bool:
+        """An existing counter whose cap this definition moved."""
+        return not self.created and self.previous != self.cap
+
+    @property
+    def raised(self) -> bool:
+        """The cap moved up (or was lifted): a budget pause may lift."""
+        if not self.changed or self.previous is None:
+            return False
+        return self.cap is None or self.cap > self.previous
+
+
+# A new budget counter starts at what its pipelines already spent (the pipeline rows'
+# recorded cost), so a budget defined after a pipeline ran counts that spend too.
+_DEFINE = """
+INSERT INTO {s}.limit_counter (scope, cap, spent) VALUES ($1, $2, CASE
+    WHEN $1 = 'budget:org' THEN (SELECT coalesce(sum(cost_usd), 0)::numeric FROM {s}.pipeline)
+    WHEN $1 LIKE 'budget:%' THEN coalesce(
+        (SELECT cost_usd::numeric FROM {s}.pipeline WHERE 'budget:' || name = $1), 0)
+    ELSE 0 END)
+ON CONFLICT (scope) DO UPDATE SET cap = EXCLUDED.cap, updated_at = now()
+RETURNING cap
+"""
+
+
+async def define(conn: Any, sql: Sql, scope: str, cap: Amount | None) -> Defined:
+    """
+    Create a limit or change its cap (None: no cap, only counted); what it was before.
+
+    The caller's cap wins over the row's: the runtime defines its config's caps at
+    every start and reload, and logs a :attr:`Defined.changed` one.
+    """
+    value = None if cap is None else _amount(cap, f"cap of {scope}")
+    async with conn.transaction():
+        old = await conn.fetchrow(
+            sql("SELECT cap FROM {s}.limit_counter WHERE scope = $1 FOR UPDATE"), scope)
+        now = await conn.fetchval(sql(_DEFINE), scope, value)
+    return Defined(scope, None if old is None else old["cap"], now, old is None)
+
+
+async def counter(conn: Any, sql: Sql, scope: str) -> Counter | None:
+    """One counter as it is now; None when *scope* is not defined."""
+    r = await conn.fetchrow(
+        sql("SELECT scope, cap, reserved, spent, external FROM {s}.limit_counter"
+            " WHERE scope = $1"), scope)
+    return None if r is None else Counter(r["scope"], r["cap"], r["reserved"], r["spent"],
+                                          r["external"])
 
 
 class _Refused(Exception):
@@ -115,11 +170,15 @@ async def _lock(conn: Any, sql: Sql, scopes: Iterable[str]) -> set[str]:
     return {r["scope"] for r in rows}
 
 
-async def reserve(conn: Any, sql: Sql, scopes: Iterable[str], amount: Amount, holder: str) -> bool:
+async def reserve(conn: Any, sql: Sql, scopes: Iterable[str], amount: Amount, holder: str,
+                  *, force: bool = False) -> bool:
     """
     Reserve *amount* on every scope for *holder*, or on none; False when a cap refuses.
 
     A scope the holder already holds is left as it is (a retried reservation).
+    With *force* the caps are not asked: the hold is counted whatever they say (a
+    retry chunk cut at collect, which one daemon does not check against its
+    budget either, must still be seen by the next seal's check).
 
     Raises:
         LimitUndefined: a scope has no counter row (nothing was reserved).
@@ -146,9 +205,10 @@ async def reserve(conn: Any, sql: Sql, scopes: Iterable[str], amount: Amount, ho
             updated = await conn.fetch(
                 sql("UPDATE {s}.limit_counter SET reserved = reserved + $2, updated_at = now()"
                     " WHERE scope = ANY($1::text[])"
-                    " AND (cap IS NULL OR spent + reserved + external + $2 <= cap)"
+                    " AND ($3 OR cap IS NULL OR spent + reserved + external + $2 <= cap"
+                    "      OR (scope LIKE 'queue:%' AND reserved + external = 0))"
                     " RETURNING scope"),
-                new, value,
+                new, value, force,
             )
             if len(updated) != len(new):
                 raise _Refused
@@ -164,10 +224,11 @@ async def reserve(conn: Any, sql: Sql, scopes: Iterable[str], amount: Amount, ho
 
 async def settle(
     conn: Any, sql: Sql, holder: str, spent: Mapping[str, Amount] | None = None,
-    *, scopes: Iterable[str] | None = None,
+    *, scopes: Iterable[str] | None = None, prefix: str | None = None,
 ) -> list[str]:
     """
-    Drop *holder*'s holds (all, or on *scopes*); count *spent* where a hold was dropped.
+    Drop *holder*'s holds (all, on *scopes*, or on those starting with *prefix*);
+    count *spent* where a hold was dropped.
 
     Idempotent: a second call finds no hold and changes nothing. Returns the
     scopes whose hold was dropped.
@@ -177,9 +238,12 @@ async def settle(
     async with conn.transaction():
         holds = await conn.fetch(
             sql("SELECT scope FROM {s}.limit_hold WHERE holder = $1"
-                " AND ($2::text[] IS NULL OR scope = ANY($2::text[]))"),
-            holder, only,
+                " AND ($2::text[] IS NULL OR scope = ANY($2::text[]))"
+                " AND ($3::text IS NULL OR starts_with(scope, $3))"),
+            holder, only, prefix,
         )
+        if prefix is not None:
+            only = sorted(r["scope"] for r in holds)
         if not holds:
             return []
         await _lock(conn, sql, [r["scope"] for r in holds])
@@ -204,10 +268,41 @@ async def settle(
 
 
 async def release(
-    conn: Any, sql: Sql, holder: str, scopes: Iterable[str] | None = None
+    conn: Any, sql: Sql, holder: str, scopes: Iterable[str] | None = None, *,
+    prefix: str | None = None,
 ) -> list[str]:
     """Drop *holder*'s holds without spending (a queue slot at ``ended``); idempotent."""
-    return await settle(conn, sql, holder, None, scopes=scopes)
+    return await settle(conn, sql, holder, None, scopes=scopes, prefix=prefix)
+
+
+async def spend(conn: Any, sql: Sql, holder: str, scopes: Iterable[str], cost: Amount) -> list[str]:
+    """
+    Count *cost* as spent on every defined scope of *scopes*, dropping *holder*'s holds there.
+
+    Unlike :func:`settle` the cost counts even where the holder held nothing (a
+    chunk sealed before its budget was defined): so it is not idempotent on its
+    own, and runs only inside the transition that settles the chunk (its
+    results_committed), which applies once. Returns the scopes counted.
+    """
+    wanted = sorted(set(scopes))
+    value = _amount(cost, f"cost of {holder}")
+    async with conn.transaction():
+        await _lock(conn, sql, wanted)
+        rows = await conn.fetch(
+            sql("""
+            WITH gone AS (
+                DELETE FROM {s}.limit_hold WHERE holder = $1 AND scope = ANY($2::text[])
+                RETURNING scope, amount
+            )
+            UPDATE {s}.limit_counter c
+            SET reserved = c.reserved - coalesce(
+                    (SELECT sum(g.amount) FROM gone g WHERE g.scope = c.scope), 0),
+                spent = c.spent + $3, updated_at = now()
+            WHERE c.scope = ANY($2::text[])
+            RETURNING c.scope"""),
+            holder, wanted, value,
+        )
+    return sorted(r["scope"] for r in rows)
 
 
 async def reconcile_external(conn: Any, sql: Sql, scope: str, observed: Amount) -> Decimal:

@@ -235,6 +235,45 @@ _V1 = (
     "CREATE INDEX limit_hold_scope ON {s}.limit_hold (scope)",
 )
 
+# A source read apart by several workers (a Kafka topic's partitions): each shard has
+# its own read sequence, kept per shard in the pipeline row (PipelineState.shards, under
+# the pipeline row's lock like every frontier), and chunk numbers are handed out per
+# pipeline so that readers of different shards never make the same chunk id.
+_V2 = (
+    "ALTER TABLE {s}.pipeline ADD COLUMN shards jsonb NOT NULL DEFAULT '{}'::jsonb",
+    """CREATE TABLE {s}.chunk_number (
+        pipeline text PRIMARY KEY,
+        next bigint NOT NULL
+    )""",
+)
+
+# The pipeline config every worker of a pipeline must share (daemon/cluster/pipeline_config.py):
+# the fields that change what is sent or how rows map to custom_ids and outcomes, recorded
+# by the first worker (or ``batchd cluster init --accept-config``), compared by every later one.
+_V3 = (
+    """CREATE TABLE {s}.pipeline_config (
+        pipeline text PRIMARY KEY,
+        config_hash text NOT NULL,
+        fields jsonb NOT NULL,
+        recorded_by text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    )""",
+)
+
+# Which workers read a split pipeline's shards (a Kafka topic's partitions): a worker's
+# fair share is the shard count over the live ones (workers that run other pipelines
+# only are not counted, so no shard is left without a reader).
+_V4 = (
+    """CREATE TABLE {s}.shard_reader (
+        pipeline text NOT NULL,
+        worker_id text NOT NULL REFERENCES {s}.worker (worker_id) ON DELETE CASCADE,
+        PRIMARY KEY (pipeline, worker_id)
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
+    Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
+    Migration(3, "the pipeline config every worker must share", _V3),
+    Migration(4, "the workers reading each split pipeline's shards", _V4),
 )

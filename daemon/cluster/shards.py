@@ -1,11 +1,12 @@
 """
 Intake shards: exactly one worker reads a source shard at a time.
 
-A file or table source is one shard (or one per key range, where a source can
-be split); Kafka partitions come from the consumer group's assignment and are
-recorded here only so that a new owner knows where sealing stopped. Acquiring
-a shard bumps its epoch, which fences the previous reader: its seals, source
-commits, retirements and key claims are refused from then on.
+A file or table source is one shard (``"0"``); a Kafka source is one shard per
+topic-partition (``"tickets:3"``), and each worker reads the partitions whose
+shards it holds (the consumer is ``assign()``-ed to exactly those, so the lease
+here is the only thing that decides who reads what). Acquiring a shard bumps its
+epoch, which fences the previous reader: its seals, source commits, retirements
+and key claims are refused from then on.
 
 A new owner resumes reading after ``sealed_position`` (the highest position any
 sealed chunk of the shard covers), so records already sealed are never read,
@@ -21,7 +22,16 @@ from batchd.daemon.cluster.db import from_json
 from batchd.daemon.cluster.leases import ALIVE, DEAD
 from batchd.daemon.cluster.schema import Sql
 
-__all__ = ("Frontier", "ShardLease", "acquire", "commit_frontier", "release")
+__all__ = (
+    "Frontier",
+    "ShardLease",
+    "acquire",
+    "commit_frontier",
+    "join_readers",
+    "live_readers",
+    "next_chunk_number",
+    "release",
+)
 
 
 @dataclass(frozen=True)
@@ -150,3 +160,48 @@ async def commit_frontier(conn: Any, sql: Sql, pipeline: str, shard: str) -> Fro
     if row is None:
         return None
     return Frontier(row["last_seq"], from_json(row["position"]))
+
+
+_NEXT_NUMBER = """
+INSERT INTO {s}.chunk_number AS n (pipeline, next)
+VALUES ($1, 1 + greatest(
+    (SELECT coalesce(max(next_chunk_no), 0) FROM {s}.shard WHERE pipeline = $1),
+    (SELECT coalesce(max(next_chunk_no), 0) FROM {s}.pipeline WHERE name = $1)))
+ON CONFLICT (pipeline) DO UPDATE SET next = n.next + 1
+RETURNING n.next - 1
+"""
+
+
+async def next_chunk_number(conn: Any, sql: Sql, pipeline: str) -> int:
+    """
+    A chunk number no other reader of *pipeline* gets: readers of several shards at once.
+
+    A shard's own ``next_chunk_no`` counts its chunks only, so two shards' readers
+    would make the same chunk id from it. The first number handed out is past every
+    number a shard or the pipeline counted so far. A number whose chunk is never
+    sealed (a reader stopped mid-chunk) is a gap, never reused.
+    """
+    number: int = await conn.fetchval(sql(_NEXT_NUMBER), pipeline)
+    return number
+
+
+async def join_readers(conn: Any, sql: Sql, pipeline: str, worker_id: str) -> None:
+    """List *worker_id* among the workers reading *pipeline*'s shards (until it is purged)."""
+    await conn.execute(
+        sql("INSERT INTO {s}.shard_reader (pipeline, worker_id) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING"),
+        pipeline, worker_id,
+    )
+
+
+async def live_readers(conn: Any, sql: Sql, pipeline: str) -> int:
+    """
+    The workers reading *pipeline*'s shards whose heartbeat is within their TTL: how
+    many share them. A worker that runs other pipelines only is not one of them.
+    """
+    count: int = await conn.fetchval(sql(
+        "SELECT count(*) FROM {s}.shard_reader r JOIN {s}.worker w USING (worker_id)"
+        " WHERE r.pipeline = $1 AND w.stopped_at IS NULL"
+        " AND w.heartbeat_at + w.lease_ttl > now()"
+    ), pipeline)
+    return count

@@ -68,6 +68,19 @@ class WorkerInfo:
     chunks: int
     shards: int
 
+    def state(self, grace: float) -> str:
+        """
+        ``alive``, ``silent``, ``dead`` or ``stopped``, as a survivor with *grace* sees it.
+
+        *Silent* is past its own TTL, when its drivers must already have stopped;
+        *dead* is past TTL + *grace*, when a survivor may take its work over.
+        """
+        if self.stopped:
+            return "stopped"
+        if self.alive:
+            return "alive"
+        return "dead" if self.heartbeat_age > self.lease_ttl + grace else "silent"
+
 
 async def register(
     conn: Any, sql: Sql, name: str, *, ttl: float, host: str | None = None

@@ -12,103 +12,62 @@ deregistered. The schema must be at the version this batchd uses
 
 from __future__ import annotations
 
-from collections import defaultdict
-from decimal import Decimal
+from dataclasses import dataclass
 from typing import Any
 
 from batchd.daemon.cluster.errors import SchemaVersionError
+from batchd.daemon.cluster.overview import shown_workers
+from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.commands.cluster_connect import connect_cluster, describe_target, located
 from batchd.daemon.config import Config
+from batchd.daemon.wal.manifest_state import ManifestState
 
-__all__ = ("cluster_status", "status_lines")
-
-_CHUNKS = """SELECT owner, pipeline, chunk, stage, epoch FROM {s}.chunk
-             WHERE owner IS NOT NULL AND stage <> 'retired' ORDER BY owner, sealed_event"""
-_SHARDS = """SELECT owner, pipeline, shard, epoch FROM {s}.shard
-             WHERE owner IS NOT NULL ORDER BY owner, pipeline, shard"""
-_SLOTS = """SELECT workspace, holder, epoch, pending_chunk, pending_epoch,
-                   extract(epoch FROM now() - pending_since)::float8 AS pending_age
-            FROM {s}.create_slot ORDER BY workspace"""
-_UNOWNED = """SELECT pipeline, count(*) AS n FROM {s}.chunk
-              WHERE owner IS NULL AND stage <> 'retired' GROUP BY pipeline ORDER BY pipeline"""
+__all__ = ("ClusterRead", "cluster_status", "read_cluster", "status_lines")
 
 
-def _number(value: Decimal | None) -> int | float | None:
-    """A counter for JSON: integral amounts (requests) as int, money as float."""
-    if value is None:
-        return None
-    return int(value) if value == value.to_integral_value() else float(value)
+@dataclass(frozen=True)
+class ClusterRead:
+    """One snapshot of the cluster: the overview, and the pipelines' state if asked for."""
+
+    overview: dict[str, Any]
+    state: ManifestState | None = None
+    ledger: dict[str, Any] | None = None
 
 
-async def cluster_status(config: Config) -> dict[str, Any]:
-    """The cluster as the database sees it now (see the module docstring)."""
+async def read_cluster(conn: Any, sql: Sql, config: Config, *,
+                       progress: bool = False) -> ClusterRead:
+    """
+    The cluster on *conn* in one read-only repeatable-read snapshot (see the module
+    docstring); with *progress*, also every pipeline's state and live chunks (the
+    whole cluster's) and the shared key ledger's size, as ``batchd status`` shows them.
+
+    Raises:
+        ConfigError: the schema is missing or at another version (``[cluster]: schema``).
+    """
+    from batchd.daemon.cluster import migrations, reads
+    from batchd.daemon.cluster.overview import read_overview
+
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        try:
+            version = await migrations.check(conn, sql)
+        except SchemaVersionError as exc:
+            raise located(config, exc, "schema") from None
+        overview = await read_overview(conn, sql, grace=config.cluster.takeover_grace)
+        state = await reads.live_state(conn, sql) if progress else None
+        ledger = await reads.ledger_summary(conn, sql) if progress else None
+    return ClusterRead({"database": describe_target(config), "schema": sql.schema,
+                        "schema_version": version, **overview}, state, ledger)
+
+
+async def cluster_status(config: Config, *, progress: bool = False) -> ClusterRead:
+    """The cluster as the database sees it now, on a connection of its own."""
     from batchd.connectors._pg import close_quietly
-    from batchd.daemon.cluster import limits, migrations, workers
 
     conn, sql = await connect_cluster(config, "cluster-status")
     try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            try:
-                version = await migrations.check(conn, sql)
-            except SchemaVersionError as exc:
-                raise located(config, exc, "schema") from None
-            found = await workers.workers(conn, sql)
-            chunks = await conn.fetch(sql(_CHUNKS))
-            shards = await conn.fetch(sql(_SHARDS))
-            slots = await conn.fetch(sql(_SLOTS))
-            unowned = await conn.fetch(sql(_UNOWNED))
-            counters = await limits.counters(conn, sql)
+        return await read_cluster(conn, sql, config, progress=progress)
     finally:
         await close_quietly(conn)
-    grace = config.cluster.takeover_grace
-    owned: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(
-        lambda: {"chunks": [], "shards": [], "create_slots": []})
-    for r in chunks:
-        owned[r["owner"]]["chunks"].append(
-            {"pipeline": r["pipeline"], "chunk": r["chunk"], "stage": r["stage"],
-             "epoch": r["epoch"]})
-    for r in shards:
-        owned[r["owner"]]["shards"].append(
-            {"pipeline": r["pipeline"], "shard": r["shard"], "epoch": r["epoch"]})
-    for r in slots:
-        if r["holder"] is not None:
-            owned[r["holder"]]["create_slots"].append(
-                {"workspace": r["workspace"], "epoch": r["epoch"]})
-    rows = []
-    for w in found:
-        if w.stopped:
-            state = "stopped"
-        elif w.alive:
-            state = "alive"
-        elif w.heartbeat_age > w.lease_ttl + grace:
-            state = "dead"
-        else:
-            state = "silent"
-        rows.append({
-            "worker_id": w.worker_id, "name": w.name, "host": w.host, "pid": w.pid,
-            "state": state, "heartbeat_age": round(w.heartbeat_age, 3),
-            "lease_ttl": w.lease_ttl, "fenced": w.fenced, **owned[w.worker_id],
-        })
-    return {
-        "database": describe_target(config),
-        "schema": sql.schema,
-        "schema_version": version,
-        "takeover_grace": grace,
-        "workers": rows,
-        "create_slots": [
-            {"workspace": r["workspace"], "holder": r["holder"], "epoch": r["epoch"],
-             "pending_chunk": r["pending_chunk"], "pending_epoch": r["pending_epoch"],
-             "pending_age": None if r["pending_age"] is None else round(r["pending_age"], 3)}
-            for r in slots
-        ],
-        "unowned_chunks": {r["pipeline"]: r["n"] for r in unowned},
-        "limits": [
-            {"scope": c.scope, "cap": _number(c.cap), "reserved": _number(c.reserved),
-             "spent": _number(c.spent), "external": _number(c.external),
-             "available": _number(c.available)}
-            for c in counters
-        ],
-    }
 
 
 def _seconds(value: float) -> str:
@@ -124,7 +83,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         f"in {status['database']}",
         f"workers: {len(workers)} ({alive} alive)",
     ]
-    for w in workers:
+    shown, hidden = shown_workers(workers)
+    for w in shown:
         owns = (f"{len(w['chunks'])} chunks, {len(w['shards'])} shards, "
                 f"{len(w['create_slots'])} create slots")
         lines.append(
@@ -139,6 +99,10 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             lines.append(f"    shard {h['pipeline']}/{h['shard']}: epoch {h['epoch']}")
         for s in w["create_slots"]:
             lines.append(f"    create slot {s['workspace']}: epoch {s['epoch']}")
+        for workspace in w.get("sweeps", ()):
+            lines.append(f"    stray sweeper of workspace {workspace}")
+    if hidden:
+        lines.append(f"  and {hidden} workers stopped over an hour ago (--json lists them)")
     for pipeline, count in status["unowned_chunks"].items():
         lines.append(f"unowned chunks of {pipeline!r}: {count} (claimed by the next live worker)")
     for s in status["create_slots"]:

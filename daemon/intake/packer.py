@@ -156,8 +156,12 @@ class Packer:
         model_check: ModelCheck | None = None,
         owners: BatchOwners | None = None,
         claim_keys: ClaimKeys | None = None,
+        number: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.pipeline = pipeline
+        # Cluster readers of a source split in shards take each chunk's number from the
+        # store (readers of other shards number theirs too); else ``next_chunk`` counts.
+        self._number = number
         # Cluster mode claims keys in the shared ledger (under the shard lease); one
         # daemon claims them in its own ledger, synchronously, as it always has.
         self._claim_keys = claim_keys
@@ -316,9 +320,8 @@ class Packer:
             await self._room()
         if self.builder is None:
             self._regrow()
-            self.builder = ChunkBuilder(
-                self.pipeline.name, self.next_chunk, self.spool_dir, self.max_bytes
-            )
+            number = self.next_chunk if self._number is None else await self._number()
+            self.builder = ChunkBuilder(self.pipeline.name, number, self.spool_dir, self.max_bytes)
             if follow is not None:
                 self.builder.follows, self.builder.target = follow
         builder = self.builder

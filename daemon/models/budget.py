@@ -14,6 +14,12 @@ already submitted is lost; those batches finish and are collected.
 A model chosen per record is bounded at the dearest price known (catalog and
 config); a constant model without a price cannot have a budget (pre-flight
 refuses that config).
+
+In cluster mode the same sum is a shared counter row, ``budget:<pipeline>``:
+``spent`` is every worker's settled cost, ``reserved`` the upper bounds of every
+worker's unsettled chunks (held from seal to commit), and the seal's own
+transaction reserves the next chunk's bound or refuses it
+(:meth:`Budget.counter_refusal` words the refusal the same way).
 """
 
 from __future__ import annotations
@@ -89,11 +95,25 @@ class Budget:
             return None
         spent = state.cost_usd if state is not None else 0.0
         pending = self.in_flight(chunks)
-        projected = spent + pending + self.upper_bound(requests, request_bytes)
-        if projected <= self.limit:
+        return _refusal(self.limit, spent, pending, self.upper_bound(requests, request_bytes))
+
+    def counter_refusal(self, cap: float | None, spent: float, held: float,
+                        next_chunk: float) -> str | None:
+        """
+        Why a new chunk may not be sealed by the shared counter's figures (cluster mode):
+        its *cap* (the last config defined), *spent*, and *held* (every worker's unsettled
+        upper bounds, plus any external use); None when it fits.
+        """
+        if cap is None:
             return None
-        return (
-            f"budget exhausted: spent ${spent:.4f} + in flight up to ${pending:.4f} + next chunk "
-            f"up to ${projected - spent - pending:.4f} would pass budget_usd "
-            f"{format_budget(self.limit)}"
-        )
+        return _refusal(cap, spent, held, next_chunk, where=" across the cluster")
+
+
+def _refusal(limit: float, spent: float, pending: float, next_chunk: float,
+             where: str = "") -> str | None:
+    if spent + pending + next_chunk <= limit:
+        return None
+    return (
+        f"budget exhausted: spent ${spent:.4f} + in flight up to ${pending:.4f}{where} + next "
+        f"chunk up to ${next_chunk:.4f} would pass budget_usd {format_budget(limit)}"
+    )

@@ -22,6 +22,7 @@ from batchd.daemon.ops.status import status_of
 if TYPE_CHECKING:
     from batchd.daemon.config import Config
     from batchd.daemon.pipeline import PipelineRunner
+    from batchd.daemon.store.mirror import MirroredStore
     from batchd.daemon.wal.manifest import Manifest
 
 __all__ = ("LiveStatus",)
@@ -61,9 +62,16 @@ class LiveStatus:
                 self._due[name] = time.monotonic() + (_OFTEN if took < _CHEAP else _SELDOM)
             await anyio.sleep(1.0)
 
-    def snapshot(self, config: Config, manifest: Manifest) -> dict[str, Any]:
-        """``status --json`` as of now, from memory (call on the event loop)."""
-        return status_of(config, manifest.state, self.sizes)
+    def snapshot(self, config: Config, manifest: Manifest | MirroredStore,
+                 cluster: dict[str, Any] | None = None) -> dict[str, Any]:
+        """
+        ``status --json`` as of now, from memory (call on the event loop).
+
+        In cluster mode *manifest* is the worker's view of the shared store (every
+        worker's chunks, not the empty local manifest) and *cluster* the overview of
+        its workers last read (:class:`~batchd.daemon.ops.cluster_watch.ClusterWatch`).
+        """
+        return status_of(config, manifest.state, self.sizes, cluster=cluster)
 
     def shown_fraction(self, pipeline: str, fraction: float) -> float:
         """The fraction a live display shows: never lower than the last one shown."""

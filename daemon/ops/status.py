@@ -5,10 +5,19 @@ It reads the manifest file without taking the daemon's lock (read-only,
 never truncating), so it works while the daemon runs. The daemon builds the
 very same dict from its in-memory state for the dashboard (:func:`status_of`),
 so the page and ``status --json`` cannot disagree on a number.
+
+In cluster mode (``[cluster] store = "postgres"``) the local state dir holds
+nothing: the pipelines' progress, their live chunks (every worker's) and the
+key ledger are read from the shared store instead, in the same snapshot as the
+cluster's workers, their heartbeats and what each owns
+(:func:`batchd.daemon.commands.cluster_status.read_cluster`), shown under
+``cluster``. A database that cannot be reached is one line naming the DSN's
+``user@host:port/db`` and a non-zero exit, never a status of an empty state dir.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +37,8 @@ from batchd.daemon.ops.progress import MeasuredSize, progress_of, source_sizes
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
 from batchd.daemon.wal.manifest_state import ManifestState
 
-__all__ = ("collect_status", "read_state", "render_status", "status_of", "status_renderable")
+__all__ = ("cluster_renderables", "collect_status", "read_state", "render_status", "status_of",
+           "status_renderable")
 
 _IN_FLIGHT = ("sealed", "intent", "submitted", "ended")
 _UNITS = {"bytes": "file bytes", "rows": "table row estimate", "messages": "topic offsets"}
@@ -44,8 +54,24 @@ def read_state(config: Config) -> ManifestState:
 
 
 def collect_status(config: Config, *, sizes: bool = True) -> dict[str, Any]:
-    """Status from the manifest on disk, with each source's size unless ``sizes`` is off."""
-    state = read_state(config)
+    """
+    Status from the manifest on disk (or the cluster's store), with each source's size
+    unless ``sizes`` is off.
+
+    Raises:
+        ConfigError: cluster mode and the DSN or schema is wrong (exit 2).
+        RetriableError: cluster mode and the database did not answer (exit 1).
+    """
+    cluster: dict[str, Any] | None = None
+    ledger: dict[str, Any] | None = None
+    if config.cluster.shared:
+        from batchd.daemon.commands.cluster_status import cluster_status
+
+        read = anyio.run(functools.partial(cluster_status, config, progress=True))
+        assert read.state is not None
+        state, cluster, ledger = read.state, read.overview, read.ledger
+    else:
+        state = read_state(config)
     found: dict[str, MeasuredSize | None] = {}
     if sizes:
         measured = anyio.run(source_sizes, config, _positions(config, state))
@@ -53,7 +79,7 @@ def collect_status(config: Config, *, sizes: bool = True) -> dict[str, Any]:
             ps = state.pipelines.get(name)
             found[name] = None if size is None else MeasuredSize(
                 size, (ps.last_sealed_seq or 0) if ps else 0)
-    return status_of(config, state, found)
+    return status_of(config, state, found, cluster=cluster, ledger=ledger)
 
 
 def _positions(config: Config, state: ManifestState) -> dict[str, dict[str, Any] | None]:
@@ -77,10 +103,20 @@ def status_of(
     config: Config,
     state: ManifestState,
     sizes: dict[str, MeasuredSize | None] | None = None,
+    *,
+    cluster: dict[str, Any] | None = None,
+    ledger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The status dict (``status --json``) of ``state``; ``sizes`` by pipeline name."""
+    """
+    The status dict (``status --json``) of ``state``; ``sizes`` by pipeline name.
+
+    In cluster mode, *cluster* is the overview of the workers (each live chunk then
+    names its ``owner``) and *ledger* the shared key ledger's summary, if it was read.
+    """
     sizes = sizes or {}
     now = time.time()
+    owners = {c["chunk"]: w["worker_id"] for w in (cluster or {}).get("workers", ())
+              for c in w["chunks"]}
     pipelines = []
     for pipeline in config.pipelines:
         ps = state.pipelines.get(pipeline.name)
@@ -96,6 +132,7 @@ def status_of(
                 "counts": c.counts,
                 "created_at": c.created_at,
                 "age_seconds": _age(c.created_at, now),
+                **({"owner": owners.get(c.chunk)} if config.cluster.shared else {}),
             }
             for c in chunks
         ]
@@ -135,20 +172,30 @@ def status_of(
         for a in list(state.alarms)[-20:]
     ]
     names = [p.name for p in config.pipelines]
-    ledger = ledger_summary(Path(config.state_dir) / LEDGER_NAME, names)
+    if config.cluster.shared:
+        where = (None if cluster is None else
+                 f"{cluster['schema']}.key_ledger in {cluster['database']}")
+        ledger = (None if ledger is None else
+                  {"path": where, "bytes": ledger["bytes"], "keys": ledger["keys"]})
+    else:
+        ledger = ledger_summary(Path(config.state_dir) / LEDGER_NAME, names)
     for entry, pipeline in zip(pipelines, config.pipelines, strict=True):
-        entry["ledger_keys"] = ledger["keys"][pipeline.name]
+        entry["ledger_keys"] = None if ledger is None else ledger["keys"].get(pipeline.name, 0)
         entry["ledger_retention_seconds"] = pipeline.ledger_retention
     limit, origin = queue_limit_of(config.api)
-    return {
+    out = {
         "state_dir": str(config.state_dir),
+        "store": "postgres" if config.cluster.shared else "local",
         "api_version": config.api.version,
         "queue_limit": limit,
         "queue_limit_from": origin,
         "pipelines": pipelines,
         "alarms": alarms,
-        "ledger": {"path": ledger["path"], "bytes": ledger["bytes"]},
+        "ledger": None if ledger is None else {"path": ledger["path"], "bytes": ledger["bytes"]},
     }
+    if config.cluster.shared:
+        out["cluster"] = cluster
+    return out
 
 
 def progress_line(p: dict[str, Any]) -> str:
@@ -169,6 +216,8 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = []
     parts.append(Text(f"API version {status['api_version']}, processing queue limit "
                       f"{status['queue_limit']:,} ({status['queue_limit_from']})"))
+    if status.get("cluster"):  # first: --watch crops what does not fit the terminal
+        parts.extend(cluster_renderables(status["cluster"]))
     for p in status["pipelines"]:
         title = Text.from_markup(f"[bold]{p['name']}[/bold]")
         if p["paused"]:
@@ -194,16 +243,18 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
         )
         parts.append(summary)
         if p["batches"]:
+            owned = any("owner" in b for b in p["batches"])
             table = Table("chunk", "batch", "stage", "requests", "attempt", "age",
-                          title="live chunks")
+                          *(("owner",) if owned else ()), title="live chunks")
             for b in p["batches"]:
                 age = "-" if b["age_seconds"] is None else _duration(b["age_seconds"])
                 table.add_row(b["chunk"], b["batch_id"] or "-", b["stage"], str(b["requests"]),
-                              str(b["attempt"]), age)
+                              str(b["attempt"]), age,
+                              *((b.get("owner") or "(none)",) if owned else ()))
             parts.append(table)
     ledger = status.get("ledger")
     if ledger:
-        keys = sum(p.get("ledger_keys", 0) for p in status["pipelines"])
+        keys = sum(p.get("ledger_keys") or 0 for p in status["pipelines"])
         parts.append(Text(f"key ledger: {keys:,} keys, {ledger['bytes'] / 1e6:.1f} MB "
                           f"({ledger['path']})"))
     if status["alarms"]:
@@ -212,6 +263,44 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
             table.add_row(a["pipeline"] or "-", a["chunk"] or "-", a["kind"], a["message"])
         parts.append(table)
     return Group(*parts)
+
+
+def cluster_renderables(cluster: dict[str, Any]) -> list[RenderableType]:
+    """The cluster's workers (state, heartbeat, what each owns) and its limit counters."""
+    from batchd.daemon.cluster.overview import shown_workers
+
+    workers = cluster["workers"]
+    alive = sum(1 for w in workers if w["state"] == "alive")
+    parts: list[RenderableType] = [Text(
+        f"cluster: {len(workers)} workers ({alive} alive), schema {cluster['schema']!r} "
+        f"in {cluster['database']}")]
+    # The worker id is <host>:<pid>/<random> already: no host and pid columns to crowd it.
+    table = Table("worker", "state", "heartbeat", "chunks", "shards", "create slots", "fenced",
+                  title="cluster workers")
+    table.columns[0].overflow = "fold"
+    shown, hidden = shown_workers(workers)
+    for w in shown:
+        style = {"alive": "green", "silent": "yellow", "dead": "red"}.get(w["state"], "")
+        shards = ", ".join(f"{h['pipeline']}/{h['shard']}" for h in w["shards"]) or "-"
+        table.add_row(w["worker_id"], Text(w["state"], style=style),
+                      f"{_duration(w['heartbeat_age'])} ago", str(len(w["chunks"])), shards,
+                      ", ".join(s["workspace"] for s in w["create_slots"]) or "-",
+                      str(w["fenced"]))
+    parts.append(table)
+    if hidden:
+        parts.append(Text(f"and {hidden} workers stopped over an hour ago "
+                          "(batchd cluster status --json lists them)", style="dim"))
+    for pipeline, count in cluster["unowned_chunks"].items():
+        parts.append(Text(f"unowned chunks of {pipeline}: {count} (the next live worker "
+                          "claims them)"))
+    if cluster["limits"]:
+        limits = Table("scope", "cap", "reserved", "spent", "external", "available",
+                       title="cluster limits")
+        for c in cluster["limits"]:
+            limits.add_row(c["scope"], *("-" if c[k] is None else f"{c[k]:,}" for k in
+                                          ("cap", "reserved", "spent", "external", "available")))
+        parts.append(limits)
+    return parts
 
 
 def render_status(status: dict[str, Any], console: Console) -> None:

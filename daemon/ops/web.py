@@ -78,7 +78,12 @@ class LoopBridge:
 
 
 class DaemonView:
-    """What the dashboard and /readyz need from a running daemon, read on its loop."""
+    """
+    What the dashboard and /readyz need from a running daemon, read on its loop.
+
+    *manifest* is what the runtime reads its state from: the local manifest, or in
+    cluster mode the worker's view of the shared store (every worker's chunks).
+    """
 
     def __init__(self, daemon: Any, manifest: Any, bridge: LoopBridge) -> None:
         self.daemon = daemon
@@ -91,8 +96,10 @@ class DaemonView:
         return config
 
     def status(self) -> dict[str, Any]:
+        watch = getattr(self.daemon, "cluster_watch", None)
         result: dict[str, Any] = self.bridge.call(
-            lambda: self.daemon.live.snapshot(self.daemon.config, self.manifest))
+            lambda: self.daemon.live.snapshot(self.daemon.config, self.manifest,
+                                              None if watch is None else watch.shown()))
         return result
 
     def paused(self) -> dict[str, str | None]:

@@ -5,8 +5,15 @@ retry chunk.
 
 Nothing here is positional: results come back in any order, and the join
 goes through the chunk's spool (custom_id → key). Every custom_id the spool
-sent must come back exactly once; a missing one is retried, an unknown one
-is an alarm. Results are parsed line by line with orjson, never held whole.
+sent must come back exactly once; a missing one is retried. An unknown one is
+an alarm; with ``refuse_unknown`` (cluster mode, where every adoption is
+automatic) it means the batch is not this chunk's (a wrong adoption after an
+ambiguous create): the collect is refused with :class:`WrongAdoption` before the
+group holding it, or any later one, reaches a sink (the first group of 2,000
+results is checked whole before anything is written). A single daemon keeps
+the alarm: its operator may adopt a batch holding rows beyond the chunk
+(``batchd reconcile --adopt``), whose extra rows are ignored. Results are parsed
+line by line with orjson, never held whole.
 The first pass (:mod:`batchd.daemon.results.result_join`) routes successes to the sinks
 while they write the previous group; the second pass re-reads the spool only
 when something failed, for the request bytes a retry or dead letter needs.
@@ -36,7 +43,7 @@ from batchd.daemon.wal.records import ChunkSealed, FigureTotals
 from batchd.plugins.contract import Sink
 from batchd.plugins.records import ResultRow
 
-__all__ = ("CollectSummary", "Collector", "CostFn")
+__all__ = ("CollectSummary", "Collector", "CostFn", "WrongAdoption")
 
 log = structlog.get_logger("batchd.collector")
 _GROUP_ROWS = 2000
@@ -58,6 +65,19 @@ def _index(spool: Path) -> tuple[dict[str, tuple[str, int]], int]:
     return index, rejects
 
 
+class WrongAdoption(Exception):
+    """A batch's results hold a custom_id the chunk's spool never sent: not its batch."""
+
+    def __init__(self, chunk: str, batch_id: str | None, custom_id: str, unknown: int,
+                 done: int) -> None:
+        super().__init__(
+            f"batch {batch_id}'s results hold custom_id {custom_id!r}, which chunk {chunk}'s "
+            f"spool never sent ({unknown} unknown among the first {unknown + done} results): "
+            "it is not this chunk's batch; nothing was written to the sinks"
+        )
+        self.chunk, self.batch_id, self.custom_id = chunk, batch_id, custom_id
+
+
 @dataclass(slots=True)
 class CollectSummary(FigureTotals):
     """What one collect did: its figures (the record's), plus what only alarms and pauses use."""
@@ -70,6 +90,23 @@ class CollectSummary(FigureTotals):
     retry_chunk: ChunkSealed | None = None
     dead_types: dict[str, int] = field(default_factory=dict)
     dead_examples: dict[str, str] = field(default_factory=dict)  # error type -> one message
+
+
+def _refuse_unknown(join: ResultJoin) -> None:
+    """
+    Raise :class:`WrongAdoption` once any custom_id the spool never sent was read.
+
+    Called after each block and before its rows are handed to the sinks: groups go out
+    only every 2,000 rows, so the whole first group (which would name the batch of
+    another chunk at its first line) is checked before anything is written.
+    """
+    if join.first_unknown is not None:
+        raise WrongAdoption(join.chunk, join.batch_id, join.first_unknown, join.unknown,
+                            join.done)
+
+
+def _accept_unknown(join: ResultJoin) -> None:
+    """A single daemon's rule: unknown custom_ids are counted and alarmed after the collect."""
 
 
 class Collector:
@@ -106,6 +143,7 @@ class Collector:
         attempts_left_for_stream: int = 8,
         lost: tuple[str, str] | None = None,
         attempt: int = 1,
+        refuse_unknown: bool = False,
     ) -> CollectSummary:
         """
         Route every request of ``chunk`` and make the outcome durable in the sinks.
@@ -117,12 +155,16 @@ class Collector:
         (sending again costs again, so that is the operator's call). Returns the summary
         the manifest records; the retry chunk's spool is sealed before this returns
         (``attempt`` is the chunk's, so its retry chunk's is one more).
+
+        Raises:
+            WrongAdoption: with *refuse_unknown*, a result's custom_id is not the spool's;
+                nothing of the group holding it (or any later one) was written.
         """
         index, rejects = _index(spool)
         join = ResultJoin(self.pipeline, index, self.cost, chunk=chunk, batch_id=batch_id,
                           answers=self.answers)
         if blocks is not None:
-            await self._first_pass(join, blocks, attempts_left_for_stream)
+            await self._first_pass(join, blocks, attempts_left_for_stream, refuse_unknown)
         summary = CollectSummary(
             succeeded=join.succeeded, truncated=join.truncated, unknown=join.unknown,
             cost_usd=join.cost_usd, input_tokens=join.input_tokens,
@@ -154,14 +196,17 @@ class Collector:
         join: ResultJoin,
         blocks: Callable[[], AsyncIterator[list[bytes]]],
         attempts_left_for_stream: int,
+        refuse_unknown: bool = False,
     ) -> None:
         """Every results line routed; successes put to the sinks while the next are parsed."""
+        refuse = _refuse_unknown if refuse_unknown else _accept_unknown
         stream_attempt = 0
         async with background_puts(self.sinks, join.chunk) as hand_over:
             while True:
                 try:
                     async for block in blocks():
                         join.take(block)
+                        refuse(join)  # before this group is written
                         if len(join.rows) >= _GROUP_ROWS:
                             await hand_over(join.rows)
                             join.rows = []
@@ -174,6 +219,7 @@ class Collector:
                                 pipeline=self.pipeline.name, chunk=join.chunk,
                                 batch_id=join.batch_id, lines_done=join.done,
                                 error=f"{type(exc).__name__}: {exc}")
+            refuse(join)  # a block cut after an unknown line was taken in part
             if join.rows:
                 await hand_over(join.rows)
                 join.rows = []

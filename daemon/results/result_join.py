@@ -83,6 +83,7 @@ class ResultJoin:
         self.failures: dict[str, Failure] = {}
         self.rows: list[ResultRow] = []  # successes not yet handed to the sinks
         self.succeeded = self.truncated = self.unknown = 0
+        self.first_unknown: str | None = None  # what the collector's refusal names
         self.input_tokens = self.output_tokens = 0
         self.cost_usd = 0.0
         self.unpriced = 0  # billed answers of models without a price (cost unknown)
@@ -139,6 +140,8 @@ class ResultJoin:
                     continue
                 if entry is None:
                     self.unknown += 1
+                    if self.first_unknown is None:
+                        self.first_unknown = str(custom_id)
                     log.error("unknown custom_id in results", pipeline=name, chunk=self.chunk,
                               batch_id=batch_id, custom_id=custom_id)
                     continue

@@ -29,8 +29,9 @@ Each worker keeps a local copy of the spools it sends or collects in
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ import anyio
 import asyncpg
 
 from batchd.daemon.cluster import (
+    budget_holds,
     create_slot,
     event_log,
     fencing,
@@ -57,7 +59,8 @@ from batchd.daemon.cluster.defaults import (
     DEFAULT_TAKEOVER_GRACE,
     default_margin,
 )
-from batchd.daemon.cluster.errors import FencedOut, IllegalTransition
+from batchd.daemon.cluster.errors import FencedOut, IllegalTransition, LimitRefused
+from batchd.daemon.cluster.limits import Defined
 from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS, SHARD_KINDS
 from batchd.daemon.store.contract import (
@@ -128,7 +131,14 @@ class PgStore:
             lease_ttl, default_margin(lease_ttl) if lease_margin is None else lease_margin
         )
         self._limits = dict(limits or {})
+        # What open's definitions found (a cap another worker's config had set differs).
+        self.limits_defined: list[Defined] = []
+        # Each pipeline's budget bound, held in the seal's and the commit's transactions.
+        self.budgets = budget_holds.BudgetHolds()
         self._pool_size = pool_size
+        # Spools this process kept or fetched: a file an earlier incarnation left in
+        # spool_dir may hold other rows under the same chunk id, and is fetched again.
+        self._held_spools: set[str] = set()
         self._pool: Any = None
         self.worker_id = ""
         # Slots this worker holds, by workspace: the table lets a holder take its own slot
@@ -162,7 +172,7 @@ class PgStore:
             async with self._conn() as conn:
                 await migrations.check(conn, self.sql)
                 for scope, cap in sorted(self._limits.items()):
-                    await limits.define(conn, self.sql, scope, cap)
+                    self.limits_defined.append(await limits.define(conn, self.sql, scope, cap))
                 self.worker_id = await workers.register(conn, self.sql, self.name,
                                                         ttl=self.lease_ttl)
                 await workers.heartbeat(conn, self.sql, self.worker_id, deadline=self._deadline)
@@ -201,6 +211,10 @@ class PgStore:
         async with self._pool.acquire() as conn:
             yield conn
 
+    def connection(self) -> AbstractAsyncContextManager[Any]:
+        """A connection of the pool, for a cluster-only loop with its own statements."""
+        return self._conn()
+
     # -- records -----------------------------------------------------------------
 
     async def append(
@@ -221,7 +235,14 @@ class PgStore:
             return Applied(True, fenced=str(exc))
         except IllegalTransition as exc:
             raise illegal(kind, str(exc)) from None
+        except LimitRefused:
+            if kind == "chunk_sealed":  # not recorded: its uploaded blocks are nobody's
+                async with self._conn() as conn:
+                    await spool_blocks.delete(conn, self.sql, fields["chunk"])
+            raise
         if kind == "chunk_retired" and not result.noop:
+            async with self._conn() as conn:  # normally none left: settled at the commit
+                await budget_holds.release_retired(conn, self.sql, fields["chunk"])
             await self._drop_spool(fields["chunk"])
         return _applied(result)
 
@@ -232,9 +253,14 @@ class PgStore:
         sql = self.sql
         if kind in CHUNK_KINDS:
             assert isinstance(lease, ChunkLease)  # check_lease
+            on_applied = None
+            if kind == "results_committed":
+                on_applied = self.budgets.at_commit(sql, fields)
+            elif kind == "ended":
+                on_applied = budget_holds.queue_release(sql, fields["chunk"])
             return await fencing.apply_transition(
                 conn, sql, lease, stages(expected) or _ANY_STAGE, kind, fields,
-                retry_spool=spool,
+                retry_spool=spool, on_applied=on_applied,
             )
         if kind in SHARD_KINDS:
             assert isinstance(lease, ShardLease)  # check_lease
@@ -242,7 +268,8 @@ class PgStore:
                 if spool is None:
                     raise ValueError(f"chunk_sealed of {fields['chunk']} needs its spool "
                                      f"(put_spool) first")
-                return await fencing.seal_chunk(conn, sql, lease, fields, spool=spool)
+                return await fencing.seal_chunk(conn, sql, lease, fields, spool=spool,
+                                                on_applied=self.budgets.at_seal(sql, fields))
             if kind == "source_committed":
                 return await fencing.commit_source(conn, sql, lease, fields)
             return await fencing.retire_chunk(conn, sql, lease, fields["chunk"])
@@ -255,6 +282,7 @@ class PgStore:
         async with self._conn() as conn:
             await spool_blocks.delete(conn, self.sql, chunk)
         self.spool_path(chunk).unlink(missing_ok=True)
+        self._held_spools.discard(chunk)
 
     # -- reads -------------------------------------------------------------------
 
@@ -349,12 +377,44 @@ class PgStore:
                 self.worker_id, self.grace)
         return int(ended or 0)
 
+    async def db_clock_skew(self) -> float:
+        """
+        The database's clock minus this machine's, in seconds.
+
+        Intents are stamped on the database's clock (``clock_timestamp()``), so a worker
+        that looks for an intent's batch on the API's clock converts through this.
+        """
+        sent = time.time()
+        async with self._conn() as conn:
+            db_now = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+        return float(db_now) - (sent + time.time()) / 2
+
     async def acquire_shard(
         self, pipeline: str, shard: str = "0", *, force: bool = False
     ) -> ShardLease | None:
         async with self._conn() as conn:
             return await shards.acquire(conn, self.sql, self.worker_id, pipeline, shard,
                                         grace=self.grace, force=force)
+
+    async def release_shard(self, lease: ShardLease) -> bool:
+        """Stop reading a shard (over this worker's share, or read to its end)."""
+        async with self._conn() as conn:
+            return await shards.release(conn, self.sql, lease)
+
+    async def next_chunk_number(self, pipeline: str) -> int:
+        """A chunk number unique across the pipeline's shard readers."""
+        async with self._conn() as conn:
+            return await shards.next_chunk_number(conn, self.sql, pipeline)
+
+    async def join_readers(self, pipeline: str) -> None:
+        """List this worker among the readers of *pipeline*'s shards."""
+        async with self._conn() as conn:
+            await shards.join_readers(conn, self.sql, pipeline, self.worker_id)
+
+    async def live_readers(self, pipeline: str) -> int:
+        """How many live workers share *pipeline*'s shards."""
+        async with self._conn() as conn:
+            return await shards.live_readers(conn, self.sql, pipeline)
 
     # -- creates -----------------------------------------------------------------
 
@@ -418,6 +478,21 @@ class PgStore:
         async with self._conn() as conn:
             await limits.settle(conn, self.sql, holder, spent)
 
+    async def define_limit(self, scope: str, cap: float | None) -> limits.Defined:
+        """Set *scope*'s cap to this worker's (the config wins); what it was before."""
+        async with self._conn() as conn:
+            return await limits.define(conn, self.sql, scope, cap)
+
+    async def counter(self, scope: str) -> limits.Counter | None:
+        """A limit counter as it is now (for the budget's pre-check and its message)."""
+        async with self._conn() as conn:
+            return await limits.counter(conn, self.sql, scope)
+
+    async def reconcile_queue(self, scope: str, observed: int) -> float:
+        """What others use of *scope*: the API's processing count minus ours."""
+        async with self._conn() as conn:
+            return float(await limits.reconcile_external(conn, self.sql, scope, observed))
+
     # -- key ledger --------------------------------------------------------------
 
     async def claim_keys(
@@ -440,17 +515,34 @@ class PgStore:
     def spool_path(self, chunk: str) -> Path:
         return self.spool_dir / f"{chunk}.jsonl"
 
+    def spool_held(self, chunk: str) -> bool:
+        return chunk in self._held_spools and self.spool_path(chunk).exists()
+
+    def drop_retired_spools(self, retired: Container[str]) -> int:
+        """
+        Delete the local copies of the spools this process holds whose chunks are in
+        *retired* (retired by any worker: a retirement deletes only its writer's copy).
+        """
+        gone = [chunk for chunk in self._held_spools if chunk in retired]
+        for chunk in gone:
+            self.spool_path(chunk).unlink(missing_ok=True)
+            self._held_spools.discard(chunk)
+        return len(gone)
+
     async def put_spool(self, chunk: str, epoch: int, path: Path) -> SpoolDigest:
         async with self._conn() as conn:
             digest = await spool_blocks.upload(conn, self.sql, chunk, epoch, path)
         dest = self.spool_path(chunk)
         if Path(path) != dest:
             await anyio.to_thread.run_sync(os.replace, path, dest)
+        self._held_spools.add(chunk)
         return digest
 
     async def fetch_spool(self, chunk: str) -> SpoolDigest:
         async with self._conn() as conn:
-            return await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+            digest = await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+        self._held_spools.add(chunk)
+        return digest
 
 
 if TYPE_CHECKING:  # mypy checks that the class keeps the contract

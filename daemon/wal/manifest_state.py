@@ -76,6 +76,9 @@ class ChunkState(FigureTotals):
     created_at: str | None = None
     counts: dict[str, Any] | None = None
     retry_chunk: str | None = None
+    # The source shard it was read from (a Kafka partition) when cluster workers read
+    # the source apart; None: the source read as one. A retry chunk has its parent's.
+    shard: str | None = None
 
     @property
     def source_committed(self) -> bool:
@@ -105,6 +108,18 @@ class PipelineState(FigureTotals):
     # Rows an operator sent again from the dead letters: each already counted once in
     # ``dead``, so they are taken off it (their new outcome counts instead).
     resubmitted: int = 0
+    # Per source shard (cluster workers reading a Kafka topic's partitions apart), the
+    # same frontiers as above, each shard with its own read sequence: shard ->
+    # {last_sealed_seq, last_sealed_position, committed_seq, committed_position}.
+    # Empty when the source is read as one (always, on one daemon).
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def committed_seq_of(self, shard: str | None) -> int | None:
+        """The read sequence the source is committed up to, in *shard*'s numbering."""
+        if shard is None:
+            return self.committed_seq
+        seq: int | None = self.shards.get(shard, {}).get("committed_seq")
+        return seq
 
     @property
     def rows_done(self) -> int:
@@ -170,9 +185,10 @@ class ManifestState:
     batch_schemes: dict[str, str] = field(default_factory=dict)
     chunk_schemes: dict[str, str] = field(default_factory=dict)
     scheme_templates: dict[str, str | None] = field(default_factory=dict)
-    # pipeline -> heap of (covers_seq, chunk) for committed chunks a later source
-    # commit will cover, so a source commit pops just those instead of scanning every
-    # chunk. Derived (rebuilt from a snapshot) and lazily pruned, hence not compared.
+    # pipeline (or pipeline and shard, :func:`_source_key`) -> heap of (covers_seq,
+    # chunk) for committed chunks a later source commit will cover, so a source commit
+    # pops just those instead of scanning every chunk. Derived (rebuilt from a snapshot)
+    # and lazily pruned, hence not compared.
     awaiting_source: dict[str, list[tuple[int, str]]] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -202,8 +218,8 @@ class ManifestState:
         return {
             "version": 1,
             "seq": self.seq,
-            "chunks": [asdict(c) for c in self.chunks.values()],
-            "pipelines": [asdict(p) for p in self.pipelines.values()],
+            "chunks": [_unset_dropped(asdict(c), "shard") for c in self.chunks.values()],
+            "pipelines": [_unset_dropped(asdict(p), "shards") for p in self.pipelines.values()],
             "alarms": [asdict(a) for a in self.alarms],
             "retired_batches": [[b, c] for b, c in self.retired_batches.items()],
             "retired_chunks": [[c, p] for c, p in self.retired_chunks.items()],
@@ -299,22 +315,25 @@ class ManifestState:
     def _new_chunk(self, seq: int, sealed: Mapping[str, Any]) -> ChunkState | None:
         """Validate a seal; None means an identical chunk already exists."""
         chunk_id = sealed["chunk"]
+        parent = self.chunks.get(sealed["parent"] or "")
+        values: dict[str, Any] = {name: sealed.get(name) for name in SEALED_FIELDS}
+        if values["shard"] is None and parent is not None:
+            values["shard"] = parent.shard  # a retry is read from its parent's shard
         existing = self.chunks.get(chunk_id)
         if existing is not None:
-            if all(getattr(existing, name) == sealed[name] for name in SEALED_FIELDS):
+            if all(getattr(existing, name) == values[name] for name in SEALED_FIELDS):
                 return None
             raise self._corrupt(seq, f"chunk {chunk_id} sealed again with different fields")
         if chunk_id in self.retired_chunks:
             raise self._corrupt(seq, f"chunk {chunk_id} sealed again after it was retired")
         covers = sealed["last_seq"]
-        parent = self.chunks.get(sealed["parent"] or "")
         if covers is None and parent is not None:
             covers = parent.covers_seq
         scheme = (self.chunk_schemes.get(parent.chunk) if parent is not None
                   else self.id_schemes.get(sealed["pipeline"]))
         if scheme is not None:
             self.chunk_schemes[chunk_id] = scheme
-        return ChunkState(**{name: sealed[name] for name in SEALED_FIELDS}, covers_seq=covers)
+        return ChunkState(**values, covers_seq=covers)
 
     def _seal(self, chunk: ChunkState) -> None:
         self.chunks[chunk.chunk] = chunk
@@ -324,7 +343,13 @@ class ManifestState:
         pipeline.next_chunk_no += 1
         if chunk.first_seq is None:  # an operator's retry: its rows were dead letters
             pipeline.resubmitted += chunk.requests + chunk.rejects
-        if chunk.last_seq is not None and (
+        if chunk.shard is not None:
+            frontier = pipeline.shards.setdefault(chunk.shard, {})
+            sealed = frontier.get("last_sealed_seq")
+            if chunk.last_seq is not None and (sealed is None or chunk.last_seq > sealed):
+                frontier["last_sealed_seq"] = chunk.last_seq
+                frontier["last_sealed_position"] = chunk.position
+        elif chunk.last_seq is not None and (
             pipeline.last_sealed_seq is None or chunk.last_seq > pipeline.last_sealed_seq
         ):
             pipeline.last_sealed_seq = chunk.last_seq
@@ -434,7 +459,7 @@ class ManifestState:
             pipeline.unpriced += unpriced
         chunk.retry_chunk = retry_id
         chunk.stage = Stage.COMMITTED
-        if _covered(chunk, pipeline.committed_seq):
+        if _covered(chunk, pipeline.committed_seq_of(chunk.shard)):
             chunk.stage = Stage.SOURCE_COMMITTED
         else:
             self._await_source(chunk)
@@ -443,24 +468,34 @@ class ManifestState:
 
     def _await_source(self, chunk: ChunkState) -> None:
         if chunk.stage is Stage.COMMITTED and chunk.covers_seq is not None:
-            heap = self.awaiting_source.setdefault(chunk.pipeline, [])
+            heap = self.awaiting_source.setdefault(_source_key(chunk.pipeline, chunk.shard), [])
             heapq.heappush(heap, (chunk.covers_seq, chunk.chunk))
 
     def _on_source_committed(self, seq: int, record: Mapping[str, Any]) -> None:
         source_seq, position = record["source_seq"], record["position"]
+        shard = record.get("shard")
         known = self.pipelines.get(record["pipeline"])
-        if known is not None and known.committed_seq is not None:
-            if source_seq == known.committed_seq and position == known.committed_position:
+        if shard is None:
+            before = (None, None) if known is None else (known.committed_seq,
+                                                         known.committed_position)
+        else:
+            frontier = {} if known is None else known.shards.get(shard, {})
+            before = (frontier.get("committed_seq"), frontier.get("committed_position"))
+        if before[0] is not None:
+            if (source_seq, position) == before:
                 return
-            if source_seq <= known.committed_seq:
+            if source_seq <= before[0]:
+                of = record["pipeline"] if shard is None else f"{record['pipeline']} shard {shard}"
                 raise self._corrupt(
-                    seq,
-                    f"source commit of {record['pipeline']} went from "
-                    f"{known.committed_seq} back to {source_seq}",
+                    seq, f"source commit of {of} went from {before[0]} back to {source_seq}"
                 )
         pipeline = self._pipeline(record["pipeline"])
-        pipeline.committed_seq, pipeline.committed_position = source_seq, position
-        awaiting = self.awaiting_source.get(pipeline.name, [])
+        if shard is None:
+            pipeline.committed_seq, pipeline.committed_position = source_seq, position
+        else:
+            frontier = pipeline.shards.setdefault(shard, {})
+            frontier["committed_seq"], frontier["committed_position"] = source_seq, position
+        awaiting = self.awaiting_source.get(_source_key(pipeline.name, shard), [])
         while awaiting and awaiting[0][0] <= source_seq:
             chunk = self.chunks.get(heapq.heappop(awaiting)[1])
             if chunk is not None and chunk.stage is Stage.COMMITTED:
@@ -525,6 +560,18 @@ def _created_ts(created_at: str) -> float | None:
         return datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def _source_key(pipeline: str, shard: str | None) -> str:
+    """Whose read sequence a chunk's ``covers_seq`` counts in: the pipeline's, or a shard's."""
+    return pipeline if shard is None else f"{pipeline}\n{shard}"
+
+
+def _unset_dropped(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """A snapshot entry without *name* while it is unset (None or empty), as release 0.1 wrote."""
+    if not values.get(name):
+        del values[name]
+    return values
 
 
 def _covered(chunk: ChunkState, committed_seq: int | None) -> bool:

@@ -138,12 +138,24 @@ class Record:
     __slots__ = ()
 
     def to_fields(self) -> dict[str, Any]:
-        """The record's JSON fields, under the names the log stores."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        """
+        The record's JSON fields, under the names the log stores.
+
+        A field added after release 0.1 (it has a default of None) is left out while
+        unset, so a record that does not use it is written exactly as before.
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            out[f.name] = value
+        return out
 
     @classmethod
     def from_fields(cls, values: Mapping[str, Any]) -> Record:
-        return cls(**{f.name: values[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+        return cls(**{f.name: values[f.name] for f in fields(cls)  # type: ignore[arg-type]
+                      if f.name in values or f.default is MISSING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,10 @@ class ChunkSealed(Record):
     last_seq: int | None
     position: dict[str, Any] | None
     parent: str | None
+    # The source shard it was read from (a Kafka partition, "topic:3") when several
+    # cluster workers read one source apart; None: the source read as one (always, on
+    # one daemon). A retry chunk's is its parent's.
+    shard: str | None = None
 
     @classmethod
     def retry(cls, *, pipeline: str, parent: str, parent_attempt: int, chunk: str,
@@ -241,6 +257,9 @@ class SourceCommitted(Record):
     pipeline: str
     position: dict[str, Any] | None
     source_seq: int
+    # The shard whose read sequence ``source_seq`` counts (each shard has its own);
+    # None: the source read as one.
+    shard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +395,10 @@ RECORD_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+# Kinds whose optional ``shard`` names the source shard (checked when present).
+_SHARDED = frozenset({ChunkSealed.KIND, SourceCommitted.KIND})
+
+
 def validate_fields(kind: str, record: Mapping[str, Any]) -> None:
     """
     Check that *record* has every field *kind* needs, each of the right JSON type.
@@ -394,6 +417,9 @@ def validate_fields(kind: str, record: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, types_):
             wanted = " or ".join("null" if t is _NONE else t.__name__ for t in types_)
             raise ValueError(f"{kind}.{name} must be {wanted}, not {type(value).__name__}")
+    shard = record.get("shard")
+    if shard is not None and kind in _SHARDED and (not isinstance(shard, str) or not shard):
+        raise ValueError(f"{kind}.shard must be a non-empty str or null, not {shard!r}")
 
 
 def record_from(kind: str, values: Mapping[str, Any]) -> Record:

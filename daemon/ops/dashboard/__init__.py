@@ -11,7 +11,6 @@ nothing from the config but names and types is shown: no DSN, no API key.
 
 from __future__ import annotations
 
-import html
 import time
 import urllib.parse
 from functools import cache
@@ -19,7 +18,8 @@ from importlib import resources
 from typing import Any
 
 from batchd.daemon.models.pricing import format_budget
-from batchd.daemon.ops._logging import redact_text
+from batchd.daemon.ops.dashboard.markup import age as _age
+from batchd.daemon.ops.dashboard.markup import escape as _e
 
 __all__ = ("REFRESH_SECONDS", "render_key", "render_overview")
 
@@ -29,11 +29,6 @@ REFRESH_SECONDS = 5
 @cache
 def _css() -> str:
     return resources.files(__package__).joinpath("style.css").read_text(encoding="utf-8")
-
-
-def _e(value: Any) -> str:
-    """Escaped and redacted text for HTML."""
-    return html.escape(redact_text(str(value)), quote=True)
 
 
 def _num(pipeline: str, field: str, value: Any, shown: str | None = None) -> str:
@@ -61,16 +56,6 @@ def _page(title: str, body: str, *, refresh: bool, pipelines: list[str], key: st
         'required><button type="submit">Show history</button></form></header>'
         f"<main>{body}</main></body></html>"
     )
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def _key_link(pipeline: str, key: str) -> str:
@@ -117,16 +102,20 @@ def _pipeline_section(p: dict[str, Any], dead: list[dict[str, Any]]) -> str:
                  "<span>output tokens</span></div></div>")
     parts.append("<h3>Live batches</h3>")
     if p["batches"]:
+        owned = any("owner" in b for b in p["batches"])  # cluster mode: whose chunk it is
         parts.append("<table><tr><th>chunk</th><th>batch</th><th>stage</th><th>requests</th>"
-                     "<th>attempt</th><th>age</th><th>API counts</th></tr>")
+                     "<th>attempt</th><th>age</th><th>API counts</th>"
+                     f"{'<th>owner</th>' if owned else ''}</tr>")
         for b in p["batches"]:
             counts = b.get("counts") or {}
             shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "-"
+            owner = f"<td><code>{_e(b.get('owner') or '(none)')}</code></td>" if owned else ""
             parts.append(
                 f"<tr data-batch=\"{_e(b['batch_id'] or '')}\"><td><code>{_e(b['chunk'])}</code>"
                 f"</td><td><code>{_e(b['batch_id'] or '-')}</code></td><td>{_e(b['stage'])}</td>"
                 f"<td class=num>{b['requests']:,}</td><td class=num>{b['attempt']}</td>"
-                f"<td class=num>{_age(b.get('age_seconds'))}</td><td>{_e(shown)}</td></tr>")
+                f"<td class=num>{_age(b.get('age_seconds'))}</td><td>{_e(shown)}</td>"
+                f"{owner}</tr>")
         parts.append("</table>")
     else:
         parts.append("<p class=none>none</p>")
@@ -152,6 +141,11 @@ def render_overview(
     """The main page: every pipeline, then the newest alarms."""
     names = [p["name"] for p in status["pipelines"]]
     body = [_pipeline_section(p, dead_letters.get(p["name"], [])) for p in status["pipelines"]]
+    if status.get("store") == "postgres":
+        from batchd.daemon.ops.dashboard.cluster import cluster_section
+
+        body.append(cluster_section(status.get("cluster") or {
+            "workers": [], "error": "not read yet (the first read is under way)"}))
     alarms = list(reversed(status["alarms"]))[:10]
     body.append("<section><h2>Newest alarms</h2>")
     if alarms:
