@@ -119,6 +119,7 @@ class ClusterRunner(PipelineRunner):
                 await self._read_whole_source(until_drained)
             if until_drained:
                 await self._until_done()
+                self._drop_retired_spools()
                 tg.cancel_scope.cancel()
 
     async def _read_whole_source(self, until_drained: bool) -> None:
@@ -451,6 +452,16 @@ class ClusterRunner(PipelineRunner):
 
         await self._start_packer(resume, claim_keys=claim_keys)
 
+    def _drop_retired_spools(self) -> None:
+        """
+        Delete this worker's copies of spools whose chunks are retired, by whoever: a
+        retirement deletes only the retirer's copy, and every chunk a worker drove or
+        sealed for others left one here.
+        """
+        drop = getattr(self.store, "drop_retired_spools", None)  # PgStore's
+        if drop is not None:
+            drop(self.manifest.state.retired_chunks)
+
     async def _claim_loop(self) -> None:
         """Each poll: claim what this worker has room for, read the others' progress."""
         interval = min(1.0, self.api_config.poll_interval)
@@ -469,6 +480,7 @@ class ClusterRunner(PipelineRunner):
                     )
                 if refresh is not None:
                     await refresh()  # drivers read their chunks from the local view
+                self._drop_retired_spools()
                 if claims:
                     for claimed in claims:
                         chunk = claimed.lease.chunk
