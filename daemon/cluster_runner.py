@@ -119,6 +119,7 @@ class ClusterRunner(PipelineRunner):
                 await self._read_whole_source(until_drained)
             if until_drained:
                 await self._until_done()
+                self._drop_retired_spools()
                 tg.cancel_scope.cancel()
 
     async def _read_whole_source(self, until_drained: bool) -> None:
@@ -203,6 +204,8 @@ class ClusterRunner(PipelineRunner):
                                      error=f"{type(exc).__name__}: {exc}")
             if until_drained and names and self._checked >= set(names) and not self.readers:
                 return
+            if until_drained and self._paused_for(PauseKind.BUDGET) and not self.readers:
+                return  # intake stopped by the budget: what was sealed is done; exit 3
             try:
                 await self._balance(store, names, until_drained)
             except (FatalError, ConfigError):
@@ -215,8 +218,8 @@ class ClusterRunner(PipelineRunner):
     async def _balance(self, store: ShardStore, names: list[str], until_drained: bool) -> None:
         """Hand back what is over this worker's share; take free shards up to it."""
         assert self.readers is not None and self._tg is not None
-        if not names:
-            return
+        if not names or self._paused_for(PauseKind.BUDGET):
+            return  # (the budget: no reader would seal; take shards once it lifts)
         share = fair_share(len(names), await store.live_readers(self.pipeline.name))
         keeping = [r for r in self.readers.values() if not r.release_wanted]
         for reader in keeping[share:]:
@@ -305,6 +308,8 @@ class ClusterRunner(PipelineRunner):
         while True:
             if reader.release_wanted:
                 raise ShardLost(f"shard {reader.name}: handed back, over this worker's share")
+            if self._paused_for(PauseKind.BUDGET):  # another reader's seal was refused
+                raise BudgetExhausted(self.paused or "budget")
             with anyio.move_on_after(1.0):
                 await self.room()
                 return
@@ -451,6 +456,16 @@ class ClusterRunner(PipelineRunner):
 
         await self._start_packer(resume, claim_keys=claim_keys)
 
+    def _drop_retired_spools(self) -> None:
+        """
+        Delete this worker's copies of spools whose chunks are retired, by whoever: a
+        retirement deletes only the retirer's copy, and every chunk a worker drove or
+        sealed for others left one here.
+        """
+        drop = getattr(self.store, "drop_retired_spools", None)  # PgStore's
+        if drop is not None:
+            drop(self.manifest.state.retired_chunks)
+
     async def _claim_loop(self) -> None:
         """Each poll: claim what this worker has room for, read the others' progress."""
         interval = min(1.0, self.api_config.poll_interval)
@@ -469,6 +484,7 @@ class ClusterRunner(PipelineRunner):
                     )
                 if refresh is not None:
                     await refresh()  # drivers read their chunks from the local view
+                self._drop_retired_spools()
                 if claims:
                     for claimed in claims:
                         chunk = claimed.lease.chunk

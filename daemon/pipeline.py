@@ -434,6 +434,7 @@ class PipelineRunner:
             parent=None,
             shard=None if shard is None else shard.shard,
         )
+        crash_point("before_seal")  # its keys claimed and its spool kept, not yet sealed
         try:
             if shard is None:
                 applied = await self._shard_append(sealed, spool=digest)

@@ -191,8 +191,13 @@ class _Daemon:
             from batchd.daemon.cluster.stray_sweeper import StraySweeper
 
             cluster = self.config.cluster
-            sweeper = StraySweeper(self.cluster.inner, self.runners[0].api, cluster.workspace,
-                                   interval=max(1.0, min(60.0, cluster.lease_ttl)))
+            telemetry = {runner.pipeline.name: runner.telemetry for runner in self.runners}
+            sweeper = StraySweeper(
+                self.cluster.inner, self.runners[0].api, cluster.workspace,
+                interval=max(1.0, min(60.0, cluster.lease_ttl)),
+                on_alarm=lambda pipeline, kind: (
+                    telemetry[pipeline].alarm(kind) if pipeline in telemetry else None),
+            )
             with reconcile:
                 await sweeper.run()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import asyncpg
+import orjson
 import pytest
 
 from batchd.daemon.cli import main
@@ -91,13 +92,14 @@ class TestOneConfigPerPipeline:
     def test_per_worker_fields_may_differ(
         self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
     ) -> None:
-        """Linger, max_in_flight, log level, poll timings, the lease timings: each its own."""
+        """Linger, max_in_flight, log level, poll and lease timings, the budget: each its own."""
         cluster = cluster_factory(rows=300, workers=2)
         edit(cluster.workers[1].config_path,
              ('"linger" = "0.2s"', '"linger" = "0.4s"'),
              ('"max_in_flight" = 3', '"max_in_flight" = 2'),
              ('"poll_interval" = "0.2s"', '"poll_interval" = "0.3s"'),
-             ('"takeover_grace" = "1s"', '"takeover_grace" = "2s"'))
+             ('"takeover_grace" = "1s"', '"takeover_grace" = "2s"'),
+             ('"max_attempts" = 3', '"max_attempts" = 3\n"budget_usd" = 500.0'))
         text = cluster.workers[1].config_path.read_text()
         cluster.workers[1].config_path.write_text('log_level = "debug"\n' + text)
         cluster.start(0)
@@ -132,6 +134,27 @@ def test_accept_is_refused_while_a_worker_is_alive(
     assert f"cannot accept a new pipeline config while workers are alive ({alive})" in err
     rows = _query(pg_dsn, f'SELECT count(*) AS n FROM "{pg_schema}".pipeline_config')
     assert rows[0]["n"] == 0
+
+
+def test_validate_connect_names_a_differing_config_and_records_nothing(
+    pg_dsn: str, pg_schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.test_cluster_cli import postgres, write
+
+    monkeypatch.setenv(DSN_VAR, pg_dsn)
+    path = write(tmp_path, postgres(pg_schema))
+    assert main(["cluster", "init", str(path), "--accept-config"]) == 0
+    edit(path, ('"claude-haiku-4-5"', f'"{OTHER_MODEL}"'))
+    capsys.readouterr()
+    code = main(["validate", "--connect", "--json", str(path)])
+    report = orjson.loads(capsys.readouterr().out)
+    drifts = [p for p in report["problems"] if p["table"] == "[[pipeline]]"]
+    assert code == 2 and len(drifts) == 1, report
+    assert (f"request.model: cluster has 'claude-haiku-4-5', this config '{OTHER_MODEL}'"
+            in drifts[0]["message"])
+    rows = _query(pg_dsn, f'SELECT fields FROM "{pg_schema}".pipeline_config')
+    assert orjson.loads(rows[0]["fields"])["request.model"] == "claude-haiku-4-5"
 
 
 @pytest.mark.anyio

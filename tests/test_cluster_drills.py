@@ -1,17 +1,22 @@
 """
 Crash drills for cluster mode: three real ``batchd run`` workers share one pipeline
 through PostgreSQL and the emulator, and one of them is SIGKILLed (``BATCHD_CRASH_AT``)
-at each point of a chunk's life: right after the seal, the create intent, the create,
-the ``ended`` record, in the middle of collecting, after the sink flush, after the
-``results_committed`` record and after the source commit.
+at each point of a chunk's life: before its seal (keys claimed, spool stored), right
+after the seal, the create intent, the create, the ``ended`` record, in the middle of
+collecting, after the sink flush, after the ``results_committed`` record and after the
+source commit.
 
 Each point runs twice: the survivors finish without the victim, and the victim's config
 is started again at once (a new incarnation on the same state dir) and all three finish.
 Whatever the point, the run ends the way an uninterrupted run does: every key has one
 outcome across the workers' sinks (keys a victim wrote before recording their commit
 are written again by the next owner, with the same answers), the emulator received
-every custom_id exactly once and made exactly the batches the store records, and the
+every custom_id as often as a same-seed uninterrupted run sends it (once, plus once per
+transient error it injects) and made exactly the batches the store records, and the
 store's event log replays to its rows.
+
+Also here: retry chunks driven by the worker that cut them, and a worker's database
+link cut mid-run (a loopback proxy) with a create in flight.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
@@ -37,9 +42,16 @@ from tests.fixtures.engine import csv_keys
 from tests.fixtures.hostile import custom_ids
 from tests.fixtures.tcp_proxy import ProxyThread
 
-ROWS = 600
+ROWS = 400
 MAX_REQUESTS = 100  # mid_results fires at a chunk's 100th result line
 MAX_IN_FLIGHT = 2
+MAX_ATTEMPTS = 5
+PIPELINE = {"max_requests": MAX_REQUESTS, "max_in_flight": MAX_IN_FLIGHT,
+            "max_attempts": MAX_ATTEMPTS}
+# Transient per-request errors, so collects cut retry chunks (born owned by their cutter)
+# that a kill leaves behind too; every custom_id must still be sent exactly as often as
+# in an uninterrupted run with the same seed.
+API_ERROR = 0.05
 # A victim killed between its sink writes and its results_committed record leaves rows
 # the chunk's next owner writes again (same batch, same answers): its chunks in flight.
 REWRITTEN = MAX_IN_FLIGHT * MAX_REQUESTS
@@ -49,31 +61,22 @@ _WORKER_DEADLINE = 40.0
 
 @pytest.fixture
 def emulator(emulator_factory: Callable[..., EmulatorThread]) -> EmulatorThread:
-    """Batches end 1 s after their create, so every worker has chunks in flight."""
-    return emulator_factory(latency=1.0)
+    """Batches end 0.5 s after their create, so every worker has chunks in flight."""
+    return emulator_factory(latency=0.5, faults={"api_error": API_ERROR})
 
 
-@dataclass(frozen=True)
-class Point:
-    """A crash point and whose it is: only the source's reader seals and commits it."""
-
-    name: str
-    reader: bool = False
-
-    def __str__(self) -> str:
-        return self.name
+def _receipts(cluster: Cluster, emulator: EmulatorThread) -> Counter[str]:
+    """Per custom_id, how often a same-seed uninterrupted run sends it."""
+    keys = csv_keys(cluster.input)
+    return uninterrupted_receipts(emulator, custom_ids(keys), MAX_ATTEMPTS)
 
 
-POINTS = [
-    Point("after_seal", reader=True),
-    Point("after_intent"),
-    Point("after_create"),
-    Point("after_ended"),
-    Point("mid_results"),
-    Point("after_flush"),
-    Point("after_commit"),
-    Point("after_source_commit", reader=True),
-]
+# Where a chunk's life can be cut short, in order. The victim is the worker that reads
+# the source (it starts first): the only one sure to reach every point, since it seals
+# and commits the source and drives the chunks it seals while it has room. Its death
+# also hands the source's shard over. (A non-reader killed mid-run: test_cluster_run.py.)
+POINTS = ["before_seal", "after_seal", "after_intent", "after_create", "after_ended", "mid_results",
+          "after_flush", "after_commit", "after_source_commit"]
 
 
 def _log(cluster: Cluster, i: int) -> str:
@@ -92,26 +95,17 @@ def _drift(cluster: Cluster) -> list[str]:
     return anyio.run(go)
 
 
-def _start_with_victim(cluster: Cluster, point: Point) -> int:
-    """
-    Start the three workers, one of them with the crash point; return the victim.
-
-    A reader's point (seal, source commit) gets a victim that starts first and so reads
-    the source. For every other point the three start together, so every worker drives
-    chunks (the reader its own, the others those it releases) and the victim, worker 1,
-    is usually not the reader.
-    """
-    victim = 0 if point.reader else 1
-    cluster.start(0, crash_at=point.name if victim == 0 else None)
-    if point.reader:
-        wait_for("worker 0 reading the source",
-                 lambda: "reading the source" in _log(cluster, 0), timeout=20)
-    for i in (1, 2):
-        cluster.start(i, crash_at=point.name if victim == i else None)
-    return victim
+def _start_with_victim(cluster: Cluster, point: str) -> int:
+    """Start worker 0 with the crash point, then the others once it reads the source."""
+    cluster.start(0, crash_at=point)
+    wait_for("worker 0 reading the source", lambda: "reading the source" in _log(cluster, 0),
+             timeout=20)
+    cluster.start(1)
+    cluster.start(2)
+    return 0
 
 
-def _killed(cluster: Cluster, victim: int, point: Point) -> None:
+def _killed(cluster: Cluster, victim: int, point: str) -> None:
     proc = cluster.procs[victim]
     assert proc is not None
     try:
@@ -123,23 +117,27 @@ def _killed(cluster: Cluster, victim: int, point: Point) -> None:
         f"worker {victim} exited {code} without reaching {point}\n{cluster.logs()}")
 
 
-@pytest.mark.parametrize("point", POINTS, ids=str)
+@pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("restart", [False, True], ids=["survivors", "restarted"])
 def test_a_worker_killed_at_each_point_is_taken_over_and_paid_once(
-    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, point: Point,
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, point: str,
     restart: bool,
 ) -> None:
-    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
-                                                   "max_in_flight": MAX_IN_FLIGHT})
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
     victim = _start_with_victim(cluster, point)
     _killed(cluster, victim, point)
     survivors = [i for i in range(3) if i != victim]
     if restart:
         cluster.start(victim)  # the same config and state dir, without the crash point
-        cluster.wait([*survivors, victim])
-    else:
-        cluster.wait(survivors)
-    cluster.check(emulator, rewritten=REWRITTEN)
+    if point == "after_intent":
+        # Its chunk's next owner sends again only after two empty lists 15 s apart on the
+        # API's clock: move the emulator's clock once the first list came back empty.
+        wait_for("the first empty list", lambda: any(
+            "no batch found for the earlier create yet" in _log(cluster, i) for i in range(3)),
+            timeout=30)
+        emulator.advance_clock(16.0)
+    cluster.wait([*survivors, victim] if restart else survivors)
+    cluster.check(emulator, rewritten=REWRITTEN, receipts=_receipts(cluster, emulator))
     assert _drift(cluster) == []
 
 
@@ -151,19 +149,18 @@ def test_retry_chunks_are_driven_by_the_worker_that_cut_them(
     owned by the worker that cut it (epoch 1), which must drive it under that lease: no
     other worker may claim it while that worker lives.
     """
-    emulator.set_faults(api_error=0.1)
-    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
-                                                   "max_in_flight": MAX_IN_FLIGHT,
-                                                   "max_attempts": 5})
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
     for i in range(3):
         cluster.start(i)
     cluster.wait([0, 1, 2])
-    keys = csv_keys(cluster.input)
-    cluster.check(emulator, receipts=uninterrupted_receipts(emulator, custom_ids(keys), 5))
+    cluster.check(emulator, receipts=_receipts(cluster, emulator))
     assert _drift(cluster) == []
     assert cluster.fenced() == 0  # nobody wrote under a lease it did not hold
     for i in range(3):  # nobody died: no lease was lost (a retirement is not a loss)
         assert "leases lost" not in _log(cluster, i), _log(cluster, i)[-3000:]
+    # Every chunk is retired: no worker keeps a spool, whoever retired the chunk.
+    kept = {i: [p.name for p in ws.spool_files()] for i, ws in enumerate(cluster.workers)}
+    assert not any(kept.values()), kept
 
 
 def _rows(cluster: Cluster, query: str, *args: object) -> list[asyncpg.Record]:
@@ -204,6 +201,11 @@ def _creators(cluster: Cluster) -> list[tuple[str, str, str, int, datetime]]:
     return made
 
 
+def _proxy(proxy_thread: Callable[[str, int], ProxyThread], dsn: str) -> ProxyThread:
+    target = urlsplit(dsn)
+    return proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
+
+
 def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
     proxy_thread: Callable[[str, int], ProxyThread],
@@ -215,10 +217,8 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     once the link is back it learns what it lost and records nothing under those leases;
     the run ends as an uninterrupted one does.
     """
-    target = urlsplit(pg_dsn)
-    link = proxy_thread(target.hostname or "127.0.0.1", target.port or 5432)
-    cluster = cluster_factory(rows=ROWS, pipeline={"max_requests": MAX_REQUESTS,
-                                                   "max_in_flight": MAX_IN_FLIGHT})
+    link = _proxy(proxy_thread, pg_dsn)
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
     cluster.start(0)
     cluster.start(1, dsn=link.dsn(cluster.dsn))
     cluster.start(2)
@@ -228,10 +228,11 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     # once one of its chunks is at intent. The batch is made before its deadline; the
     # chunk's next owner finds it by the pending intent and adopts it.
     emulator.set_faults(slow=1.0)
+    slow_since = time.time()  # an intent from now on has a slow create behind it
     creating: list[asyncpg.Record] = []
     wait_for("worker 1 creating a batch", lambda: creating.extend(_rows(
-        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent'", victim))
-        or creating, timeout=30)
+        cluster, "SELECT chunk FROM {s}.chunk WHERE owner = $1 AND stage = 'intent' "
+                 "AND last_intent_at > $2", victim, slow_since)) or creating, timeout=30)
     link.cut()
     emulator.set_faults(slow=0.0)
     time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
@@ -251,7 +252,7 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     restore_seq = cluster.last_event()
     link.restore()
     cluster.wait([0, 1, 2])
-    cluster.check(emulator, rewritten=REWRITTEN)
+    cluster.check(emulator, rewritten=REWRITTEN, receipts=_receipts(cluster, emulator))
     assert _drift(cluster) == []
 
     after = _rows(cluster, "SELECT seq, kind, chunk, fence, epoch FROM {s}.event "
@@ -273,3 +274,64 @@ def test_a_worker_whose_database_link_is_cut_creates_nothing_past_its_lease(
     assert "Traceback" not in woke, woke[-3000:]
     if held:  # what it held was taken over: it learnt so, or was fenced trying
         assert "leases lost" in woke or cluster.fenced() > 0, woke[-3000:]
+
+
+def test_the_reader_s_database_link_cut_hands_the_source_over(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, pg_dsn: str,
+    proxy_thread: Callable[[str, int], ProxyThread],
+) -> None:
+    """
+    The source's reader loses its database link once it has sealed: a survivor reads
+    the source after the reader's TTL and grace, resuming after what was sealed; back
+    online, the old reader seals, commits and retires nothing under its old shard lease,
+    and the run ends as an uninterrupted one does.
+    """
+    link = _proxy(proxy_thread, pg_dsn)
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
+    cluster.start(0, dsn=link.dsn(cluster.dsn))
+    wait_for("worker 0 reading the source", lambda: "reading the source" in _log(cluster, 0),
+             timeout=20)
+    cluster.start(1)
+    cluster.start(2)
+    wait_for("worker 0 sealing", lambda: "chunk sealed" in _log(cluster, 0), timeout=20)
+    victim = cluster.worker_id(0)
+    link.cut()
+    time.sleep(0.5)  # whatever it sent before the cut has committed or rolled back
+    cut_seq = cluster.last_event()
+    ((owner, epoch),) = [(r["owner"], r["epoch"]) for r in _rows(
+        cluster, "SELECT owner, epoch FROM {s}.shard WHERE pipeline = 'tickets'")]
+    wait_for("a survivor reading the source", lambda: _rows(
+        cluster, "SELECT 1 FROM {s}.shard WHERE pipeline = 'tickets' "
+                 "AND owner IS DISTINCT FROM $1", victim), timeout=20)
+    restore_seq = cluster.last_event()
+    link.restore()
+    cluster.wait([0, 1, 2])
+    cluster.check(emulator, rewritten=REWRITTEN, receipts=_receipts(cluster, emulator))
+    assert _drift(cluster) == []
+    after = _rows(cluster, "SELECT seq, kind, fence, epoch FROM {s}.event "
+                           "WHERE worker = $1 AND seq > $2 ORDER BY seq", victim, cut_seq)
+    assert not [e for e in after if e["seq"] <= restore_seq], "recorded with its link cut"
+    if owner == victim:
+        stale = [dict(e) for e in after if e["fence"] == "shard" and e["epoch"] == epoch]
+        assert not stale, stale
+
+
+def test_a_restarted_worker_sends_the_stored_spool_not_a_file_its_last_life_left(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+) -> None:
+    """
+    A worker's spool dir outlives it: a file there for a chunk id may hold other rows
+    than the chunk the cluster sealed under that id (a reader killed before its seal,
+    and the next one cutting that chunk elsewhere on a slow source). A new incarnation
+    sends only spools it kept or fetched (checked against the store's sha256) itself.
+    """
+    cluster = cluster_factory(rows=ROWS, workers=1, pipeline=PIPELINE)
+    cluster.start(0, crash_at="after_seal")
+    _killed(cluster, 0, "after_seal")
+    spool = cluster.workers[0].state_dir / "spool" / "tickets-000000.jsonl"
+    text = spool.read_text()
+    assert '"t-T0000100"' in text
+    spool.write_text(text.replace("T0000100", "T0000199"))  # the same size, another row
+    cluster.start(0)
+    cluster.wait([0])
+    cluster.check(emulator, receipts=_receipts(cluster, emulator))

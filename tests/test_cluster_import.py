@@ -14,6 +14,7 @@ Real ``batchd`` subprocesses, the real PostgreSQL (a schema per test), the emula
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 from collections.abc import Callable
@@ -24,9 +25,15 @@ import anyio
 import asyncpg
 import pytest
 
-from batchd.daemon.cluster import event_log
+from batchd.daemon.cluster import event_log, limits, pipeline_import
+from batchd.daemon.cluster.errors import SpoolCorrupt
+from batchd.daemon.cluster.pipeline_import import ImportedPipeline
 from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.emulator import EmulatorThread
+from batchd.daemon.store.mirror import MirroredStore
+from batchd.daemon.store.postgres import PgStore
+from batchd.daemon.wal.manifest_state import ChunkState, PipelineState, Stage
+from tests.fixtures.cluster import ClusterEnv
 from tests.fixtures.cluster_workers import DSN_VAR, Cluster, _query, wait_for
 from tests.fixtures.engine import Workspace, dump_toml
 
@@ -108,7 +115,8 @@ class TestImport:
         stored = count(cluster, "SELECT count(*) AS n FROM {s}.key_ledger")
         assert stored > 0
 
-        again = batchd(cluster, local, "cluster", "import", str(local.config_path))
+        again = batchd(cluster, local, "cluster", "import", str(local.config_path),
+                       "--state-dir", str(local.state_dir))
         assert again.returncode == 0, again.stderr
         assert "was already imported" in again.stdout
         assert count(cluster, "SELECT count(*) AS n FROM {s}.key_ledger") == stored
@@ -173,3 +181,97 @@ class TestImport:
         assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
         assert count(cluster, "SELECT count(*) AS n FROM {s}.event") == events
         assert not (local.state_dir / "cluster-imported.json").exists()
+
+    def test_a_source_read_by_partition_is_refused(
+        self, two_workers: Cluster, emulator: EmulatorThread, tmp_path: Path
+    ) -> None:
+        """Kafka: the cluster reads it one shard per partition; the daemon's chunks have
+        no partition to go to, so the import is refused before anything is written."""
+        cluster = two_workers
+        local = local_daemon(cluster, tmp_path / "local", emulator.base_url)
+        killed = local.run(crash_at="after_seal")
+        assert killed.returncode == -signal.SIGKILL
+        write_config(local, cluster, shared=True)
+        text = local.config_path.read_text()
+        local.config_path.write_text(text.replace('"type" = "csv"', '"type" = "kafka"', 1))
+        refused = batchd(cluster, local, "cluster", "import", str(local.config_path))
+        assert refused.returncode == 2, refused.stderr
+        assert "pipelines 'tickets' read a source the cluster reads apart by partition" in (
+            refused.stderr)
+        assert count(cluster, "SELECT count(*) AS n FROM {s}.event") == 0
+        assert not (local.state_dir / "cluster-imported.json").exists()
+
+
+def _imported(tmp_path: Path, *, tamper: bool = False) -> ImportedPipeline:
+    """Pipeline ``p``: one sealed chunk with its spool (3 requests), one retired chunk."""
+    spool = tmp_path / "p-000001.jsonl"
+    spool.write_bytes(b"".join(b'{"custom_id":"p-%d","params":{}}\t{"key":"k%d"}\n' % (i, i)
+                               for i in range(3)))
+    digest = hashlib.sha256(spool.read_bytes()).hexdigest()
+    chunk = ChunkState(chunk="p-000001", pipeline="p", attempt=1, requests=3,
+                       bytes=spool.stat().st_size, rejects=0, first_seq=4, last_seq=6,
+                       position={"offset": 60}, parent=None, covers_seq=6)
+    state = PipelineState(name="p", last_sealed_seq=6, last_sealed_position={"offset": 60},
+                          next_chunk_no=2, committed_seq=3, committed_position={"offset": 30},
+                          cost_usd=1.5)
+
+    async def keys() -> Any:
+        yield [(f"k{i}", "p-000001", b"null") for i in range(3)]
+        yield [(f"old{i}", "p-000000", b"null") for i in range(3)]
+
+    return ImportedPipeline(
+        state=state, chunks=[chunk], retired={"p-000000": "msgbatch_old"},
+        spools={chunk.chunk: spool},
+        sums={chunk.chunk: ("0" * 64 if tamper else digest, spool.stat().st_size)},
+        origin={"state_dir": str(tmp_path), "ledger_id": "L", "born_at": 1.0},
+        keys=keys, ledger_chunks={"p-000000", "p-000001"})
+
+
+@pytest.mark.anyio
+class TestImportRows:
+    async def test_a_running_worker_s_view_takes_an_import_in(
+        self, cluster: ClusterEnv, tmp_path: Path
+    ) -> None:
+        """A worker already running reads the snapshot event as it reads every event
+        (no full re-read), and the log replays to the rows."""
+        store = PgStore(cluster.dsn, spool_dir=tmp_path / "spool", schema=cluster.sql.schema,
+                        name="w")
+        await store.open()
+        try:
+            view = MirroredStore(store)
+            await view.refresh()
+            reads = view.full_reads
+            # A worker of the pipeline opened before the import: its budget began at 0.
+            await limits.define(cluster.conn, cluster.sql, "budget:p", 10.0)
+            async with cluster.conn.transaction():
+                done = await pipeline_import.write(cluster.conn, cluster.sql,
+                                                   _imported(tmp_path), grace=1.0,
+                                                   workspace="default")
+            assert (done.chunks, done.retired, done.keys, done.spools) == ({"sealed": 1}, 1, 6, 1)
+            await view.refresh()
+            assert view.full_reads == reads
+            assert view.state.chunks["p-000001"].stage is Stage.SEALED
+            assert view.state.batch_owner("msgbatch_old") == "p-000000"
+            assert view.state.pipelines["p"].next_chunk_no == 2
+            budget = await limits.counter(cluster.conn, cluster.sql, "budget:p")
+            assert budget is not None and float(budget.spent) == 1.5  # the daemon's spend
+            assert await event_log.drift(cluster.conn, cluster.sql) == []
+            # Any worker claims the chunk and fetches its spool, checked.
+            (claimed,) = await store.claim_chunks("p", 5)
+            assert (claimed.lease.chunk, claimed.lease.epoch) == ("p-000001", 1)
+            fetched = await store.fetch_spool("p-000001")
+            assert fetched.raw_bytes == (tmp_path / "p-000001.jsonl").stat().st_size
+        finally:
+            await store.aclose()
+
+    async def test_a_spool_that_is_not_the_one_kept_is_not_imported(
+        self, cluster: ClusterEnv, tmp_path: Path
+    ) -> None:
+        with pytest.raises(SpoolCorrupt, match="spool of chunk p-000001"):
+            async with cluster.conn.transaction():
+                await pipeline_import.write(cluster.conn, cluster.sql,
+                                            _imported(tmp_path, tamper=True), grace=1.0,
+                                            workspace="default")
+        for table in ("event", "chunk", "key_ledger", "spool_block", "pipeline"):
+            assert await cluster.conn.fetchval(
+                cluster.sql(f"SELECT count(*) FROM {{s}}.{table}")) == 0, table

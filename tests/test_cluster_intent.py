@@ -27,8 +27,13 @@ import pytest
 
 from batchd.daemon.cluster import create_slot
 from batchd.daemon.cluster.stray_sweeper import (
+    LATE,
     LEASE_SHARD,
+    IntentWindow,
+    Listed,
     StraySweeper,
+    Windows,
+    find_strays,
     lease_pipeline,
 )
 from batchd.daemon.config import ApiConfig, PipelineConfig, load_config
@@ -211,7 +216,10 @@ class TestStraySweeper:
             adoptable = sdk.messages.batches.create(requests=message_requests(4, prefix="b"))
             api = _Api(slow_emulator.base_url)
             try:
-                sweeper = StraySweeper(sweeper_store, api, "ws", interval=1.0)
+                told: list[tuple[str, str]] = []
+                sweeper = StraySweeper(sweeper_store, api, "ws", interval=1.0,
+                                       on_alarm=lambda pipeline, kind: told.append((pipeline,
+                                                                                    kind)))
                 sweeper.lease = await sweeper_store.acquire_shard(lease_pipeline("ws"),
                                                                   LEASE_SHARD)
                 assert sweeper.lease is not None
@@ -226,7 +234,7 @@ class TestStraySweeper:
                 record = json.loads(alarm["record"])
                 assert (alarm["pipeline"], alarm["chunk"], record["alarm_kind"]) == (
                     "p", "p-000001", "stray_batch")
-                assert stray.id in record["message"]
+                assert stray.id in record["message"] and told == [("p", "stray_batch")]
                 assert await sweeper.sweep_once() == []  # alarmed once, not again
                 # Once c2's intent is settled by a resend of its own, the batch it did not
                 # adopt is a stray too.
@@ -253,6 +261,32 @@ class TestStraySweeper:
             sweeper = StraySweeper(stores[0], None, "ws", interval=1.0)
             sweeper.lease = first
             assert await sweeper.sweep_once() == [] and sweeper.lease is None  # it knows
+
+
+class TestWhatIsAStray:
+    """The pure rule, on the edges of a window (store times at 1000; the API 50 s ahead)."""
+
+    WINDOW = IntentWindow("p-000001", "p", 3, opens=1000.0, closes=1100.0 + LATE, batch_id="b1")
+
+    def strays(self, *listed: Listed, at_intent: tuple[tuple[str, int, float], ...] = (),
+               known: frozenset[str] = frozenset({"b1"})) -> list[str]:
+        windows = Windows((self.WINDOW,), at_intent, known)
+        return [s.batch_id for s in find_strays(list(listed), windows, 50.0)]
+
+    def test_only_an_unrecorded_batch_of_the_size_inside_the_window(self) -> None:
+        assert self.strays(
+            Listed("b1", 1120.0, 3, "in_progress"),  # the recorded batch
+            Listed("early", 1050.0 - 11, 3, "in_progress"),  # before the first intent
+            Listed("late", 1150.0 + LATE + 11, 3, "in_progress"),  # past LATE
+            Listed("size", 1100.0, 4, "in_progress"),  # another size
+            Listed("stray", 1100.0, 3, "ended"),
+        ) == ["stray"]
+
+    def test_a_batch_a_chunk_at_intent_may_adopt_is_left_alone(self) -> None:
+        batch = Listed("stray", 1200.0, 3, "in_progress")  # 1150 on the store's clock
+        assert self.strays(batch, at_intent=(("p-000009", 3, 1155.0),)) == []  # 5 s: margin
+        assert self.strays(batch, at_intent=(("p-000009", 3, 1161.0),)) == ["stray"]
+        assert self.strays(batch, at_intent=(("p-000009", 4, 1000.0),)) == ["stray"]
 
 
 # -- the collector's refusal, in process -------------------------------------------------

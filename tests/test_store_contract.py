@@ -303,6 +303,7 @@ class TestSpool:
             fetched = await store.fetch_spool("p-000001")
             assert fetched.sha256 == digest.sha256
             assert store.spool_path("p-000001").read_bytes() == content
+            assert store.spool_held("p-000001")
 
     async def test_a_corrupted_spool_is_refused(self, harness: Harness) -> None:
         async with harness.opened() as store:
@@ -452,6 +453,22 @@ async def test_a_second_worker_is_fenced_then_takes_over_after_ttl_and_grace(pg:
         assert beat.lost_chunks({lease.chunk: lease.epoch}) == {lease.chunk}
         chunk = await b.chunk(lease.chunk)
         assert chunk is not None and (chunk.intent_at, chunk.intent_count) == (6.5, 1)
+
+
+@pytest.mark.anyio
+async def test_a_spool_file_an_earlier_process_left_is_not_held(pg: Harness) -> None:
+    """Only what this store kept or fetched is held; a file left in spool_dir is fetched."""
+    async with pg.opened(name="a") as a:
+        shard = await a.acquire_shard("p")
+        assert shard is not None
+        digest = await a.put_spool("p-000001", shard.epoch, pg.spool_file("p-000001"))
+        await a.append(sealed("p-000001"), lease=shard, spool=digest)
+        assert a.spool_held("p-000001")
+    async with pg.opened(name="a") as again:  # a new incarnation on the same spool dir
+        assert again.spool_path("p-000001").exists()
+        assert not again.spool_held("p-000001")
+        await again.fetch_spool("p-000001")
+        assert again.spool_held("p-000001")
 
 
 @pytest.mark.anyio

@@ -516,8 +516,10 @@ class ChunkDriver:
         """
         deps, control = self.deps, self.control
         path = deps.spool_path(chunk.chunk)
-        if deps.workspace is not None and not path.exists():
-            try:  # sealed or cut by another worker: its spool is in the store
+        if deps.workspace is not None and not deps.store.spool_held(chunk.chunk):
+            # Sealed or cut by another worker, or a file an earlier incarnation of this
+            # worker left (perhaps other rows under this id): the store's copy is the chunk.
+            try:
                 await deps.store.fetch_spool(chunk.chunk)
             except SpoolCorrupt as exc:
                 await control.alarm("spool_corrupt", f"chunk {chunk.chunk} is held: {exc}",

@@ -15,14 +15,15 @@ record a custom_id names, or what outcome an answer gets:
   system, options, extra), ``custom_id``;
 * ``source.*`` (its type and options: identity, key column, positions);
 * ``batching.max_requests`` and ``batching.max_bytes`` (the chunks' shape);
-* ``max_attempts``, ``output.*``, ``keep_message``, ``budget_usd``,
-  ``ledger_retention``.
+* ``max_attempts``, ``output.*``, ``keep_message``, ``ledger_retention``.
 
 May differ per worker: ``state_dir``, ``log_level``, ``[metrics]``, the sinks and
 the dead-letter sink (each worker writes its own outputs, or they upsert), the
 ``[api]`` timings, tier and queue limit, ``batching.linger`` and
 ``max_in_flight`` (how much one worker drives), the dead-letter pause ratio, the
-``[cluster]`` lease timings, ``[models]`` and ``prices``.
+``[cluster]`` lease timings, ``[models]`` and ``prices``, and ``budget_usd``: the
+budget is a shared counter whose cap the last worker to open sets (raising it on one
+worker and restarting that one is how a budget pause is lifted, docs/cluster.md).
 
 The first worker to open a pipeline records its fields and their hash
 (``pipeline_config`` table); every later worker's must hash the same, or it is
@@ -53,8 +54,10 @@ __all__ = (
     "ConfigDrift",
     "accept",
     "check_or_record",
+    "compare",
     "config_hash",
     "differences",
+    "drift_error",
     "shared_fields",
 )
 
@@ -104,7 +107,6 @@ def shared_fields(config: Config, pipeline: PipelineConfig) -> dict[str, Any]:
     for name, value in _plain(asdict(pipeline.output)).items():
         out[f"output.{name}"] = value
     out["keep_message"] = pipeline.keep_message
-    out["budget_usd"] = pipeline.budget_usd
     out["ledger_retention"] = pipeline.ledger_retention
     return out
 
@@ -154,6 +156,38 @@ _INSERT = ("INSERT INTO {s}.pipeline_config (pipeline, config_hash, fields, reco
            " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT (pipeline) DO NOTHING")
 
 
+async def _drifts(conn: Any, sql: Sql, pipelines: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per pipeline whose recorded fields differ from *pipelines*'."""
+    problems = []
+    for row in await conn.fetch(sql(_SELECT), sorted(pipelines)):
+        mine = pipelines[row["pipeline"]]
+        if row["config_hash"] == config_hash(mine):
+            continue
+        diffs = differences(from_json(row["fields"]), mine)
+        if diffs:  # the same fields under an older hash form are not a difference
+            problems.append(_drift_line(row["pipeline"], diffs, row["recorded_by"],
+                                        row["recorded_at"]))
+    return problems
+
+
+def drift_error(problems: Sequence[str], where: str = "") -> ConfigDrift:
+    """The one-line refusal naming every differing pipeline and field."""
+    error = ConfigDrift(
+        f"{where + ': ' if where else ''}{'; '.join(problems)}; every worker of a "
+        "pipeline must share these fields: to change them for all, stop every "
+        "worker, then run: batchd cluster init CONFIG --accept-config")
+    error.file, error.table = where or None, "[[pipeline]]"
+    return error
+
+
+async def compare(
+    conn: Any, sql: Sql, pipelines: Mapping[str, Mapping[str, Any]], *, where: str = "",
+) -> ConfigDrift | None:
+    """What a worker with *pipelines* would be refused for, read only (``validate --connect``)."""
+    problems = await _drifts(conn, sql, pipelines)
+    return drift_error(problems, where) if problems else None
+
+
 async def check_or_record(
     conn: Any, sql: Sql, pipelines: Mapping[str, Mapping[str, Any]], *, recorded_by: str,
     where: str = "",
@@ -186,22 +220,9 @@ async def check_or_record(
                                       recorded_by)
             if done == "INSERT 0 1":
                 recorded.append(name)
-        problems = []
-        for row in await conn.fetch(sql(_SELECT), names):
-            mine = pipelines[row["pipeline"]]
-            if row["config_hash"] == config_hash(mine):
-                continue
-            diffs = differences(from_json(row["fields"]), mine)
-            if diffs:  # the same fields under an older hash form are not a difference
-                problems.append(_drift_line(row["pipeline"], diffs, row["recorded_by"],
-                                            row["recorded_at"]))
+        problems = await _drifts(conn, sql, pipelines)
         if problems:
-            error = ConfigDrift(
-                f"{where + ': ' if where else ''}{'; '.join(problems)}; every worker of a "
-                "pipeline must share these fields: to change them for all, stop every "
-                "worker, then run: batchd cluster init CONFIG --accept-config")
-            error.file, error.table = where or None, "[[pipeline]]"
-            raise error
+            raise drift_error(problems, where)
         return recorded
 
     result: list[str] = await transaction(conn, body)

@@ -20,7 +20,9 @@ the daemon stopped:
 * a chunk left at ``intent`` by the daemon's last create as the workspace create
   slot's pending intent: no other create goes out until its owner has looked for
   the batch that create may have made;
-* the queue reservations of the chunks at intent or submitted;
+* the daemon's spend on budget counters that exist already, and the queue
+  reservations of the chunks at intent or submitted (their budget holds are not
+  taken: their cost counts when they are committed);
 * one ``pipeline_imported`` event holding the snapshot of all that, which
   :func:`merge` replays, so the event log still replays to the rows.
 """
@@ -100,20 +102,25 @@ def _same_origin(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 async def _already(conn: Any, sql: Sql, p: ImportedPipeline) -> bool:
-    """True if an earlier run imported this pipeline from this state dir; refuse otherwise
-    when the cluster has anything of the pipeline."""
+    """True if an earlier run imported this pipeline from this state dir (workers may run
+    it by now); refused when it was imported from another one."""
     name = p.name
     row = await conn.fetchrow(sql(
         "SELECT seq, record FROM {s}.event WHERE kind = $1 AND pipeline = $2"
         " ORDER BY seq DESC LIMIT 1"), KIND, name)
-    if row is not None:
-        origin = from_json(row["record"]).get("origin", {})
-        if _same_origin(origin, p.origin):
-            return True
-        raise ImportRefused(
-            f"pipeline {name!r} was already imported into the cluster from state dir "
-            f"{origin.get('state_dir')} (event {row['seq']}): it cannot be imported again "
-            f"from {p.origin.get('state_dir')}")
+    if row is None:
+        return False
+    origin = from_json(row["record"]).get("origin", {})
+    if _same_origin(origin, p.origin):
+        return True
+    raise ImportRefused(
+        f"pipeline {name!r} was already imported into the cluster from state dir "
+        f"{origin.get('state_dir')} (event {row['seq']}): it cannot be imported again "
+        f"from {p.origin.get('state_dir')}")
+
+
+async def _refuse_if_run(conn: Any, sql: Sql, name: str) -> None:
+    """Refuse a pipeline the cluster has anything of (chunks, keys)."""
     chunks = await conn.fetchval(sql("SELECT count(*) FROM {s}.chunk WHERE pipeline = $1"),
                                  name)
     keys = await conn.fetchval(sql(
@@ -124,7 +131,6 @@ async def _already(conn: Any, sql: Sql, p: ImportedPipeline) -> bool:
             f"the cluster already runs pipeline {name!r} ({chunks} chunks, "
             f"{'some' if keys else 'no'} keys in its ledger): an import only moves a pipeline "
             "the cluster has not run; drain one of the two instead")
-    return False
 
 
 async def _take_shard(conn: Any, sql: Sql, name: str, grace: float) -> int | None:
@@ -258,9 +264,10 @@ async def write(
         SpoolCorrupt: a spool is not what the daemon kept beside it.
     """
     name = p.name
-    sealed = await _take_shard(conn, sql, name, grace)
     if await _already(conn, sql, p):
         return Written(name, already=True)
+    sealed = await _take_shard(conn, sql, name, grace)
+    await _refuse_if_run(conn, sql, name)
     if sealed is not None:
         raise ImportRefused(f"the cluster already read pipeline {name!r} (sealed up to seq "
                             f"{sealed}): an import only moves a pipeline the cluster has not run")
@@ -307,6 +314,12 @@ async def write(
             await conn.execute(sql(_INSERT_KEYS), name, SHARD, [k for k, _, _ in page],
                                [c for _, c, _ in page], [pos for _, _, pos in page])
             keys += len(page)
+    # Budget counters defined before the pipeline was here (a worker's open) started at
+    # nothing: the daemon's spend counts on them now. Scopes in order (the lock order).
+    for scope in sorted(["budget:org", f"budget:{name}"]) if state.cost_usd else ():
+        await conn.execute(sql(
+            "UPDATE {s}.limit_counter SET spent = spent + $2::numeric, updated_at = now()"
+            " WHERE scope = $1"), scope, str(state.cost_usd))
     if queue_scope is not None:  # limit counters before the create slot (the lock order)
         await limits.define(conn, sql, queue_scope, queue_cap)
         for chunk in p.chunks:

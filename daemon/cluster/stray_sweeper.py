@@ -34,7 +34,7 @@ converts with ``SELECT clock_timestamp()`` and the API's ``Date`` header.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,10 +206,13 @@ class StraySweeper:
         api: the worker's ``BatchesApi`` (list, clock skew, cancel).
         workspace: ``[cluster] workspace``.
         interval: seconds between passes (and between tries for the lease).
+        on_alarm: told (pipeline, alarm kind) of each alarm raised, for the metrics.
     """
 
-    def __init__(self, store: Any, api: Any, workspace: str, *, interval: float) -> None:
+    def __init__(self, store: Any, api: Any, workspace: str, *, interval: float,
+                 on_alarm: Callable[[str, str], None] | None = None) -> None:
         self.store = store
+        self.on_alarm = on_alarm
         self.api = api
         self.workspace = workspace
         self.interval = interval
@@ -293,6 +296,8 @@ class StraySweeper:
                   batch_id=stray.batch_id)
         await self.store.append(AlarmRaised(pipeline=stray.pipeline, chunk=stray.chunk,
                                             alarm_kind="stray_batch", message=message))
+        if self.on_alarm is not None:
+            self.on_alarm(stray.pipeline, "stray_batch")
 
 
 def _ts(value: Any) -> float:

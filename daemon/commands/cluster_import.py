@@ -37,6 +37,9 @@ from batchd.plugins.errors import ConfigError
 __all__ = ("MARKER", "import_state_dir", "imported_refusal")
 
 MARKER = "cluster-imported.json"
+# Sources cluster workers read apart, one shard per partition: the daemon's chunks (one
+# read sequence for the whole source) have no partition shard to go to.
+_SPLIT_SOURCES = frozenset({"kafka"})
 
 
 def imported_refusal(state_dir: Path) -> str | None:
@@ -130,6 +133,14 @@ async def import_state_dir(config: Config) -> list[str]:
             raise ConfigError(f"{config.path}: the state dir {state_dir} holds pipelines "
                               f"{', '.join(map(repr, missing))} this config has no "
                               "[[pipeline]] for: import with the config that ran them")
+        split = [n for n in names if config.pipeline(n).source.type in _SPLIT_SOURCES]
+        if split:
+            raise ConfigError(
+                f"{config.path}: pipelines {', '.join(map(repr, split))} read a source the "
+                "cluster reads apart by partition (kafka), which an import cannot map the "
+                "daemon's chunks onto yet: let the daemon collect its batches, stop it once "
+                "nothing is in flight (batchd status), and start cluster workers on a new "
+                "state_dir instead")
         ledger = _ledger_reader(state_dir / LEDGER_NAME, state.ledger_id)
         intents = [c for c in state.chunks.values() if c.last_intent_at is not None]
         latest = max(intents, key=lambda c: c.last_intent_at or 0.0, default=None)

@@ -192,6 +192,13 @@ async def _check_cluster_db(config: Config, report: Report) -> None:
                 from batchd.daemon.cluster.migrations import check
 
                 version = await check(conn, sql)
+                drift = None
+                if config.cluster.shared:  # as a worker would be refused at start
+                    from batchd.daemon.cluster.pipeline_config import compare
+                    from batchd.daemon.store.cluster_worker import pipeline_fields
+
+                    drift = await compare(conn, sql, pipeline_fields(config),
+                                          where=str(config.path))
             finally:
                 from batchd.connectors._pg import close_quietly
 
@@ -210,6 +217,8 @@ async def _check_cluster_db(config: Config, report: Report) -> None:
     else:
         report.checked.append(f"[cluster] {describe_target(config)}: schema {sql.schema!r} "
                               f"at version {version}")
+        if drift is not None:
+            report.problems.append(_problem(drift))
 
 
 async def _check_pipelines(config: Config, report: Report, connect: bool,

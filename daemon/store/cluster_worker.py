@@ -182,8 +182,12 @@ async def open_cluster_store(config: Config, stack: AsyncExitStack,
 async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[Any]],
                          ttl: float) -> None:
     """Renew the leases every ``ttl / 3``; cancel the drivers of chunks taken over."""
+    failed = False
     while True:
-        await anyio.sleep(ttl / 3)
+        # After a failure, once more at once: a woken worker's pooled connections were
+        # ended by the survivors (end_dead_sessions), and the pool replaces a dead one
+        # on the next acquire; it must learn what it lost before it acts on.
+        await anyio.sleep(0.05 if failed else ttl / 3)
         # Only what was held before the heartbeat went out can be missing from its reply:
         # a chunk sealed or claimed meanwhile is not in it, and is not lost.
         before = [(runner, {c: lease.epoch for c, lease in runner.leases.items()})
@@ -192,7 +196,9 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
             beat = await store.heartbeat()
         except Exception as exc:  # the database away: the deadline stops external actions
             log.warning("heartbeat failed; will try again", error=f"{type(exc).__name__}: {exc}")
+            failed = not failed  # one quick retry, then the usual pace
             continue
+        failed = False
         end_dead_sessions = store.inner.end_dead_sessions  # type: ignore[attr-defined]
         try:
             ended = await end_dead_sessions()  # PgStore's, not part of the contract

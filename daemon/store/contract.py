@@ -333,6 +333,15 @@ class StateStore(Protocol):
         """
         ...
 
+    def spool_held(self, chunk: str) -> bool:
+        """
+        Whether ``spool_path(chunk)`` is a spool this store kept or fetched itself.
+
+        Else it is missing, or a file an earlier process left: in a cluster that file
+        may hold other rows than the chunk sealed under its id, so it is fetched first.
+        """
+        ...
+
     async def fetch_spool(self, chunk: str) -> SpoolDigest:
         """
         Make ``spool_path(chunk)`` hold the chunk's spool, checked against its checksum.

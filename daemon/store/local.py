@@ -499,6 +499,10 @@ class LocalStore:
 
         return await anyio.to_thread.run_sync(keep)
 
+    def spool_held(self, chunk: str) -> bool:
+        """Every spool in the state dir is this daemon's (its flock): held if it is there."""
+        return self.spool_path(chunk).exists()
+
     async def fetch_spool(self, chunk: str) -> SpoolDigest:
         path, sums = self.spool_path(chunk), self._sum_path(chunk)
 

@@ -41,6 +41,8 @@ from typing import Any
 import anyio
 import structlog
 
+from batchd.daemon.cluster.pipeline_import import KIND as IMPORTED
+from batchd.daemon.cluster.pipeline_import import merge as merge_imported
 from batchd.daemon.store.contract import Applied, ChunkLease, CreateSlot, StateStore
 from batchd.daemon.wal.manifest_state import ManifestCorrupt, ManifestState
 
@@ -144,7 +146,10 @@ class MirroredStore:
                     self._missing[skipped] = now
                 self._seen = seq
             try:
-                self.state.apply(record)
+                if record["kind"] == IMPORTED:  # a single daemon's pipeline moved in
+                    merge_imported(self.state, seq, record)
+                else:
+                    self.state.apply(record)
             except ManifestCorrupt as exc:  # not expected: the log replays to the rows
                 log.warning("the cluster's event log does not replay on this view; "
                             "reading it in full", error=str(exc))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -136,6 +136,9 @@ class PgStore:
         # Each pipeline's budget bound, held in the seal's and the commit's transactions.
         self.budgets = budget_holds.BudgetHolds()
         self._pool_size = pool_size
+        # Spools this process kept or fetched: a file an earlier incarnation left in
+        # spool_dir may hold other rows under the same chunk id, and is fetched again.
+        self._held_spools: set[str] = set()
         self._pool: Any = None
         self.worker_id = ""
         # Slots this worker holds, by workspace: the table lets a holder take its own slot
@@ -279,6 +282,7 @@ class PgStore:
         async with self._conn() as conn:
             await spool_blocks.delete(conn, self.sql, chunk)
         self.spool_path(chunk).unlink(missing_ok=True)
+        self._held_spools.discard(chunk)
 
     # -- reads -------------------------------------------------------------------
 
@@ -517,17 +521,34 @@ class PgStore:
     def spool_path(self, chunk: str) -> Path:
         return self.spool_dir / f"{chunk}.jsonl"
 
+    def spool_held(self, chunk: str) -> bool:
+        return chunk in self._held_spools and self.spool_path(chunk).exists()
+
+    def drop_retired_spools(self, retired: Container[str]) -> int:
+        """
+        Delete the local copies of the spools this process holds whose chunks are in
+        *retired* (retired by any worker: a retirement deletes only its writer's copy).
+        """
+        gone = [chunk for chunk in self._held_spools if chunk in retired]
+        for chunk in gone:
+            self.spool_path(chunk).unlink(missing_ok=True)
+            self._held_spools.discard(chunk)
+        return len(gone)
+
     async def put_spool(self, chunk: str, epoch: int, path: Path) -> SpoolDigest:
         async with self._conn() as conn:
             digest = await spool_blocks.upload(conn, self.sql, chunk, epoch, path)
         dest = self.spool_path(chunk)
         if Path(path) != dest:
             await anyio.to_thread.run_sync(os.replace, path, dest)
+        self._held_spools.add(chunk)
         return digest
 
     async def fetch_spool(self, chunk: str) -> SpoolDigest:
         async with self._conn() as conn:
-            return await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+            digest = await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+        self._held_spools.add(chunk)
+        return digest
 
 
 if TYPE_CHECKING:  # mypy checks that the class keeps the contract
