@@ -489,6 +489,14 @@ class PgStore:
         async with self._conn() as conn:
             return await limits.define(conn, self.sql, scope, cap)
 
+    async def hold_unheld(self, pipeline: str) -> int:
+        """Live chunks of *pipeline* holding nothing on its budget get their bound held."""
+        bound = self.budgets.bound_of(pipeline)
+        if bound is None:
+            return 0
+        async with self._conn() as conn:
+            return await budget_holds.hold_unheld(conn, self.sql, pipeline, bound)
+
     async def counter(self, scope: str) -> limits.Counter | None:
         """A limit counter as it is now (for the budget's pre-check and its message)."""
         async with self._conn() as conn:
