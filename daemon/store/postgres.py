@@ -406,6 +406,12 @@ class PgStore:
         async with self._conn() as conn:
             return await shards.next_chunk_number(conn, self.sql, pipeline)
 
+    async def free_shards(self, pipeline: str, names: list[str]) -> list[str]:
+        """Which of *names* nobody else live holds (worth an ``acquire_shard``)."""
+        async with self._conn() as conn:
+            return await shards.free_shards(conn, self.sql, self.worker_id, pipeline, names,
+                                            grace=self.grace)
+
     async def join_readers(self, pipeline: str) -> None:
         """List this worker among the readers of *pipeline*'s shards."""
         async with self._conn() as conn:
