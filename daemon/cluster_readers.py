@@ -42,6 +42,9 @@ class ShardStore(Protocol):
     async def next_chunk_number(self, pipeline: str) -> int:
         """A chunk number no reader of another shard of the pipeline gets."""
 
+    async def free_shards(self, pipeline: str, names: list[str]) -> list[str]:
+        """Which of *names* nobody else live holds."""
+
     async def join_readers(self, pipeline: str) -> None:
         """List this worker among the readers of *pipeline*'s shards."""
 

@@ -226,13 +226,17 @@ class ClusterRunner(PipelineRunner):
             reader.release_wanted = True
             self.log.info("handing a source shard back (over this worker's share)",
                           shard=reader.name, share=share)
-        start = zlib.crc32(self.store.worker_id.encode()) % len(names)
         held = min(len(keeping), share)
-        for name in names[start:] + names[:start]:
+        if held >= share:
+            return
+        start = zlib.crc32(self.store.worker_id.encode()) % len(names)
+        wanted = [name for name in names[start:] + names[:start]
+                  if name not in self.readers and name not in self._checked]
+        if not wanted:
+            return
+        for name in await store.free_shards(self.pipeline.name, wanted):
             if held >= share:
                 break
-            if name in self.readers or name in self._checked:
-                continue
             lease = await self.store.acquire_shard(self.pipeline.name, name)
             if lease is None:
                 continue  # a live worker reads it

@@ -192,6 +192,22 @@ class TestBudgetHolds:
             budget = await counter(store, BUDGET)
             assert (budget.spent, budget.reserved) == (Decimal("0.3"), 0)
 
+    async def test_live_chunks_sealed_before_the_budget_are_held_when_it_is_wired(
+        self, pg: Harness
+    ) -> None:
+        """An imported chunk (or one an older batchd sealed) counts before it is committed."""
+        async with pg.opened() as store:
+            shard = await store.acquire_shard("p")
+            first = await seal(pg, store, shard, "p-000001", 1)
+            await seal(pg, store, shard, "p-000002", 4)
+            await store.append(committed(first.chunk, None, 0.1), lease=first,
+                               expected=Stage.SEALED)
+            assert await store.hold_unheld("p") == 0  # no bound registered: nothing
+            store.budgets.register("p", lambda requests, size: BOUND)
+            assert await store.hold_unheld("p") == 1  # the committed one holds nothing
+            assert await holds(store) == {(BUDGET, "p-000002"): Decimal("0.4")}
+            assert await store.hold_unheld("p") == 0
+
     async def test_without_a_bound_a_seal_holds_nothing(self, pg: Harness) -> None:
         """A pipeline the runtime registered no bound for (no budget wiring) seals as before."""
         async with pg.opened() as store:

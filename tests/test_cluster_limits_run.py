@@ -109,14 +109,6 @@ def raise_budget(cluster: Cluster, budget: float) -> None:
         ws.write_raw(raised)
 
 
-def accept_config(cluster: Cluster) -> None:
-    """``batchd cluster init CONFIG --accept-config``: a shared field changed for all."""
-    ws = cluster.workers[0]
-    proc = subprocess.run(ws.command("cluster", "init", str(ws.config_path), "--accept-config"),
-                          env=cluster.env(ws), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-
-
 class TestOrgBudget:
     def test_three_workers_stop_at_one_budget_and_finish_once_it_is_raised(
         self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
@@ -160,11 +152,9 @@ class TestOrgBudget:
         holds = store_rows(cluster, "SELECT * FROM {s}.limit_hold")
         assert holds == []
 
-        # The budget raised in every config and accepted for the cluster (every worker is
-        # stopped): the first worker back lifts the pause (the cap went up), the others
-        # join, and the rest is done, every row paid once in all.
+        # The budget raised in every config: the first worker back lifts the pause (the cap
+        # went up), the others join, and the rest is done, every row paid once in all.
         raise_budget(cluster, 100.0)
-        accept_config(cluster)
         cluster.start(0)
         deadline = time.monotonic() + 30
         while store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]:

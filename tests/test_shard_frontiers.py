@@ -177,3 +177,19 @@ class TestPostgres:
         assert await shards.live_readers(c, sql, "q") == 0
         await cluster.silence(b)
         assert await shards.live_readers(c, sql, "p") == 1
+
+    async def test_free_shards_are_those_nobody_else_live_holds(
+        self, cluster: ClusterEnv
+    ) -> None:
+        c, sql = cluster.conn, cluster.sql
+        a, b, dead = (await cluster.worker("a"), await cluster.worker("b"),
+                      await cluster.worker("dead"))
+        await cluster.shard(a, shard="t:0")
+        await cluster.shard(b, shard="t:1")
+        await cluster.shard(dead, shard="t:2")
+        await cluster.silence(dead)
+        names = ["t:3", "t:2", "t:1", "t:0"]  # t:3 was never taken: it has no row yet
+        assert await shards.free_shards(c, sql, a, "p", names, grace=5.0) == ["t:3", "t:2", "t:0"]
+        for name in ("t:3", "t:2", "t:0"):
+            assert await shards.acquire(c, sql, a, "p", name, grace=5.0) is not None
+        assert await shards.acquire(c, sql, a, "p", "t:1", grace=5.0) is None
