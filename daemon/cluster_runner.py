@@ -111,6 +111,12 @@ class ClusterRunner(PipelineRunner):
 
                 tg.start_soon(queue_reconcile_loop, self.store, self.api, self.deps.queue_scope,
                               reconcile_interval())
+            if hasattr(self.store, "inner"):  # a PgStore (in-process tests run without)
+                from batchd.daemon.cluster.retention import retention_loop
+
+                inner = self.store.inner
+                tg.start_soon(retention_loop, inner.connection, inner.sql, self.pipeline.name,
+                              self.ledger_retention)
             self.recovered.set()  # intents are settled under the create slot, by their owner
             split = split_source(self.source)
             if split is not None and self.make_source is not None:
