@@ -14,10 +14,10 @@ import pytest
 
 from batchd.daemon.cluster import event_log, fencing, key_ledger, retention, shards, workers
 from batchd.daemon.cluster.shards import ShardLease
+from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import ClusterEnv
-
-pytestmark = pytest.mark.anyio
+from tests.fixtures.cluster_workers import ROWS, ClusterFactory
 
 
 def committed(chunk: str) -> dict[str, Any]:
@@ -56,6 +56,7 @@ async def claim(cluster: ClusterEnv, shard: ShardLease, chunk: str, *keys: str) 
                                        [(k, {"k": k}) for k in keys])
 
 
+@pytest.mark.anyio
 class TestLedgerRetention:
     async def test_only_keys_of_chunks_retired_past_the_retention_go(
         self, cluster: ClusterEnv
@@ -143,6 +144,7 @@ class TestLedgerRetention:
         assert skipped.skipped and skipped.keys == 0
 
 
+@pytest.mark.anyio
 class TestWorkerRetention:
     async def test_week_old_stopped_and_dead_idle_workers_go(self, cluster: ClusterEnv) -> None:
         """Stopped or silent a week and holding nothing: purged; anything else stays."""
@@ -169,3 +171,25 @@ class TestWorkerRetention:
         # A pass with no ledger retention purges the workers only.
         keeper = retention.Retention("p", None)
         assert await keeper.run_once(c, sql) == (None, 0)
+
+
+class TestRetentionRun:
+    def test_workers_prune_the_ledger_while_they_run_and_pay_each_key_once(
+        self, cluster_factory: ClusterFactory, emulator: EmulatorThread
+    ) -> None:
+        """
+        Three real workers with ``ledger_retention = "0.5s"`` and a pass every 0.2 s: keys
+        of retired chunks are forgotten during the run, and still every key has one
+        outcome and every custom_id reached the emulator once (forgetting never let a
+        live chunk's key, or a replayed record, be sent again).
+        """
+        cluster = cluster_factory(pipeline={"ledger_retention": "0.5s"})
+        env = {retention.PRUNE_ENV: "0.2"}
+        for i in range(3):
+            cluster.start(i, env=env)
+        cluster.wait([0, 1, 2])
+        cluster.check(emulator)
+        left = cluster.query(f'SELECT count(*) AS n FROM "{cluster.schema}".key_ledger')[0]["n"]
+        assert left < ROWS, f"no key was forgotten ({left} of {ROWS} left)\n{cluster.logs()}"
+        assert "key ledger pruned" in "".join(
+            (ws.root / "run.log").read_text() for ws in cluster.workers)

@@ -31,6 +31,7 @@ reader's claims of a chunk it never sealed (no chunk row says how old they are).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ __all__ = (
     "WORKERS_KEPT",
     "LedgerPruned",
     "Retention",
+    "prune_interval",
     "prune_ledger",
     "purge_workers",
     "retention_loop",
@@ -56,6 +58,8 @@ __all__ = (
 log = structlog.get_logger("batchd.cluster")
 
 PRUNE_EVERY = 300.0  # seconds between passes, as the single daemon's ledger prunes
+#: Tests shorten it (a drill lasts seconds); operators have no reason to.
+PRUNE_ENV = "BATCHD_CLUSTER_RETENTION_SECONDS"
 WORKERS_KEPT = 7 * 86400.0  # seconds a stopped or dead worker's row is kept (status shows it)
 KEYS_PER_DELETE = 5000  # keys per DELETE statement (one short transaction each)
 CHUNKS_PER_PAGE = 100  # retired chunks read per page of a pass
@@ -200,21 +204,38 @@ class Retention:
         return pruned, await purge_workers(conn, sql)
 
 
+def prune_interval() -> float:
+    """Seconds between passes: :data:`PRUNE_EVERY`, or ``$BATCHD_CLUSTER_RETENTION_SECONDS``."""
+    raw = os.environ.get(PRUNE_ENV)
+    if not raw:
+        return PRUNE_EVERY
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        log.warning("ignoring a cluster retention interval that is not a positive number",
+                    variable=PRUNE_ENV, value=raw)
+        return PRUNE_EVERY
+    return value
+
+
 async def retention_loop(
     connection: Callable[[], AbstractAsyncContextManager[Any]],
     sql: Sql,
     pipeline: str,
     retention: float | None,
     *,
-    every: float = PRUNE_EVERY,
+    every: float | None = None,
 ) -> None:
     """
     A worker's passes for *pipeline*, every *every* seconds, on a connection of
     *connection* (the store's pool); a failed pass is logged and tried at the next.
     """
     keeper = Retention(pipeline, retention)
+    interval = prune_interval() if every is None else every
     while True:
-        await anyio.sleep(every)
+        await anyio.sleep(interval)
         try:
             async with connection() as conn:
                 pruned, purged = await keeper.run_once(conn, sql)
