@@ -31,9 +31,11 @@ reader's claims of a chunk it never sealed (no chunk row says how old they are).
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,6 +51,7 @@ __all__ = (
     "WORKERS_KEPT",
     "LedgerPruned",
     "Retention",
+    "dedicated_connection",
     "prune_interval",
     "prune_ledger",
     "purge_workers",
@@ -220,6 +223,34 @@ def prune_interval() -> float:
     return value
 
 
+# One pass at a time in a worker (per event loop), whatever its pipelines: each pass has
+# its own connection, never one of the store's small pool, which the heartbeat needs.
+_PASSES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Lock] = (
+    weakref.WeakKeyDictionary())
+
+
+def _one_pass_at_a_time() -> anyio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _PASSES.get(loop)
+    if lock is None:
+        lock = _PASSES[loop] = anyio.Lock()
+    return lock
+
+
+@asynccontextmanager
+async def dedicated_connection(dsn: str, name: str) -> AsyncIterator[Any]:
+    """A connection of its own for one pass (closed after it, so any lock goes with it)."""
+    import asyncpg  # here, so that this module imports without the postgres extra
+
+    conn = await asyncpg.connect(dsn, timeout=30, server_settings={
+        "application_name": f"batchd:{name}:retention"})
+    try:
+        yield conn
+    finally:
+        with anyio.CancelScope(shield=True):
+            await conn.close(timeout=5)
+
+
 async def retention_loop(
     connection: Callable[[], AbstractAsyncContextManager[Any]],
     sql: Sql,
@@ -229,15 +260,16 @@ async def retention_loop(
     every: float | None = None,
 ) -> None:
     """
-    A worker's passes for *pipeline*, every *every* seconds, on a connection of
-    *connection* (the store's pool); a failed pass is logged and tried at the next.
+    A worker's passes for *pipeline*, every *every* seconds (:func:`prune_interval`), each
+    on a connection of *connection* (:func:`dedicated_connection`), one pass of the
+    worker's at a time; a failed pass is logged and tried again at the next.
     """
     keeper = Retention(pipeline, retention)
     interval = prune_interval() if every is None else every
     while True:
         await anyio.sleep(interval)
         try:
-            async with connection() as conn:
+            async with _one_pass_at_a_time(), connection() as conn:
                 pruned, purged = await keeper.run_once(conn, sql)
         except Exception as exc:  # the database away: the next pass
             log.warning("cluster retention pass failed; will try again", pipeline=pipeline,
