@@ -11,10 +11,8 @@ can be split says so by having :meth:`SplitSource.shards` and :meth:`SplitSource
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-import anyio
 
 from batchd.daemon.intake.packer import Packer
 from batchd.daemon.store.contract import ShardLease
@@ -44,8 +42,14 @@ class ShardStore(Protocol):
     async def next_chunk_number(self, pipeline: str) -> int:
         """A chunk number no reader of another shard of the pipeline gets."""
 
-    async def live_workers(self) -> int:
-        """How many workers heartbeat now."""
+    async def free_shards(self, pipeline: str, names: list[str]) -> list[str]:
+        """Which of *names* nobody else live holds."""
+
+    async def join_readers(self, pipeline: str) -> None:
+        """List this worker among the readers of *pipeline*'s shards."""
+
+    async def live_readers(self, pipeline: str) -> int:
+        """How many live workers share *pipeline*'s shards."""
 
 
 def split_source(source: Source) -> SplitSource | None:
@@ -60,16 +64,13 @@ def fair_share(shards: int, workers: int) -> int:
 
 @dataclass(eq=False)
 class ShardReader:
-    """One shard this worker reads: its lease, its own source and packer, and its task."""
+    """One shard this worker reads: its lease, its own source and its packer."""
 
     name: str
     lease: ShardLease
     source: Source
     packer: Packer | None = None
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     #: Set to hand the shard back at the next chunk boundary (over this worker's share).
     release_wanted: bool = False
     #: Read to its end (``--until-drained``): held only until its chunks are retired.
     drained: bool = False
-    #: Intake stopped for the budget: held (its chunks still commit), not read.
-    stopped: bool = False

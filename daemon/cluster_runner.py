@@ -168,7 +168,8 @@ class ClusterRunner(PipelineRunner):
         """
         Hold this worker's share of the source's shards, each read by its own task.
 
-        Each poll: the share is the shard count over the live workers (rounded up);
+        Each poll: the share is the shard count over the live workers reading this
+        pipeline (rounded up);
         readers over it are asked to hand their shard back at the next chunk boundary,
         and free shards (nobody live holds them) are taken up to it, starting from a
         place that differs per worker so that workers starting together pick apart.
@@ -177,7 +178,18 @@ class ClusterRunner(PipelineRunner):
         """
         store = self._shard_store()
         self.readers, self._checked = {}, set()
+        while True:
+            try:
+                await store.join_readers(self.pipeline.name)
+                break
+            except Exception as exc:  # the database away: try again
+                self.log.warning("cannot join the source's readers; will try again",
+                                 error=f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(1.0)
         interval = min(1.0, self.api_config.poll_interval)
+        # Workers started together count each other before the first share is taken
+        # (else the first takes every shard and hands most back at once).
+        await anyio.sleep(interval)
         names: list[str] = []
         listed_at = -_LIST_EVERY
         while True:
@@ -192,6 +204,8 @@ class ClusterRunner(PipelineRunner):
                                      error=f"{type(exc).__name__}: {exc}")
             if until_drained and names and self._checked >= set(names) and not self.readers:
                 return
+            if until_drained and self._paused_for(PauseKind.BUDGET) and not self.readers:
+                return  # intake stopped by the budget: what was sealed is done; exit 3
             try:
                 await self._balance(store, names, until_drained)
             except (FatalError, ConfigError):
@@ -204,21 +218,25 @@ class ClusterRunner(PipelineRunner):
     async def _balance(self, store: ShardStore, names: list[str], until_drained: bool) -> None:
         """Hand back what is over this worker's share; take free shards up to it."""
         assert self.readers is not None and self._tg is not None
-        if not names:
-            return
-        share = fair_share(len(names), await store.live_workers())
+        if not names or self._paused_for(PauseKind.BUDGET):
+            return  # (the budget: no reader would seal; take shards once it lifts)
+        share = fair_share(len(names), await store.live_readers(self.pipeline.name))
         keeping = [r for r in self.readers.values() if not r.release_wanted]
         for reader in keeping[share:]:
             reader.release_wanted = True
             self.log.info("handing a source shard back (over this worker's share)",
                           shard=reader.name, share=share)
-        start = zlib.crc32(self.store.worker_id.encode()) % len(names)
         held = min(len(keeping), share)
-        for name in names[start:] + names[:start]:
+        if held >= share:
+            return
+        start = zlib.crc32(self.store.worker_id.encode()) % len(names)
+        wanted = [name for name in names[start:] + names[:start]
+                  if name not in self.readers and name not in self._checked]
+        if not wanted:
+            return
+        for name in await store.free_shards(self.pipeline.name, wanted):
             if held >= share:
                 break
-            if name in self.readers or name in self._checked:
-                continue
             lease = await self.store.acquire_shard(self.pipeline.name, name)
             if lease is None:
                 continue  # a live worker reads it
@@ -236,23 +254,29 @@ class ClusterRunner(PipelineRunner):
                       previous_owner=lease.previous_owner,
                       resume_after=lease.sealed_position and lease.sealed_position.get("next"))
         try:
-            with reader.scope:
-                cast(SplitSource, reader.source).only(reader.name)
-                reader.packer = Packer(
-                    self.pipeline, reader.source, self.ledger, self.spool_dir,
-                    seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
-                    resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
-                    model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
-                    number=partial(store.next_chunk_number, self.pipeline.name),
-                )
-                try:
-                    await reader.packer.run(until_drained)
-                    reader.drained = True
-                except BudgetExhausted:
-                    reader.stopped = True  # intake stops; its chunks still finish
-                    if not until_drained:
-                        await self._wait_released(reader)
-                await self._hold_until_retired(reader)
+            cast(SplitSource, reader.source).only(reader.name)
+            reader.packer = Packer(
+                self.pipeline, reader.source, self.ledger, self.spool_dir,
+                seal=partial(self.seal, shard=lease), room=partial(self._reader_room, reader),
+                resume=(lease.sealed_position, lease.sealed_seq or 0, lease.next_chunk_no),
+                model_check=self.model_check, claim_keys=partial(self._reader_keys, reader),
+                number=partial(store.next_chunk_number, self.pipeline.name),
+            )
+            try:
+                await reader.packer.start()  # also what commits the shard's source
+                if self._paused_for(PauseKind.BUDGET):  # by any worker: read nothing
+                    raise BudgetExhausted(self.paused or "budget")
+                await reader.packer.run(until_drained)
+                reader.drained = True
+            except BudgetExhausted:
+                if not until_drained:
+                    # Hand it back once a raised budget lifts the pause: its next
+                    # holder reads on from its sealed floor (the refused chunk's
+                    # records were not sealed).
+                    await self._wait_budget(reader)
+                    return
+                reader.drained = True  # read no further; --until-drained reports it
+            await self._hold_until_retired(reader)
         except ShardLost as exc:
             self.log.warning("source shard lost or handed back", shard=reader.name,
                              why=str(exc))
@@ -284,6 +308,8 @@ class ClusterRunner(PipelineRunner):
         while True:
             if reader.release_wanted:
                 raise ShardLost(f"shard {reader.name}: handed back, over this worker's share")
+            if self._paused_for(PauseKind.BUDGET):  # another reader's seal was refused
+                raise BudgetExhausted(self.paused or "budget")
             with anyio.move_on_after(1.0):
                 await self.room()
                 return
@@ -295,8 +321,9 @@ class ClusterRunner(PipelineRunner):
         except FencedOut as exc:
             raise ShardLost(str(exc)) from None
 
-    async def _wait_released(self, reader: ShardReader) -> None:
-        while not reader.release_wanted:
+    async def _wait_budget(self, reader: ShardReader) -> None:
+        """While a budget pause holds (and the shard is not wanted elsewhere)."""
+        while self._paused_for(PauseKind.BUDGET) and not reader.release_wanted:
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
 

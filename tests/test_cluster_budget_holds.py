@@ -8,6 +8,7 @@ the API's processing count becomes the queue's ``external``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -41,10 +42,10 @@ def pg(pg_dsn: str, pg_schema: str, tmp_path: Path) -> Harness:
     return pg_harness(pg_dsn, pg_schema, tmp_path)
 
 
-def sealed(chunk: str, first: int) -> ChunkSealed:
+def sealed(chunk: str, first: int, shard: str | None = None) -> ChunkSealed:
     return ChunkSealed(pipeline="p", chunk=chunk, attempt=1, requests=3, bytes=300, rejects=0,
                        first_seq=first, last_seq=first + 2, position={"line": first + 2},
-                       parent=None)
+                       parent=None, shard=shard)
 
 
 def committed(chunk: str, batch_id: str | None, cost: float,
@@ -142,6 +143,70 @@ class TestBudgetHolds:
             assert kinds == ["chunk_sealed", "chunk_sealed"] and blocks == 0
             assert (await counter(store, BUDGET)).reserved == Decimal("0.8")
             assert set(await holds(store)) == {(BUDGET, "p-000001"), (BUDGET, "p-000002")}
+
+    async def test_two_workers_sealing_at_once_never_pass_the_budget(self, pg: Harness) -> None:
+        """
+        Two workers, each reading its own shard of the pipeline, seal four chunks at once
+        against a cap that admits two: exactly two are recorded, whoever wins. The
+        reservation in each seal's own transaction, under the counter's row lock, is what
+        orders them (a check on a worker's view before sealing would race).
+        """
+        async with pg.opened(name="a") as a, pg.opened(name="b") as b:
+            for store in (a, b):
+                store.budgets.register("p", lambda requests, size: BOUND)
+            shards = {a: await a.acquire_shard("p", "s1"), b: await b.acquire_shard("p", "s2")}
+            assert all(shards.values())
+            jobs = []
+            for n, store in enumerate((a, b, a, b), start=1):
+                chunk = f"p-00000{n}"
+                lease = shards[store]
+                digest = await store.put_spool(chunk, lease.epoch, pg.spool_file(chunk))
+                jobs.append((store, lease, chunk, digest, n))
+
+            async def one(store: Any, lease: Any, chunk: str, digest: Any, n: int) -> bool:
+                fields = sealed(chunk, 3 * n - 2, lease.shard)
+                try:
+                    await store.append(fields, lease=lease, spool=digest)
+                except LimitRefused:
+                    return False
+                return True
+
+            results = await asyncio.gather(*(one(*job) for job in jobs))
+            assert sorted(results) == [False, False, True, True], results
+            budget = await counter(a, BUDGET)
+            assert budget.reserved == Decimal("0.8") and budget.reserved <= budget.cap
+            rows = [c for c in (await a.snapshot()).chunks]
+            assert len(rows) == 2
+
+    async def test_a_chunk_sealed_before_its_bound_still_counts_its_cost(
+        self, pg: Harness
+    ) -> None:
+        """A chunk with no hold (sealed before the runtime wired the budget) is spent anyway."""
+        async with pg.opened() as store:
+            shard = await store.acquire_shard("p")
+            lease = await seal(pg, store, shard, "p-000001")
+            assert await holds(store) == {}
+            store.budgets.register("p", lambda requests, size: BOUND)
+            await store.append(committed(lease.chunk, None, 0.3), lease=lease,
+                               expected=Stage.SEALED)
+            budget = await counter(store, BUDGET)
+            assert (budget.spent, budget.reserved) == (Decimal("0.3"), 0)
+
+    async def test_live_chunks_sealed_before_the_budget_are_held_when_it_is_wired(
+        self, pg: Harness
+    ) -> None:
+        """An imported chunk (or one an older batchd sealed) counts before it is committed."""
+        async with pg.opened() as store:
+            shard = await store.acquire_shard("p")
+            first = await seal(pg, store, shard, "p-000001", 1)
+            await seal(pg, store, shard, "p-000002", 4)
+            await store.append(committed(first.chunk, None, 0.1), lease=first,
+                               expected=Stage.SEALED)
+            assert await store.hold_unheld("p") == 0  # no bound registered: nothing
+            store.budgets.register("p", lambda requests, size: BOUND)
+            assert await store.hold_unheld("p") == 1  # the committed one holds nothing
+            assert await holds(store) == {(BUDGET, "p-000002"): Decimal("0.4")}
+            assert await store.hold_unheld("p") == 0
 
     async def test_without_a_bound_a_seal_holds_nothing(self, pg: Harness) -> None:
         """A pipeline the runtime registered no bound for (no budget wiring) seals as before."""

@@ -7,7 +7,10 @@ queue is one counter every create reserves, so the emulator's queue never refuse
 
 from __future__ import annotations
 
+import csv
 import re
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,13 +24,15 @@ from batchd.daemon.config import load_config
 from batchd.daemon.emulator import EmulatorThread
 from batchd.daemon.models.preflight import catalog_for
 from batchd.daemon.models.pricing import PriceTable
-from tests.fixtures.cluster_workers import DSN_VAR, Cluster, _query
+from tests.fixtures.cluster_workers import DSN_VAR, Cluster, _query, wait_for
 from tests.fixtures.engine import csv_keys
 
 ROWS = 600  # 12 chunks of 50
 # A 50-request chunk of this pipeline is bounded at about $0.002 (max_tokens 8): the
 # budget admits a part of the 12 chunks, never all of them.
 BUDGET = 0.009
+# Kafka: 48 chunks of 25 (about $0.0011 each at most); the budget admits about half.
+KAFKA_ROWS, KAFKA_BUDGET = 1200, 0.03
 QUEUE = 100  # two 50-request chunks; three workers with 3 in flight each would send 450
 
 
@@ -162,6 +167,108 @@ class TestOrgBudget:
         first = (cluster.workers[0].root / "run.log").read_text()
         assert "budget raised: resuming the pipeline paused by it" in first
         assert '"event":"limit cap changed' in first  # naming both caps
+
+
+    def test_a_waiting_reader_reads_on_once_a_reload_raises_the_budget(
+        self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+    ) -> None:
+        """
+        Service mode (no --until-drained): the reader stopped by the budget keeps its
+        shard and waits; another worker reloaded (SIGHUP) with a higher budget_usd lifts
+        the pause, and the waiting reader reads the rest.
+        """
+        cluster = cluster_factory(rows=ROWS, workers=2, pipeline={"budget_usd": BUDGET})
+
+        def serve(i: int) -> subprocess.Popen[bytes]:
+            ws = cluster.workers[i]
+            log = (ws.root / "run.log").open("ab")
+            proc = subprocess.Popen(ws.command("run", str(ws.config_path)), cwd=ws.root,
+                                    env=cluster.env(ws), stdout=log, stderr=log)
+            cluster.procs[i] = proc
+            return proc
+
+        def paused() -> Any:
+            return store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]
+
+        def reader() -> str | None:
+            rows = store_rows(cluster, "SELECT owner FROM {s}.shard")
+            return rows[0]["owner"] if rows else None
+
+        serve(0), serve(1)
+        wait_for("the budget pause", lambda: bool(
+            store_rows(cluster, "SELECT * FROM {s}.pipeline") and paused()))
+        wait_for("the chunks admitted to be retired", lambda: not store_rows(
+            cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'"))
+        sent = len(emulator.stats()["received"])
+        assert 0 < sent < ROWS
+        waiting = 0 if reader() == cluster.worker_id(0) else 1
+        other = 1 - waiting
+        raise_budget(cluster, 100.0)
+        proc = cluster.procs[other]
+        assert proc is not None
+        proc.send_signal(signal.SIGHUP)  # the other worker reloads: its prepare raises the cap
+        wait_for("every row sent", lambda: len(emulator.stats()["received"]) == ROWS, 40)
+        wait_for("every chunk retired", lambda: not store_rows(
+            cluster, "SELECT chunk FROM {s}.chunk WHERE stage <> 'retired'") and store_rows(
+            cluster, "SELECT committed_seq FROM {s}.pipeline")[0]["committed_seq"] == ROWS)
+        assert paused() is None
+        for proc in cluster.procs:
+            assert proc is not None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, cluster.logs()
+        cluster.check(emulator)
+        logs = [(ws.root / "run.log").read_text() for ws in cluster.workers]
+        assert "budget raised: resuming the pipeline paused by it" in logs[other]
+        # The waiting reader kept its shard through the pause and took it again from itself.
+        me = cluster.worker_id(waiting)
+        assert f'"previous_owner":"{me}"' in logs[waiting], logs[waiting][-3000:]
+
+
+class TestOrgBudgetAcrossShardReaders:
+    def test_three_workers_reading_kafka_partitions_seal_within_one_budget(
+        self, cluster_factory: Callable[..., Cluster], emulator: EmulatorThread,
+        kafka_bootstrap: str,
+    ) -> None:
+        """
+        Six partitions read by three workers at once, each sealing its own chunks: the
+        seals of every worker go through one counter row, so together they stay within
+        the budget (the local view could not: each reader sees its own seals first).
+        """
+        import anyio
+
+        from tests.fixtures.kafka import create_topic, produce_json, unique_name
+
+        topic, group = unique_name("budget-tickets"), unique_name("budget-group")
+        source: dict[str, Any] = {
+            "type": "kafka", "bootstrap_servers": kafka_bootstrap, "topics": [topic],
+            "group_id": group, "key_field": "ticket_id", "drain_idle": 0.5,
+            "poll_timeout_ms": 200, "batch": 100,
+        }
+        cluster = cluster_factory(rows=KAFKA_ROWS, pipeline={
+            "source": source, "max_requests": 25, "budget_usd": KAFKA_BUDGET})
+        rows = [row for row in csv.DictReader(cluster.input.open(newline=""))
+                if row.get("ticket_id")]
+
+        async def fill() -> None:
+            await create_topic(kafka_bootstrap, topic, 6)
+            await produce_json(kafka_bootstrap, topic,
+                               [(row["ticket_id"].encode(), row) for row in rows])
+
+        anyio.run(fill)
+        with CounterWatch(cluster, "budget:tickets") as watch:
+            for i in range(3):
+                cluster.start(i)
+            codes = exits(cluster, [0, 1, 2])
+        assert codes == [3, 3, 3], cluster.logs()
+        peak = max(spent + reserved for spent, reserved, _ in watch.samples)
+        assert peak <= Decimal(str(KAFKA_BUDGET)), peak
+        assert 0 < emulator_cost(cluster, emulator) <= KAFKA_BUDGET
+        received = Counter(emulator.stats()["received"])
+        assert 0 < len(received) < KAFKA_ROWS and set(received.values()) == {1}
+        sealers = store_rows(cluster, "SELECT DISTINCT worker FROM {s}.event "
+                                      "WHERE kind = 'chunk_sealed'")
+        assert len(sealers) >= 2, sealers  # several workers sealed against the one budget
+        assert store_rows(cluster, "SELECT * FROM {s}.limit_hold") == []
 
 
 @pytest.fixture

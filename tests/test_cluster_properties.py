@@ -127,7 +127,7 @@ async def scenario(dsn: str, sql: Sql, tmp: Path, n_chunks: int,
         await admin.execute(sql(
             "TRUNCATE {s}.worker, {s}.pipeline, {s}.shard, {s}.chunk, {s}.chunk_range,"
             " {s}.event, {s}.spool_block, {s}.limit_hold, {s}.limit_counter,"
-            " {s}.create_slot, {s}.key_ledger"))
+            " {s}.create_slot, {s}.key_ledger, {s}.shard_reader, {s}.chunk_number"))
         actors = [Actor(await workers.register(admin, sql, f"w{i}", ttl=30.0), conn)
                   for i, conn in enumerate(conns)]
         sealer = actors[0]

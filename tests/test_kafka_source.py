@@ -326,3 +326,45 @@ class TestExample:
         for spec in (*pipeline.sinks, pipeline.dead_letter):
             sink = sink_factory(spec.type)(dict(spec.options), context)
             assert sink._settings["bootstrap_servers"] == ["127.0.0.1:9092"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+class TestShards:
+    """Cluster mode's split: one source per partition, assigned, not a group member."""
+
+    async def test_shards_are_the_topics_partitions(self, kafka_bootstrap: str) -> None:
+        topic = unique_name("src")
+        await create_topic(kafka_bootstrap, topic, 3)
+        source = make_source(kafka_bootstrap, topic, unique_name("g"))
+        assert await source.shards() == [f"{topic}:0", f"{topic}:1", f"{topic}:2"]
+        with pytest.raises(ConfigError, match="shard 'nope' is not topic:partition"):
+            source.only("nope")
+        with pytest.raises(ConfigError, match="shard 'other:1' is not of the topics"):
+            source.only("other:1")
+        missing = make_source(kafka_bootstrap, unique_name("absent"), unique_name("g"))
+        with pytest.raises(ConfigError, match="do not exist"):
+            await missing.shards()
+
+    async def test_one_partition_read_committed_and_resumed(self, kafka_bootstrap: str) -> None:
+        """A restricted source reads its partition only, commits it only, and resumes
+        past the sealed position even when the group's offset is behind it."""
+        topic, group = unique_name("src"), unique_name("g")
+        await seed(kafka_bootstrap, topic, 300)
+        shard = f"{topic}:1"
+        async with make_source(kafka_bootstrap, topic, group, batch=40) as source:
+            source.only(shard)
+            await source.start(None)
+            first = await read_until_drained(source)
+            assert first and {r.position["partition"] for r in first} == {1}
+            assert all(set(r.position["next"]) == {shard} for r in first)
+            await source.commit(first[10].position)
+        committed = await committed_offsets(kafka_bootstrap, group, topic, 3)
+        assert committed == {0: None, 1: first[10].position["offset"] + 1, 2: None}
+        async with make_source(kafka_bootstrap, topic, group) as source:
+            source.only(shard)
+            await source.start(None)  # no sealed position: the group's offset
+            assert tp_offsets(await read_until_drained(source)) == tp_offsets(first[11:])
+        async with make_source(kafka_bootstrap, topic, group) as source:
+            source.only(shard)
+            await source.start(first[30].position)  # the sealed floor beats the group's
+            assert tp_offsets(await read_until_drained(source)) == tp_offsets(first[31:])

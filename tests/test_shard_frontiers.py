@@ -165,6 +165,31 @@ class TestPostgres:
             for conn in conns:
                 tg.start_soon(take, conn)
         assert sorted(got) == list(range(100))  # from 0, as a shard counts
-        assert await shards.live_workers(cluster.conn, cluster.sql) == 0
-        await cluster.worker("a")
-        assert await shards.live_workers(cluster.conn, cluster.sql) == 1
+
+    async def test_readers_are_the_live_workers_of_the_pipeline(self, cluster: ClusterEnv) -> None:
+        c, sql = cluster.conn, cluster.sql
+        a, b = await cluster.worker("a"), await cluster.worker("b")
+        await cluster.worker("other-pipelines-only")
+        assert await shards.live_readers(c, sql, "p") == 0
+        for worker in (a, b, a):
+            await shards.join_readers(c, sql, "p", worker)
+        assert await shards.live_readers(c, sql, "p") == 2
+        assert await shards.live_readers(c, sql, "q") == 0
+        await cluster.silence(b)
+        assert await shards.live_readers(c, sql, "p") == 1
+
+    async def test_free_shards_are_those_nobody_else_live_holds(
+        self, cluster: ClusterEnv
+    ) -> None:
+        c, sql = cluster.conn, cluster.sql
+        a, b, dead = (await cluster.worker("a"), await cluster.worker("b"),
+                      await cluster.worker("dead"))
+        await cluster.shard(a, shard="t:0")
+        await cluster.shard(b, shard="t:1")
+        await cluster.shard(dead, shard="t:2")
+        await cluster.silence(dead)
+        names = ["t:3", "t:2", "t:1", "t:0"]  # t:3 was never taken: it has no row yet
+        assert await shards.free_shards(c, sql, a, "p", names, grace=5.0) == ["t:3", "t:2", "t:0"]
+        for name in ("t:3", "t:2", "t:0"):
+            assert await shards.acquire(c, sql, a, "p", name, grace=5.0) is not None
+        assert await shards.acquire(c, sql, a, "p", "t:1", grace=5.0) is None

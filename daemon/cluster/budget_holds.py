@@ -27,7 +27,14 @@ from batchd.daemon.cluster.errors import LimitRefused, LimitUndefined
 from batchd.daemon.cluster.fencing import OnApplied
 from batchd.daemon.cluster.schema import Sql
 
-__all__ = ("BudgetHolds", "UpperBound", "budget_scope", "queue_release", "release_retired")
+__all__ = (
+    "BudgetHolds",
+    "UpperBound",
+    "budget_scope",
+    "hold_unheld",
+    "queue_release",
+    "release_retired",
+)
 
 #: (requests, request bytes) -> the most a chunk of them can cost, in USD.
 UpperBound = Callable[[int, int], float]
@@ -45,6 +52,9 @@ class BudgetHolds:
 
     def register(self, pipeline: str, bound: UpperBound) -> None:
         self._bounds[pipeline] = bound
+
+    def bound_of(self, pipeline: str) -> UpperBound | None:
+        return self._bounds.get(pipeline)
 
     def bound(self, pipeline: str, requests: int, request_bytes: int) -> float | None:
         """A chunk's hold on its pipeline's budget; None if the pipeline has no bound."""
@@ -91,6 +101,30 @@ class BudgetHolds:
                         pass  # no budget counter (yet): the retry's cost counts when spent
 
         return settle
+
+
+_UNSETTLED = ["sealed", "intent", "submitted", "ended"]
+
+
+async def hold_unheld(conn: Any, sql: Sql, pipeline: str, bound: UpperBound) -> int:
+    """
+    Hold the upper bound of every live, unsettled chunk of *pipeline* that holds nothing
+    on its budget (sealed before the budget was wired: imported from a single daemon, or
+    by an older batchd), whatever the cap says, so the next seal's check counts them.
+    Idempotent (a chunk holding already is skipped). Returns how many were held.
+    """
+    scope = budget_scope(pipeline)
+    rows = await conn.fetch(
+        sql("SELECT c.chunk, c.requests, c.bytes FROM {s}.chunk c"
+            " WHERE c.pipeline = $1 AND c.stage = ANY($2::text[]) AND NOT EXISTS ("
+            "   SELECT 1 FROM {s}.limit_hold h WHERE h.holder = c.chunk AND h.scope = $3)"
+            " ORDER BY c.chunk"),
+        pipeline, _UNSETTLED, scope,
+    )
+    for r in rows:
+        await limits.reserve(conn, sql, [scope], bound(r["requests"], r["bytes"]), r["chunk"],
+                             force=True)
+    return len(rows)
 
 
 async def release_retired(conn: Any, sql: Sql, chunk: str) -> list[str]:

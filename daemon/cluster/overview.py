@@ -16,6 +16,7 @@ from typing import Any
 
 from batchd.daemon.cluster import limits, workers
 from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.cluster.stray_sweeper import LEASE_SHARD, lease_pipeline
 
 __all__ = ("STOPPED_SHOWN_FOR", "WORKER_STATES", "number", "read_overview", "shown_workers")
 
@@ -42,11 +43,15 @@ def number(value: Decimal | None) -> int | float | None:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+SWEEPER_PREFIX = lease_pipeline("")  # "workspace:", the sweeper lease's pipeline value
+
+
 async def read_overview(conn: Any, sql: Sql, *, grace: float) -> dict[str, Any]:
     """
-    Workers (state, heartbeat age, TTL, fenced count, owned chunks, shards and create
-    slots), the create slots with any pending intent, live chunks nobody owns by
-    pipeline, and every limit counter, as plain JSON-ready values.
+    Workers (state, heartbeat age, TTL, fenced count, owned chunks, source shards,
+    create slots and the workspaces whose stray sweeper they run), the create slots
+    with any pending intent, live chunks nobody owns by pipeline, and every limit
+    counter, as plain JSON-ready values.
     """
     found = await workers.workers(conn, sql)
     chunks = await conn.fetch(sql(_CHUNKS))
@@ -55,12 +60,16 @@ async def read_overview(conn: Any, sql: Sql, *, grace: float) -> dict[str, Any]:
     unowned = await conn.fetch(sql(_UNOWNED))
     counters = await limits.counters(conn, sql)
     owned: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(
-        lambda: {"chunks": [], "shards": [], "create_slots": []})
+        lambda: {"chunks": [], "shards": [], "create_slots": [], "sweeps": []})
     for r in chunks:
         owned[r["owner"]]["chunks"].append(
             {"pipeline": r["pipeline"], "chunk": r["chunk"], "stage": r["stage"],
              "epoch": r["epoch"]})
     for r in shards:
+        if r["shard"] == LEASE_SHARD and r["pipeline"].startswith(SWEEPER_PREFIX):
+            # The workspace's stray sweeper lease: a role, not a source shard.
+            owned[r["owner"]]["sweeps"].append(r["pipeline"].removeprefix(SWEEPER_PREFIX))
+            continue
         owned[r["owner"]]["shards"].append(
             {"pipeline": r["pipeline"], "shard": r["shard"], "epoch": r["epoch"]})
     for r in slots:

@@ -260,8 +260,20 @@ _V3 = (
     )""",
 )
 
+# Which workers read a split pipeline's shards (a Kafka topic's partitions): a worker's
+# fair share is the shard count over the live ones (workers that run other pipelines
+# only are not counted, so no shard is left without a reader).
+_V4 = (
+    """CREATE TABLE {s}.shard_reader (
+        pipeline text NOT NULL,
+        worker_id text NOT NULL REFERENCES {s}.worker (worker_id) ON DELETE CASCADE,
+        PRIMARY KEY (pipeline, worker_id)
+    )""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
     Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
     Migration(3, "the pipeline config every worker must share", _V3),
+    Migration(4, "the workers reading each split pipeline's shards", _V4),
 )

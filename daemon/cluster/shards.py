@@ -27,7 +27,9 @@ __all__ = (
     "ShardLease",
     "acquire",
     "commit_frontier",
-    "live_workers",
+    "free_shards",
+    "join_readers",
+    "live_readers",
     "next_chunk_number",
     "release",
 )
@@ -184,10 +186,44 @@ async def next_chunk_number(conn: Any, sql: Sql, pipeline: str) -> int:
     return number
 
 
-async def live_workers(conn: Any, sql: Sql) -> int:
-    """Workers whose heartbeat is within their TTL: how many share the shards."""
+async def join_readers(conn: Any, sql: Sql, pipeline: str, worker_id: str) -> None:
+    """List *worker_id* among the workers reading *pipeline*'s shards (until it is purged)."""
+    await conn.execute(
+        sql("INSERT INTO {s}.shard_reader (pipeline, worker_id) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING"),
+        pipeline, worker_id,
+    )
+
+
+async def live_readers(conn: Any, sql: Sql, pipeline: str) -> int:
+    """
+    The workers reading *pipeline*'s shards whose heartbeat is within their TTL: how
+    many share them. A worker that runs other pipelines only is not one of them.
+    """
     count: int = await conn.fetchval(sql(
-        "SELECT count(*) FROM {s}.worker"
-        " WHERE stopped_at IS NULL AND heartbeat_at + lease_ttl > now()"
-    ))
+        "SELECT count(*) FROM {s}.shard_reader r JOIN {s}.worker w USING (worker_id)"
+        " WHERE r.pipeline = $1 AND w.stopped_at IS NULL"
+        " AND w.heartbeat_at + w.lease_ttl > now()"
+    ), pipeline)
     return count
+
+
+_FREE = f"""
+WITH dead AS MATERIALIZED ({DEAD})
+SELECT n.shard FROM unnest($3::text[]) WITH ORDINALITY AS n(shard, i)
+WHERE NOT EXISTS (
+    SELECT 1 FROM {{s}}.shard h
+    WHERE h.pipeline = $4 AND h.shard = n.shard AND h.owner IS NOT NULL AND h.owner <> $1
+      AND h.owner NOT IN (SELECT worker_id FROM dead))
+ORDER BY n.i
+"""
+
+
+async def free_shards(conn: Any, sql: Sql, worker_id: str, pipeline: str,
+                      names: list[str], *, grace: float) -> list[str]:
+    """
+    Which of *names* :func:`acquire` would give *worker_id* now (nobody else live holds
+    them), in the given order: one read instead of one attempt per shard each poll.
+    """
+    rows = await conn.fetch(sql(_FREE), worker_id, grace, names, pipeline)
+    return [row["shard"] for row in rows]

@@ -99,6 +99,8 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             lines.append(f"    shard {h['pipeline']}/{h['shard']}: epoch {h['epoch']}")
         for s in w["create_slots"]:
             lines.append(f"    create slot {s['workspace']}: epoch {s['epoch']}")
+        for workspace in w.get("sweeps", ()):
+            lines.append(f"    stray sweeper of workspace {workspace}")
     if hidden:
         lines.append(f"  and {hidden} workers stopped over an hour ago (--json lists them)")
     for pipeline, count in status["unowned_chunks"].items():

@@ -82,7 +82,8 @@ async def define_budget(store: Any, pipeline: str, cap: float | None,
                         bound: Callable[[int, int], float]) -> bool:
     """
     ``budget:<pipeline>`` at this config's cap, its chunks held at their upper bound from
-    seal to commit (in those transactions). True when the cap went up here or at open,
+    seal to commit (in those transactions; live chunks holding nothing, imported or
+    sealed by an older batchd, are held now). True when the cap went up here or at open,
     so a budget pause may lift (as a raised ``budget_usd`` and a restart lift it locally).
     """
     scope = budget_scope(pipeline)
@@ -90,6 +91,10 @@ async def define_budget(store: Any, pipeline: str, cap: float | None,
     inner.budgets.register(pipeline, bound)
     defined = await inner.define_limit(scope, cap)
     _log_defined(defined)
+    held = await inner.hold_unheld(pipeline)
+    if held:
+        log.info("budget holds taken for chunks sealed before the budget was wired",
+                 pipeline=pipeline, chunks=held)
     at_open = [d for d in inner.limits_defined if d.scope == scope]
     inner.limits_defined = [d for d in inner.limits_defined if d.scope != scope]
     return bool(defined.raised or any(d.raised for d in at_open))

@@ -406,10 +406,21 @@ class PgStore:
         async with self._conn() as conn:
             return await shards.next_chunk_number(conn, self.sql, pipeline)
 
-    async def live_workers(self) -> int:
-        """How many workers heartbeat now (the shards are shared between them)."""
+    async def free_shards(self, pipeline: str, names: list[str]) -> list[str]:
+        """Which of *names* nobody else live holds (worth an ``acquire_shard``)."""
         async with self._conn() as conn:
-            return await shards.live_workers(conn, self.sql)
+            return await shards.free_shards(conn, self.sql, self.worker_id, pipeline, names,
+                                            grace=self.grace)
+
+    async def join_readers(self, pipeline: str) -> None:
+        """List this worker among the readers of *pipeline*'s shards."""
+        async with self._conn() as conn:
+            await shards.join_readers(conn, self.sql, pipeline, self.worker_id)
+
+    async def live_readers(self, pipeline: str) -> int:
+        """How many live workers share *pipeline*'s shards."""
+        async with self._conn() as conn:
+            return await shards.live_readers(conn, self.sql, pipeline)
 
     # -- creates -----------------------------------------------------------------
 
@@ -477,6 +488,14 @@ class PgStore:
         """Set *scope*'s cap to this worker's (the config wins); what it was before."""
         async with self._conn() as conn:
             return await limits.define(conn, self.sql, scope, cap)
+
+    async def hold_unheld(self, pipeline: str) -> int:
+        """Live chunks of *pipeline* holding nothing on its budget get their bound held."""
+        bound = self.budgets.bound_of(pipeline)
+        if bound is None:
+            return 0
+        async with self._conn() as conn:
+            return await budget_holds.hold_unheld(conn, self.sql, pipeline, bound)
 
     async def counter(self, scope: str) -> limits.Counter | None:
         """A limit counter as it is now (for the budget's pre-check and its message)."""
