@@ -111,6 +111,12 @@ class ClusterRunner(PipelineRunner):
 
                 tg.start_soon(queue_reconcile_loop, self.store, self.api, self.deps.queue_scope,
                               reconcile_interval())
+            if hasattr(self.store, "inner"):  # a PgStore (in-process tests run without)
+                from batchd.daemon.cluster.retention import dedicated_connection, retention_loop
+
+                inner = self.store.inner
+                tg.start_soon(retention_loop, partial(dedicated_connection, inner.dsn, inner.name),
+                              inner.sql, self.pipeline.name, self.ledger_retention)
             self.recovered.set()  # intents are settled under the create slot, by their owner
             if until_drained:  # a pause or a held chunk ends the run, as on one daemon
                 tg.start_soon(self._fail_when_stuck)
