@@ -335,3 +335,25 @@ def test_a_restarted_worker_sends_the_stored_spool_not_a_file_its_last_life_left
     cluster.start(0)
     cluster.wait([0])
     cluster.check(emulator, receipts=_receipts(cluster, emulator))
+
+
+def test_two_workers_killed_leave_the_third_to_finish_alone(
+    cluster_factory: Callable[..., Cluster], emulator: EmulatorThread
+) -> None:
+    """
+    The reader dies with a create just made (its batch unrecorded, the create slot
+    pending on it), and a second worker is SIGKILLed once it holds chunks (its own or the
+    first one's): the last one adopts the batch, takes both workers' chunks and the
+    source, and ends.
+    """
+    cluster = cluster_factory(rows=ROWS, pipeline=PIPELINE)
+    victim = _start_with_victim(cluster, "after_create")
+    _killed(cluster, victim, "after_create")
+    wait_for("worker 1 holding chunks", lambda: cluster.held(1) > 0, timeout=20)
+    second = cluster.procs[1]
+    assert second is not None
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    cluster.wait([2])
+    cluster.check(emulator, rewritten=2 * REWRITTEN, receipts=_receipts(cluster, emulator))
+    assert _drift(cluster) == []
