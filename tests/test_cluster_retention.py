@@ -8,8 +8,12 @@ replay from the event log afterwards.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
+import anyio
 import pytest
 
 from batchd.daemon.cluster import event_log, fencing, key_ledger, retention, shards, workers
@@ -142,6 +146,37 @@ class TestLedgerRetention:
         assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", name)
         skipped = await retention.prune_ledger(cluster.conn, cluster.sql, "p", 0.2)
         assert skipped.skipped and skipped.keys == 0
+
+
+@pytest.mark.anyio
+class TestRetentionLoop:
+    async def test_a_failed_pass_is_tried_again_at_the_next(self, cluster: ClusterEnv) -> None:
+        """The database away for one pass: logged, and the next pass (its own connection) prunes."""
+        shard = await cluster.shard(await cluster.worker("a"))
+        await claim(cluster, shard, "p-000000", "k1", "k2")
+        await retire(cluster, shard, await seal(cluster, shard, 0))
+        attempts = 0
+
+        @asynccontextmanager
+        async def flaky() -> AsyncIterator[Any]:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise OSError("connection refused")
+            async with retention.dedicated_connection(cluster.dsn, "test") as conn:
+                yield conn
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(retention.retention_loop, flaky, cluster.sql, "p", 0.2,
+                                      every=0.1))
+                for _ in range(200):  # the ledger polled until the loop emptied it
+                    if not await ledger(cluster):
+                        break
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        assert await ledger(cluster) == {}
+        assert attempts >= 2
 
 
 @pytest.mark.anyio
