@@ -203,9 +203,26 @@ class TestWorkerRetention:
         left = {i.worker_id for i in await workers.workers(c, sql)}
         assert left == {live, stopped_recently, dead_holding}
         assert await c.fetchval(sql("SELECT count(*) FROM {s}.shard_reader")) == 0
-        # A pass with no ledger retention purges the workers only.
+        # A pass with no ledger retention purges the workers and spool orphans only.
         keeper = retention.Retention("p", None)
-        assert await keeper.run_once(c, sql) == (None, 0)
+        assert await keeper.run_once(c, sql) == retention.Pass(None, 0, 0)
+
+    async def test_a_pass_drops_orphan_spool_blocks_and_keeps_live_ones(
+        self, cluster: ClusterEnv
+    ) -> None:
+        """A refused seal's blocks (an hour old) and a retired chunk's go; a live chunk's stay."""
+        c, sql = cluster.conn, cluster.sql
+        shard = await cluster.shard(await cluster.worker("a"))
+        await retire(cluster, shard, await seal(cluster, shard, 2))
+        await cluster.spool("p-000002", shard.epoch)  # as if its worker died before deleting
+        await seal(cluster, shard, 5)  # live, its blocks in use
+        await cluster.spool("p-000009", shard.epoch)  # a seal that never committed
+        keeper = retention.Retention("p", None)
+        assert (await keeper.run_once(c, sql)).spool_blocks == 1  # the retired chunk's
+        await c.execute(sql("UPDATE {s}.spool_block SET created_at = now() - interval '2 hours'"))
+        assert (await keeper.run_once(c, sql)).spool_blocks == 1  # the refused seal's
+        left = await c.fetch(sql("SELECT DISTINCT chunk FROM {s}.spool_block"))
+        assert [r["chunk"] for r in left] == ["p-000005"]
 
 
 class TestRetentionRun:

@@ -1,8 +1,9 @@
 """
-What the cluster forgets, and when: the shared key ledger's old keys and old worker rows.
+What the cluster forgets, and when: the shared key ledger's old keys, old worker rows
+and orphan spool blocks.
 
 A cluster under continuous intake must run for months without its PostgreSQL store
-growing without bound. Two things are forgotten here, by any worker, one at a time
+growing without bound. Three things are forgotten here, by any worker, one at a time
 (a session advisory lock per schema and pipeline; a worker that finds it taken skips
 the pass, so two workers never delete the same rows at once):
 
@@ -23,6 +24,9 @@ the pass, so two workers never delete the same rows at once):
   (:func:`workers.purge_stopped`): one row per ``batchd run`` start otherwise piles
   up. Their chunks' and create slots' references are cleared by the foreign keys
   (``ON DELETE SET NULL``), their ``shard_reader`` rows go with them (``CASCADE``).
+* **Spool blocks no live chunk uses** (:func:`spool_blocks.collect_orphans`, which
+  nothing ran before): a retired chunk's that its worker died before deleting, a
+  fenced uploader's, a refused seal's.
 
 Not forgotten (docs/cluster.md, Retention): retired chunk rows (the key ledger's
 "was it sealed" test and the batch-id index read them), the event log, and a dead
@@ -43,14 +47,16 @@ from typing import Any
 import anyio
 import structlog
 
-from batchd.daemon.cluster import workers
+from batchd.daemon.cluster import spool_blocks, workers
 from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
     "PRUNE_EVERY",
     "WORKERS_KEPT",
     "LedgerPruned",
+    "Pass",
     "Retention",
+    "collect_spool_orphans",
     "dedicated_connection",
     "prune_interval",
     "prune_ledger",
@@ -186,6 +192,19 @@ async def purge_workers(conn: Any, sql: Sql, *, older_than: float = WORKERS_KEPT
         return await workers.purge_stopped(conn, sql, older_than=older_than)
 
 
+async def collect_spool_orphans(conn: Any, sql: Sql) -> int:
+    """
+    Drop spool blocks no live chunk uses (:func:`spool_blocks.collect_orphans`): a
+    retired chunk's whose delete after the retirement never ran (the worker died), a
+    fenced uploader's, a refused seal's, once an hour old.
+    """
+    lock = _lock_name(sql, "spool")
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", lock):
+            return 0
+        return await spool_blocks.collect_orphans(conn, sql)
+
+
 @dataclass
 class Retention:
     """
@@ -197,14 +216,24 @@ class Retention:
     retention: float | None
     watermark: datetime | None = None
 
-    async def run_once(self, conn: Any, sql: Sql) -> tuple[LedgerPruned | None, int]:
-        """One pass: the ledger's keys (None without a retention) and purged workers."""
+    async def run_once(self, conn: Any, sql: Sql) -> Pass:
+        """One pass: the ledger's keys (None without a retention), workers, spool orphans."""
         pruned = None
         if self.retention:
             pruned = await prune_ledger(conn, sql, self.pipeline, self.retention,
                                         since=self.watermark)
             self.watermark = pruned.watermark
-        return pruned, await purge_workers(conn, sql)
+        return Pass(pruned, await purge_workers(conn, sql),
+                    await collect_spool_orphans(conn, sql))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one pass forgot."""
+
+    ledger: LedgerPruned | None  # None: the pipeline keeps its keys forever
+    workers: int
+    spool_blocks: int
 
 
 def prune_interval() -> float:
@@ -270,14 +299,16 @@ async def retention_loop(
         await anyio.sleep(interval)
         try:
             async with _one_pass_at_a_time(), connection() as conn:
-                pruned, purged = await keeper.run_once(conn, sql)
+                done = await keeper.run_once(conn, sql)
         except Exception as exc:  # the database away: the next pass
             log.warning("cluster retention pass failed; will try again", pipeline=pipeline,
                         error=f"{type(exc).__name__}: {exc}")
             continue
-        if pruned is not None and pruned.keys:
-            log.info("key ledger pruned", pipeline=pipeline, keys_forgotten=pruned.keys,
-                     chunks=pruned.chunks, retention_seconds=retention)
-        if purged:
-            log.info("stopped workers forgotten", workers=purged,
+        if done.ledger is not None and done.ledger.keys:
+            log.info("key ledger pruned", pipeline=pipeline, keys_forgotten=done.ledger.keys,
+                     chunks=done.ledger.chunks, retention_seconds=retention)
+        if done.workers:
+            log.info("stopped workers forgotten", workers=done.workers,
                      older_than_seconds=WORKERS_KEPT)
+        if done.spool_blocks:
+            log.info("orphan spool blocks dropped", blocks=done.spool_blocks)
