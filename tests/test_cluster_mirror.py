@@ -107,6 +107,48 @@ async def test_the_view_follows_another_workers_chunk_life_without_reading_it_al
         assert view.full_reads == 1
 
 
+async def test_a_full_read_keeps_no_more_retired_chunks_than_replay(
+    pg: Harness, pg_dsn: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Retired rows stay for ever; the view keeps the last RETIRED_KEPT, as replay does (here
+    2 of 3), so a full read does not grow with the history and the log replays to the rows.
+    """
+    from batchd.daemon.cluster import event_log
+    from batchd.daemon.wal import manifest_state
+
+    monkeypatch.setattr(manifest_state, "RETIRED_KEPT", 2)
+    monkeypatch.setattr(event_log, "RETIRED_KEPT", 2)
+    async with pg.opened(name="writer") as writer:
+        shard = await writer.acquire_shard("p")
+        for n in (1, 2, 3):
+            chunk = f"p-00000{n}"
+            digest = await writer.put_spool(chunk, shard.epoch, pg.spool_file(chunk))
+            (lease,) = (await writer.append(sealed(chunk, line=3 * n), lease=shard,
+                                            spool=digest)).created
+            batch = f"msgbatch_{n}"
+            for record, expected in (
+                (SubmitIntent(chunk=chunk, at=1000.5, requests=3), Stage.SEALED),
+                (Submitted(chunk=chunk, batch_id=batch, created_at="t"), Stage.INTENT),
+                (Ended(chunk=chunk, batch_id=batch, counts={"succeeded": 3}), Stage.SUBMITTED),
+                (ResultsCommitted(chunk=chunk, batch_id=batch, figures=Figures(
+                    succeeded=3, dead=0, retried=0, cost_usd=0.01, input_tokens=30,
+                    output_tokens=3), retry_chunk=None), Stage.ENDED),
+            ):
+                await writer.append(record, lease=lease, expected=expected)
+            await writer.append(SourceCommitted(pipeline="p", position={"line": 3 * n},
+                                                source_seq=3 * n), lease=shard)
+            await writer.append(ChunkRetired(chunk=chunk), lease=shard)
+        state = await writer.snapshot()
+        assert list(state.retired_chunks) == ["p-000002", "p-000003"]
+        assert list(state.retired_batches) == ["msgbatch_2", "msgbatch_3"]
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            assert await event_log.drift(conn, writer.sql) == []
+        finally:
+            await conn.close()
+
+
 async def test_own_writes_are_applied_from_what_the_store_returned(pg: Harness) -> None:
     """A worker's own record is in its view as soon as append returns, no full read."""
     async with pg.opened(name="a") as inner:

@@ -17,7 +17,7 @@ from typing import Any
 from batchd.daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
 from batchd.daemon.cluster.db import from_json
 from batchd.daemon.cluster.schema import Sql
-from batchd.daemon.wal.manifest_state import ALARMS_KEPT, Alarm, ManifestState
+from batchd.daemon.wal.manifest_state import ALARMS_KEPT, RETIRED_KEPT, Alarm, ManifestState
 
 __all__ = ("drift", "present", "records", "replay", "rows_state", "since")
 
@@ -83,12 +83,19 @@ async def rows_state(conn: Any, sql: Sql) -> ManifestState:
     """The materialized rows as a ManifestState (what ``batchd status`` would show)."""
     last = await conn.fetchval(sql("SELECT coalesce(max(seq), 0) FROM {s}.event"))
     state = ManifestState(seq=last)
-    for row in await conn.fetch(sql("SELECT * FROM {s}.chunk ORDER BY sealed_event")):
-        if row["stage"] == "retired":
-            state.retired_chunks[row["chunk"]] = row["pipeline"]
-            if row["batch_id"] is not None:
-                state.retired_batches[row["batch_id"]] = row["chunk"]
-            continue
+    # Retired chunks as replay keeps them: the last RETIRED_KEPT retired (and, apart, the
+    # last RETIRED_KEPT with a batch), oldest first. Their rows stay for ever, so reading
+    # them all would make the view, and every full read of it, grow with the history.
+    retired = sql("SELECT chunk, pipeline, batch_id FROM {s}.chunk WHERE stage = 'retired'"
+                  " {batched} ORDER BY retired_at DESC NULLS LAST, sealed_event DESC LIMIT $1")
+    for row in reversed(await conn.fetch(retired.replace("{batched}", ""), RETIRED_KEPT)):
+        state.retired_chunks[row["chunk"]] = row["pipeline"]
+    for row in reversed(await conn.fetch(retired.replace("{batched}",
+                                                         "AND batch_id IS NOT NULL"),
+                                         RETIRED_KEPT)):
+        state.retired_batches[row["batch_id"]] = row["chunk"]
+    for row in await conn.fetch(sql("SELECT * FROM {s}.chunk WHERE stage <> 'retired'"
+                                    " ORDER BY sealed_event")):
         chunk = chunk_from_row(row)
         state.chunks[chunk.chunk] = chunk
         if chunk.batch_id is not None:
