@@ -111,7 +111,15 @@ class ClusterRunner(PipelineRunner):
 
                 tg.start_soon(queue_reconcile_loop, self.store, self.api, self.deps.queue_scope,
                               reconcile_interval())
+            if hasattr(self.store, "inner"):  # a PgStore (in-process tests run without)
+                from batchd.daemon.cluster.retention import dedicated_connection, retention_loop
+
+                inner = self.store.inner
+                tg.start_soon(retention_loop, partial(dedicated_connection, inner.dsn, inner.name),
+                              inner.sql, self.pipeline.name, self.ledger_retention)
             self.recovered.set()  # intents are settled under the create slot, by their owner
+            if until_drained:  # a pause or a held chunk ends the run, as on one daemon
+                tg.start_soon(self._fail_when_stuck)
             split = split_source(self.source)
             if split is not None and self.make_source is not None:
                 await self._read_shards(split, until_drained)
@@ -121,6 +129,15 @@ class ClusterRunner(PipelineRunner):
                 await self._until_done()
                 self._drop_retired_spools()
                 tg.cancel_scope.cancel()
+
+    def ends_while_reading(self) -> bool:
+        """
+        A split source's readers wait for their shard's chunks to retire, which a held
+        chunk never does: the worker holding it ends (its lease passes to the next
+        worker, which holds it too); rows not read stay unread and uncommitted. One
+        reader of a whole source reads to the end first, as a single daemon does.
+        """
+        return self.readers is not None
 
     async def _read_whole_source(self, until_drained: bool) -> None:
         """Read the source (one shard) whenever this worker holds it, until drained."""

@@ -672,8 +672,31 @@ class PipelineRunner:
             moving = any(c.stage in (Stage.SUBMITTED, Stage.ENDED) for c in self.live_chunks())
             if self.submissions_blocked and not moving:
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
+            held = self.held_error(while_reading=True)
+            if held is not None:
+                raise held
             with anyio.move_on_after(1.0):
                 await self.changed.wait()
+
+    def ends_while_reading(self) -> bool:
+        """Whether a held chunk ends a drained run before the source is read to its end."""
+        return False
+
+    def held_error(self, *, while_reading: bool = False) -> PipelinePaused | None:
+        """
+        The end of a drained run whose other chunks all wait behind held ones (they
+        commit their source only in order), or None. *while_reading*: asked while the
+        source may still be read, when only :meth:`ends_while_reading` runners end.
+        """
+        if not self.held_chunks or (while_reading and not self.ends_while_reading()):
+            return None
+        live = [c for c in self.live_chunks() if c.chunk not in self.held_chunks]
+        if not all(c.stage in DONE_STAGES for c in live):
+            return None
+        held = "; ".join(f"{c}: {why}" for c, why in sorted(self.held_chunks.items()))
+        return PipelinePaused(
+            f"pipeline {self.pipeline.name!r}: chunks are held, waiting for an operator "
+            f"(see their alarm: spool_lost, spool_corrupt or wrong_adoption): {held}")
 
     async def _watch_resume_requests(self) -> None:
         """``batchd resume PIPELINE`` drops a file; lift the pause it asks for."""
@@ -705,14 +728,9 @@ class PipelineRunner:
             stuck = all(c.stage in (Stage.SEALED, Stage.INTENT) for c in live)
             if (self.submissions_blocked and stuck) or (self.paused and not live):
                 raise PipelinePaused(f"pipeline {self.pipeline.name!r} is paused: {self.paused}")
-            waiting = all(c.stage in DONE_STAGES for c in live)  # behind a held chunk
-            if waiting and self.held_chunks:
-                held = "; ".join(f"{c}: {why}" for c, why in sorted(self.held_chunks.items()))
-                raise PipelinePaused(
-                    f"pipeline {self.pipeline.name!r}: chunks are held, waiting for an "
-                    f"operator (see their alarm: spool_lost, spool_corrupt or wrong_adoption): "
-                    f"{held}"
-                )
+            held = self.held_error()
+            if held is not None:
+                raise held
             if not live and not self.paused:
                 return
             with anyio.move_on_after(1.0):

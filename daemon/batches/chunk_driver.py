@@ -429,41 +429,50 @@ class ChunkDriver:
         settle (a dead holder's chunk is claimed after its TTL and grace, and its driver
         comes here at ``intent``); until then no other create goes out. The chunk is read
         from the store, not the local view: another worker may have moved it.
+
+        Waiting for the slot, for another chunk's pending intent or for room in the queue
+        is done with the slot and the create lock released: a waiter holding the slot
+        through its wait kept the pending chunk's owner from ever taking it (two drivers
+        of one worker taking turns held it nearly all the time).
         """
+        backoff = await self._create_under_slot()
+        if backoff:
+            await anyio.sleep(backoff)
+
+    async def _create_under_slot(self) -> float:
+        """:meth:`_create_in_cluster`'s work; returns how long to wait before trying again."""
         deps, store = self.deps, self.deps.store
         assert deps.workspace is not None
+        poll = min(1.0, deps.api_config.poll_interval)
         async with deps.create_lock:
             slot = await store.acquire_create_slot(deps.workspace)
             if slot is None:
-                await anyio.sleep(min(1.0, deps.api_config.poll_interval))
-                return
+                return poll
             keep_pending, freed = False, False
             try:
                 current = await store.chunk(self.chunk_id)
                 if current is None or current.stage not in (Stage.SEALED, Stage.INTENT):
-                    return
+                    return 0.0
                 pending = slot.pending
                 if pending is not None and pending.chunk != current.chunk:
                     self.log.info("create slot has another chunk's create to settle first",
                                   pending=pending.chunk)
                     keep_pending = True
-                    await anyio.sleep(min(1.0, deps.api_config.poll_interval))
-                    return
+                    return poll
                 if current.stage is Stage.INTENT:
                     keep_pending = True  # until adopted or announced again
                     if await self._settle_intent(current, slot):
                         freed = True
-                        return
+                        return 0.0
                     self.log.info("no batch found for the earlier create in two lists "
                                   f"{RESEND_AFTER:.0f}s apart; submitting again")
                 if self.control.submissions_blocked:
-                    return
+                    return 0.0
                 store.deadline.check("create")
                 applied = await store.record_intent(slot, self.lease, current.requests,
                                                     queue_scope=deps.queue_scope)
-                if applied is None:
-                    await anyio.sleep(min(5.0, deps.api_config.poll_interval))
-                    return  # the queue is full cluster-wide: later
+                if applied is None:  # the queue is full cluster-wide: later
+                    return min(5.0, deps.api_config.poll_interval)
                 self._fenced(applied, "submit_intent", current.chunk)
                 keep_pending = True
                 crash_point("after_intent")
@@ -479,7 +488,7 @@ class ChunkDriver:
                     keep_pending = classify_error(exc).action not in (
                         Action.RETRY, Action.PAUSE, Action.REJECTED)
                     await self._create_failed(current, exc)
-                    return
+                    return 0.0
                 crash_point("after_create")
                 applied = await store.record_submitted(slot, self.lease, batch.id,
                                                        str(batch.created_at))
@@ -487,6 +496,7 @@ class ChunkDriver:
                 self._fenced(applied, "submitted", current.chunk)
                 self.log.info("batch submitted", batch_id=batch.id, requests=current.requests,
                               bytes=current.bytes)
+                return 0.0
             finally:
                 if not freed:
                     with anyio.CancelScope(shield=True):

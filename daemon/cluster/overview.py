@@ -22,7 +22,7 @@ __all__ = ("STOPPED_SHOWN_FOR", "WORKER_STATES", "number", "read_overview", "sho
 
 WORKER_STATES = ("alive", "silent", "dead", "stopped")
 # Seconds a stopped worker stays in the text and page views: every restart is a new
-# worker row, and nothing purges them yet (workers.purge_stopped is not run by a worker).
+# worker row, kept for a week (the workers' retention pass purges them: cluster/retention.py).
 STOPPED_SHOWN_FOR = 3600.0
 
 _CHUNKS = """SELECT owner, pipeline, chunk, stage, epoch FROM {s}.chunk

@@ -271,9 +271,16 @@ _V4 = (
     )""",
 )
 
+# The key ledger's retention (daemon/cluster/retention.py) deletes a retired chunk's keys
+# by chunk: without this index each chunk would be a scan of the whole ledger.
+_V5 = (
+    "CREATE INDEX key_ledger_chunk ON {s}.key_ledger (chunk)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
     Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
     Migration(3, "the pipeline config every worker must share", _V3),
     Migration(4, "the workers reading each split pipeline's shards", _V4),
+    Migration(5, "the key ledger by chunk, for its retention", _V5),
 )
