@@ -19,6 +19,8 @@ so the upper bounds keep a dead machine's batches from waiting for an hour.
 
 from __future__ import annotations
 
+import os
+
 __all__ = (
     "DEFAULT_LEASE_MARGIN",
     "DEFAULT_LEASE_TTL",
@@ -28,6 +30,7 @@ __all__ = (
     "MARGIN_SHARE_OF_TTL",
     "TAKEOVER_GRACE_BOUNDS",
     "default_margin",
+    "interval_from_env",
 )
 
 DEFAULT_LEASE_TTL = 30.0
@@ -47,3 +50,26 @@ MARGIN_SHARE_OF_TTL = 0.5
 def default_margin(ttl: float) -> float:
     """The margin when none is configured: 5 s, or a sixth of a shorter TTL."""
     return min(DEFAULT_LEASE_MARGIN, ttl / 6)
+
+
+def interval_from_env(variable: str, default: float, what: str) -> float:
+    """
+    Seconds between a worker's periodic passes: *default*, or what *variable* says
+    (tests shorten the 5-minute passes); anything but a positive number is ignored
+    with a warning naming the variable.
+    """
+    raw = os.environ.get(variable)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        import structlog  # only here: the config reads this module, and status stays light
+
+        structlog.get_logger("batchd.cluster").warning(
+            f"ignoring a {what} interval that is not a positive number",
+            variable=variable, value=raw)
+        return default
+    return value

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from batchd.daemon.cluster.chunk_rows import chunk_from_row, pipeline_from_row
 from batchd.daemon.cluster.db import from_json
+from batchd.daemon.cluster.reads import live_state
 from batchd.daemon.cluster.schema import Sql
-from batchd.daemon.wal.manifest_state import ALARMS_KEPT, RETIRED_KEPT, Alarm, ManifestState
+from batchd.daemon.wal.manifest_state import RETIRED_KEPT, ManifestState
 
 __all__ = ("drift", "present", "records", "replay", "rows_state", "since")
 
@@ -81,8 +81,7 @@ async def replay(conn: Any, sql: Sql) -> ManifestState:
 
 async def rows_state(conn: Any, sql: Sql) -> ManifestState:
     """The materialized rows as a ManifestState (what ``batchd status`` would show)."""
-    last = await conn.fetchval(sql("SELECT coalesce(max(seq), 0) FROM {s}.event"))
-    state = ManifestState(seq=last)
+    state = await live_state(conn, sql)
     # Retired chunks as replay keeps them: the last RETIRED_KEPT retired (and, apart, the
     # last RETIRED_KEPT with a batch), oldest first. Their rows stay for ever, so reading
     # them all would make the view, and every full read of it, grow with the history.
@@ -94,25 +93,6 @@ async def rows_state(conn: Any, sql: Sql) -> ManifestState:
                                                          "AND batch_id IS NOT NULL"),
                                          RETIRED_KEPT)):
         state.retired_batches[row["batch_id"]] = row["chunk"]
-    for row in await conn.fetch(sql("SELECT * FROM {s}.chunk WHERE stage <> 'retired'"
-                                    " ORDER BY sealed_event")):
-        chunk = chunk_from_row(row)
-        state.chunks[chunk.chunk] = chunk
-        if chunk.batch_id is not None:
-            state.live_batches[chunk.batch_id] = chunk.chunk
-    for row in await conn.fetch(sql("SELECT * FROM {s}.pipeline ORDER BY name")):
-        pipeline = pipeline_from_row(row)
-        state.pipelines[pipeline.name] = pipeline
-    alarms = await conn.fetch(
-        sql("SELECT seq, ts, record FROM {s}.event WHERE kind = 'alarm' ORDER BY seq DESC"
-            " LIMIT $1"),
-        ALARMS_KEPT,
-    )
-    for row in reversed(alarms):
-        fields = from_json(row["record"])
-        state.alarms.append(Alarm(seq=row["seq"], ts=row["ts"], pipeline=fields["pipeline"],
-                                  chunk=fields["chunk"], kind=fields["alarm_kind"],
-                                  message=fields["message"]))
     return state
 
 

@@ -36,7 +36,6 @@ reader's claims of a chunk it never sealed (no chunk row says how old they are).
 from __future__ import annotations
 
 import asyncio
-import os
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -48,6 +47,7 @@ import anyio
 import structlog
 
 from batchd.daemon.cluster import spool_blocks, workers
+from batchd.daemon.cluster.defaults import interval_from_env
 from batchd.daemon.cluster.schema import Sql
 
 __all__ = (
@@ -238,18 +238,7 @@ class Pass:
 
 def prune_interval() -> float:
     """Seconds between passes: :data:`PRUNE_EVERY`, or ``$BATCHD_CLUSTER_RETENTION_SECONDS``."""
-    raw = os.environ.get(PRUNE_ENV)
-    if not raw:
-        return PRUNE_EVERY
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        log.warning("ignoring a cluster retention interval that is not a positive number",
-                    variable=PRUNE_ENV, value=raw)
-        return PRUNE_EVERY
-    return value
+    return interval_from_env(PRUNE_ENV, PRUNE_EVERY, "cluster retention")
 
 
 # One pass at a time in a worker (per event loop), whatever its pipelines: each pass has

@@ -25,6 +25,7 @@ import structlog
 
 from batchd.daemon.batches.queue_limit import processing_requests, queue_limit_of
 from batchd.daemon.cluster.budget_holds import budget_scope
+from batchd.daemon.cluster.defaults import interval_from_env
 from batchd.daemon.config import Config
 from batchd.daemon.store.mirror import MirroredStore
 
@@ -102,18 +103,7 @@ async def define_budget(store: Any, pipeline: str, cap: float | None,
 
 def reconcile_interval() -> float:
     """:data:`RECONCILE_EVERY`, or the seconds ``$BATCHD_QUEUE_RECONCILE_SECONDS`` says."""
-    raw = os.environ.get(RECONCILE_ENV)
-    if not raw:
-        return RECONCILE_EVERY
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        log.warning("ignoring a queue reconcile interval that is not a positive number",
-                    variable=RECONCILE_ENV, value=raw)
-        return RECONCILE_EVERY
-    return value
+    return interval_from_env(RECONCILE_ENV, RECONCILE_EVERY, "queue reconcile")
 
 
 async def queue_reconcile_loop(store: Any, api: BatchesApi, scope: str,
