@@ -65,8 +65,18 @@ class ClusterRunner(PipelineRunner):
 
         if not hasattr(self.store, "inner"):
             return  # not a PgStore behind a view (in-process tests)
-        raised = await define_budget(self.store, self.pipeline.name, self.budget.limit,
-                                     self.budget.upper_bound)
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            try:
+                raised = await define_budget(self.store, self.pipeline.name, self.budget.limit,
+                                             self.budget.upper_bound)
+                break
+            except (FatalError, ConfigError):
+                raise
+            except Exception as exc:  # the database link lost at start: not the config's fault
+                self.log.warning("cannot define the pipeline's budget counter in the cluster's "
+                                 "database; will try again", error=f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(backoff.next_delay())
         if raised and self._paused_for(PauseKind.BUDGET):
             self.log.warning("budget raised: resuming the pipeline paused by it",
                              budget_usd=self.budget.limit, reason=self.paused)

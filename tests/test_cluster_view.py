@@ -357,6 +357,8 @@ class TestDatabaseAway:
         wait_for("the worker's view read", lambda: _up(port) == 1.0, timeout=30)
         me = cluster.worker_id(0)
         assert sample(scrape(port), "batchd_cluster_worker_state", worker=me, state="alive") == 1.0
+        log = cluster.workers[0].root / "run.log"
+        wait_for("the worker started", lambda: "pipelines started" in log.read_text(), timeout=30)
 
         proxy_thread.call(proxy_thread.proxy.cut)
         wait_for("the view's read failing", lambda: _up(port) == 0.0, timeout=30)
