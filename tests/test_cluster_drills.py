@@ -21,12 +21,14 @@ link cut mid-run (a loopback proxy) with a create in flight.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -117,8 +119,23 @@ def _killed(cluster: Cluster, victim: int, point: str) -> None:
         f"worker {victim} exited {code} without reaching {point}\n{cluster.logs()}")
 
 
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("restart", [False, True], ids=["survivors", "restarted"])
+def _drills() -> list[Any]:
+    """
+    Each point with and without a restart when ``BATCHD_TEST_ALL_DRILLS=1`` (18 runs,
+    about 2 min); by default each point once, the two ways alternating (9 runs), which
+    keeps the whole suite under 15 minutes on 2 cores and still kills at every point.
+    """
+    every = os.environ.get("BATCHD_TEST_ALL_DRILLS") == "1"
+    cases = []
+    for n, point in enumerate(POINTS):
+        for restart in (False, True):
+            if every or restart == bool(n % 2):
+                cases.append(pytest.param(restart, point,
+                                          id=f"{'restarted' if restart else 'survivors'}-{point}"))
+    return cases
+
+
+@pytest.mark.parametrize(("restart", "point"), _drills())
 def test_a_worker_killed_at_each_point_is_taken_over_and_paid_once(
     cluster_factory: Callable[..., Cluster], emulator: EmulatorThread, point: str,
     restart: bool,

@@ -219,9 +219,10 @@ class TestOrgBudget:
         cluster.check(emulator)
         logs = [(ws.root / "run.log").read_text() for ws in cluster.workers]
         assert "budget raised: resuming the pipeline paused by it" in logs[other]
-        # The waiting reader kept its shard through the pause and took it again from itself.
+        # The waiting reader kept its shard through the pause; once it lifted, the shard was
+        # taken again from it (by itself, or by the other worker if that asked first).
         me = cluster.worker_id(waiting)
-        assert f'"previous_owner":"{me}"' in logs[waiting], logs[waiting][-3000:]
+        assert any(f'"previous_owner":"{me}"' in text for text in logs), logs[waiting][-3000:]
 
 
 class TestOrgBudgetAcrossShardReaders:
