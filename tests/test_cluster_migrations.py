@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import asyncpg
 import pytest
 
@@ -13,7 +15,7 @@ from batchd.plugins.errors import ConfigError
 
 TABLES = {"worker", "pipeline", "shard", "chunk", "chunk_range", "event", "key_ledger",
           "spool_block", "create_slot", "limit_counter", "limit_hold", "schema_version",
-          "chunk_number", "pipeline_config", "shard_reader"}
+          "chunk_number", "pipeline_config", "shard_reader", "key_list"}
 
 
 async def columns(conn: asyncpg.Connection, schema: str, table: str) -> set[str]:
@@ -72,6 +74,38 @@ class TestMigrate:
         assert await migrate(conn, sql, migrations=(*MIGRATIONS, extra)) == (
             LATEST_VERSION, LATEST_VERSION + 1)
         assert "note" in await columns(conn, pg_schema, "worker")
+
+    async def test_version_6_lists_the_keys_a_version_5_ledger_holds(
+        self, conn: asyncpg.Connection, pg_schema: str
+    ) -> None:
+        """
+        An upgraded ledger's keys are listed by chunk (retention finds them there), in
+        lists of at most 10,000, its (chunk) index is gone and keys compare bytewise.
+        """
+        sql = Sql(pg_schema)
+        await migrate(conn, sql, migrations=MIGRATIONS[:5])
+        await conn.execute(sql(
+            "INSERT INTO {s}.key_ledger (pipeline, key, shard, chunk, position)"
+            " SELECT 'p', 'k' || i, 's', 'p-' || (i % 2), 'null' FROM generate_series(1, 25000) i"))
+        await conn.execute(sql(
+            "INSERT INTO {s}.key_ledger VALUES ('q', 'k1', 's', 'q-0', 'null')"))
+        assert await migrate(conn, sql) == (5, LATEST_VERSION)
+        lists = await conn.fetch(sql(
+            "SELECT pipeline, chunk, n, cardinality(keys) AS c FROM {s}.key_list"))
+        assert all(r["n"] == r["c"] <= 10000 for r in lists), lists
+        per_chunk: Counter[tuple[str, str]] = Counter()
+        for r in lists:
+            per_chunk[r["pipeline"], r["chunk"]] += r["n"]
+        assert per_chunk == {("p", "p-0"): 12500, ("p", "p-1"): 12500, ("q", "q-0"): 1}
+        listed = await conn.fetchval(sql(
+            "SELECT count(DISTINCT (l.pipeline, k)) FROM {s}.key_list l, unnest(l.keys) k"))
+        assert listed == 25001
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND indexname = $2",
+            pg_schema, "key_ledger_chunk") == 0
+        assert await conn.fetchval(
+            "SELECT collation_name FROM information_schema.columns WHERE table_schema = $1"
+            " AND table_name = 'key_ledger' AND column_name = 'key'", pg_schema) == "C"
 
     async def test_refuses_a_newer_schema_naming_both_versions(
         self, conn: asyncpg.Connection, pg_schema: str

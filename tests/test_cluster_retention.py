@@ -100,6 +100,27 @@ class TestLedgerRetention:
         # Chunk rows and the event log are untouched: the rows still replay from the log.
         assert await event_log.drift(c, sql) == []
 
+    async def test_a_listed_key_another_chunk_holds_is_kept(self, cluster: ClusterEnv) -> None:
+        """
+        A chunk's key lists name every key its claims tried (replays and duplicates too):
+        when it retires, only the keys the ledger still gives it go.
+        """
+        c, sql = cluster.conn, cluster.sql
+        shard = await cluster.shard(await cluster.worker("a"))
+        await claim(cluster, shard, "p-000000", "mine")
+        old = await seal(cluster, shard, 0)
+        await claim(cluster, shard, "p-000001", "theirs")
+        await seal(cluster, shard, 1)
+        await c.execute(sql("INSERT INTO {s}.key_list (pipeline, chunk, n, keys)"
+                            " VALUES ('p', 'p-000000', 1, '{theirs}')"))
+        await retire(cluster, shard, old)
+        await asyncio.sleep(0.3)
+        pruned = await retention.prune_ledger(c, sql, "p", 0.2)
+        assert (pruned.keys, pruned.chunks) == (1, 1)
+        assert await ledger(cluster) == {"theirs": "p-000001"}
+        assert await c.fetchval(sql("SELECT count(*) FROM {s}.key_list WHERE chunk = 'p-000000'")
+                                ) == 0
+
     async def test_a_retired_chunk_with_a_live_family_member_keeps_its_keys(
         self, cluster: ClusterEnv
     ) -> None:

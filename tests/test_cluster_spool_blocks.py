@@ -10,6 +10,7 @@ import os
 import zlib
 from pathlib import Path
 
+import lz4.frame
 import pytest
 
 from batchd.daemon.cluster import fencing, spool_blocks
@@ -86,8 +87,11 @@ class TestSpoolBlocks:
         w = await cluster.worker("a")
         await cluster.seal(await cluster.shard(w), "p-000001")
         packed = await c.fetchval(sql("SELECT data FROM {s}.spool_block"))
-        tampered = zlib.compress(zlib.decompress(packed).replace(b"p-000001-0", b"p-000001-9"))
-        await c.execute(sql("UPDATE {s}.spool_block SET data = $1"), tampered)
+        # Rewritten with the other codec a block may carry (zlib, before lz4), so the
+        # block decompresses and only the checksum can tell.
+        tampered = zlib.compress(lz4.frame.decompress(packed).replace(b"p-000001-0",
+                                                                      b"p-000001-9"))
+        await c.execute(sql("UPDATE {s}.spool_block SET data = $1, codec = 'zlib'"), tampered)
         dest = tmp_path / "dest.jsonl"
         with pytest.raises(SpoolCorrupt, match=r"spool of chunk p-000001 .*sha256"):
             await spool_blocks.download(c, sql, "p-000001", dest)

@@ -21,13 +21,13 @@ ROWS = 200  # four chunks of 50
 
 
 def _corrupt_sealed_chunk(cluster: Cluster) -> str:
-    """Replace the one sealed chunk's stored blocks with other valid zlib data."""
+    """Replace the one sealed chunk's stored blocks with other valid (zlib) data."""
     sealed = cluster.query("SELECT chunk, spool_epoch FROM {s}.chunk WHERE stage = 'sealed'")
     assert len(sealed) == 1, sealed
     chunk, epoch = sealed[0]["chunk"], sealed[0]["spool_epoch"]
     other = zlib.compress(b'{"custom_id":"t-forged","params":{}}\n', 1)
     changed = cluster.query(
-        f"UPDATE {{s}}.spool_block SET data = '\\x{other.hex()}'::bytea "
+        f"UPDATE {{s}}.spool_block SET data = '\\x{other.hex()}'::bytea, codec = 'zlib' "
         f"WHERE chunk = '{chunk}' AND epoch = {epoch} RETURNING n")
     assert changed, f"chunk {chunk} has no spool blocks at epoch {epoch}"
     return str(chunk)

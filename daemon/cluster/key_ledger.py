@@ -30,12 +30,33 @@ from batchd.daemon.intake.ledger import Claim, position_identity
 
 __all__ = ("claim_keys", "release_keys")
 
-# The common case: every key is new. A plain insert claims them all; it costs the server
-# half of what ON CONFLICT's speculative insertion does (docs/benchmarks.md §10), and a
-# key already there fails it whole (in a savepoint), sending the claim the slow way.
+# The insert both ways share. In the common case (every key new) a plain insert claims them
+# all: it costs the server half of what ON CONFLICT's speculative insertion does
+# (docs/benchmarks.md §10), and a key already there fails it whole, sending the claim the
+# slow way.
 _INSERT = """
 INSERT INTO {s}.key_ledger (pipeline, key, shard, chunk, position)
 SELECT $1, t.key, $3, $4, t.position FROM unnest($2::text[], $5::bytea[]) AS t(key, position)
+"""
+
+# The common case in one statement, so in one round trip and its own transaction: the
+# shard lease checked (and held against a takeover until the insert commits), the keys
+# listed under the chunk (retention finds a retired chunk's keys by its lists) and
+# inserted. No row inserted while keys were given means the lease was lost. Each round
+# trip costs both the worker and the server CPU, whatever it carries (§10).
+_CLAIM_NEW = """
+WITH held AS (SELECT 1 FROM {s}.shard WHERE pipeline = $1 AND shard = $3 AND owner = $6
+              AND epoch = $7 FOR SHARE),
+listed AS (INSERT INTO {s}.key_list (pipeline, chunk, n, keys)
+           SELECT $1, $4, cardinality($2::text[]), $2::text[] FROM held)""" + _INSERT + """\
+WHERE EXISTS (SELECT 1 FROM held)
+"""
+
+# A list may name keys the chunk did not get (replays, duplicates): retention deletes a
+# key only while the ledger gives it to the listed chunk.
+_LIST = """
+INSERT INTO {s}.key_list (pipeline, chunk, n, keys)
+VALUES ($1, $2, cardinality($3::text[]), $3::text[])
 """
 
 # The slow way's first step: the new keys claimed, the count says whether any was
@@ -71,8 +92,8 @@ async def claim_keys(
     """
     Claim ``(key, position)`` pairs for *chunk*, being built from the leased shard.
 
-    New keys are inserted at once (a plain insert, in a savepoint); only when some
-    were already in the ledger are the keys read back and sorted by the rules above
+    New keys are inserted at once (one statement that also checks the lease); only
+    when some were already in the ledger are the keys read back and sorted by the rules above
     (claims of this chunk, just inserted or left by a reader that died building it,
     are the chunk's again).
     Two shards claiming one key at once cannot both have it: the second insert
@@ -88,6 +109,23 @@ async def claim_keys(
         return claim
     positions = {key: position_identity(position) for key, position in entries}
 
+    keys, values = list(positions), list(positions.values())
+    fast = (sql(_CLAIM_NEW), lease.pipeline, keys, lease.shard, chunk, values, lease.owner,
+            lease.epoch)
+    try:
+        if conn.is_in_transaction():
+            async with conn.transaction():  # a savepoint: a key there already fails only it
+                done = await conn.execute(*fast)
+        else:
+            done = await conn.execute(*fast)
+    except asyncpg.UniqueViolationError:
+        pass  # some key was there already: nothing was inserted
+    else:
+        if int(done.split()[-1]) == 0:
+            raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
+                            f"lost by {lease.owner} at epoch {lease.epoch}")
+        return claim
+
     async def body() -> Claim:
         held = await conn.fetchrow(
             sql("SELECT owner, epoch FROM {s}.shard WHERE pipeline = $1 AND shard = $2"
@@ -97,14 +135,7 @@ async def claim_keys(
         if held is None or (held["owner"], held["epoch"]) != (lease.owner, lease.epoch):
             raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
                             f"lost by {lease.owner} at epoch {lease.epoch}")
-        keys, values = list(positions), list(positions.values())
-        try:
-            async with conn.transaction():  # a savepoint
-                await conn.execute(sql(_INSERT), lease.pipeline, keys, lease.shard, chunk,
-                                   values)
-            return claim
-        except asyncpg.UniqueViolationError:
-            pass
+        await conn.execute(sql(_LIST), lease.pipeline, chunk, keys)
         done = await conn.execute(sql(_INSERT_NEW), lease.pipeline, keys, lease.shard, chunk,
                                   values)
         if int(done.split()[-1]) == len(keys):

@@ -171,6 +171,12 @@ INSERT INTO {s}.key_ledger (pipeline, key, shard, chunk, position)
 SELECT $1, t.key, $2, t.chunk, t.position
 FROM unnest($3::text[], $4::text[], $5::bytea[]) AS t(key, chunk, position)
 """
+# The page's keys listed by chunk, as a claim lists them (retention finds them so).
+_LIST_KEYS = """
+INSERT INTO {s}.key_list (pipeline, chunk, n, keys)
+SELECT $1, t.chunk, count(*), array_agg(t.key)
+FROM unnest($2::text[], $3::text[]) AS t(key, chunk) GROUP BY t.chunk
+"""
 
 
 def snapshot(p: ImportedPipeline, tombstones: Mapping[str, str | None]) -> dict[str, Any]:
@@ -311,8 +317,10 @@ async def write(
     keys = 0
     if p.keys is not None:
         async for page in p.keys():
-            await conn.execute(sql(_INSERT_KEYS), name, SHARD, [k for k, _, _ in page],
-                               [c for _, c, _ in page], [pos for _, _, pos in page])
+            page_keys, page_chunks = [k for k, _, _ in page], [c for _, c, _ in page]
+            await conn.execute(sql(_INSERT_KEYS), name, SHARD, page_keys, page_chunks,
+                               [pos for _, _, pos in page])
+            await conn.execute(sql(_LIST_KEYS), name, page_keys, page_chunks)
             keys += len(page)
     # Budget counters defined before the pipeline was here (a worker's open) started at
     # nothing: the daemon's spend counts on them now. Scopes in order (the lock order).

@@ -16,8 +16,8 @@ the pass, so two workers never delete the same rows at once):
   least as long as locally. A key of a live chunk is never deleted, so
   :func:`key_ledger.claim_keys` can never find one of a live chunk's keys free; a
   key read again after it was forgotten is a new record (sent and paid again), as
-  in a single daemon. Deletes go in batches (``LIMIT``), each its own short
-  transaction, through the ``key_ledger_chunk`` index; a per-pipeline watermark
+  in a single daemon. Deletes go in batches (a few of the chunk's key lists, written
+  by its claims), each its own short transaction; a per-pipeline watermark
   (the newest retirement already pruned, kept in memory) keeps a pass from
   revisiting every chunk ever retired.
 * **Worker rows** stopped, or silent, for :data:`WORKERS_KEPT` that hold nothing
@@ -92,16 +92,30 @@ ORDER BY c.retired_at, c.chunk
 LIMIT $5
 """
 
-# The stage is read again in the statement itself: a key is deleted only while its
-# chunk's row says retired. By ctid, found through the key_ledger_chunk index: ten times
-# the speed of joining back on (pipeline, key) (~400,000 against ~40,000 keys a second);
-# a row updated meanwhile has another ctid and is left alone.
+# Key lists of the given (retired) chunks, taken until they hold *keys_per_delete* keys
+# (one at least), deleted with the keys they name that are still their chunk's. The stage
+# is read again in the statement itself: nothing goes unless the chunk's row says retired.
+# Keys by ctid, each found with one index lookup (a lateral subquery with LIMIT is never
+# flattened into a join the planner could turn into a scan of the whole ledger); a row
+# updated meanwhile has another ctid and is left alone.
 _DELETE_KEYS = """
-DELETE FROM {s}.key_ledger WHERE ctid = ANY(ARRAY(
-    SELECT k.ctid FROM {s}.key_ledger k
-    WHERE k.chunk = ANY($2::text[]) AND k.pipeline = $1
-      AND EXISTS (SELECT 1 FROM {s}.chunk c WHERE c.chunk = k.chunk AND c.stage = 'retired')
-    LIMIT $3))
+WITH lists AS (
+    DELETE FROM {s}.key_list WHERE id = ANY(ARRAY(
+        SELECT w.id FROM (
+            SELECT l.id, l.n, sum(l.n) OVER (ORDER BY l.id) AS upto FROM {s}.key_list l
+            WHERE l.chunk = ANY($2::text[]) AND l.pipeline = $1
+              AND EXISTS (SELECT 1 FROM {s}.chunk c WHERE c.chunk = l.chunk
+                          AND c.stage = 'retired')) w
+        WHERE w.upto - w.n < $3))
+    RETURNING chunk, keys),
+gone AS (
+    DELETE FROM {s}.key_ledger WHERE ctid = ANY(ARRAY(
+        SELECT k.ctid FROM (SELECT chunk, unnest(keys) AS key FROM lists) t
+        CROSS JOIN LATERAL (SELECT l.ctid FROM {s}.key_ledger l
+                            WHERE l.pipeline = $1 AND l.key = t.key AND l.chunk = t.chunk
+                            LIMIT 1) k))
+    RETURNING 1)
+SELECT (SELECT count(*) FROM lists) AS lists, (SELECT count(*) FROM gone) AS keys
 """
 
 
@@ -167,10 +181,9 @@ async def _prune(conn: Any, sql: Sql, pipeline: str, retention: float,
             if r["family_live"] and (held is None or r["retired_at"] < held):
                 held = r["retired_at"]
         while ready:
-            done = await conn.execute(sql(_DELETE_KEYS), pipeline, ready, keys_per_delete)
-            count = int(done.split()[-1])
-            deleted += count
-            if count == 0:  # not "< keys_per_delete": a row deleted meanwhile is not the end
+            done = await conn.fetchrow(sql(_DELETE_KEYS), pipeline, ready, keys_per_delete)
+            deleted += done["keys"]
+            if done["lists"] == 0:  # every list of these chunks is gone
                 break
         chunks += len(ready)
         cursor = (page[-1]["retired_at"], page[-1]["chunk"])

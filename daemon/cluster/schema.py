@@ -277,10 +277,39 @@ _V5 = (
     "CREATE INDEX key_ledger_chunk ON {s}.key_ledger (chunk)",
 )
 
+# The key ledger made cheaper to write, which is most of what PostgreSQL does per row
+# (docs/benchmarks.md §10). Keys compare bytewise ("C"): equality is all the ledger asks of
+# them, and the database's own collation (C.UTF-8, en_US...) made every index step a
+# strcoll. The (chunk) index goes: a retired chunk's keys are found through the chunk's key
+# lists instead, one row per claim, written in the claim's own statement (a tenth of an
+# index entry per key). Lists may name a key that another chunk took since (a dead reader's
+# leftover): retention deletes a key only while it is still the listed chunk's.
+_V6 = (
+    """CREATE TABLE {s}.key_list (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL,
+        chunk text NOT NULL,
+        n integer NOT NULL,
+        keys text[] NOT NULL
+    )""",
+    # Read only by retention, whole: not worth compressing at every claim.
+    "ALTER TABLE {s}.key_list ALTER COLUMN keys SET STORAGE EXTERNAL",
+    "CREATE INDEX key_list_chunk ON {s}.key_list (chunk)",
+    """INSERT INTO {s}.key_list (pipeline, chunk, n, keys)
+    SELECT pipeline, chunk, count(*), array_agg(key)
+    FROM (SELECT pipeline, chunk, key,
+                 (row_number() OVER (PARTITION BY pipeline, chunk) - 1) / 10000 AS part
+          FROM {s}.key_ledger) k
+    GROUP BY pipeline, chunk, part""",
+    "DROP INDEX {s}.key_ledger_chunk",
+    'ALTER TABLE {s}.key_ledger ALTER COLUMN key TYPE text COLLATE "C"',
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
     Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
     Migration(3, "the pipeline config every worker must share", _V3),
     Migration(4, "the workers reading each split pipeline's shards", _V4),
     Migration(5, "the key ledger by chunk, for its retention", _V5),
+    Migration(6, "the key ledger's keys bytewise, found by chunk through key lists", _V6),
 )

@@ -40,6 +40,11 @@ log = structlog.get_logger("batchd.packer")
 # One shrink per this many seconds of 429s; grow back after this long without one.
 _SHRINK_EPISODE = 30.0
 _REGROW_AFTER = 300.0
+# Keys checked against the ledger at once: by the single daemon's SQLite ledger, and by
+# the cluster's shared one; and, for both, the pending requests' bytes that claim sooner.
+CLAIM_EVERY = 1000
+CLAIM_EVERY_SHARED = 5000
+CLAIM_BYTES = 16 << 20
 
 
 @dataclass(slots=True)
@@ -165,6 +170,9 @@ class Packer:
         # Cluster mode claims keys in the shared ledger (under the shard lease); one
         # daemon claims them in its own ledger, synchronously, as it always has.
         self._claim_keys = claim_keys
+        # A shared claim is a round trip to PostgreSQL, with its own CPU on both sides
+        # whatever its size (docs/benchmarks.md §10): fewer, larger claims there.
+        self._claim_every = CLAIM_EVERY if claim_keys is None else CLAIM_EVERY_SHARED
         self.source = source
         self.ledger = ledger
         self.spool_dir = spool_dir
@@ -238,7 +246,8 @@ class Packer:
             for record, batch in zip(records, follows, strict=True):
                 await self.add(record, follow=batch)
             if self.builder is not None:
-                await self._claim(self.builder)
+                if self._claim_keys is None:  # a shared claim waits for CLAIM_EVERY_SHARED
+                    await self._claim(self.builder)
                 if self._lingered():
                     await self.seal_current()
 
@@ -334,7 +343,7 @@ class Packer:
         if pending.request is not None:
             builder.pending_requests += 1
             builder.pending_bytes += len(pending.request) + 100
-        if len(builder.pending) >= 1000:
+        if len(builder.pending) >= self._claim_every or builder.pending_bytes >= CLAIM_BYTES:
             await self._claim(builder)
         if builder.follows is not None and builder.requests >= builder.target:
             await self.seal_current()  # the batch's last record: the chunk ends here too

@@ -159,7 +159,7 @@ class PgStore:
             SchemaVersionError: the schema is missing, older or newer than this batchd.
         """
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self._pool_size,
+            self.dsn, min_size=1, max_size=self._pool_size, reset=_released,
             server_settings={
                 "application_name": f"batchd:{self.name}:store",
                 # A worker paused inside a transaction (SIGSTOP, a long GC) would hold its
@@ -557,6 +557,17 @@ class PgStore:
             digest = await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
         self._held_spools.add(chunk)
         return digest
+
+
+async def _released(conn: Any) -> None:
+    """
+    Nothing to reset when a connection goes back to the pool: asyncpg's default sends
+    ``RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()`` at every release, a
+    round trip per store call that costs both sides CPU (docs/benchmarks.md §10), for
+    session state no pool user sets (the retention's advisory lock and the overview's
+    settings are on connections of their own). An open transaction is still rolled
+    back: asyncpg does that before calling this.
+    """
 
 
 if TYPE_CHECKING:  # mypy checks that the class keeps the contract
