@@ -5,7 +5,11 @@ PgStore, interleaved (``--repeat`` rounds of all of them), so the machine's load
 on every configuration alike.
 
 Per run: the wall time from the first worker's start to the last one's exit; each
-worker's user + system CPU and peak RSS from its own ``wait4`` rusage; on PgStore the
+worker's user + system CPU from its own ``wait4`` rusage, its peak RSS from its
+``VmHWM``, read every 20 ms while it runs (not ``wait4``'s ``ru_maxrss``: Linux starts a
+child's at the high-water mark of the parent it was forked from, and this benchmark grows
+while it checks each run's sinks; that made 134-188 MB "peaks" of workers that never
+passed 90 MB); on PgStore the
 CPU of the PostgreSQL backends serving the workers (``/proc/<pid>/stat`` of the sessions
 whose ``application_name`` names a worker's pid, polled while they run: a backend's
 CPU is counted from its start, so the largest reading is its total); the emulator's CPU
@@ -32,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import EmulatorProcess, batchd_command, cpu_seconds, mb, write_csv
+from _common import (
+    EmulatorProcess,
+    batchd_command,
+    cpu_seconds,
+    mb,
+    proc_status_bytes,
+    write_csv,
+)
 
 __all__ = ("end_to_end",)
 
@@ -230,14 +241,16 @@ def run_once(args: argparse.Namespace, work: Path, csv_path: Path, workers: int,
                 sampler.start([p.pid for p in procs])
             deadline = started + args.timeout
             pending = {p.pid: p for p in procs}
+            hwm = dict.fromkeys(pending, 0)
             while pending:
                 for pid in list(pending):
+                    hwm[pid] = max(hwm[pid], proc_status_bytes(pid, "VmHWM"))
                     done, status, usage = os.wait4(pid, os.WNOHANG)
                     if done:
                         proc = pending.pop(pid)
                         proc.returncode = os.waitstatus_to_exitcode(status)
                         run.cpu.append(usage.ru_utime + usage.ru_stime)
-                        run.rss.append(usage.ru_maxrss * 1024)
+                        run.rss.append(hwm[pid])
                 if pending and time.perf_counter() > deadline:
                     for proc in pending.values():
                         proc.kill()

@@ -3,10 +3,12 @@ What the engine benchmarks share: the emulator as its own process, a child
 run whose peak RSS and CPU are its own, and the tickets CSV.
 
 Each measured program runs as a subprocess so its peak RSS is not mixed with
-the emulator's or the benchmark's: ``os.wait4`` hands back the child's own
-``ru_maxrss`` (the kernel's high-water mark at exit, exactly what
-``/usr/bin/time -v`` prints), and a thread polls ``VmHWM`` while it runs as a
-cross-check that the number is the child's.
+the emulator's or the benchmark's: ``os.wait4`` hands back the child's
+``ru_maxrss`` (the kernel's high-water mark at exit, what ``/usr/bin/time -v``
+prints), and a thread polls ``VmHWM`` while it runs as a cross-check. The two
+differ when the benchmark itself has grown: Linux starts a child's ``ru_maxrss``
+at the high-water mark of the parent it was forked from (a ``sleep`` started by a
+300 MB Python reports 299 MB), so ``polled_hwm`` is the child's own.
 """
 
 from __future__ import annotations

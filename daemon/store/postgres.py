@@ -189,9 +189,17 @@ class PgStore:
             return
         self._deadline.expire()
         try:
-            if self.worker_id:
-                async with self._conn() as conn:
-                    await workers.deregister(conn, self.sql, self.worker_id)
+            for attempt in (1, 2) if self.worker_id else ():
+                try:
+                    async with self._conn() as conn:
+                        await workers.deregister(conn, self.sql, self.worker_id)
+                    break
+                except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+                    # A pooled connection closed since its last use (the link was lost
+                    # meanwhile; nothing checks it at release, see _released): the pool
+                    # opens a new one for the second try.
+                    if attempt == 2:
+                        raise
         finally:
             await self._pool.close()
             self._pool = None
