@@ -30,7 +30,8 @@ reserved or used there, as one daemon sends such a chunk alone rather than never
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -161,6 +162,19 @@ class _Refused(Exception):
     pass
 
 
+@asynccontextmanager
+async def _atomic(conn: Any) -> AsyncIterator[None]:
+    """
+    A transaction of its own, or the caller's: inside a transition a savepoint would only
+    add two round trips (``SAVEPOINT``, ``RELEASE``) for work that fails with it anyway.
+    """
+    if conn.is_in_transaction():
+        yield
+        return
+    async with conn.transaction():
+        yield
+
+
 async def _lock(conn: Any, sql: Sql, scopes: Iterable[str]) -> set[str]:
     rows = await conn.fetch(
         sql("SELECT scope FROM {s}.limit_counter WHERE scope = ANY($1::text[])"
@@ -235,7 +249,7 @@ async def settle(
     """
     costs = {scope: _amount(v, f"spent on {scope}") for scope, v in (spent or {}).items()}
     only = None if scopes is None else sorted(set(scopes))
-    async with conn.transaction():
+    async with _atomic(conn):
         holds = await conn.fetch(
             sql("SELECT scope FROM {s}.limit_hold WHERE holder = $1"
                 " AND ($2::text[] IS NULL OR scope = ANY($2::text[]))"
@@ -286,7 +300,7 @@ async def spend(conn: Any, sql: Sql, holder: str, scopes: Iterable[str], cost: A
     """
     wanted = sorted(set(scopes))
     value = _amount(cost, f"cost of {holder}")
-    async with conn.transaction():
+    async with _atomic(conn):
         await _lock(conn, sql, wanted)
         rows = await conn.fetch(
             sql("""

@@ -43,7 +43,7 @@ _REGROW_AFTER = 300.0
 # Keys checked against the ledger at once: by the single daemon's SQLite ledger, and by
 # the cluster's shared one; and, for both, the pending requests' bytes that claim sooner.
 CLAIM_EVERY = 1000
-CLAIM_EVERY_SHARED = 5000
+CLAIM_EVERY_SHARED = 2000
 CLAIM_BYTES = 16 << 20
 
 
