@@ -11,7 +11,7 @@ for the lifecycle, which ``bench_cluster.py`` measures) and one ``prune_ledger``
 forgets them all: keys per second. Needs PostgreSQL on this machine (``--dsn``); a fresh
 schema is made and dropped.
 
-    .venv/bin/python bench/bench_ledger.py                    # 1,000,000 keys, claims of 5,000
+    .venv/bin/python bench/bench_ledger.py                    # 1,000,000 keys, claims of 2,000
     .venv/bin/python bench/bench_ledger.py --keys 200000 --claim 1000
 """
 
@@ -28,6 +28,7 @@ import asyncpg
 
 from batchd.daemon.cluster import key_ledger, migrations, retention, shards, workers
 from batchd.daemon.cluster.schema import Sql
+from batchd.daemon.intake.packer import CLAIM_EVERY_SHARED
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -95,7 +96,8 @@ def main() -> None:
     parser.add_argument("--dsn", default=os.environ.get(
         "BATCHD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--keys", type=int, default=1_000_000)
-    parser.add_argument("--claim", type=int, default=5000, help="keys per claim")
+    parser.add_argument("--claim", type=int, default=CLAIM_EVERY_SHARED,
+                        help="keys per claim (a cluster reader's)")
     parser.add_argument("--chunk", type=int, default=10_000, help="keys per chunk")
     asyncio.run(run(parser.parse_args()))
 
