@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -249,8 +250,19 @@ class TestRunningWorkers:
         for wid in ids:
             assert wid in text, text
 
-        # Each worker's endpoint exports the whole cluster, and names itself.
+        # Each worker's endpoint exports the whole cluster, and names itself. A worker reads
+        # the cluster's overview every ttl/3 (1 s here): a worker started a second ago may
+        # still export the cluster as it was before the batches, so each port is read again
+        # until it shows them (batches stay in flight for the whole test).
+        def caught_up(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            samples = scrape(port)
+            reserved = sample(samples, "batchd_cluster_limit_reserved", scope="queue:default")
+            held = sample(samples, "batchd_cluster_worker_shards", worker=reader[0])
+            alive = sample(samples, "batchd_cluster_workers", state="alive")
+            return samples if (reserved or 0.0) > 0 and (held or 0.0) >= 1 and alive == 3 else {}
+
         for i, port in enumerate(ports):
+            wait_for(f"worker {i}'s metrics to show the cluster", partial(caught_up, port), 15)
             samples = scrape(port)
             assert sample(samples, "batchd_cluster_store_up") == 1.0
             assert sample(samples, "batchd_cluster_self", worker=ids[i]) == 1.0

@@ -89,10 +89,14 @@ async def live_state(conn: Any, sql: Sql) -> ManifestState:
 
 
 async def ledger_summary(conn: Any, sql: Sql) -> dict[str, Any]:
-    """The shared key ledger's keys per pipeline and its size on disk (table and indexes)."""
+    """
+    The shared key ledger's keys per pipeline and its size on disk (table, indexes and
+    the key lists retention reads).
+    """
     rows = await conn.fetch(sql("SELECT pipeline, count(*) AS n FROM {s}.key_ledger"
                                 " GROUP BY pipeline"))
     size = await conn.fetchval(
-        "SELECT pg_total_relation_size(format('%I.key_ledger', $1::text)::regclass)",
+        "SELECT pg_total_relation_size(format('%I.key_ledger', $1::text)::regclass)"
+        " + coalesce(pg_total_relation_size(to_regclass(format('%I.key_list', $1::text))), 0)",
         sql.schema)
     return {"keys": {r["pipeline"]: int(r["n"]) for r in rows}, "bytes": int(size or 0)}
