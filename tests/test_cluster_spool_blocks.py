@@ -47,6 +47,28 @@ class TestSpoolBlocks:
         stored = await c.fetchval(sql("SELECT sum(length(data)) FROM {s}.spool_block"))
         assert stored < src.stat().st_size / 2
 
+    async def test_blocks_an_earlier_release_wrote_with_zlib_still_download(
+        self, cluster: ClusterEnv, tmp_path: Path
+    ) -> None:
+        """A chunk sealed before LZ4 (its blocks zlib, codec per block) downloads as it was."""
+        c, sql = cluster.conn, cluster.sql
+        src = spool_file(tmp_path / "src.jsonl", 3000)
+        digest = await spool_blocks.upload(c, sql, "p-000001", 1, src, block_bytes=64 * 1024)
+        w = await cluster.worker("a")
+        await fencing.seal_chunk(c, sql, await cluster.shard(w), sealed_fields("p-000001"),
+                                 spool=digest)
+        for n, data in await c.fetch(sql("SELECT n, data FROM {s}.spool_block")):
+            await c.execute(sql("UPDATE {s}.spool_block SET data = $2, codec = 'zlib'"
+                                " WHERE n = $1"), n, zlib.compress(lz4.frame.decompress(data), 1))
+        dest = tmp_path / "dest.jsonl"
+        got = await spool_blocks.download(c, sql, "p-000001", dest)
+        assert dest.read_bytes() == src.read_bytes()
+        assert (got.blocks, got.raw_bytes, got.sha256) == (
+            digest.blocks, digest.raw_bytes, digest.sha256)
+        await c.execute(sql("UPDATE {s}.spool_block SET codec = 'zstd' WHERE n = 0"))
+        with pytest.raises(SpoolCorrupt, match="unknown codec 'zstd'"):
+            await spool_blocks.download(c, sql, "p-000001", dest)
+
     async def test_an_empty_spool_round_trips(self, cluster: ClusterEnv, tmp_path: Path) -> None:
         """A chunk of only rejects may have an empty request half; zero blocks is valid."""
         c, sql = cluster.conn, cluster.sql
