@@ -159,3 +159,11 @@ class TestKeyLedger:
         with pytest.raises(FencedOut, match="shard p/0"):
             await key_ledger.claim_keys(c, sql, old, "p-000001", [("k", None)])
         assert await c.fetchval(sql("SELECT count(*) FROM {s}.key_ledger")) == 0
+        assert await c.fetchval(sql("SELECT count(*) FROM {s}.key_list")) == 0
+        # A key already claimed sends the claim the slow way: refused there too.
+        await key_ledger.claim_keys(c, sql, new, "p-000001", [("k", None)])
+        with pytest.raises(FencedOut, match="shard p/0"):
+            await key_ledger.claim_keys(c, sql, old, "p-000002", [("k", None), ("k2", None)])
+        rows = await c.fetch(sql("SELECT key, chunk FROM {s}.key_ledger"))
+        assert [(r["key"], r["chunk"]) for r in rows] == [("k", "p-000001")]
+        assert await c.fetchval(sql("SELECT count(*) FROM {s}.key_list")) == 1
