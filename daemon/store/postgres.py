@@ -158,8 +158,11 @@ class PgStore:
         Raises:
             SchemaVersionError: the schema is missing, older or newer than this batchd.
         """
+        # No connection floor (min_size 0): asyncpg restores a floor in the background and
+        # logs a traceback at each failed try while the database is away; the worker's own
+        # loops (heartbeat, claims) reconnect on their next call and say so in one line.
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=self._pool_size, reset=_released,
+            self.dsn, min_size=0, max_size=self._pool_size, reset=_released,
             server_settings={
                 "application_name": f"batchd:{self.name}:store",
                 # A worker paused inside a transaction (SIGSTOP, a long GC) would hold its
