@@ -230,6 +230,10 @@ class TestEndToEnd:
         assert all('set thinking = "disabled"' in v["error_message"] for v in out.dead.values())
         assert ws.status()["pipelines"][0]["cost_usd"] > 0
 
+        # The same custom_ids again: the first run's batch is still on the API, and a
+        # daemon whose state does not know it adopts it instead of paying again (its
+        # answers, none). A fresh API workspace for the second run.
+        answers_emulator.reset()
         off = workspace(answers_emulator.base_url, "off")
         _csv(off)
         _config(off, {"max_tokens": 8, "thinking": "disabled"})
