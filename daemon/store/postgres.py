@@ -192,20 +192,24 @@ class PgStore:
             return
         self._deadline.expire()
         try:
-            for attempt in (1, 2) if self.worker_id else ():
-                try:
-                    async with self._conn() as conn:
-                        await workers.deregister(conn, self.sql, self.worker_id)
-                    break
-                except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
-                    # A pooled connection closed since its last use (the link was lost
-                    # meanwhile; nothing checks it at release, see _released): the pool
-                    # opens a new one for the second try.
-                    if attempt == 2:
-                        raise
+            if self.worker_id:
+                await self._deregister()
         finally:
             await self._pool.close()
             self._pool = None
+
+    async def _deregister(self) -> None:
+        """
+        Hand back everything at once; once more on a fresh connection if the pooled one
+        was closed since its last use (the link lost meanwhile: nothing checks it at
+        release, see :func:`_released`).
+        """
+        try:
+            async with self._conn() as conn:
+                await workers.deregister(conn, self.sql, self.worker_id)
+        except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
+            async with self._conn() as conn:
+                await workers.deregister(conn, self.sql, self.worker_id)
 
     async def __aenter__(self) -> PgStore:
         await self.open()
