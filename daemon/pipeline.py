@@ -35,6 +35,7 @@ from batchd.daemon.intake.ledger import KeyLedger
 from batchd.daemon.intake.packer import BatchOwners, ChunkBuilder, ClaimKeys, Packer
 from batchd.daemon.intake.retry_request_file import read_retry_keys
 from batchd.daemon.intake.shaper import ModelCheck
+from batchd.daemon.intake.spool_check import mark_whole
 from batchd.daemon.models.budget import Budget
 from batchd.daemon.ops.telemetry import Telemetry
 from batchd.daemon.results.answers import AnswerReader
@@ -404,6 +405,7 @@ class PipelineRunner:
             builder.writer.discard()
             await self.budget_stop(refusal)
         builder.writer.seal()
+        mark_whole(builder.writer.final_path)  # counted as written: not read again to send
         position = builder.position
         if position is not None:
             # What the source was when these records were read (a file's inode and hashes):

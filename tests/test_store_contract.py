@@ -25,6 +25,7 @@ import anyio
 import pytest
 
 from batchd.daemon.intake.ledger import LEDGER_NAME, KeyLedger
+from batchd.daemon.intake.spool_check import spool_damage
 from batchd.daemon.store.contract import (
     ChunkLease,
     Claimed,
@@ -303,6 +304,8 @@ class TestSpool:
             fetched = await store.fetch_spool("p-000001")
             assert fetched.sha256 == digest.sha256
             assert store.spool_path("p-000001").read_bytes() == content
+            if harness.kind == "postgres":  # the sealed bytes, checked: not read again to send
+                assert spool_damage(store.spool_path("p-000001"), 10**6, 1) is None
             assert store.spool_held("p-000001")
 
     async def test_a_corrupted_spool_is_refused(self, harness: Harness) -> None:

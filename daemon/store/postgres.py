@@ -63,6 +63,7 @@ from batchd.daemon.cluster.errors import FencedOut, IllegalTransition, LimitRefu
 from batchd.daemon.cluster.limits import Defined
 from batchd.daemon.cluster.schema import DEFAULT_SCHEMA, Sql
 from batchd.daemon.cluster.transitions import CHUNK_KINDS, PIPELINE_KINDS, SHARD_KINDS
+from batchd.daemon.intake.spool_check import mark_whole
 from batchd.daemon.store.contract import (
     Applied,
     ChunkLease,
@@ -570,6 +571,7 @@ class PgStore:
     async def fetch_spool(self, chunk: str) -> SpoolDigest:
         async with self._conn() as conn:
             digest = await spool_blocks.download(conn, self.sql, chunk, self.spool_path(chunk))
+        mark_whole(self.spool_path(chunk))  # the sealed bytes (SHA-256 checked): not read again
         self._held_spools.add(chunk)
         return digest
 
