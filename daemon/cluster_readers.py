@@ -2,7 +2,7 @@
 What a cluster worker keeps per source shard it reads, when the source is split in
 shards (a Kafka topic's partitions): the shard's lease, its own source and packer.
 
-Kept apart from :mod:`batchd.daemon.cluster_runner` (the loops that take and hand
+Kept apart from :mod:`batchd.daemon.cluster_shard_runner` (the loops that take and hand
 back shards) so that the types the loops share are named in one place. A source that
 can be split says so by having :meth:`SplitSource.shards` and :meth:`SplitSource.only`
 (the Kafka source does); every other source is read as one shard, as before.
