@@ -275,6 +275,16 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if not keys:
         print("no dead letters to retry", file=sys.stderr)
         return 0
+    if config.cluster.shared:
+        import anyio
+
+        from batchd.daemon.commands.dead_letters import request_retry_in_cluster
+
+        number = anyio.run(request_retry_in_cluster, config, pipeline, keys)
+        print(f"requested a retry of {len(set(keys))} keys in the cluster (request {number}); "
+              "the worker reading the source resends them between chunks — run `batchd run` "
+              "if no worker is running")
+        return 0
     path = request_retry(config, pipeline, keys)
     print(f"requested a retry of {len(set(keys))} keys ({path}); the daemon picks it up "
           "between chunks — run `batchd run` if it is not running")
@@ -307,12 +317,36 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from batchd.daemon.commands.resume import request_resume
 
     config = _load(args)
+    if config.cluster.shared:
+        return _resume_in_cluster(config, args.pipeline)
     _, reason, kind = request_resume(config, args.pipeline)
     if reason is None:
         print(f"pipeline {args.pipeline!r} is not paused; nothing to resume", file=sys.stderr)
     else:
         print(f"resume of {args.pipeline!r} requested (paused: {kind or 'unknown'}: {reason}); "
               "a running daemon resumes it within a second, a stopped one when it starts")
+    return 0
+
+
+def _resume_in_cluster(config: Config, pipeline: str) -> int:
+    import anyio
+
+    from batchd.daemon.commands.resume import resume_in_cluster
+
+    found = anyio.run(resume_in_cluster, config, pipeline)
+    if found.reason is None:
+        print(f"pipeline {pipeline!r} is not paused in the cluster; nothing to resume",
+              file=sys.stderr)
+    elif found.kind == "budget":
+        print(f"pipeline {pipeline!r} is paused by its budget ({found.reason}); a budget pause "
+              "lifts only with a higher budget_usd: edit the workers' configs and reload them "
+              "(systemctl reload batchd)", file=sys.stderr)
+        return 1
+    elif found.resumed:
+        print(f"resumed {pipeline!r} in the cluster (paused: {found.kind or 'unknown'}: "
+              f"{found.reason}); every running worker goes on within one poll")
+    else:
+        print(f"pipeline {pipeline!r} was resumed meanwhile; nothing to do", file=sys.stderr)
     return 0
 
 

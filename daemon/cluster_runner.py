@@ -13,6 +13,7 @@ when several workers share a pipeline through PostgreSQL (``[cluster] store =
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -31,9 +32,13 @@ from batchd.plugins.errors import ConfigError, FatalError
 
 __all__ = ("ClusterRunner",)
 
+_RETRIES_EVERY = 1.0  # seconds between looks for operators' dead-letter retries
+
 
 class ClusterRunner(ShardedRunner):
     """A :class:`PipelineRunner` whose work is claimed, leased and fenced through the store."""
+
+    _retries_checked = float("-inf")  # when the store was last asked for retries
 
     async def prepare(self) -> None:
         """
@@ -220,6 +225,35 @@ class ClusterRunner(ShardedRunner):
                 raise ShardLost(str(exc)) from None
 
         await self._start_packer(resume, claim_keys=claim_keys)
+
+    async def replay_requested(self) -> None:
+        """
+        Operators' dead-letter retries from the cluster's store (``cluster/retry_requests.py``),
+        taken between chunks by the worker reading the source, at most once a second.
+        """
+        take = getattr(self.store, "take_retries", None)
+        if take is None:  # not a PgStore (in-process tests): the state dir's request files
+            await super().replay_requested()
+            return
+        if self.shard is None or self.packer is None or self.make_source is None:
+            return
+        if time.monotonic() - self._retries_checked < _RETRIES_EVERY:
+            return
+        self._retries_checked = time.monotonic()
+        try:
+            taken = await take(self.shard)
+        except FencedOut as exc:
+            raise ShardLost(str(exc)) from None
+        except Exception as exc:  # the database away: the requests wait for the next look
+            self.log.warning("cannot read the dead-letter retries asked for; will try again",
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        for request in taken:
+            keys = set(request.keys)
+            found = await self.packer.replay(self.make_source(), keys)
+            self.log.info("dead letters resubmitted", request=request.id,
+                          requested=len(request.keys), found=found,
+                          not_in_source=sorted(keys)[:20])
 
     def _drop_retired_spools(self) -> None:
         """

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -179,14 +178,6 @@ class TestOrgBudget:
         """
         cluster = cluster_factory(rows=ROWS, workers=2, pipeline={"budget_usd": BUDGET})
 
-        def serve(i: int) -> subprocess.Popen[bytes]:
-            ws = cluster.workers[i]
-            log = (ws.root / "run.log").open("ab")
-            proc = subprocess.Popen(ws.command("run", str(ws.config_path)), cwd=ws.root,
-                                    env=cluster.env(ws), stdout=log, stderr=log)
-            cluster.procs[i] = proc
-            return proc
-
         def paused() -> Any:
             return store_rows(cluster, "SELECT paused FROM {s}.pipeline")[0]["paused"]
 
@@ -194,7 +185,7 @@ class TestOrgBudget:
             rows = store_rows(cluster, "SELECT owner FROM {s}.shard")
             return rows[0]["owner"] if rows else None
 
-        serve(0), serve(1)
+        cluster.serve(0), cluster.serve(1)
         wait_for("the budget pause", lambda: bool(
             store_rows(cluster, "SELECT * FROM {s}.pipeline") and paused()))
         wait_for("the chunks admitted to be retired", lambda: not store_rows(

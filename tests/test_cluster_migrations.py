@@ -15,7 +15,7 @@ from batchd.plugins.errors import ConfigError
 
 TABLES = {"worker", "pipeline", "shard", "chunk", "chunk_range", "event", "key_ledger",
           "spool_block", "create_slot", "limit_counter", "limit_hold", "schema_version",
-          "chunk_number", "pipeline_config", "shard_reader", "key_list"}
+          "chunk_number", "pipeline_config", "shard_reader", "key_list", "retry_request"}
 
 
 async def columns(conn: asyncpg.Connection, schema: str, table: str) -> set[str]:

@@ -25,7 +25,7 @@ from typing import Any
 from batchd.daemon.cluster.db import transaction
 from batchd.daemon.cluster.errors import FencedOut
 from batchd.daemon.cluster.schema import Sql
-from batchd.daemon.cluster.shards import ShardLease
+from batchd.daemon.cluster.shards import ShardLease, hold
 from batchd.daemon.intake.ledger import Claim, position_identity
 
 __all__ = ("claim_keys", "release_keys")
@@ -127,14 +127,7 @@ async def claim_keys(
         return claim
 
     async def body() -> Claim:
-        held = await conn.fetchrow(
-            sql("SELECT owner, epoch FROM {s}.shard WHERE pipeline = $1 AND shard = $2"
-                " FOR SHARE"),
-            lease.pipeline, lease.shard,
-        )
-        if held is None or (held["owner"], held["epoch"]) != (lease.owner, lease.epoch):
-            raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
-                            f"lost by {lease.owner} at epoch {lease.epoch}")
+        await hold(conn, sql, lease)
         await conn.execute(sql(_LIST), lease.pipeline, chunk, keys)
         done = await conn.execute(sql(_INSERT_NEW), lease.pipeline, keys, lease.shard, chunk,
                                   values)

@@ -305,6 +305,22 @@ _V6 = (
     'ALTER TABLE {s}.key_ledger ALTER COLUMN key TYPE text COLLATE "C"',
 )
 
+# An operator's dead-letter retry (`batchd dead-letters retry`), for whichever worker reads
+# the source: a request file would wait in one machine's state dir for that machine's
+# worker to hold the source's shard. Taken (done_at) in the transaction that forgets its keys.
+_V7 = (
+    """CREATE TABLE {s}.retry_request (
+        id bigserial PRIMARY KEY,
+        pipeline text NOT NULL,
+        keys text[] NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        requested_by text NOT NULL,
+        taken_by text,
+        taken_at timestamptz
+    )""",
+    "CREATE INDEX retry_request_pending ON {s}.retry_request (pipeline) WHERE taken_at IS NULL",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "workers, shards, chunks, event log, ledger, spool, create slot, limits", _V1),
     Migration(2, "per-shard read frontiers (pipeline.shards) and chunk numbers", _V2),
@@ -312,4 +328,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "the workers reading each split pipeline's shards", _V4),
     Migration(5, "the key ledger by chunk, for its retention", _V5),
     Migration(6, "the key ledger's keys bytewise, found by chunk through key lists", _V6),
+    Migration(7, "operators' dead-letter retries, for the source's reader", _V7),
 )

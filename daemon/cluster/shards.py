@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchd.daemon.cluster.db import from_json
+from batchd.daemon.cluster.errors import FencedOut
 from batchd.daemon.cluster.leases import ALIVE, DEAD
 from batchd.daemon.cluster.schema import Sql
 
@@ -28,6 +29,7 @@ __all__ = (
     "acquire",
     "commit_frontier",
     "free_shards",
+    "hold",
     "join_readers",
     "live_readers",
     "next_chunk_number",
@@ -113,6 +115,23 @@ async def acquire(
         committed_position=from_json(row["committed_position"]),
         previous_owner=row["previous_owner"],
     )
+
+
+async def hold(conn: Any, sql: Sql, lease: ShardLease) -> None:
+    """
+    Check *lease* inside the caller's transaction and keep the shard row share-locked
+    until it ends, so no takeover commits in between (a claim, a retry's take).
+
+    Raises:
+        FencedOut: the shard is another worker's now, or this worker's at a later epoch.
+    """
+    held = await conn.fetchrow(
+        sql("SELECT owner, epoch FROM {s}.shard WHERE pipeline = $1 AND shard = $2 FOR SHARE"),
+        lease.pipeline, lease.shard,
+    )
+    if held is None or (held["owner"], held["epoch"]) != (lease.owner, lease.epoch):
+        raise FencedOut(f"shard {lease.pipeline}/{lease.shard}",
+                        f"lost by {lease.owner} at epoch {lease.epoch}")
 
 
 async def release(conn: Any, sql: Sql, lease: ShardLease) -> bool:

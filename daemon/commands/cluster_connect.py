@@ -15,8 +15,8 @@ from batchd.daemon.cluster.schema import Sql
 from batchd.daemon.config import Config
 from batchd.plugins.errors import ConfigError, RetriableError
 
-__all__ = ("CONNECT_TIMEOUT", "cluster_dsn", "connect_cluster", "describe_target",
-           "located", "where")
+__all__ = ("CONNECT_TIMEOUT", "check_schema", "cluster_dsn", "connect_cluster",
+           "describe_target", "located", "where")
 
 CONNECT_TIMEOUT = 10.0
 
@@ -90,3 +90,19 @@ async def connect_cluster(config: Config, purpose: str) -> tuple[Any, Sql]:
             raise
         raise RetriableError(f"{target}: {type(exc).__name__}: {redact(str(exc), dsn)}") from None
     return conn, sql
+
+
+async def check_schema(conn: Any, sql: Sql, config: Config) -> int:
+    """
+    The schema's version, if it is exactly this batchd's, as a worker requires at start.
+
+    Raises:
+        ConfigError: not initialised, older or newer, as a ``[cluster]: schema`` mistake.
+    """
+    from batchd.daemon.cluster import migrations
+    from batchd.daemon.cluster.errors import SchemaVersionError
+
+    try:
+        return await migrations.check(conn, sql)
+    except SchemaVersionError as exc:
+        raise located(config, exc, "schema") from None

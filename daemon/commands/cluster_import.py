@@ -107,12 +107,14 @@ async def import_state_dir(config: Config) -> list[str]:
     """
     from batchd.connectors._pg import close_quietly
     from batchd.daemon.batches.queue_limit import queue_limit_of
-    from batchd.daemon.cluster import migrations
     from batchd.daemon.cluster.db import transaction
-    from batchd.daemon.cluster.errors import SchemaVersionError
     from batchd.daemon.cluster.pipeline_config import check_or_record
     from batchd.daemon.cluster.pipeline_import import ImportedPipeline, Written, write
-    from batchd.daemon.commands.cluster_connect import connect_cluster, describe_target, located
+    from batchd.daemon.commands.cluster_connect import (
+        check_schema,
+        connect_cluster,
+        describe_target,
+    )
     from batchd.daemon.intake.ledger import LEDGER_NAME
     from batchd.daemon.store.cluster_worker import pipeline_fields, queue_scope
     from batchd.daemon.wal.chunk_ids import number_of
@@ -180,10 +182,7 @@ async def import_state_dir(config: Config) -> list[str]:
 
         conn, sql = await connect_cluster(config, "cluster-import")
         try:
-            try:
-                await migrations.check(conn, sql)
-            except SchemaVersionError as exc:
-                raise located(config, exc, "schema") from None
+            await check_schema(conn, sql, config)
             fields = pipeline_fields(config)
             scope = queue_scope(config)
             cap, _ = queue_limit_of(config.api)

@@ -9,7 +9,9 @@ operator has usually just fixed the template or the data — but drops a
 request file in the state directory; the daemon (running, or at its next
 start) re-reads those keys from the source, shapes them with the current
 config and sends them through the normal path as new chunks: new attempt,
-same key, still idempotent in the sinks.
+same key, still idempotent in the sinks. In cluster mode the request goes into the
+cluster's store instead, for whichever worker reads the source
+(``daemon/cluster/retry_requests.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from batchd.plugins.errors import ConfigError
 
 __all__ = (
     "dead_letter_reader", "iter_dead_letters", "pending_retry_requests", "request_retry",
-    "retry_dir",
+    "request_retry_in_cluster", "retry_dir",
 )
 
 
@@ -137,6 +139,42 @@ def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+async def request_retry_in_cluster(config: Config, pipeline: PipelineConfig,
+                                   keys: list[str]) -> int:
+    """
+    Queue a retry in the cluster's store; the request's id.
+
+    Raises:
+        ConfigError: a source read in shards by several workers (a Kafka topic's
+            partitions: a row has no partition to be read again under), the cluster
+            unreachable by its config, or its schema missing or at another version.
+        RetriableError: the database did not answer.
+    """
+    import os
+    import socket
+
+    from batchd.connectors._pg import close_quietly
+    from batchd.daemon.cluster.retry_requests import request_retry as queue
+    from batchd.daemon.cluster_readers import split_source
+    from batchd.daemon.commands.cluster_connect import check_schema, connect_cluster
+    from batchd.daemon.factories import build_source
+
+    if split_source(build_source(config, pipeline.name, pipeline.source)) is not None:
+        raise ConfigError(
+            f"{pipeline.source.where}: pipeline {pipeline.name!r} reads a source split in "
+            f"shards ({pipeline.source.type}) across the cluster's workers, which takes no "
+            "dead-letter retry yet (docs/cluster.md): send those rows again through the "
+            "source (a new record with the same key)"
+        )
+    conn, sql = await connect_cluster(config, "dead-letters-retry")
+    try:
+        await check_schema(conn, sql, config)
+        return await queue(conn, sql, pipeline.name, keys,
+                           f"{socket.gethostname()}:{os.getpid()} (dead-letters retry)")
+    finally:
+        await close_quietly(conn)
 
 
 def pending_retry_requests(state_dir: Path, pipeline: str) -> list[Path]:

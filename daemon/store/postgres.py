@@ -49,6 +49,7 @@ from batchd.daemon.cluster import (
     limits,
     migrations,
     reads,
+    retry_requests,
     shards,
     spool_blocks,
     workers,
@@ -539,6 +540,11 @@ class PgStore:
     async def release_keys(self, pipeline: str, keys: Sequence[str]) -> int:
         async with self._conn() as conn:
             return await key_ledger.release_keys(conn, self.sql, pipeline, keys)
+
+    async def take_retries(self, lease: ShardLease) -> list[retry_requests.RetryRequest]:
+        """Operators' pending dead-letter retries, taken under the source's shard lease."""
+        async with self._conn() as conn:
+            return await retry_requests.take_retries(conn, self.sql, lease)
 
     # -- spool -------------------------------------------------------------------
 
