@@ -249,6 +249,11 @@ class ClusterRunner(ShardedRunner):
                              error=f"{type(exc).__name__}: {exc}")
             return
         for request in taken:
+            if request.answered:
+                self.log.info("dead letters answered since; not sent again", request=request.id,
+                              keys=len(request.answered), first=list(request.answered[:20]))
+            if not request.keys:
+                continue
             keys = set(request.keys)
             found = await self.packer.replay(self.make_source(), keys)
             self.log.info("dead letters resubmitted", request=request.id,

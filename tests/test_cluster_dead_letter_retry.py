@@ -8,8 +8,10 @@ never read, were skipped as a source's replays: nothing was sent.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from collections import Counter
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,15 +38,38 @@ def _retry(cluster: Cluster, i: int) -> subprocess.CompletedProcess[str]:
         env=cluster.env(ws), capture_output=True, text=True, timeout=60)
 
 
+_JSONL_DEAD = '[pipeline.dead_letter]\n"type" = "jsonl"\n"path" = "out/dead-letters"\n'
+_SQLITE_DEAD = ('[pipeline.dead_letter]\n"type" = "sqlite"\n"kind" = "dead_letter"\n'
+                '"path" = "out/dead.sqlite"\n')
+
+
+def _dead_keys(cluster: Cluster, i: int, kind: str) -> set[str]:
+    ws = cluster.workers[i]
+    if kind == "jsonl":
+        return ws.outputs().dead_keys
+    path = ws.root / "out" / "dead.sqlite"
+    if not path.exists():
+        return set()
+    with closing(sqlite3.connect(path)) as db:
+        return {str(key) for (key,) in db.execute("SELECT key FROM dead_letter")}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "sqlite"])
 def test_dead_letters_of_every_machine_are_resent_once_by_the_sources_reader(
-    cluster_factory: ClusterFactory, emulator: EmulatorThread
+    cluster_factory: ClusterFactory, emulator: EmulatorThread, kind: str
 ) -> None:
+    """JSONL dead letters name their chunk (the part file); a SQLite row only its batch."""
     emulator.set_faults(invalid_request=0.15)
     cluster = cluster_factory(rows=ROWS, workers=2)
+    if kind == "sqlite":
+        for ws in cluster.workers:
+            text = ws.config_path.read_text()
+            assert _JSONL_DEAD in text
+            ws.config_path.write_text(text.replace(_JSONL_DEAD, _SQLITE_DEAD))
     for i in range(2):
         cluster.start(i)
     cluster.wait([0, 1])
-    dead = [cluster.workers[i].outputs().dead_keys for i in range(2)]
+    dead = [_dead_keys(cluster, i, kind) for i in range(2)]
     answered = set().union(*(ws.outputs().result_keys for ws in cluster.workers))
     assert len(dead[0] | dead[1]) >= 3, "the fault should dead-letter a few rows"
     assert not (dead[0] | dead[1]) & answered
@@ -74,29 +99,49 @@ def test_dead_letters_of_every_machine_are_resent_once_by_the_sources_reader(
     assert all(row["taken_by"] for row in taken)
     assert "dead letters resubmitted" in cluster.logs()
 
+    # Asked again (the cluster's listing still shows the rows: their answers are in the
+    # result sinks, the dead letters stay in theirs): nothing is sent twice.
+    before = Counter(emulator.stats()["received"])
+    again = _retry(cluster, 0 if dead[0] else 1)
+    assert again.returncode == 0, again.stderr
+    for i in range(2):
+        cluster.start(i)
+    cluster.wait([0, 1])
+    after = Counter(emulator.stats()["received"])
+    assert after == before, cluster.logs()
+    assert "dead letters answered since; not sent again" in cluster.logs()
+
 
 @pytest.mark.anyio
-async def test_a_take_forgets_the_keys_once_and_only_under_the_shard_lease(
+async def test_a_take_forgets_only_keys_still_their_dead_letters_and_only_under_the_lease(
     cluster: ClusterEnv,
 ) -> None:
     reader = await cluster.worker("reader")
     other = await cluster.worker("other")
     lease = await cluster.shard(reader)
     await key_ledger.claim_keys(cluster.conn, cluster.sql, lease, "p-000001",
-                                [(k, {"line": n}) for n, k in enumerate(("a", "b", "c"))])
-    first = await retry_requests.request_retry(cluster.conn, cluster.sql, "p", ["b", "a", "b"],
-                                               "ops")
-    second = await retry_requests.request_retry(cluster.conn, cluster.sql, "p", ["c"], "ops")
+                                [(k, {"line": n}) for n, k in enumerate("abce")])
+    DeadRow = retry_requests.DeadRow
+    first = await retry_requests.request_retry(cluster.conn, cluster.sql, "p", [
+        DeadRow("b", "p-000001", None), DeadRow("a", "p-000001", None),
+        DeadRow("c", "p-000000", None),  # dead in p-000000, sent again since by p-000001
+        DeadRow("d", "p-000000", None),  # the ledger's retention forgot it: sent again
+    ], "ops")
+    second = await retry_requests.request_retry(cluster.conn, cluster.sql, "p", [
+        DeadRow("a", "p-000001", None),  # asked twice: sent once, by the first request
+        DeadRow("e", None, None),  # of unknown origin: the operator's word
+    ], "ops")
     with pytest.raises(FencedOut):  # not the shard's holder: nothing taken, nothing forgotten
         await retry_requests.take_retries(cluster.conn, cluster.sql, replace(lease, owner=other))
     with pytest.raises(FencedOut):  # an older epoch of the same worker
         await retry_requests.take_retries(cluster.conn, cluster.sql,
                                           replace(lease, epoch=lease.epoch - 1))
-    assert len(await cluster.conn.fetch(cluster.sql("SELECT key FROM {s}.key_ledger"))) == 3
+    assert len(await cluster.conn.fetch(cluster.sql("SELECT key FROM {s}.key_ledger"))) == 4
     taken = await retry_requests.take_retries(cluster.conn, cluster.sql, lease)
-    assert [(r.id, r.keys) for r in taken] == [(first, ("a", "b")), (second, ("c",))]
+    assert [(r.id, r.keys, r.answered) for r in taken] == [
+        (first, ("a", "b", "d"), ("c",)), (second, ("e",), ())]
     left = await cluster.conn.fetch(cluster.sql("SELECT key FROM {s}.key_ledger"))
-    assert left == []
+    assert [r["key"] for r in left] == ["c"]
     assert await retry_requests.take_retries(cluster.conn, cluster.sql, lease) == []
 
 

@@ -307,12 +307,16 @@ _V6 = (
 
 # An operator's dead-letter retry (`batchd dead-letters retry`), for whichever worker reads
 # the source: a request file would wait in one machine's state dir for that machine's
-# worker to hold the source's shard. Taken (done_at) in the transaction that forgets its keys.
+# worker to hold the source's shard. Per key, the chunk (or batch) its dead letter came
+# from: a key is forgotten only while the ledger still gives it to that chunk's family, so
+# a row answered since is never sent again. Taken in the transaction that forgets the keys.
 _V7 = (
     """CREATE TABLE {s}.retry_request (
         id bigserial PRIMARY KEY,
         pipeline text NOT NULL,
         keys text[] NOT NULL,
+        chunks text[] NOT NULL,
+        batch_ids text[] NOT NULL,
         requested_at timestamptz NOT NULL DEFAULT now(),
         requested_by text NOT NULL,
         taken_by text,

@@ -21,17 +21,20 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchd.daemon.config import Config, PipelineConfig
 from batchd.daemon.factories import build_sink
-from batchd.daemon.wal.chunk_ids import number_of
+from batchd.daemon.wal.chunk_ids import number_of, root_of
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
 from batchd.daemon.wal.state_db import check_ledger
 from batchd.plugins.contract import DeadLetterReader
 from batchd.plugins.errors import ConfigError
+
+if TYPE_CHECKING:
+    from batchd.daemon.cluster.retry_requests import DeadRow
 
 __all__ = (
     "dead_letter_reader", "iter_dead_letters", "pending_retry_requests", "request_retry",
@@ -89,23 +92,29 @@ def iter_dead_letters(
     old part file or table row; if it failed again, its new dead letter is
     listed instead.
     """
-    reader = dead_letter_reader(config, pipeline)
-    batch_chunks: dict[str, str] | None = None
     owners = _Owners(config.state_dir, pipeline.name)
     try:
-        for found in reader.read_dead_letters():
-            row, group = found.row, found.group
-            if group is None:
-                # Storage without groups (a table row): the row's batch names its chunk. A
-                # row whose chunk is unknown (a bad source row, a batch long forgotten) is
-                # always listed: hiding a real dead letter is worse than showing a stale one.
-                if batch_chunks is None:
-                    batch_chunks = _batch_chunks(config.state_dir)
-                group = batch_chunks.get(row.get("batch_id") or "")
+        for row, group in _with_groups(config, pipeline):
+            # A row whose chunk is unknown (a bad source row, a batch long forgotten) is
+            # always listed: hiding a real dead letter is worse than showing a stale one.
             if include_superseded or group is None or not owners.superseded(row, group):
                 yield row
     finally:
         owners.close()
+
+
+def _with_groups(config: Config, pipeline: PipelineConfig
+                 ) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """Every dead letter with the chunk that wrote it, where the storage or state knows it."""
+    reader = dead_letter_reader(config, pipeline)
+    batch_chunks: dict[str, str] | None = None
+    for found in reader.read_dead_letters():
+        row, group = found.row, found.group
+        if group is None:  # storage without groups (a table row): its batch names its chunk
+            if batch_chunks is None:
+                batch_chunks = _batch_chunks(config.state_dir)
+            group = batch_chunks.get(row.get("batch_id") or "")
+        yield row, group
 
 
 def dead_letter_reader(config: Config, pipeline: PipelineConfig) -> DeadLetterReader:
@@ -144,7 +153,9 @@ def request_retry(config: Config, pipeline: PipelineConfig, keys: list[str]) -> 
 async def request_retry_in_cluster(config: Config, pipeline: PipelineConfig,
                                    keys: list[str]) -> int:
     """
-    Queue a retry in the cluster's store; the request's id.
+    Queue a retry in the cluster's store; the request's id. Each key goes with the chunk
+    (or batch) of its dead letters, so that the worker forgets only a key still given to
+    that chunk's family: a row answered since is not sent again (``retry_requests.py``).
 
     Raises:
         ConfigError: a source read in shards by several workers (a Kafka topic's
@@ -171,10 +182,24 @@ async def request_retry_in_cluster(config: Config, pipeline: PipelineConfig,
     conn, sql = await connect_cluster(config, "dead-letters-retry")
     try:
         await check_schema(conn, sql, config)
-        return await queue(conn, sql, pipeline.name, keys,
+        return await queue(conn, sql, pipeline.name, _origins(config, pipeline, set(keys)),
                            f"{socket.gethostname()}:{os.getpid()} (dead-letters retry)")
     finally:
         await close_quietly(conn)
+
+
+def _origins(config: Config, pipeline: PipelineConfig, keys: set[str]) -> list[DeadRow]:
+    """Where each wanted key's dead letters came from (a key once per distinct origin)."""
+    from batchd.daemon.cluster.retry_requests import DeadRow
+
+    found: dict[tuple[str, str | None, str | None], DeadRow] = {}
+    for row, group in _with_groups(config, pipeline):
+        key = str(row["key"])
+        if key in keys:
+            origin = DeadRow(key, None if group is None else root_of(pipeline.name, group),
+                             None if group is not None else row.get("batch_id") or None)
+            found.setdefault((origin.key, origin.root, origin.batch_id), origin)
+    return list(found.values())
 
 
 def pending_retry_requests(state_dir: Path, pipeline: str) -> list[Path]:
