@@ -90,8 +90,13 @@ def iter_dead_letters(
 
     A key an operator resubmitted (``retry``) is no longer listed from its
     old part file or table row; if it failed again, its new dead letter is
-    listed instead.
+    listed instead. In cluster mode the shared ledger tells (``cluster_dead_letters.py``).
     """
+    if config.cluster.shared and not include_superseded:
+        from batchd.daemon.commands.cluster_dead_letters import unanswered_in_cluster
+
+        yield from unanswered_in_cluster(config, pipeline, _with_groups(config, pipeline))
+        return
     owners = _Owners(config.state_dir, pipeline.name)
     try:
         for row, group in _with_groups(config, pipeline):
