@@ -30,8 +30,7 @@ from batchd.daemon.pipeline import DONE_STAGES, BudgetExhausted, PipelineRunner,
 from batchd.daemon.store.contract import FencedOut
 from batchd.daemon.wal.chunk_ids import root_of
 from batchd.daemon.wal.records import ChunkRetired, PauseKind, SourceCommitted
-from batchd.plugins.backoff import Backoff
-from batchd.plugins.errors import ConfigError, FatalError, RetriableError
+from batchd.plugins.errors import ConfigError, FatalError
 
 __all__ = ("ShardedRunner",)
 
@@ -259,7 +258,7 @@ class ShardedRunner(PipelineRunner):
             if last.last_seq is not None and (committed or 0) < last.last_seq:
                 if last.position is not None:
                     self.store.deadline.check("source commit")
-                    await self._commit_shard_source(reader, last.position)
+                    await self._commit_source(last.position, reader.source, shard=reader.name)
                 applied = await self.store.append(
                     SourceCommitted(pipeline=name, position=last.position,
                                     source_seq=last.last_seq, shard=reader.name),
@@ -275,14 +274,3 @@ class ShardedRunner(PipelineRunner):
                         return
                     self.spool_path(chunk.chunk).unlink(missing_ok=True)
             self.changed.fire()
-
-    async def _commit_shard_source(self, reader: ShardReader, position: dict[str, Any]) -> None:
-        backoff = Backoff(0.5, 30.0)
-        while True:
-            try:
-                await reader.source.commit(position)
-                return
-            except RetriableError as exc:
-                self.log.warning("source commit failed; retrying", shard=reader.name,
-                                 error=str(exc))
-                await anyio.sleep(backoff.next_delay())

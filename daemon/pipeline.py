@@ -544,14 +544,16 @@ class PipelineRunner:
             return configured or None  # 0: forever
         return self.source.ledger_retention
 
-    async def _commit_source(self, position: dict[str, Any]) -> None:
+    async def _commit_source(self, position: dict[str, Any], source: Source | None = None,
+                             **where: str) -> None:
+        """Commit *source* (the pipeline's own by default) at *position*, retried until done."""
         backoff = Backoff(0.5, 30.0)
         while True:
             try:
-                await self.source.commit(position)
+                await (source or self.source).commit(position)
                 return
             except RetriableError as exc:
-                self.log.warning("source commit failed; retrying", error=str(exc))
+                self.log.warning("source commit failed; retrying", error=str(exc), **where)
                 await anyio.sleep(backoff.next_delay())
 
     # -- running ----------------------------------------------------------------
