@@ -155,7 +155,8 @@ class PipelineRunner:
         self.answers = answers
         self.model_check = model_check
         self.poller = Poller(pipeline.name, manifest=manifest, api=api, api_config=api_config,
-                             telemetry=telemetry, alarms=self, record_ended=self._record_ended)
+                             telemetry=telemetry, alarms=self, record_ended=self._record_ended,
+                             watches=self._polls)
         self.deps = DriverDeps(
             pipeline=pipeline, manifest=manifest, api=api, api_config=api_config, ledger=ledger,
             spool_dir=spool_dir, create_lock=create_lock, source=source, sinks=sinks,
@@ -191,6 +192,14 @@ class PipelineRunner:
     @property
     def clustered(self) -> bool:
         return self.workspace is not None
+
+    def _polls(self, chunk: str) -> bool:
+        """
+        A cluster worker polls only the batches of chunks it holds: the view holds every
+        worker's, and each polling all of them multiplied the API's list calls by the
+        worker count, for ``ended`` records only the owner may write.
+        """
+        return not self.clustered or chunk in self.leases
 
     async def _record_ended(self, record: Ended) -> bool:
         if self.clustered and record.chunk not in self.leases:

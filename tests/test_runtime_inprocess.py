@@ -336,3 +336,41 @@ async def test_a_batch_the_api_forgot_ends_as_lost_and_dead_letters_its_rows(
         assert (outcome.summary.dead, outcome.summary.retried) == (3, 0)
         dead = eng.workspace.outputs().dead
         assert {row["error_type"] for row in dead.values()} == {"batch_lost"}
+
+
+@pytest.mark.anyio
+async def test_a_cluster_worker_polls_only_the_batches_of_chunks_it_holds(
+    tmp_path: Path, emulator: EmulatorThread, workspace: Callable[..., Workspace]
+) -> None:
+    """
+    The view holds every worker's chunks; polling all of them multiplied the API's calls
+    by the worker count. A worker holding one of three submitted chunks asks about one.
+    """
+    async with engine(workspace(emulator.base_url), emulator.base_url) as eng:
+        chunks = [await eng.sealed_chunk(n) for n in (2, 3, 4)]
+        for chunk in chunks:
+            await eng.driver(chunk).submit(eng.manifest.state.chunks[chunk])
+        runner = eng.runner
+        runner.workspace = "default"  # a cluster worker ...
+        runner.leases = {chunks[0]: runner.lease_of(chunks[0])}  # ... holding the first
+        asked: list[str] = []
+        retrieve = runner.api.retrieve
+
+        async def counted(batch_id: str) -> Any:
+            asked.append(batch_id)
+            return await retrieve(batch_id)
+
+        runner.api.retrieve = counted  # type: ignore[method-assign]
+        states = eng.manifest.state.chunks
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.poller.run)
+            with anyio.fail_after(10):
+                await runner.poller.wait_ended(states[chunks[0]])
+            await anyio.sleep(3 * runner.api_config.poll_interval)  # a few more polls
+            tg.cancel_scope.cancel()
+        assert states[chunks[0]].stage is Stage.ENDED
+        assert [states[c].stage for c in chunks[1:]] == [Stage.SUBMITTED, Stage.SUBMITTED]
+        assert set(asked) == {states[chunks[0]].batch_id}  # the others' never asked about
+        for chunk in chunks[1:]:  # ended at the API: a poll would have seen them
+            batch = await retrieve(states[chunk].batch_id or "")
+            assert batch.processing_status == "ended"

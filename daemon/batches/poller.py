@@ -28,6 +28,8 @@ from batchd.daemon.wal.records import Ended
 
 # Records a chunk's ``ended`` under the lease its driver holds; False when it was fenced.
 RecordEnded = Callable[[Ended], Awaitable[bool]]
+# Whether this poller watches a chunk (a cluster worker: only the chunks it holds).
+Watches = Callable[[str], bool]
 
 __all__ = ("Poller",)
 
@@ -58,10 +60,12 @@ class Poller:
         telemetry: Telemetry,
         alarms: Alarms,
         record_ended: RecordEnded | None = None,
+        watches: Watches | None = None,
     ) -> None:
         self.name = pipeline
         self.manifest = manifest
         self._record_ended = record_ended
+        self._watches = watches
         self.api = api
         self.api_config = api_config
         self.telemetry = telemetry
@@ -81,9 +85,11 @@ class Poller:
 
     async def run(self) -> None:
         while True:
+            watches = self._watches
             watched = [
                 c for c in self.manifest.state.chunks.values()
                 if c.pipeline == self.name and c.stage is Stage.SUBMITTED
+                and (watches is None or watches(c.chunk))
             ]
             if watched:
                 try:
