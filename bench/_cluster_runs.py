@@ -39,6 +39,7 @@ from typing import Any
 from _common import (
     EmulatorProcess,
     batchd_command,
+    compile_package,
     cpu_seconds,
     mb,
     proc_status_bytes,
@@ -298,9 +299,14 @@ def end_to_end(args: argparse.Namespace) -> int:
           f"{args.workers}, {args.repeat} round(s) interleaved; cores {os.cpu_count()}, "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     configs: list[tuple[int, bool, Path | None]] = [(1, False, None)]
+    for n in args.workers:
+        configs.append((n, True, None))
+        if args.tree is not None:
+            configs.append((n, True, args.tree.resolve()))
+    compiled = compile_package()
     if args.tree is not None:
-        configs.append((1, True, args.tree.resolve()))
-    configs += [(n, True, None) for n in args.workers]
+        compiled += compile_package(args.tree.resolve())
+    print(f"   ({compiled} modules byte-compiled first, as an installed wheel is)")
     results: dict[str, list[Run]] = {}
     with _workdir(args) as work:
         csv_path = write_csv(work / "tickets.csv", rows)
@@ -346,6 +352,16 @@ def end_to_end(args: argparse.Namespace) -> int:
         if pairs:
             ratios = [a / b - 1 for a, b in pairs]
             print(f"  {label:<18} {' '.join(f'{r:+.0%}' for r in ratios)}  median "
+                  f"{statistics.median(ratios):+.1%}")
+    for label, runs in results.items():  # another tree against this one, round by round
+        if not label.endswith(" (tree)"):
+            continue
+        pairs = [(run.total_cpu, this.total_cpu)
+                 for run, this in zip(runs, results[label.removesuffix(" (tree)")], strict=False)
+                 if not run.failed and not this.failed]
+        if pairs:
+            ratios = [b / a - 1 for a, b in pairs]
+            print(f"  this tree vs {label:<18} {' '.join(f'{r:+.0%}' for r in ratios)}  median "
                   f"{statistics.median(ratios):+.1%}")
     print("  (target: PgStore CPU per row <= +15 % over LocalStore)")
     return 0 if ok else 1

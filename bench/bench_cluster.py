@@ -565,8 +565,8 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=0.2, help="end to end")
     parser.add_argument("--keep", type=Path, help="end to end: work here and keep it")
     parser.add_argument("--tree", type=Path,
-                        help="end to end: also run one PgStore worker with the batchd package "
-                             "of this source tree (`git archive REV | tar -x -C DIR`), "
+                        help="end to end: also run each PgStore worker count with the batchd "
+                             "package of this source tree (`git archive REV | tar -x -C DIR`), "
                              "interleaved: a before/after comparison in one run")
     parser.add_argument("--batchd", help="end to end: the command that stands for `batchd` "
                         "run by the workers (another build, a profiler wrapper)")

@@ -21,11 +21,12 @@ from typing import Any
 import anyio
 
 from batchd.daemon.cluster.budget_holds import budget_scope
+from batchd.daemon.cluster.claim_pace import ClaimPace
 from batchd.daemon.cluster_readers import split_source
 from batchd.daemon.cluster_shard_runner import ShardedRunner
 from batchd.daemon.intake.ledger import Claim
 from batchd.daemon.pipeline import DONE_STAGES, BudgetExhausted, ShardLost
-from batchd.daemon.store.contract import FencedOut
+from batchd.daemon.store.contract import Claimed, FencedOut
 from batchd.daemon.wal.records import PauseKind, PipelineResumed
 from batchd.plugins.backoff import Backoff
 from batchd.plugins.errors import ConfigError, FatalError
@@ -271,41 +272,28 @@ class ClusterRunner(ShardedRunner):
             drop(self.manifest.state.retired_chunks)
 
     async def _claim_loop(self) -> None:
-        """Each poll: claim what this worker has room for, read the others' progress."""
+        """
+        Each poll: claim what this worker has room for, read the others' progress. A
+        worker not reading the source that finds nothing to claim polls less often
+        (:mod:`batchd.daemon.cluster.claim_pace`), up to five polls' time (at most 5 s).
+        """
         interval = min(1.0, self.api_config.poll_interval)
+        pace = ClaimPace(interval, min(5 * interval, 5.0))
         refresh = getattr(self.store, "refresh", None)
         while True:
             try:
                 room = self.pipeline.batching.max_in_flight - self.active
-                claims = []
-                if room > 0 and not self.submissions_blocked:
-                    claims = await self.store.claim_chunks(self.pipeline.name, room)
-                elif not self.submissions_blocked:
-                    # Full, but a dead worker's chunk at intent may be the create slot's
-                    # pending one, which every create waits on: take those regardless.
-                    claims = await self.store.claim_chunks(
-                        self.pipeline.name, 1, stages=("intent",)
-                    )
-                if refresh is not None:
-                    await refresh()  # drivers read their chunks from the local view
-                self._drop_retired_spools()
-                if claims:
-                    for claimed in claims:
-                        chunk = claimed.lease.chunk
-                        self.leases[chunk] = claimed.lease
-                        if chunk in self.scopes:
-                            continue
-                        self.log.info(
-                            "chunk claimed",
-                            chunk=chunk,
-                            stage=claimed.stage,
-                            epoch=claimed.lease.epoch,
-                            previous_owner=claimed.previous_owner,
-                        )
-                        self.start_chunk(chunk, active=claimed.stage not in DONE_STAGES)
-                if self.shard is not None or self.readers:
-                    await self.advance()
-                self.changed.fire()
+                reading = self.shard is not None or bool(self.readers)
+                if pace.due(room, reading=reading):
+                    claims = await self._claim(room)
+                    pace.polled(found=bool(claims))
+                    if refresh is not None:
+                        await refresh()  # drivers read their chunks from the local view
+                    self._drop_retired_spools()
+                    self._start_claimed(claims)
+                    if reading:
+                        await self.advance()
+                    self.changed.fire()
             except FatalError:
                 raise
             except Exception as exc:  # the database away, a fenced commit: poll again
@@ -313,3 +301,27 @@ class ClusterRunner(ShardedRunner):
                     "cluster poll failed; will poll again", error=f"{type(exc).__name__}: {exc}"
                 )
             await anyio.sleep(interval)
+
+    async def _claim(self, room: int) -> list[Claimed]:
+        if self.submissions_blocked:
+            return []
+        if room > 0:
+            return await self.store.claim_chunks(self.pipeline.name, room)
+        # Full, but a dead worker's chunk at intent may be the create slot's pending one,
+        # which every create waits on: take those regardless.
+        return await self.store.claim_chunks(self.pipeline.name, 1, stages=("intent",))
+
+    def _start_claimed(self, claims: list[Claimed]) -> None:
+        for claimed in claims:
+            chunk = claimed.lease.chunk
+            self.leases[chunk] = claimed.lease
+            if chunk in self.scopes:
+                continue
+            self.log.info(
+                "chunk claimed",
+                chunk=chunk,
+                stage=claimed.stage,
+                epoch=claimed.lease.epoch,
+                previous_owner=claimed.previous_owner,
+            )
+            self.start_chunk(chunk, active=claimed.stage not in DONE_STAGES)

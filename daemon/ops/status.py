@@ -21,13 +21,9 @@ import functools
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from rich.console import Console, Group, RenderableType
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from batchd.daemon.batches.queue_limit import queue_limit_of
 from batchd.daemon.config import Config
@@ -36,6 +32,9 @@ from batchd.daemon.models.pricing import format_budget
 from batchd.daemon.ops.progress import MeasuredSize, progress_of, source_sizes
 from batchd.daemon.wal.manifest import MANIFEST_NAME, replay
 from batchd.daemon.wal.manifest_state import ManifestState
+
+if TYPE_CHECKING:  # rich is imported where it draws: `batchd run` reads progress lines only
+    from rich.console import Console, RenderableType
 
 __all__ = ("cluster_renderables", "collect_status", "read_state", "render_status", "status_of",
            "status_renderable")
@@ -213,6 +212,11 @@ def progress_line(p: dict[str, Any]) -> str:
 
 def status_renderable(status: dict[str, Any]) -> RenderableType:
     """Everything ``batchd status`` shows, as one rich renderable (also what --watch redraws)."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     parts: list[RenderableType] = []
     parts.append(Text(f"API version {status['api_version']}, processing queue limit "
                       f"{status['queue_limit']:,} ({status['queue_limit_from']})"))
@@ -267,6 +271,9 @@ def status_renderable(status: dict[str, Any]) -> RenderableType:
 
 def cluster_renderables(cluster: dict[str, Any]) -> list[RenderableType]:
     """The cluster's workers (state, heartbeat, what each owns) and its limit counters."""
+    from rich.table import Table
+    from rich.text import Text
+
     from batchd.daemon.cluster.overview import shown_workers
 
     workers = cluster["workers"]
