@@ -315,8 +315,11 @@ def end_to_end(args: argparse.Namespace) -> int:
             # (after a teardown and the sink check, or right after another run) moved its
             # CPU per row by several percent, and must not fall on one store every time.
             turn = (round_no - 1) % len(configs)
+            order = configs[turn:] + configs[:turn]
+            if args.mirror:  # A B C C B A: a drift of the machine's speed falls on all alike
+                order = configs + configs[::-1]
             print(f"-- round {round_no}")
-            for workers, shared, tree in configs[turn:] + configs[:turn]:
+            for workers, shared, tree in order:
                 run = run_once(args, work, csv_path, workers, shared, tree)
                 _print(run, rows)
                 results.setdefault(run.label, []).append(run)
@@ -341,30 +344,31 @@ def end_to_end(args: argparse.Namespace) -> int:
         rss = max(max(r.rss) for r in good)
         print(f"  {label:<18} {cpu:10.1f} {cpu / base - 1:+9.0%} {own:8.1f} {db:9.1f} "
               f"{wall:8.2f} {wall / base_wall:8.2f}x {mb(rss):>16}")
-    # Paired: each run against the LocalStore run of its own round, then the median.
+    # Paired: each round's runs against the LocalStore runs of the same round (with
+    # --mirror, the sum of a configuration's two runs against LocalStore's two).
+    per_round = 2 if args.mirror else 1
     print("== per round, against the same round's LocalStore (CPU per row):")
     for label, runs in results.items():
-        if label == "LocalStore":
-            continue
-        pairs = [(run.total_cpu, base_run.total_cpu)
-                 for run, base_run in zip(runs, results["LocalStore"], strict=False)
-                 if not run.failed and not base_run.failed]
-        if pairs:
-            ratios = [a / b - 1 for a, b in pairs]
-            print(f"  {label:<18} {' '.join(f'{r:+.0%}' for r in ratios)}  median "
-                  f"{statistics.median(ratios):+.1%}")
+        if label != "LocalStore":
+            _print_ratios(label, runs, results["LocalStore"], per_round)
     for label, runs in results.items():  # another tree against this one, round by round
-        if not label.endswith(" (tree)"):
-            continue
-        pairs = [(run.total_cpu, this.total_cpu)
-                 for run, this in zip(runs, results[label.removesuffix(" (tree)")], strict=False)
-                 if not run.failed and not this.failed]
-        if pairs:
-            ratios = [b / a - 1 for a, b in pairs]
-            print(f"  this tree vs {label:<18} {' '.join(f'{r:+.0%}' for r in ratios)}  median "
-                  f"{statistics.median(ratios):+.1%}")
+        if label.endswith(" (tree)"):
+            _print_ratios(f"{label} vs this tree", runs, results[label.removesuffix(" (tree)")],
+                          per_round)
     print("  (target: PgStore CPU per row <= +15 % over LocalStore)")
     return 0 if ok else 1
+
+
+def _print_ratios(label: str, runs: list[Run], base: list[Run], per_round: int) -> None:
+    """Each round's CPU of *runs* over that of *base*, and their median."""
+    ratios = []
+    for at in range(0, min(len(runs), len(base)), per_round):
+        these, those = runs[at:at + per_round], base[at:at + per_round]
+        if not any(r.failed for r in these + those):
+            ratios.append(sum(r.total_cpu for r in these) / sum(r.total_cpu for r in those) - 1)
+    if ratios:
+        print(f"  {label:<26} {' '.join(f'{r:+.0%}' for r in ratios)}  median "
+              f"{statistics.median(ratios):+.1%}")
 
 
 class _workdir:

@@ -563,6 +563,9 @@ def main() -> int:
                         help="end to end: requests per batch (bench_engine's)")
     parser.add_argument("--max-in-flight", type=int, default=4, help="end to end: per worker")
     parser.add_argument("--poll-interval", type=float, default=0.2, help="end to end")
+    parser.add_argument("--mirror", action="store_true",
+                        help="end to end: each round runs every configuration, then again in "
+                             "reverse order (A B C C B A), and compares a round's sums")
     parser.add_argument("--keep", type=Path, help="end to end: work here and keep it")
     parser.add_argument("--tree", type=Path,
                         help="end to end: also run each PgStore worker count with the batchd "
