@@ -116,6 +116,7 @@ class Run:
     dead: int = 0
     failed: str = ""
     load: float = 0.0
+    steal: float = 0.0  # the share of the machine's CPU time the hypervisor took meanwhile
 
     @property
     def total_cpu(self) -> float:
@@ -161,6 +162,21 @@ class BackendSampler:
                     return
         finally:
             await conn.close()
+
+
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time by kind (``/proc/stat``: user, nice, system, idle, ..., steal)."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def _steal(before: list[int], after: list[int]) -> float:
+    """
+    The share of CPU time a hypervisor gave to other guests between two readings: on a
+    shared host it moved CPU per row by up to a quarter between runs minutes apart.
+    """
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return spent[7] / sum(spent) if sum(spent) else 0.0
 
 
 def _keys(dbs: list[Path]) -> tuple[int, int]:
@@ -227,6 +243,7 @@ def run_once(args: argparse.Namespace, work: Path, csv_path: Path, workers: int,
                     run.failed = f"cluster init: {init.stderr.strip()[-500:]}"
                     return run
             emulator_cpu = cpu_seconds(emulator.pid)
+            ticks = _cpu_ticks()
             started = time.perf_counter()
             procs = []
             for config in configs:
@@ -258,6 +275,7 @@ def run_once(args: argparse.Namespace, work: Path, csv_path: Path, workers: int,
                     run.failed = f"timeout after {args.timeout:.0f} s"
                 time.sleep(0.02)
             run.wall = time.perf_counter() - started
+            run.steal = _steal(ticks, _cpu_ticks())
             if sampler is not None:
                 run.backend_cpu = sampler.stop()
             run.emulator_cpu = cpu_seconds(emulator.pid) - emulator_cpu
@@ -289,7 +307,7 @@ def _print(run: Run, rows: int) -> None:
           f"CPU workers {own:5.1f} + PostgreSQL {db:5.1f} = {own + db:5.1f} us/row  "
           f"per worker CPU {', '.join(f'{c:.1f}' for c in run.cpu)} s, peak RSS "
           f"{', '.join(mb(r) for r in run.rss)}  (emulator {run.emulator_cpu:.1f} s, "
-          f"load {run.load:.2f})")
+          f"load {run.load:.2f}, steal {run.steal:.0%})")
 
 
 def end_to_end(args: argparse.Namespace) -> int:
