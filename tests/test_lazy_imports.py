@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from batchd.daemon.emulator import EmulatorThread
 from batchd.plugins.builtins import BUILTINS, LazyFactory, MissingDriver
 from batchd.plugins.manager import get_plugins, sink_factory, source_factory
 from tests.fixtures.engine import Workspace, describe
@@ -65,6 +66,18 @@ def test_status_imports_nothing_heavy(workspace: Callable[..., Workspace]) -> No
     assert "rich.console" in modules
     assert not modules & {"structlog", "batchd.daemon.ops._logging", "rich.traceback",
                           "rich.pretty"}
+
+
+def test_run_imports_no_drawing(workspace: Callable[..., Workspace],
+                                emulator: EmulatorThread) -> None:
+    """`batchd run` logs its progress as text: rich (status tables) is not its cost."""
+    ws = workspace(emulator.base_url)
+    ws.write_tickets(5)
+    ws.write_config()
+    modules, proc = imported(ws, "run", str(ws.config_path), "--until-drained")
+    assert proc.returncode == 0, describe(proc)
+    assert "batchd.daemon.pipeline" in modules  # the profile did list the run's imports
+    assert not modules & {"rich.console", "rich.table"}, sorted(modules & {"rich.console"})
 
 
 @pytest.mark.parametrize("builtin", BUILTINS, ids=lambda b: b.module.rsplit(".", 1)[1])
