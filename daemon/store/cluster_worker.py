@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from batchd.daemon.batches.queue_limit import processing_requests, queue_limit_o
 from batchd.daemon.cluster.budget_holds import budget_scope
 from batchd.daemon.cluster.defaults import interval_from_env
 from batchd.daemon.config import Config
+from batchd.daemon.store.contract import ChunkLease
 from batchd.daemon.store.mirror import MirroredStore
 
 if TYPE_CHECKING:
@@ -176,8 +177,14 @@ async def open_cluster_store(config: Config, stack: AsyncExitStack,
 
 async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[Any]],
                          ttl: float) -> None:
-    """Renew the leases every ``ttl / 3``; cancel the drivers of chunks taken over."""
+    """
+    Renew the leases every ``ttl / 3``; cancel the drivers of chunks taken over; give up
+    chunks the store says this worker holds that none of its runners drives (a seal or a
+    claim that committed while the database link dropped its acknowledgement: held by a
+    live worker, nobody would ever claim them).
+    """
     failed = False
+    strays: dict[str, int] = {}  # chunk -> epoch held in the store, driven by no runner
     while True:
         # After a failure, once more at once: a woken worker's pooled connections were
         # ended by the survivors (end_dead_sessions), and the pool replaces a dead one
@@ -210,3 +217,33 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
                 log.warning("leases lost: another worker took these chunks over",
                             chunks=sorted(lost))
                 runner.leases_lost(lost)
+        strays = await _release_strays(store, beat.chunks, before, runners(), strays)
+
+
+async def _release_strays(store: MirroredStore, owned: Mapping[str, int],
+                          before: Sequence[tuple[Any, Mapping[str, int]]],
+                          runners: Sequence[Any], strays: dict[str, int]) -> dict[str, int]:
+    """
+    Release the chunks the store gives this worker that no runner held before the beat or
+    holds now, once they were so at the previous beat too (a seal's lease is taken within
+    moments of its commit); anyone's next claim takes them at a new epoch. The chunks
+    found so now are returned, to be checked at the next beat.
+    """
+    known = {c for _, held in before for c in held}
+    for runner in runners:
+        known.update(runner.leases)
+    found = {c: epoch for c, epoch in owned.items() if c not in known}
+    for chunk, epoch in found.items():
+        if strays.get(chunk) != epoch:
+            continue
+        try:
+            released = await store.release(ChunkLease(chunk, store.worker_id, epoch))
+        except Exception as exc:  # the database away: the next beat tries again
+            log.warning("cannot release a chunk nobody here drives; will try again",
+                        chunk=chunk, error=f"{type(exc).__name__}: {exc}")
+            continue
+        if released:
+            log.warning("released a chunk held in the store but driven by nobody here "
+                        "(its acknowledgement was lost with the database link); the next "
+                        "claim takes it", chunk=chunk, epoch=epoch)
+    return found
