@@ -3,7 +3,8 @@ A chunk the store gives a live worker that none of its runners drives: a seal (o
 claim) whose commit reached PostgreSQL while the database link dropped the reply. Its
 owner heartbeats, so no one would ever take it over, and ``--until-drained`` never ends
 (seen in ``test_cluster_drills.py``'s link cut). The heartbeat loop releases such a chunk
-once it was so at two beats in a row; a chunk a runner holds stays held.
+once it was so at two beats in a row; a chunk a runner holds stays held, and so does one
+whose results it committed (no lease any more; the reader retires it in source order).
 
 Real PostgreSQL (the test's schema), a real PgStore and its view; the runner is a plain
 object holding leases, which is all the loop reads of one.
@@ -21,6 +22,7 @@ from batchd.daemon.store.cluster_worker import heartbeat_loop
 from batchd.daemon.store.contract import ChunkLease
 from batchd.daemon.store.mirror import MirroredStore
 from batchd.daemon.store.postgres import PgStore
+from batchd.daemon.wal.manifest_state import Stage
 from tests.fixtures.cluster import ClusterEnv
 
 
@@ -52,6 +54,10 @@ async def test_a_chunk_nobody_here_drives_is_released_and_a_driven_one_kept(
         shard = await cluster.shard(store.worker_id)
         await cluster.seal(shard, "stray")  # committed; the worker never heard of it
         await cluster.seal(shard, "driven")
+        await cluster.seal(shard, "done")
+        await view.refresh()
+        # Its results committed here: no lease any more, the reader retires it in order.
+        view.state.chunks["done"].stage = Stage.COMMITTED
         runner = Runner()
         runner.leases["driven"] = ChunkLease("driven", store.worker_id, 1)
         async with anyio.create_task_group() as tg:
@@ -65,6 +71,7 @@ async def test_a_chunk_nobody_here_drives_is_released_and_a_driven_one_kept(
         stray, driven = await _owner(cluster, "stray"), await _owner(cluster, "driven")
         assert (stray["owner"], stray["epoch"]) == (None, 1)  # the next claim bumps it
         assert (driven["owner"], driven["epoch"]) == (store.worker_id, 1)
+        assert (await _owner(cluster, "done"))["owner"] == store.worker_id
         assert set(runner.leases) == {"driven"}
         claimed = await store.claim_chunks("p", 4)  # and any worker may take it now
         assert [(c.lease.chunk, c.lease.epoch) for c in claimed] == [("stray", 2)]

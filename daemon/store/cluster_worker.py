@@ -29,6 +29,7 @@ from batchd.daemon.cluster.defaults import interval_from_env
 from batchd.daemon.config import Config
 from batchd.daemon.store.contract import ChunkLease
 from batchd.daemon.store.mirror import MirroredStore
+from batchd.daemon.wal.manifest_state import Stage
 
 if TYPE_CHECKING:
     from batchd.daemon.batches.api import BatchesApi
@@ -220,6 +221,9 @@ async def heartbeat_loop(store: MirroredStore, runners: Callable[[], Sequence[An
         strays = await _release_strays(store, beat.chunks, before, runners(), strays)
 
 
+_DONE = (Stage.COMMITTED, Stage.SOURCE_COMMITTED)
+
+
 async def _release_strays(store: MirroredStore, owned: Mapping[str, int],
                           before: Sequence[tuple[Any, Mapping[str, int]]],
                           runners: Sequence[Any], strays: dict[str, int]) -> dict[str, int]:
@@ -232,7 +236,10 @@ async def _release_strays(store: MirroredStore, owned: Mapping[str, int],
     known = {c for _, held in before for c in held}
     for runner in runners:
         known.update(runner.leases)
-    found = {c: epoch for c, epoch in owned.items() if c not in known}
+    # A chunk whose results this worker committed stays its own, without a lease, until
+    # the source's reader retires it (in source order): not a stray.
+    done = {c for c, chunk in store.state.chunks.items() if chunk.stage in _DONE}
+    found = {c: epoch for c, epoch in owned.items() if c not in known and c not in done}
     for chunk, epoch in found.items():
         if strays.get(chunk) != epoch:
             continue
